@@ -1,0 +1,192 @@
+"""The `edgetl` command. Commands parse options, call the library and print; heavy imports (torch,
+onnx, openvino) happen inside each command so `edgetl --help` answers at once."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from edgetl.errors import EdgetlError, TrainingInterrupted
+
+app = typer.Typer(
+    name="edgetl",
+    help="From a folder of labelled images to a fast, small, self-describing classifier for the edge.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(fn: F) -> F:
+    """Turn user errors into one line on stderr and an exit code; Ctrl-C into a clean exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except EdgetlError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except TrainingInterrupted as exc:
+            typer.echo(
+                f"interrupted: the last completed epoch is saved in {exc.run_dir}; "
+                f"continue with `edgetl train --resume {exc.run_dir}`",
+                err=True,
+            )
+            raise typer.Exit(130) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _print_metrics(title: str, m: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_edge=False)
+    table.add_column("class")
+    table.add_column("accuracy", justify="right")
+    for name, acc in m["per_class_accuracy"].items():
+        table.add_row(name, "-" if acc is None else f"{acc:.1%}")
+    console = Console()
+    console.print(table)
+    console.print(f"top-1 [bold]{m['top1']:.2%}[/]  top-5 {m['top5']:.2%}  macro-F1 {m['macro_f1']:.3f}  (n={m['n']})")
+
+
+@app.command()
+@user_errors
+def train(
+    data: Annotated[Path | None, typer.Argument(help="ROOT/<class>/<images>, ROOT/{train,val[,test]}/<class>/..., or IDX files")] = None,
+    backbone: Annotated[str, typer.Option(help="See `edgetl backbones`")] = "efficientnet_lite0",
+    out: Annotated[str | None, typer.Option(help="Run folder (default: models/<data>-<backbone>)")] = None,
+    name: Annotated[str | None, typer.Option(help="Run name under models/")] = None,
+    epochs_head: Annotated[int, typer.Option(help="Stage 1 epochs (frozen base, new head)")] = 30,
+    epochs_finetune: Annotated[int, typer.Option(help="Stage 2 epochs; 0 skips fine-tuning")] = 8,
+    unfreeze: Annotated[str, typer.Option(help="Top blocks to unfreeze in stage 2, or 'all'")] = "3",
+    lr_head: Annotated[float, typer.Option(help="Stage 1 learning rate")] = 1e-3,
+    lr_finetune: Annotated[float | None, typer.Option(help="Stage 2 learning rate (default: lr-head / 10)")] = None,
+    batch_size: Annotated[int, typer.Option(help="Stage 2 batch size")] = 32,
+    patience: Annotated[int, typer.Option(help="Early stopping: epochs without a better validation loss")] = 3,
+    hidden: Annotated[int, typer.Option(help="Hidden units in the head (0: dropout + linear)")] = 0,
+    dropout: Annotated[float, typer.Option(help="Head dropout")] = 0.2,
+    label_smoothing: float = 0.1,
+    augment: Annotated[str, typer.Option(help="Training augmentation: none, light, trivial")] = "light",
+    cache_features: Annotated[bool, typer.Option(help="Stage 1 on cached features of the frozen base")] = True,
+    cache_views: Annotated[int, typer.Option(help="Cache K views per image (1 plain + K-1 augmented)")] = 1,
+    balance: Annotated[bool, typer.Option(help="Class-weighted loss for imbalanced data")] = False,
+    input_size: Annotated[int | None, typer.Option(help="Input size (default: the backbone's)")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Held out for validation when DATA has no val/ folder")] = 0.2,
+    limit_train: Annotated[int | None, typer.Option(help="Use a seeded, stratified subset of N training images")] = None,
+    limit_val: Annotated[int | None, typer.Option(help="Use a seeded, stratified subset of N validation images")] = None,
+    strict: Annotated[bool, typer.Option(help="Unreadable images are an error instead of skipped")] = False,
+    weights: Annotated[Path | None, typer.Option(help="ImageNet weights file (state dict or .safetensors)")] = None,
+    pretrained: Annotated[bool, typer.Option(help="--no-pretrained trains from random weights")] = True,
+    seed: int = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (training steps)")] = "auto",
+    channels_last: bool = True,
+    workers: Annotated[int | None, typer.Option(help="Data-loading workers (default: 0 on 2 cores)")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run folder")] = None,
+) -> None:
+    """Train a classifier: frozen ImageNet backbone + new head, then fine-tune the top blocks."""
+    from edgetl.config import TrainConfig
+    from edgetl.train import resume as resume_run
+    from edgetl.train import train as train_run
+
+    if resume is not None:
+        result = resume_run(resume)
+    else:
+        if data is None:
+            raise EdgetlError("missing DATA: the folder of labelled images to train on (or --resume RUN)")
+        cfg = TrainConfig(
+            backbone=backbone, input_size=input_size, epochs_head=epochs_head, lr_head=lr_head,
+            cache_features=cache_features, cache_views=cache_views, hidden=hidden, dropout=dropout,
+            epochs_finetune=epochs_finetune, lr_finetune=lr_finetune, unfreeze=unfreeze, batch_size=batch_size,
+            patience=patience, label_smoothing=label_smoothing, augment=augment, balance=balance, seed=seed,
+            device=device, precision=precision, channels_last=channels_last, workers=workers,
+            val_fraction=val_fraction, limit_train=limit_train, limit_val=limit_val, strict=strict,
+            pretrained=pretrained, weights=str(weights) if weights else None,
+        )  # fmt: skip
+        result = train_run(data, cfg, out=out, name=name)
+    if "best" in result.metrics:
+        _print_metrics(f"validation, best checkpoint of {result.run_dir}", result.metrics["best"])
+
+
+@app.command("eval")
+@user_errors
+def eval_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder (or checkpoint file)")],
+    data: Annotated[Path, typer.Argument(help="Folder of labelled images, or a dataset root with splits")],
+    split: Annotated[str | None, typer.Option(help="train, val or test (default: test if present, else val)")] = None,
+    device: str = "auto",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the metrics to this JSON file")] = None,
+) -> None:
+    """Score a trained checkpoint on labelled images: top-1, top-5, per-class accuracy, macro-F1."""
+    from edgetl.evaluate import evaluate
+    from edgetl.fileio import write_json
+
+    m = evaluate(run, data, split=split, device=device)
+    _print_metrics(f"{m['split']} split of {data}", m)
+    if json_out:
+        write_json(json_out, m)
+
+
+@app.command()
+@user_errors
+def backbones() -> None:
+    """List the backbones: parameters, MACs, input size, and whether ImageNet weights are here."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgetl.backbones import find_weights, list_backbones, preprocess_spec
+    from edgetl.profile import count_macs_and_params
+
+    table = Table(show_edge=False)
+    for col in ("name", "timm model", "params", "MACs", "input", "weights here"):
+        table.add_column(col, justify="right" if col in ("params", "MACs", "input") else "left")
+    for e in list_backbones():
+        spec = preprocess_spec(e.name)
+        macs, params = count_macs_and_params(e.name, spec.input_size)
+        found = find_weights(e.name)
+        table.add_row(
+            e.name, e.timm_id, f"{params / 1e6:.2f}M", f"{macs / 1e6:.0f}M", f"{spec.input_size}",
+            f"yes ({found[0]})" if found else "no: --weights FILE",
+        )  # fmt: skip
+    Console().print(table)
+
+
+@app.command()
+@user_errors
+def demo(
+    out: Annotated[str | None, typer.Option(help="Run folder (default: models/demo-...)")] = None,
+    epochs_finetune: Annotated[int, typer.Option(help="Stage 2 epochs")] = 4,
+) -> None:
+    """Train the default backbone on the bundled clothing sample and print the result."""
+    from edgetl.config import TrainConfig
+    from edgetl.sample import sample_path
+    from edgetl.train import train as train_run
+
+    data = sample_path()
+    cfg = TrainConfig(epochs_finetune=epochs_finetune, patience=0)
+    result = train_run(data, cfg, out=out, name="demo-clothing-efficientnet_lite0")
+    _print_metrics(f"demo: validation split of the bundled sample, {result.run_dir}", result.metrics["best"])
+
+
+def run() -> None:
+    from edgetl.malloc_tuning import tune_malloc
+
+    tune_malloc()  # before torch allocates anything: see the module for the measurement
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(run())

@@ -1,0 +1,83 @@
+"""Typed, frozen options for each stage. None means "use the backbone's or stage's default"."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from edgetl.backbones import DEFAULT_BACKBONE
+from edgetl.errors import EdgetlError
+
+AUGMENT_POLICIES = ("none", "light", "trivial")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    backbone: str = DEFAULT_BACKBONE
+    input_size: int | None = None  # None: the backbone's pretrained size
+    # stage 1: frozen base, new head
+    epochs_head: int = 30
+    lr_head: float = 1e-3
+    head_batch_size: int = 128
+    cache_features: bool = True  # run the frozen base once and train the head on cached features
+    cache_views: int = 1  # >1: also cache K-1 augmented views of every training image
+    hidden: int = 0
+    dropout: float = 0.2
+    # stage 2: fine-tune the top
+    epochs_finetune: int = 8
+    lr_finetune: float | None = None  # None: lr_head / 10
+    unfreeze: str = "3"  # number of top blocks, or "all"
+    batch_size: int = 32
+    warmup_epochs: float = 1.0
+    patience: int = 3
+    # both stages
+    label_smoothing: float = 0.1
+    weight_decay: float = 0.01
+    augment: str = "light"
+    balance: bool = False
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast for training steps; evaluation stays fp32)
+    channels_last: bool = True
+    workers: int | None = None
+    # data
+    val_fraction: float = 0.2
+    limit_train: int | None = None
+    limit_val: int | None = None
+    strict: bool = False
+    # weights
+    pretrained: bool = True
+    weights: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.augment not in AUGMENT_POLICIES:
+            raise EdgetlError(f"--augment must be one of {', '.join(AUGMENT_POLICIES)}, got {self.augment!r}")
+        if self.unfreeze != "all" and not (self.unfreeze.isdigit()):
+            raise EdgetlError(f"--unfreeze takes a number of top blocks or 'all', got {self.unfreeze!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise EdgetlError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise EdgetlError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        for name in ("epochs_head", "epochs_finetune", "patience"):
+            if getattr(self, name) < 0:
+                raise EdgetlError(f"--{name.replace('_', '-')} must be >= 0")
+        if self.epochs_head < 1:
+            raise EdgetlError("--epochs-head must be at least 1: the new head has to be trained before fine-tuning")
+        if self.batch_size < 1 or self.head_batch_size < 1 or self.cache_views < 1:
+            raise EdgetlError("batch sizes and --cache-views must be at least 1")
+
+    @property
+    def finetune_lr(self) -> float:
+        return self.lr_finetune if self.lr_finetune is not None else self.lr_head / 10
+
+    @property
+    def unfreeze_blocks(self) -> int | None:
+        return None if self.unfreeze == "all" else int(self.unfreeze)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})

@@ -1,0 +1,395 @@
+"""Datasets: image folders, pre-split folders and IDX files, as lists of labelled image refs.
+
+Discovery is cheap (it lists files); decoding happens once, in `decode_split`, which also finds the
+corrupt files so they can be skipped and reported. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+from collections import Counter
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from edgetl.errors import EdgetlError
+from edgetl.preprocess import IMAGE_EXTENSIONS, PreprocessSpec, decode_image, resize_shorter
+
+VAL_DIR_NAMES = ("val", "valid", "validation")
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image: a file on disk, or one slot of an in-memory uint8 array (IDX data)."""
+
+    key: str
+    path: Path | None = None
+    array: np.ndarray | None = field(default=None, compare=False, repr=False)
+    index: int = -1
+
+    def load(self) -> Image.Image:
+        if self.path is not None:
+            return decode_image(self.path)
+        assert self.array is not None
+        return decode_image(Image.fromarray(self.array[self.index]))
+
+
+@dataclass
+class LabelledSet:
+    refs: list[ImageRef]
+    labels: np.ndarray  # int64 class indices, parallel to refs
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> LabelledSet:
+        idx = np.asarray(indices, dtype=np.int64)
+        return LabelledSet([self.refs[i] for i in idx], self.labels[idx])
+
+    def class_counts(self, num_classes: int) -> list[int]:
+        return np.bincount(self.labels, minlength=num_classes).tolist()
+
+
+@dataclass
+class Dataset:
+    root: Path
+    kind: str  # "split-folders" | "folders" | "idx"
+    classes: list[str]
+    train: LabelledSet
+    val: LabelledSet
+    test: LabelledSet | None
+    split_note: str
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.root.resolve().name
+
+    def splits(self) -> dict[str, LabelledSet]:
+        out = {"train": self.train, "val": self.val}
+        if self.test is not None:
+            out["test"] = self.test
+        return out
+
+    def fingerprint(self) -> str:
+        """A hash of which images are in which split with which label (not of pixel data: cheap)."""
+        h = hashlib.sha256()
+        h.update("\n".join(self.classes).encode())
+        for split, ls in self.splits().items():
+            for ref, label in zip(ls.refs, ls.labels, strict=True):
+                h.update(f"{split}\t{ref.key}\t{label}\n".encode())
+        return h.hexdigest()[:16]
+
+    def split_record(self) -> dict[str, list[list[object]]]:
+        """Which file went where, for the run folder (so a split can be audited and reproduced)."""
+        return {
+            split: [[ref.key, self.classes[int(label)]] for ref, label in zip(ls.refs, ls.labels, strict=True)]
+            for split, ls in self.splits().items()
+        }
+
+
+def load_dataset(
+    root: str | os.PathLike[str],
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    limit_train: int | None = None,
+    limit_val: int | None = None,
+) -> Dataset:
+    """Find a dataset at `root`: IDX files, `train/` + `val/` folders, or class folders to split."""
+    root = Path(root)
+    if not root.exists():
+        raise EdgetlError(f"data path does not exist: {root}")
+    if not root.is_dir():
+        raise EdgetlError(f"data path is not a folder: {root} (expected ROOT/<class>/<image> or IDX files)")
+    if not 0.0 < val_fraction < 1.0:
+        raise EdgetlError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    ds = _load_idx(root, val_fraction, seed) if _find_idx(root, "train") is not None else _load_folders(root, val_fraction, seed)
+    rng = np.random.default_rng(seed + 1)
+    if limit_train is not None and limit_train < len(ds.train):
+        ds.train = ds.train.subset(stratified_sample(ds.train.labels, limit_train, rng))
+        ds.split_note += f"; training subset of {limit_train} images (seed {seed})"
+    if limit_val is not None and limit_val < len(ds.val):
+        ds.val = ds.val.subset(stratified_sample(ds.val.labels, limit_val, rng))
+        ds.split_note += f"; validation subset of {limit_val} images"
+    return ds
+
+
+def stratified_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of about `n` items keeping each class's share (at least one per class), sorted."""
+    classes, counts = np.unique(labels, return_counts=True)
+    want = np.maximum(1, np.round(counts / counts.sum() * n)).astype(int)
+    picked = [rng.permutation(np.flatnonzero(labels == c))[: min(w, cnt)] for c, w, cnt in zip(classes, want, counts, strict=True)]
+    return np.sort(np.concatenate(picked))
+
+
+def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (keep, held_out) with `fraction` of every class held out (at least one)."""
+    keep, held = [], []
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        n_held = min(len(idx) - 1, max(1, round(len(idx) * fraction)))
+        held.append(idx[:n_held])
+        keep.append(idx[n_held:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(held))
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def _class_folders(root: Path) -> dict[str, list[Path]]:
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return {
+        f.name: sorted(
+            p for p in f.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+        )
+        for f in folders
+    }
+
+
+def _labelled(root: Path, by_class: dict[str, list[Path]], classes: list[str]) -> LabelledSet:
+    refs, labels = [], []
+    for label, name in enumerate(classes):
+        for p in by_class.get(name, []):
+            refs.append(ImageRef(key=p.relative_to(root).as_posix(), path=p))
+            labels.append(label)
+    return LabelledSet(refs, np.asarray(labels, dtype=np.int64))
+
+
+def _check_classes(by_class: dict[str, list[Path]], where: Path) -> None:
+    if not by_class:
+        raise EdgetlError(f"no class folders in {where}: expected {where}/<class>/<image files>")
+    empty = [name for name, files in by_class.items() if not files]
+    if empty:
+        raise EdgetlError(
+            f"class folder{'s' if len(empty) > 1 else ''} with no images in {where}: {', '.join(empty)} "
+            f"(supported: {', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
+        )
+    if len(by_class) < 2:
+        raise EdgetlError(f"only one class ({next(iter(by_class))}) in {where}: a classifier needs at least two")
+
+
+def _load_folders(root: Path, val_fraction: float, seed: int) -> Dataset:
+    subdirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    val_dir = next((subdirs[n] for n in VAL_DIR_NAMES if n in subdirs), None)
+    if "train" in subdirs and val_dir is not None:
+        train_by = _class_folders(subdirs["train"])
+        val_by = _class_folders(val_dir)
+        _check_classes(train_by, subdirs["train"])
+        _check_classes(val_by, val_dir)
+        _check_same_classes(train_by, val_by, "train", val_dir.name)
+        classes = sorted(train_by)
+        test = None
+        if "test" in subdirs:
+            test_by = _class_folders(subdirs["test"])
+            _check_classes(test_by, subdirs["test"])
+            _check_same_classes(train_by, test_by, "train", "test")
+            test = _labelled(root, test_by, classes)
+        return Dataset(
+            root=root,
+            kind="split-folders",
+            classes=classes,
+            train=_labelled(root, train_by, classes),
+            val=_labelled(root, val_by, classes),
+            test=test,
+            split_note=f"given splits: train/, {val_dir.name}/" + (", test/" if test is not None else ""),
+        )
+    # A lone train/ folder (no validation folder beside it) holds the classes: split it.
+    base = subdirs["train"] if "train" in subdirs and val_dir is None else root
+    by_class = _class_folders(base)
+    _check_classes(by_class, base)
+    classes = sorted(by_class)
+    everything = _labelled(root, by_class, classes)
+    too_small = [classes[c] for c, n in enumerate(everything.class_counts(len(classes))) if n < 2]
+    if too_small:
+        raise EdgetlError(
+            f"class{'es' if len(too_small) > 1 else ''} {', '.join(too_small)} "
+            "ha{} a single image: at least 2 per class are needed to hold some out for validation".format(
+                "ve" if len(too_small) > 1 else "s"
+            )
+        )
+    keep, held = stratified_split(everything.labels, val_fraction, np.random.default_rng(seed))
+    return Dataset(
+        root=root,
+        kind="folders",
+        classes=classes,
+        train=everything.subset(keep),
+        val=everything.subset(held),
+        test=None,
+        split_note=f"stratified split: {val_fraction:.0%} of each class held out for validation (seed {seed})",
+    )
+
+
+def _check_same_classes(a: dict[str, list[Path]], b: dict[str, list[Path]], a_name: str, b_name: str) -> None:
+    if set(a) != set(b):
+        only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        parts = []
+        if only_a:
+            parts.append(f"only in {a_name}/: {', '.join(only_a)}")
+        if only_b:
+            parts.append(f"only in {b_name}/: {', '.join(only_b)}")
+        raise EdgetlError(f"{a_name}/ and {b_name}/ have different classes ({'; '.join(parts)})")
+
+
+# ----------------------------------------------------------------------------- IDX (MNIST format)
+
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
+    """Read an IDX file (gzipped or not) into a numpy array."""
+    path = Path(path)
+    opener: Callable[..., object] = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:  # type: ignore[operator]
+            data = f.read()  # type: ignore[attr-defined]
+    except (OSError, EOFError) as exc:
+        raise EdgetlError(f"cannot read IDX file {path}: {exc}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
+        raise EdgetlError(f"not an IDX file: {path}")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    dtype = np.dtype(_IDX_DTYPES[data[2]])
+    expected = int(np.prod(dims)) * dtype.itemsize
+    body = data[4 + 4 * ndim :]
+    if len(body) != expected:
+        raise EdgetlError(f"IDX file {path} is truncated or corrupt ({len(body)} bytes of data, expected {expected})")
+    return np.frombuffer(body, dtype=dtype).reshape(dims)
+
+
+def _find_idx(root: Path, prefix: str, kind: str = "images-idx3") -> Path | None:
+    for suffix in ("-ubyte.gz", "-ubyte", ".gz", ""):
+        for p in (root / f"{prefix}-{kind}{suffix}",):
+            if p.is_file():
+                return p
+    return None
+
+
+def _idx_pair(root: Path, prefix: str) -> tuple[np.ndarray, np.ndarray] | None:
+    images_path = _find_idx(root, prefix)
+    if images_path is None:
+        return None
+    labels_path = _find_idx(root, prefix, "labels-idx1")
+    if labels_path is None:
+        raise EdgetlError(f"found {images_path.name} but no {prefix}-labels-idx1-ubyte[.gz] beside it")
+    images, labels = read_idx(images_path), read_idx(labels_path).astype(np.int64)
+    if images.ndim not in (3, 4) or len(images) != len(labels):
+        raise EdgetlError(f"{images_path.name} and {labels_path.name} do not match ({images.shape} vs {labels.shape})")
+    return images.astype(np.uint8, copy=False), labels
+
+
+def _idx_class_names(root: Path, num_classes: int) -> list[str]:
+    labels_txt = root / "labels.txt"
+    if labels_txt.is_file():
+        names = [line.strip() for line in labels_txt.read_text().splitlines() if line.strip()]
+        if len(names) >= num_classes:
+            return names[:num_classes]
+    if "fashion" in root.resolve().name.lower() and num_classes == 10:
+        return list(FASHION_MNIST_CLASSES)
+    return [str(i) for i in range(num_classes)]
+
+
+def _load_idx(root: Path, val_fraction: float, seed: int) -> Dataset:
+    train_pair = _idx_pair(root, "train")
+    assert train_pair is not None
+    test_pair = _idx_pair(root, "t10k") or _idx_pair(root, "test")
+    images, labels = train_pair
+    num_classes = int(labels.max()) + 1
+    if len(np.unique(labels)) < 2:
+        raise EdgetlError(f"only one class in {root}: a classifier needs at least two")
+    classes = _idx_class_names(root, num_classes)
+
+    def as_set(arr: np.ndarray, lab: np.ndarray, split: str) -> LabelledSet:
+        return LabelledSet([ImageRef(key=f"{split}:{i}", array=arr, index=i) for i in range(len(arr))], lab)
+
+    everything = as_set(images, labels, "train")
+    keep, held = stratified_split(labels, val_fraction, np.random.default_rng(seed))
+    return Dataset(
+        root=root,
+        kind="idx",
+        classes=classes,
+        train=everything.subset(keep),
+        val=everything.subset(held),
+        test=as_set(*test_pair, "test") if test_pair else None,
+        split_note=f"IDX files; {val_fraction:.0%} of each training class held out for validation (seed {seed})",
+    )
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+@dataclass
+class DecodedImages:
+    """Decoded images of one split, already resized to the spec's shorter side (the first step of
+    evaluation preprocessing, so evaluation from here is exact) and kept in memory while they fit."""
+
+    refs: list[ImageRef]
+    labels: np.ndarray
+    resize_size: int
+    interpolation: str
+    images: list[Image.Image] | None
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def get(self, i: int) -> Image.Image:
+        img = self.images[i] if self.images is not None else self.refs[i].load()
+        return resize_shorter(img, self.resize_size, self.interpolation)
+
+
+def decode_split(
+    ls: LabelledSet,
+    spec: PreprocessSpec,
+    memory_budget_bytes: int = 6 << 30,
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[DecodedImages, list[dict[str, str]]]:
+    """Decode every image once; return the good ones and a record of the ones that failed."""
+
+    def work(ref: ImageRef) -> Image.Image | str:
+        try:
+            img = ref.load()
+            # Keep the resized image only when it is smaller than the original; small originals (IDX)
+            # stay small and are resized on access, which gives the same pixels.
+            if min(img.size) > spec.resize_size:
+                img = resize_shorter(img, spec.resize_size, spec.interpolation)
+            return img
+        except Exception as exc:  # PIL raises many types for bad data; each becomes a skip record
+            return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+
+    good_refs, good_labels, images, failed = [], [], [], []
+    total_bytes = 0
+    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
+        for ref, label, result in zip(ls.refs, ls.labels, pool.map(work, ls.refs), strict=True):
+            if progress:
+                progress(1)
+            if isinstance(result, str):
+                failed.append({"file": ref.key, "reason": result})
+                continue
+            good_refs.append(ref)
+            good_labels.append(int(label))
+            total_bytes += result.width * result.height * 3
+            images.append(result)
+    keep = total_bytes <= memory_budget_bytes
+    return (
+        DecodedImages(good_refs, np.asarray(good_labels, dtype=np.int64), spec.resize_size, spec.interpolation, images if keep else None),
+        failed,
+    )
+
+
+def check_after_skips(classes: list[str], split: str, labels: np.ndarray) -> None:
+    """After corrupt files were dropped, every class must still have images."""
+    counts = Counter(labels.tolist())
+    missing = [classes[c] for c in range(len(classes)) if counts.get(c, 0) == 0]
+    if missing and split != "test":
+        raise EdgetlError(f"no readable images left in {split} for class{'es' if len(missing) > 1 else ''}: {', '.join(missing)}")

@@ -1,0 +1,64 @@
+"""Score a trained checkpoint on a folder of labelled images or one split of a dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetl import checkpoint
+from edgetl.data import LabelledSet, decode_split, load_dataset
+from edgetl.errors import EdgetlError
+from edgetl.metrics import classification_metrics
+from edgetl.progress import Reporter
+
+
+def pick_split(
+    data: str | os.PathLike[str], split: str | None, seed: int = 0, val_fraction: float = 0.2
+) -> tuple[LabelledSet, list[str], str]:
+    """The labelled images to score: a split of a dataset (default: test if there is one, else val)."""
+    ds = load_dataset(data, val_fraction=val_fraction, seed=seed)
+    splits = ds.splits()
+    name = split or ("test" if "test" in splits else "val")
+    if name not in splits:
+        raise EdgetlError(f"{data} has no {name!r} split (it has: {', '.join(splits)})")
+    return splits[name], ds.classes, name
+
+
+def evaluate(
+    run: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    split: str | None = None,
+    device: str = "auto",
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    import torch  # noqa: F401 - the model below needs it; imported here to keep the CLI fast
+
+    from edgetl.train import pick_device, predict_logits
+
+    reporter = reporter or Reporter()
+    model, ckpt = checkpoint.load_model(run)
+    spec = checkpoint.spec_of(ckpt)
+    labels = list(ckpt["config"]["labels"])
+    ls, data_classes, split_name = pick_split(data, split, seed=ckpt["config"]["train"]["seed"],
+                                              val_fraction=ckpt["config"]["train"]["val_fraction"])  # fmt: skip
+    unknown = sorted(set(data_classes) - set(labels))
+    if unknown:
+        raise EdgetlError(f"{data} has classes the model was not trained on: {', '.join(unknown)}")
+    # Map the data's class indices onto the model's (a folder may hold a subset of the classes).
+    remap = np.asarray([labels.index(c) for c in data_classes], dtype=np.int64)
+    ls = LabelledSet(ls.refs, remap[ls.labels])
+    with reporter.task(f"decoding {split_name}", len(ls)) as advance:
+        images, failed = decode_split(ls, spec, progress=advance)
+    if failed:
+        reporter.log(f"[yellow]warning:[/] skipped {len(failed)} unreadable image(s), e.g. {failed[0]['file']}")
+    if len(images) == 0:
+        raise EdgetlError(f"no readable images in {data} ({split_name})")
+    dev = pick_device(device)
+    logits = predict_logits(model.to(dev), images, spec, dev, reporter=reporter)
+    metrics = classification_metrics(logits, images.labels, labels)
+    metrics.update({"data": str(Path(data).resolve()), "split": split_name, "skipped_files": failed,
+                    "checkpoint": ckpt["path"]})  # fmt: skip
+    return metrics

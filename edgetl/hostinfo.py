@@ -1,0 +1,74 @@
+"""What machine and libraries produced a result, for manifests and benchmark files."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import sys
+from functools import cache
+from typing import Any
+
+_LIBRARIES = (
+    "edgetl", "torch", "torchvision", "timm", "numpy", "pillow", "onnx", "onnxruntime", "onnxruntime-gpu",
+    "openvino", "nncf",
+)  # fmt: skip
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def has_vnni() -> bool:
+    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags())
+
+
+def has_bf16() -> bool:
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for name in _LIBRARIES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def host_record() -> dict[str, Any]:
+    flags = cpu_flags()
+    interesting = sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c", "sse4_2"))
+    try:
+        physical = len(os.sched_getaffinity(0))
+    except AttributeError:
+        physical = os.cpu_count() or 1
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_flags": interesting,
+        "vnni": has_vnni(),
+        "bf16": has_bf16(),
+        "cores_available": physical,
+        "platform": platform.platform(),
+        "libraries": library_versions(),
+    }

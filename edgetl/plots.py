@@ -1,0 +1,64 @@
+"""Training plots: loss/accuracy curves and the confusion matrix, written atomically as PNG."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from edgetl.fileio import write_with
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on servers; never try to open a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(history: list[dict[str, Any]], target: str | os.PathLike[str]) -> None:
+    plt = _pyplot()
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    for stage, style in (("head", "-"), ("finetune", "--")):
+        rows = [r for r in history if r["stage"] == stage]
+        if not rows:
+            continue
+        x = [r["global_epoch"] for r in rows]
+        ax_loss.plot(x, [r["train_loss"] for r in rows], style, color="tab:blue", label=f"train ({stage})")
+        ax_loss.plot(x, [r["val_loss"] for r in rows], style, color="tab:orange", label=f"val ({stage})")
+        ax_acc.plot(x, [r["val_top1"] for r in rows], style, color="tab:green", label=f"val top-1 ({stage})")
+        if rows[0].get("train_top1") is not None:
+            ax_acc.plot(x, [r["train_top1"] for r in rows], style, color="tab:gray", label=f"train top-1 ({stage})")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    ax_acc.set(xlabel="epoch", ylabel="top-1", title="accuracy", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    write_with(target, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)
+
+
+def plot_confusion(cm: list[list[int]], labels: list[str], target: str | os.PathLike[str], title: str) -> None:
+    import numpy as np
+
+    plt = _pyplot()
+    mat = np.asarray(cm, dtype=float)
+    norm = mat / np.maximum(mat.sum(axis=1, keepdims=True), 1)
+    n = len(labels)
+    size = max(4.0, 0.55 * n + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), labels, fontsize=8)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if mat[i, j]:
+                    ax.text(j, i, int(mat[i, j]), ha="center", va="center", fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
+    fig.tight_layout()
+    write_with(target, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)

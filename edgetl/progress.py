@@ -1,0 +1,42 @@
+"""Progress bars and log lines, through rich, that library code can use without caring about the CLI."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+console = Console(stderr=True)
+
+
+class Reporter:
+    """Where training and export say what they are doing. `quiet=True` for tests and library use."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            console.print(message, highlight=False)
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
+        if self.quiet:
+            yield lambda n=1: None
+            return
+        columns = (
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )  # fmt: skip
+        with Progress(*columns, console=console, transient=True) as bar:
+            tid = bar.add_task(description, total=total)
+            yield lambda n=1: bar.advance(tid, n)

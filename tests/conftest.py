@@ -1,0 +1,80 @@
+"""Fixtures that make small datasets in temporary folders: no test reads the shared datasets except
+the one real end-to-end run on the bundled sample."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
+
+
+def make_image(rgb: tuple[int, int, int], rng: np.random.Generator, size: tuple[int, int] = (48, 40)) -> Image.Image:
+    """A noisy image dominated by one colour: learnable by a tiny network in a few steps."""
+    w, h = size
+    base = np.array(rgb, dtype=np.float32)[None, None, :]
+    noise = rng.normal(0, 25, size=(h, w, 3))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
+
+
+def make_folder(root: Path, per_class: int = 8, classes: dict[str, tuple[int, int, int]] | None = None, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    for name, rgb in (classes or COLOURS).items():
+        d = root / name
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            make_image(rgb, rng).save(d / f"{name}_{i}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_folder(tmp_path / "data")
+
+
+@pytest.fixture
+def split_folder(tmp_path: Path) -> Path:
+    root = tmp_path / "splits"
+    make_folder(root / "train", per_class=10, seed=1)
+    make_folder(root / "val", per_class=4, seed=2)
+    make_folder(root / "test", per_class=4, seed=3)
+    return root
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
+    codes = {np.dtype(np.uint8): 0x08}
+    header = bytes([0, 0, codes[array.dtype], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.tobytes()
+    if gz:
+        with gzip.open(path, "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+@pytest.fixture
+def idx_folder(tmp_path: Path) -> Path:
+    """A 3-class MNIST-format set: class c is a bright square in a different corner."""
+    root = tmp_path / "idx"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+
+    def make(n: int) -> tuple[np.ndarray, np.ndarray]:
+        labels = np.arange(n, dtype=np.uint8) % 3
+        images = rng.integers(0, 40, size=(n, 28, 28), dtype=np.uint8)
+        for i, c in enumerate(labels):
+            y, x = [(2, 2), (2, 16), (16, 9)][c]
+            images[i, y : y + 10, x : x + 10] = 230
+        return images, labels
+
+    for prefix, n, gz in (("train", 60, True), ("t10k", 15, False)):
+        images, labels = make(n)
+        suffix = "-ubyte.gz" if gz else "-ubyte"
+        write_idx(root / f"{prefix}-images-idx3{suffix}", images, gz)
+        write_idx(root / f"{prefix}-labels-idx1{suffix}", labels, gz)
+    return root

@@ -1,0 +1,81 @@
+"""The command line, through typer's CliRunner: user errors are one line and exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgetl.cli.main import app
+
+runner = CliRunner()
+
+
+def test_help_does_not_import_the_heavy_stack() -> None:
+    """`edgetl --help` must answer at once: no torch, onnx or openvino at import time."""
+    code = (
+        "import sys; from edgetl.cli.main import app; heavy = {'torch', 'onnx', 'openvino', 'timm', 'onnxruntime'} "
+        "& set(sys.modules); print(sorted(heavy)); sys.exit(1 if heavy else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "train" in result.output and "backbones" in result.output
+
+
+def _assert_user_error(result, fragment: str) -> None:
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output
+    assert "Traceback" not in result.output
+    assert result.output.strip().startswith("error:") and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["train", "/definitely/not/here"], "does not exist"),
+        (["train"], "missing DATA"),
+        (["train", ".", "--backbone", "resnet9000"], "unknown backbone"),
+        (["train", ".", "--augment", "wild"], "--augment"),
+        (["eval", "/no/run", "."], "no checkpoint"),
+        (["train", "--resume", "/no/run"], "no checkpoint"),
+    ],
+)
+def test_user_errors(args: list[str], fragment: str) -> None:
+    _assert_user_error(runner.invoke(app, args), fragment)
+
+
+def test_single_class_folder(tmp_path: Path) -> None:
+    from conftest import make_folder
+
+    make_folder(tmp_path, classes={"cat": (1, 2, 3)})
+    _assert_user_error(runner.invoke(app, ["train", str(tmp_path), "--backbone", "tiny", "--no-pretrained"]), "only one class")
+
+
+def test_checkpoint_that_is_not_one(tmp_path: Path) -> None:
+    (tmp_path / "checkpoint.pt").write_bytes(b"garbage")
+    _assert_user_error(runner.invoke(app, ["eval", str(tmp_path), str(tmp_path)]), "not a readable edgetl checkpoint")
+
+
+def test_train_and_eval_through_the_cli(image_folder: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    result = runner.invoke(app, [
+        "train", str(image_folder), "--backbone", "tiny", "--no-pretrained", "--out", str(run),
+        "--epochs-head", "2", "--epochs-finetune", "1", "--lr-head", "0.01",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "top-1" in result.output and (run / "checkpoint.pt").exists()
+    result = runner.invoke(app, ["eval", str(run), str(image_folder), "--split", "val", "--json", str(tmp_path / "m.json")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m.json").exists()
+
+
+def test_backbones_lists_every_entry() -> None:
+    result = runner.invoke(app, ["backbones"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for name in ("efficientnet_lite0", "mobilenetv3_small_100", "tiny"):
+        assert name in result.output
+    assert "yes (package)" in result.output

@@ -1,0 +1,169 @@
+"""End-to-end training on the tiny backbone and generated images: artifacts, resume, Ctrl-C."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgetl import checkpoint
+from edgetl.config import TrainConfig
+from edgetl.errors import EdgetlError, TrainingInterrupted
+from edgetl.evaluate import evaluate
+from edgetl.progress import Reporter
+from edgetl.train import Trainer, resume, train
+
+QUIET = Reporter(quiet=True)
+
+
+def tiny_cfg(**kw: object) -> TrainConfig:
+    base = dict(backbone="tiny", pretrained=False, epochs_head=4, epochs_finetune=2, lr_head=1e-2, batch_size=8, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from conftest import make_folder
+
+    root = tmp_path_factory.mktemp("e2e")
+    data = make_folder(root / "data", per_class=10)
+    (data / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    result = train(data, tiny_cfg(patience=0), out=str(root / "run"), reporter=QUIET)
+    return result.run_dir
+
+
+def test_run_folder_has_every_artifact(trained_run: Path) -> None:
+    for name in ("checkpoint.pt", "last.pt", "metrics.json", "history.csv", "curves.png", "confusion.png",
+                 "manifest.json", "splits.json"):  # fmt: skip
+        assert (trained_run / name).stat().st_size > 0, name
+    assert not list(trained_run.glob(".*.tmp")), "a temporary file was left behind"
+
+
+def test_metrics_and_history(trained_run: Path) -> None:
+    m = json.loads((trained_run / "metrics.json").read_text())
+    best = m["best"]
+    assert set(m["stages"]) == {"head", "finetune"}
+    assert 0.0 <= best["top1"] <= best["top5"] <= 1.0 and 0 <= best["macro_f1"] <= 1
+    assert set(best["per_class_accuracy"]) == {"blue", "green", "red"}
+    assert sum(map(sum, best["confusion_matrix"])) == best["n"] == 6
+    assert best["top1"] > 0.5, "three colour classes should be easy even for a random-init tiny net"
+    rows = list(csv.DictReader((trained_run / "history.csv").open()))
+    assert [r["stage"] for r in rows] == ["head"] * 4 + ["finetune"] * 2
+    assert m["stages"]["head"]["images_per_second"] > 0
+
+
+def test_manifest_records_provenance_and_skips(trained_run: Path) -> None:
+    man = json.loads((trained_run / "manifest.json").read_text())
+    assert man["seed"] == 0 and len(man["dataset"]["fingerprint"]) == 16
+    assert [Path(s["file"]).name for s in man["skipped_files"]] == ["broken.jpg"]
+    assert "torch" in man["host"]["libraries"]
+    splits = json.loads((trained_run / "splits.json").read_text())
+    assert len(splits["train"]) + len(splits["val"]) == 31
+
+
+def test_checkpoint_is_self_describing_and_safe(trained_run: Path) -> None:
+    ckpt = torch.load(trained_run / "checkpoint.pt", weights_only=True)  # no pickled code inside
+    cfg = ckpt["config"]
+    assert cfg["labels"] == ["blue", "green", "red"] and cfg["backbone"] == "tiny"
+    assert cfg["preprocess"]["input_size"] == 64 and cfg["preprocess"]["interpolation"] == "bicubic"
+    model, _ = checkpoint.load_model(trained_run)
+    assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
+
+
+def test_eval_command_scores_a_folder(trained_run: Path, split_folder: Path) -> None:
+    m = evaluate(trained_run, split_folder, reporter=QUIET)
+    assert m["split"] == "test" and m["n"] == 12 and 0 <= m["top1"] <= 1
+    m_val = evaluate(trained_run, split_folder, split="val", reporter=QUIET)
+    assert m_val["split"] == "val"
+
+
+def test_eval_refuses_unknown_classes(trained_run: Path, tmp_path: Path) -> None:
+    from conftest import make_folder
+
+    make_folder(tmp_path, per_class=2, classes={"red": (200, 0, 0), "mauve": (90, 60, 90)})
+    with pytest.raises(EdgetlError, match="mauve"):
+        evaluate(trained_run, tmp_path, split="val", reporter=QUIET)
+
+
+def test_same_seed_same_result(image_folder: Path, tmp_path: Path) -> None:
+    cfg = tiny_cfg(epochs_finetune=1)
+    a = train(image_folder, cfg, out=str(tmp_path / "a"), reporter=QUIET).metrics["best"]
+    b = train(image_folder, cfg, out=str(tmp_path / "b"), reporter=QUIET).metrics["best"]
+    assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+
+
+def test_existing_run_is_not_overwritten(trained_run: Path, image_folder: Path) -> None:
+    before = (trained_run / "checkpoint.pt").read_bytes()
+    with pytest.raises(EdgetlError, match="already holds a run"):
+        train(image_folder, tiny_cfg(), out=str(trained_run), reporter=QUIET)
+    assert (trained_run / "checkpoint.pt").read_bytes() == before
+
+
+def test_ctrl_c_keeps_the_last_good_epoch_and_resume_finishes(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"n": 0}
+    original = Trainer.record
+
+    def record_then_interrupt(self: Trainer, row: dict) -> None:
+        original(self, row)
+        if row["stage"] == "finetune":
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise KeyboardInterrupt  # as if Ctrl-C came right after fine-tune epoch 1
+
+    monkeypatch.setattr(Trainer, "record", record_then_interrupt)
+    run = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted):
+        train(image_folder, tiny_cfg(epochs_finetune=3, patience=0), out=str(run), reporter=QUIET)
+    # The interrupt came before the end-of-epoch save, so last.pt still holds the end of stage 1.
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert last["stage"] == "head"
+    assert (run / "checkpoint.pt").exists() and json.loads((run / "metrics.json").read_text())["interrupted"]
+    monkeypatch.setattr(Trainer, "record", original)
+    result = resume(run, reporter=QUIET)
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    assert [r["stage"] for r in rows].count("finetune") >= 3
+    assert not result.metrics["interrupted"]
+
+
+def test_resume_mid_finetune_continues_at_the_next_epoch(image_folder: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(image_folder, tiny_cfg(epochs_finetune=1, patience=0), out=str(run), reporter=QUIET)
+    resume(run, reporter=QUIET, epochs_finetune=3)
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows if r["stage"] == "finetune"] == [1, 2, 3]
+
+
+def test_uncached_stage1_and_augmented_views(image_folder: Path, tmp_path: Path) -> None:
+    m = train(image_folder, tiny_cfg(epochs_finetune=0, cache_features=False), out=str(tmp_path / "a"), reporter=QUIET).metrics
+    assert m["stages"]["head"]["feature_cache"] is False and "finetune" not in m["stages"]
+    m = train(image_folder, tiny_cfg(epochs_finetune=0, cache_views=3, balance=True, hidden=16), out=str(tmp_path / "b"),
+              reporter=QUIET).metrics  # fmt: skip
+    assert m["stages"]["head"]["cache_views"] == 3
+
+
+def test_no_weights_and_no_opt_out_is_a_clear_error(image_folder: Path, tmp_path: Path) -> None:
+    with pytest.raises(EdgetlError, match="no ImageNet weights for tiny"):
+        train(image_folder, tiny_cfg(pretrained=True), out=str(tmp_path / "r"), reporter=QUIET)
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_strict_makes_unreadable_images_an_error(image_folder: Path, tmp_path: Path) -> None:
+    (image_folder / "blue" / "bad.png").write_bytes(b"nope")
+    with pytest.raises(EdgetlError, match="--strict"):
+        train(image_folder, tiny_cfg(strict=True), out=str(tmp_path / "r"), reporter=QUIET)
+
+
+def test_bad_options_are_user_errors() -> None:
+    with pytest.raises(EdgetlError, match="--augment"):
+        tiny_cfg(augment="heavy")
+    with pytest.raises(EdgetlError, match="--unfreeze"):
+        tiny_cfg(unfreeze="some")
+
+
+def test_idx_training(idx_folder: Path, tmp_path: Path) -> None:
+    m = train(idx_folder, tiny_cfg(epochs_finetune=1, input_size=32), out=str(tmp_path / "r"), reporter=QUIET).metrics
+    assert m["best"]["n"] == 12
