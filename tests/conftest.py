@@ -78,3 +78,28 @@ def idx_folder(tmp_path: Path) -> Path:
         write_idx(root / f"{prefix}-images-idx3{suffix}", images, gz)
         write_idx(root / f"{prefix}-labels-idx1{suffix}", labels, gz)
     return root
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """efficientnet_lite0 with its offline ImageNet weights, trained once on the bundled sample."""
+    from edgetl.config import TrainConfig
+    from edgetl.progress import Reporter
+    from edgetl.sample import sample_path
+    from edgetl.train import train
+
+    cfg = TrainConfig(epochs_head=30, epochs_finetune=1, patience=0, seed=0)
+    return train(sample_path(), cfg, out=str(tmp_path_factory.mktemp("real") / "run"), reporter=Reporter(quiet=True)).run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny-backbone run on generated images, for export and later stages."""
+    from edgetl.config import TrainConfig
+    from edgetl.progress import Reporter
+    from edgetl.train import train
+
+    root = tmp_path_factory.mktemp("tiny")
+    data = make_folder(root / "data", per_class=12)
+    cfg = TrainConfig(backbone="tiny", pretrained=False, epochs_head=5, epochs_finetune=1, lr_head=1e-2, patience=0)
+    return train(data, cfg, out=str(root / "run"), reporter=Reporter(quiet=True)).run_dir

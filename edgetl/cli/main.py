@@ -181,6 +181,31 @@ def demo(
     _print_metrics(f"demo: validation split of the bundled sample, {result.run_dir}", result.metrics["best"])
 
 
+@app.command()
+@user_errors
+def export(
+    run: Annotated[Path, typer.Argument(help="Run folder (or checkpoint file)")],
+    format: Annotated[str, typer.Option("--format", help="onnx, openvino or all")] = "all",
+    opset: Annotated[int, typer.Option(help="ONNX opset (>= 17)")] = 18,
+    batch: Annotated[str, typer.Option(help="'dynamic' or a fixed batch size")] = "dynamic",
+    embed_preprocess: Annotated[bool, typer.Option(help="Also write model.uint8.onnx: uint8 NHWC pixels in")] = False,
+    fp16: Annotated[bool, typer.Option(help="Also write an fp16-compressed OpenVINO IR")] = False,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: the run folder)")] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite existing exported files")] = False,
+    data: Annotated[Path | None, typer.Option(help="Labelled images for the parity check (default: the run's val split)")] = None,
+    parity_samples: Annotated[int, typer.Option(help="Images for the parity check (seeded sample)")] = 300,
+) -> None:
+    """Export the best checkpoint to ONNX and OpenVINO, with labels and preprocessing inside, and check
+    each file against the PyTorch model on real images (fails on disagreement)."""
+    from edgetl.export import ExportOptions, export_run
+    from edgetl.report import print_export_report
+
+    opts = ExportOptions(format=format, opset=opset, batch=batch, embed_preprocess=embed_preprocess, fp16=fp16,
+                         out=str(out) if out else None, force=force, data=str(data) if data else None,
+                         parity_samples=parity_samples)  # fmt: skip
+    print_export_report(export_run(run, opts))
+
+
 def run() -> None:
     from edgetl.malloc_tuning import tune_malloc
 
