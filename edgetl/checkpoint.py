@@ -6,7 +6,6 @@ never unpickles code.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import torch
 
 from edgetl.errors import EdgetlError
-from edgetl.fileio import write_with
+from edgetl.fileio import sha256_file, write_with
 from edgetl.model import EdgeClassifier, build_classifier
 from edgetl.preprocess import PreprocessSpec
 
@@ -53,11 +52,7 @@ def read(run_or_file: str | os.PathLike[str], name: str = BEST_NAME) -> dict[str
 
 
 def file_hash(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def build_model(ckpt: dict[str, Any]) -> EdgeClassifier:

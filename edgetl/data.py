@@ -126,10 +126,24 @@ def load_dataset(
 
 
 def stratified_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices of about `n` items keeping each class's share (at least one per class), sorted."""
+    """Indices of exactly `n` items (or all, if fewer) keeping each class's share, at least one per
+    class where n allows; largest-remainder rounding so the total is exact. Sorted."""
     classes, counts = np.unique(labels, return_counts=True)
-    want = np.maximum(1, np.round(counts / counts.sum() * n)).astype(int)
-    picked = [rng.permutation(np.flatnonzero(labels == c))[: min(w, cnt)] for c, w, cnt in zip(classes, want, counts, strict=True)]
+    if n >= counts.sum():
+        return np.arange(len(labels))
+    share = counts / counts.sum() * n
+    want = np.minimum(counts, np.maximum(1 if n >= len(classes) else 0, np.floor(share))).astype(int)
+    order = np.argsort(-(share - np.floor(share)))
+    i = 0
+    while want.sum() < n:  # hand out what rounding down left, biggest remainders first
+        c = order[i % len(order)]
+        if want[c] < counts[c]:
+            want[c] += 1
+        i += 1
+    while want.sum() > n:  # the at-least-one rule can overshoot with many small classes
+        c = int(np.argmax(want))
+        want[c] -= 1
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:w] for c, w in zip(classes, want, strict=True)]
     return np.sort(np.concatenate(picked))
 
 

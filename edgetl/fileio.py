@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -63,6 +64,14 @@ def write_with(target: str | os.PathLike[str], writer: Callable[[Path], None]) -
     """Let `writer` fill a temporary path (a library that wants a file name), then move it into place."""
     with atomic_path(target) as tmp:
         writer(tmp)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _json_default(obj: Any) -> Any:

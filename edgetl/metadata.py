@@ -94,5 +94,11 @@ def read_onnx_metadata(path: str) -> dict[str, str]:
     """Metadata of an ONNX file through onnxruntime (what an app has), without loading weights twice."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    from edgetl.errors import EdgetlError
+
+    try:
+        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types for unloadable files
+        detail = str(exc).splitlines()[0][-160:] if str(exc) else type(exc).__name__
+        raise EdgetlError(f"{path} cannot be loaded by onnxruntime: {detail}") from None
     return dict(sess.get_modelmeta().custom_metadata_map)

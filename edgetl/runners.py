@@ -17,6 +17,7 @@ class OrtModel:
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
         import onnxruntime as ort
 
+        self.path = str(path)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads

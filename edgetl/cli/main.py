@@ -194,6 +194,10 @@ def export(
     force: Annotated[bool, typer.Option(help="Overwrite existing exported files")] = False,
     data: Annotated[Path | None, typer.Option(help="Labelled images for the parity check (default: the run's val split)")] = None,
     parity_samples: Annotated[int, typer.Option(help="Images for the parity check (seeded sample)")] = 300,
+    quantize: Annotated[str | None, typer.Option(help="int8: also write static int8 models (see `edgetl quantize`)")] = None,
+    calib_size: Annotated[int, typer.Option(help="Calibration images from the training split")] = 300,
+    calib_method: Annotated[str, typer.Option(help="minmax, percentile or entropy")] = "minmax",
+    max_drop: Annotated[float, typer.Option(help="Accuracy budget: top-1 points int8 may lose on validation")] = 1.0,
 ) -> None:
     """Export the best checkpoint to ONNX and OpenVINO, with labels and preprocessing inside, and check
     each file against the PyTorch model on real images (fails on disagreement)."""
@@ -203,7 +207,37 @@ def export(
     opts = ExportOptions(format=format, opset=opset, batch=batch, embed_preprocess=embed_preprocess, fp16=fp16,
                          out=str(out) if out else None, force=force, data=str(data) if data else None,
                          parity_samples=parity_samples)  # fmt: skip
+    if quantize not in (None, "int8"):
+        raise EdgetlError(f"--quantize supports int8, got {quantize!r}")
+    if quantize is not None:
+        from edgetl.quantize import QuantizeOptions
+
+        qopts = QuantizeOptions(format=format, calib_size=calib_size, calib_method=calib_method, max_drop=max_drop)
     print_export_report(export_run(run, opts))
+    if quantize is not None:
+        _quantize(run, qopts)
+
+
+def _quantize(run: Path, qopts: Any) -> None:
+    from edgetl.quantize import quantize_run
+    from edgetl.report import print_quantize_report
+
+    print_quantize_report(quantize_run(run, qopts))
+
+
+@app.command("quantize")
+@user_errors
+def quantize_cmd(
+    run: Annotated[Path, typer.Argument(help="Run folder with exported models (edgetl export)")],
+    format: Annotated[str, typer.Option("--format", help="onnx, openvino or all")] = "all",
+    calib_size: Annotated[int, typer.Option(help="Calibration images from the training split")] = 300,
+    calib_method: Annotated[str, typer.Option(help="minmax, percentile or entropy")] = "minmax",
+    max_drop: Annotated[float, typer.Option(help="Accuracy budget: top-1 points int8 may lose on validation")] = 1.0,
+) -> None:
+    """Static int8 versions of a run's exported models, within an accuracy budget, with a speed check."""
+    from edgetl.quantize import QuantizeOptions
+
+    _quantize(run, QuantizeOptions(format=format, calib_size=calib_size, calib_method=calib_method, max_drop=max_drop))
 
 
 def run() -> None:

@@ -1,0 +1,37 @@
+"""Shared helpers for benchmark scripts: result files that carry the host, and robust statistics."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edgetl.fileio import write_json, write_text
+from edgetl.hostinfo import host_record
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def save(name: str, payload: dict[str, Any], markdown: str) -> Path:
+    """Write results/<name>.json (with host and time) and results/<name>.md."""
+    payload = {"benchmark": name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": host_record(), **payload}
+    write_json(RESULTS / f"{name}.json", payload)
+    host = payload["host"]
+    libs = ", ".join(f"{k} {v}" for k, v in host["libraries"].items())
+    write_text(RESULTS / f"{name}.md", f"{markdown.rstrip()}\n\nHost: {host['cpu_model']}, {host['cores_available']} cores, "
+               f"flags {' '.join(host['cpu_flags'])}; {libs}. Command: `{' '.join(sys.argv)}`\n")  # fmt: skip
+    print(json.dumps({k: v for k, v in payload.items() if k != "host"}, indent=1, default=str)[:4000])
+    return RESULTS / f"{name}.json"
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    s = sorted(values)
+    return {
+        "median": statistics.median(s), "min": s[0], "max": s[-1], "n": len(s),
+        "iqr": (s[(3 * len(s)) // 4] - s[len(s) // 4]) if len(s) >= 4 else s[-1] - s[0],
+    }  # fmt: skip

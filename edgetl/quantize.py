@@ -1,0 +1,432 @@
+"""Static int8 quantization of exported models, held to an accuracy budget and timed. Never imports torch.
+
+ONNX Runtime: quant_pre_process, then quantize_static in QDQ format with per-channel int8 weights.
+Activation/weight types follow the CPU: U8S8 needs VNNI to be exact; on AVX2-only CPUs the U8S8
+kernels can saturate (vpmaddubsw adds pairs of u8*s8 products in int16), so weights use a 7-bit
+range there (reduce_range), which is what ONNX Runtime's documentation prescribes.
+OpenVINO: NNCF post-training quantization of the IR; when that misses the budget,
+nncf.quantize_with_accuracy_control reverts the most harmful layers to float.
+
+Budget (ONNX Runtime): if int8 loses more than --max-drop top-1 points on the validation images,
+every quantized activation is ranked by its signal-to-quantization-noise ratio (onnxruntime's
+qdq_loss_debug), and the nodes producing the worst ones are kept in float, 1, 2, 4, ... at a time,
+until the model is within budget. Nothing within budget: the command fails and no int8 file is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetl import __version__, metadata
+from edgetl.data import load_dataset, stratified_sample
+from edgetl.errors import EdgetlError
+from edgetl.fileio import atomic_path, sha256_file, write_json
+from edgetl.hostinfo import has_vnni, host_record
+from edgetl.parity import ParityData, prepare
+from edgetl.preprocess import PreprocessSpec
+from edgetl.progress import Reporter
+from edgetl.runners import OpenVinoModel, OrtModel
+
+CALIB_METHODS = ("minmax", "percentile", "entropy")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    format: str = "all"  # onnx | openvino | all
+    calib_size: int = 300
+    calib_method: str = "minmax"
+    max_drop: float = 1.0  # top-1 points on the validation split
+    seed: int = 0
+    latency_runs: int = 300
+    max_val_images: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.calib_method not in CALIB_METHODS:
+            raise EdgetlError(f"--calib-method must be one of {', '.join(CALIB_METHODS)}, got {self.calib_method!r}")
+        if self.format not in ("onnx", "openvino", "all"):
+            raise EdgetlError(f"unknown format {self.format!r}: choose onnx, openvino or all")
+        if self.max_drop < 0:
+            raise EdgetlError("--max-drop is a number of top-1 points and cannot be negative")
+        if self.calib_size < 1:
+            raise EdgetlError("--calib-size must be at least 1")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _run_info(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / "manifest.json").read_text())
+    except (OSError, ValueError):
+        raise EdgetlError(f"{run_dir} has no readable manifest.json: is it an edgetl run folder?") from None
+
+
+def _check_model_input(meta: dict[str, str], path: Path) -> None:
+    """Refuse models edgetl cannot feed: no edgetl metadata, or an input unlike the metadata says."""
+    import onnxruntime as ort
+
+    if "labels" not in meta or "input_size" not in meta:
+        raise EdgetlError(f"{path} has no edgetl metadata (labels, preprocessing): export it with `edgetl export`")
+    inp = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0]
+    c = int(meta["input_size"])
+    shape = inp.shape
+    if inp.name != meta.get("input_name", "input") or len(shape) != 4 or shape[1] != 3 or shape[2:] != [c, c] or inp.type != "tensor(float)":
+        raise EdgetlError(
+            f"{path} takes {inp.name} {inp.type} {shape}, not the float NCHW [N, 3, {c}, {c}] input its metadata describes"
+        )
+
+
+def load_images(run_dir: Path, meta: dict[str, str], opts: QuantizeOptions, reporter: Reporter) -> tuple[ParityData, ParityData, dict]:
+    """Calibration images (training split, stratified, seeded) and validation images, both
+    preprocessed exactly as at export (the spec in the model's metadata)."""
+    info = _run_info(run_dir)
+    cfg, root = info["config"], info["dataset"]["root"]
+    if not Path(root).exists():
+        raise EdgetlError(f"the run's data ({root}) is not here: calibration needs the training images")
+    ds = load_dataset(root, cfg["val_fraction"], cfg["seed"], cfg["limit_train"], cfg["limit_val"])
+    labels = metadata.labels_from(meta)
+    if ds.classes != labels:
+        raise EdgetlError(f"the data at {root} no longer has the classes the model was trained on")
+    spec: PreprocessSpec = metadata.spec_from(meta)
+    rng = np.random.default_rng(opts.seed)
+    n = opts.calib_size
+    calib_set = ds.train
+    note = None
+    if len(ds.train) < n:
+        note = f"the training split has only {len(ds.train)} images, fewer than --calib-size {n}: calibrating on all of them"
+        reporter.log(f"[yellow]warning:[/] {note}")
+    else:
+        calib_set = ds.train.subset(stratified_sample(ds.train.labels, n, rng))
+    val_set = ds.val
+    if len(val_set) > opts.max_val_images:
+        val_set = val_set.subset(stratified_sample(val_set.labels, opts.max_val_images, rng))
+    calib = prepare(calib_set, spec, f"{root} (training split)", reporter)
+    val = prepare(val_set, spec, f"{root} (validation split)", reporter)
+    record = {**calib.describe(), "warning": note, "files": calib.keys}
+    return calib, val, record
+
+
+# ----------------------------------------------------------------------------- ONNX Runtime
+
+
+class _Reader:
+    """onnxruntime CalibrationDataReader over preprocessed images, one image per call."""
+
+    def __init__(self, x: np.ndarray, input_name: str) -> None:
+        self.x, self.name, self.i = x, input_name, 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self.i >= len(self.x):
+            return None
+        self.i += 1
+        return {self.name: self.x[self.i - 1 : self.i]}
+
+    def rewind(self) -> None:
+        self.i = 0
+
+    def __iter__(self):
+        self.rewind()
+        while (item := self.get_next()) is not None:
+            yield item
+
+
+def ort_types() -> dict[str, Any]:
+    """The activation/weight types and range for this CPU, with the reason (recorded in the report)."""
+    if has_vnni():
+        return {"activation": "QUInt8", "weight": "QInt8", "reduce_range": False, "why": "VNNI: U8S8 is exact and fastest"}
+    return {
+        "activation": "QUInt8", "weight": "QInt8", "reduce_range": True,
+        "why": "no VNNI (AVX2 only): U8S8 can saturate in int16 accumulation, so weights use 7 bits (reduce_range)",
+    }  # fmt: skip
+
+
+def _quantize_ort(src: Path, dst: Path, calib: np.ndarray, input_name: str, method: str, exclude: list[str]) -> None:
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    types = ort_types()
+    quantize_static(
+        str(src), str(dst), _Reader(calib, input_name),
+        quant_format=QuantFormat.QDQ, per_channel=True,
+        activation_type=getattr(QuantType, types["activation"]), weight_type=getattr(QuantType, types["weight"]),
+        reduce_range=types["reduce_range"],
+        calibrate_method={"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                          "entropy": CalibrationMethod.Entropy}[method],
+        nodes_to_exclude=exclude,
+        extra_options={"CalibMovingAverage": False},
+    )  # fmt: skip
+
+
+def rank_nodes_by_error(float_path: Path, qdq_path: Path, x: np.ndarray, input_name: str, work: Path) -> list[dict[str, Any]]:
+    """Quantized activations ranked worst first by SQNR (dB), with the float-model node producing each."""
+    import onnx
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_activation_error,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
+    aug_f, aug_q = work / "float.aug.onnx", work / "qdq.aug.onnx"
+    modify_model_output_intermediate_tensors(str(float_path), str(aug_f))
+    modify_model_output_intermediate_tensors(str(qdq_path), str(aug_q))
+    float_acts = collect_activations(str(aug_f), _Reader(x, input_name))
+    qdq_acts = collect_activations(str(aug_q), _Reader(x, input_name))
+    errors = compute_activation_error(create_activation_matching(qdq_acts, float_acts))
+    producer = {out: n.name for n in onnx.load(str(float_path)).graph.node for out in n.output}
+    ranked = [
+        {"tensor": t, "node": producer[t], "sqnr_db": float(e.get("qdq_err", np.inf))}
+        for t, e in errors.items()
+        if t in producer and np.isfinite(e.get("qdq_err", np.inf))
+    ]
+    ranked.sort(key=lambda r: r["sqnr_db"])
+    return ranked
+
+
+def quantize_onnx(src: Path, dst: Path, calib: ParityData, val: ParityData, meta: dict[str, str], opts: QuantizeOptions,
+                  reporter: Reporter) -> dict[str, Any]:  # fmt: skip
+    """Quantize, score on validation images, keep the worst nodes in float until within budget."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    input_name = meta.get("input_name", "input")
+    work = Path(tempfile.mkdtemp(prefix=".quantize-", dir=dst.parent))
+    try:
+        pre = work / "pre.onnx"
+        quant_pre_process(str(src), str(pre))
+        fp32_top1 = float((OrtModel(src).predict(val.floats).argmax(1) == val.labels).mean())
+        attempts: list[dict[str, Any]] = []
+        ranked: list[dict[str, Any]] | None = None
+        exclude: list[str] = []
+        k = 0
+        while True:
+            cand = work / f"int8-{k}.onnx"
+            _quantize_ort(pre, cand, calib.floats, input_name, opts.calib_method, exclude)
+            top1 = float((OrtModel(cand).predict(val.floats).argmax(1) == val.labels).mean())
+            drop = (fp32_top1 - top1) * 100
+            attempts.append({"kept_in_float": list(exclude), "top1": top1, "drop_points": drop})
+            reporter.log(f"onnxruntime int8 with {len(exclude)} node(s) in float: top-1 {top1:.2%} (drop {drop:+.2f} points)")
+            if drop <= opts.max_drop:
+                break
+            if ranked is None:
+                ranked = rank_nodes_by_error(pre, cand, calib.floats[: min(16, len(calib.floats))], input_name, work)
+                ranked_nodes = list(dict.fromkeys(r["node"] for r in ranked))
+            k = 1 if k == 0 else k * 2
+            if k > len(ranked_nodes) or k > 64:
+                best = min(attempts, key=lambda a: a["drop_points"])
+                raise EdgetlError(
+                    f"onnxruntime int8 cannot meet --max-drop {opts.max_drop} points: best drop {best['drop_points']:.2f} points "
+                    f"with {len(best['kept_in_float'])} node(s) in float; no int8 ONNX model was written",
+                    exit_code=1,
+                )
+            exclude = ranked_nodes[:k]
+        final = attempts[-1]
+        return {"fp32_top1": fp32_top1, "candidate": str(cand), "attempts": attempts, "kept_in_float": final["kept_in_float"],
+                "worst_tensors": (ranked or [])[:10], "work": str(work), "types": ort_types()}  # fmt: skip
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- OpenVINO / NNCF
+
+
+def quantize_openvino(src_xml: Path, calib: ParityData, val: ParityData, opts: QuantizeOptions, reporter: Reporter) -> dict[str, Any]:
+    import nncf
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(src_xml))
+    fp32_top1 = float((OpenVinoModel(src_xml).predict(val.floats).argmax(1) == val.labels).mean())
+    calib_ds = nncf.Dataset([calib.floats[i : i + 1] for i in range(len(calib.floats))])
+    quantized = nncf.quantize(model, calib_ds, subset_size=len(calib.floats), preset=nncf.QuantizationPreset.PERFORMANCE)
+    top1 = _ov_top1(core, quantized, val)
+    mode = "nncf.quantize"
+    if (fp32_top1 - top1) * 100 > opts.max_drop:
+        reporter.log(f"openvino int8 drop {(fp32_top1 - top1) * 100:.2f} points is over budget: nncf.quantize_with_accuracy_control")
+        val_ds = nncf.Dataset(list(zip([val.floats[i : i + 1] for i in range(len(val.floats))], val.labels.tolist(), strict=True)))
+
+        def validate(compiled: Any, items: Any) -> float:
+            hits = [int(np.argmax(compiled(x)[0]) == y) for x, y in items]
+            return float(np.mean(hits))
+
+        quantized = nncf.quantize_with_accuracy_control(
+            model, calibration_dataset=calib_ds, validation_dataset=val_ds, validation_fn=validate,
+            max_drop=opts.max_drop / 100, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib.floats),
+            preset=nncf.QuantizationPreset.PERFORMANCE,
+        )  # fmt: skip
+        top1 = _ov_top1(core, quantized, val)
+        mode = "nncf.quantize_with_accuracy_control"
+    drop = (fp32_top1 - top1) * 100
+    if drop > opts.max_drop:
+        raise EdgetlError(f"openvino int8 cannot meet --max-drop {opts.max_drop} points: best drop {drop:.2f}; "
+                          "no int8 OpenVINO model was written", exit_code=1)  # fmt: skip
+    return {"fp32_top1": fp32_top1, "top1": top1, "drop_points": drop, "mode": mode, "model": quantized,
+            "kept_in_float": _ov_float_ops(quantized)}  # fmt: skip
+
+
+def _ov_top1(core: Any, model: Any, val: ParityData) -> float:
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    out = np.concatenate([compiled(val.floats[i : i + 32])[0] for i in range(0, len(val.floats), 32)])
+    return float((out.argmax(1) == val.labels).mean())
+
+
+def _ov_float_ops(model: Any) -> list[str]:
+    """Convolutions and matrix multiplications whose weights are not fake-quantized (kept in float)."""
+    kept = []
+    for op in model.get_ops():
+        if op.get_type_name() not in ("Convolution", "GroupConvolution", "MatMul"):
+            continue
+        weight_src = op.input_value(1).get_node()
+        seen, node = 0, weight_src
+        while node.get_type_name() not in ("FakeQuantize", "Constant", "Parameter") and seen < 4:
+            node, seen = node.input_value(0).get_node(), seen + 1
+        if node.get_type_name() != "FakeQuantize" and not _has_int8_constant(weight_src):
+            kept.append(op.get_friendly_name())
+    return kept
+
+
+def _has_int8_constant(node: Any) -> bool:
+    for _ in range(4):
+        if node.get_type_name() == "Constant":
+            return str(node.get_element_type()) in ("<Type: 'int8_t'>", "<Type: 'uint8_t'>", "i8", "u8")
+        if node.get_input_size() == 0:
+            return False
+        node = node.input_value(0).get_node()
+    return False
+
+
+# ----------------------------------------------------------------------------- latency
+
+
+def time_pair(make_fp32: Any, make_int8: Any, x: np.ndarray, runs: int, rounds: int = 6) -> dict[str, Any]:
+    """Batch-1 latency of two models, interleaved in rounds so machine drift hits both alike."""
+    models = {"fp32": make_fp32(), "int8": make_int8()}
+    for m in models.values():
+        for _ in range(10):
+            m(x)
+    times: dict[str, list[float]] = {"fp32": [], "int8": []}
+    per_round = max(1, runs // rounds)
+    for _ in range(rounds):
+        for name, m in models.items():
+            for _ in range(per_round):
+                t = time.perf_counter()
+                m(x)
+                times[name].append((time.perf_counter() - t) * 1000)
+    out = {k: {"median_ms": float(np.median(v)), "p90_ms": float(np.percentile(v, 90)), "runs": len(v)} for k, v in times.items()}
+    out["int8_over_fp32"] = out["int8"]["median_ms"] / out["fp32"]["median_ms"]
+    return out
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _record(parent_meta: dict[str, str], backend: str, parent_path: Path, calib_record: dict, opts: QuantizeOptions,
+            kept: list[str], extra: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    return {
+        "backend": backend, "precision": "int8", "parent": parent_path.name, "parent_sha256": sha256_file(parent_path),
+        "parent_checkpoint_sha256": parent_meta.get("checkpoint_sha256"), "method": opts.calib_method,
+        "calibration": {k: v for k, v in calib_record.items() if k != "files"}, "kept_in_float": kept,
+        "edgetl_version": __version__, **extra,
+    }  # fmt: skip
+
+
+def quantize_run(run: str | os.PathLike[str], opts: QuantizeOptions, reporter: Reporter | None = None) -> dict[str, Any]:
+    """int8 versions of a run's exported models (model.onnx, openvino/model.xml) within an accuracy budget."""
+    from edgetl.malloc_tuning import tune_malloc
+
+    tune_malloc()
+    reporter = reporter or Reporter()
+    run_dir = Path(run)
+    onnx_path = run_dir / "model.onnx"
+    if not onnx_path.exists():
+        raise EdgetlError(f"no exported model in {run_dir}: run `edgetl export {run_dir}` first")
+    meta = metadata.read_onnx_metadata(str(onnx_path)) if _is_onnx(onnx_path) else {}
+    _check_model_input(meta, onnx_path)
+    calib, val, calib_record = load_images(run_dir, meta, opts, reporter)
+    x1 = val.floats[:1]
+    report: dict[str, Any] = {"run": str(run_dir), "max_drop_points": opts.max_drop, "validation_images": val.describe(),
+                              "calibration": calib_record, "results": {}, "host": host_record()}  # fmt: skip
+    warnings_out: list[str] = []
+
+    if opts.format in ("onnx", "all"):
+        reporter.log(f"onnxruntime static int8 ({opts.calib_method}, {len(calib.floats)} calibration images)")
+        res = quantize_onnx(onnx_path, run_dir / "model.int8.onnx", calib, val, meta, opts, reporter)
+        try:
+            target = run_dir / "model.int8.onnx"
+            from edgetl.export import set_onnx_metadata
+
+            qmeta = {**meta, "quantization": json.dumps(_record(meta, "onnxruntime", onnx_path, calib_record, opts,
+                                                                res["kept_in_float"], {"types": res["types"]}))}  # fmt: skip
+            with atomic_path(target) as tmp:
+                shutil.copy(res["candidate"], tmp)
+                set_onnx_metadata(tmp, qmeta)
+            lat = time_pair(lambda: OrtModel(onnx_path), lambda: OrtModel(target), x1, opts.latency_runs)
+            final = res["attempts"][-1]
+            report["results"]["onnxruntime"] = {
+                "fp32_top1": res["fp32_top1"], "int8_top1": final["top1"], "drop_points": final["drop_points"],
+                "kept_in_float": res["kept_in_float"], "attempts": res["attempts"], "worst_tensors": res["worst_tensors"],
+                "types": res["types"], "latency": lat, "fp32_bytes": onnx_path.stat().st_size, "int8_bytes": target.stat().st_size,
+                "file": str(target),
+            }  # fmt: skip
+        finally:
+            shutil.rmtree(res["work"], ignore_errors=True)
+
+    xml = run_dir / "openvino" / "model.xml"
+    if opts.format in ("openvino", "all"):
+        if not xml.exists():
+            raise EdgetlError(f"no OpenVINO model in {run_dir}: run `edgetl export {run_dir} --format openvino` first")
+        import openvino as ov
+
+        reporter.log("openvino int8 with NNCF post-training quantization")
+        res = quantize_openvino(xml, calib, val, opts, reporter)
+        qmodel = res.pop("model")
+        rec = _record(meta, "openvino-nncf", xml.with_suffix(".bin"), calib_record, opts, res["kept_in_float"], {"mode": res["mode"]})
+        for k, v in {**meta, "quantization": json.dumps(rec)}.items():
+            qmodel.set_rt_info(v, [metadata.RT_INFO_SECTION, k])
+        out_dir = run_dir / "openvino-int8"
+        tmp_dir = Path(tempfile.mkdtemp(prefix=".openvino-int8.", dir=run_dir))
+        try:
+            ov.save_model(qmodel, str(tmp_dir / "model.xml"), compress_to_fp16=False)
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp_dir, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+        target = out_dir / "model.xml"
+        lat = time_pair(lambda: OpenVinoModel(xml), lambda: OpenVinoModel(target), x1, opts.latency_runs)
+        report["results"]["openvino"] = {
+            **res, "latency": lat, "file": str(target),
+            "fp32_bytes": xml.stat().st_size + xml.with_suffix(".bin").stat().st_size,
+            "int8_bytes": target.stat().st_size + target.with_suffix(".bin").stat().st_size,
+        }  # fmt: skip
+
+    for name, r in report["results"].items():
+        r["size_ratio"] = r["int8_bytes"] / r["fp32_bytes"]
+        if r["latency"]["int8_over_fp32"] >= 1.0:
+            why = "this CPU has no VNNI, so int8 convolutions gain little over fp32 FMA" if not has_vnni() else (
+                "unfused Quantize/DequantizeLinear pairs around ops the runtime cannot run in int8")
+            warnings_out.append(f"{name}: int8 is not faster than fp32 at batch 1 ({r['latency']['int8_over_fp32']:.2f}x): likely {why}")
+    report["warnings"] = warnings_out
+    for w in warnings_out:
+        reporter.log(f"[yellow]warning:[/] {w}")
+    write_json(run_dir / "quantize.json", report)
+    return report
+
+
+def _is_onnx(path: Path) -> bool:
+    import onnx
+
+    try:
+        onnx.load(str(path), load_external_data=False)
+        return True
+    except Exception:
+        raise EdgetlError(f"{path} is not an ONNX model") from None

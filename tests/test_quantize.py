@@ -1,0 +1,125 @@
+"""int8 for ONNX Runtime and OpenVINO on the tiny backbone: files, metadata, budget, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from edgetl import metadata
+from edgetl import quantize as q
+from edgetl.errors import EdgetlError
+from edgetl.export import ExportOptions, export_run, read_openvino_metadata
+from edgetl.metadata import read_onnx_metadata
+from edgetl.progress import Reporter
+from edgetl.quantize import QuantizeOptions, quantize_run
+
+QUIET = Reporter(quiet=True)
+
+
+@pytest.fixture(scope="module")
+def exported_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("q") / "run"
+    shutil.copytree(tiny_run, run)
+    export_run(run, ExportOptions(), QUIET)
+    return run
+
+
+@pytest.fixture(scope="module")
+def quantized(exported_run: Path) -> dict:
+    return quantize_run(exported_run, QuantizeOptions(calib_size=20, latency_runs=30, max_drop=100.0), QUIET)
+
+
+def test_both_runtimes_get_int8_models(quantized: dict, exported_run: Path) -> None:
+    assert set(quantized["results"]) == {"onnxruntime", "openvino"}
+    ops = {n.op_type for n in onnx.load(str(exported_run / "model.int8.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    import openvino as ov
+
+    ov_ops = {o.get_type_name() for o in ov.Core().read_model(str(exported_run / "openvino-int8" / "model.xml")).get_ops()}
+    assert "FakeQuantize" in ov_ops
+    for r in quantized["results"].values():
+        assert 0 <= r["drop_points"] <= 100 and r["latency"]["int8"]["median_ms"] > 0
+        assert r["size_ratio"] < 1.0
+    saved = json.loads((exported_run / "quantize.json").read_text())
+    assert saved["calibration"]["n"] == 20 and len(saved["calibration"]["files"]) == 20
+
+
+def test_metadata_is_kept_and_the_quantization_recorded(quantized: dict, exported_run: Path) -> None:
+    fp32 = read_onnx_metadata(str(exported_run / "model.onnx"))
+    int8 = read_onnx_metadata(str(exported_run / "model.int8.onnx"))
+    assert {k: int8[k] for k in metadata.KEYS} == fp32
+    rec = json.loads(int8["quantization"])
+    assert rec["backend"] == "onnxruntime" and rec["parent"] == "model.onnx" and len(rec["parent_sha256"]) == 64
+    assert rec["method"] == "minmax" and rec["calibration"]["n"] == 20
+    assert rec["types"]["reduce_range"] == (not q.has_vnni())
+    ov_meta = read_openvino_metadata(exported_run / "openvino-int8" / "model.xml")
+    assert json.loads(ov_meta["quantization"])["backend"] == "openvino-nncf"
+    assert ov_meta["labels"] == fp32["labels"]
+
+
+def test_impossible_budget_fails_clearly_and_leaves_no_int8_file(exported_run: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run, ignore=shutil.ignore_patterns("*int8*", "quantize.json"))
+    # Make every int8 candidate look 50 points worse than fp32, whatever nodes stay in float.
+    real_predict = q.OrtModel.predict
+
+    def worse(self: q.OrtModel, x: np.ndarray, batch: int = 32) -> np.ndarray:
+        out = real_predict(self, x, batch)
+        if "int8" in Path(self.path).name:
+            out = -out
+        return out
+
+    monkeypatch.setattr(q.OrtModel, "predict", worse)
+    with pytest.raises(EdgetlError, match="cannot meet --max-drop") as info:
+        quantize_run(run, QuantizeOptions(format="onnx", calib_size=10, max_drop=0.0), QUIET)
+    assert info.value.exit_code != 0
+    assert not (run / "model.int8.onnx").exists()
+    assert not list(run.glob(".quantize-*")), "the work folder must be cleaned up"
+
+
+def test_too_small_calibration_split_warns(exported_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run, ignore=shutil.ignore_patterns("*int8*", "quantize.json"))
+    logs: list[str] = []
+    rep = Reporter()
+    rep.log = logs.append  # type: ignore[method-assign]
+    report = quantize_run(run, QuantizeOptions(format="onnx", calib_size=10_000, latency_runs=10, max_drop=100), rep)
+    assert any("fewer than --calib-size" in m for m in logs)
+    assert report["calibration"]["warning"] and report["calibration"]["n"] == 30
+
+
+def test_model_without_the_expected_input_is_refused(exported_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run, ignore=shutil.ignore_patterns("*int8*", "quantize.json"))
+    meta = read_onnx_metadata(str(run / "model.onnx"))
+    x = helper.make_tensor_value_info("features", TensorProto.FLOAT, [1, 10])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])
+    model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["features"], ["logits"])], "g", [x], [y]),
+                              opset_imports=[helper.make_opsetid("", 18)], ir_version=9)  # fmt: skip
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.save(model, str(run / "model.onnx"))
+    with pytest.raises(EdgetlError, match="not the float NCHW"):
+        quantize_run(run, QuantizeOptions(format="onnx"), QUIET)
+
+
+def test_not_onnx_and_no_export(tmp_path: Path) -> None:
+    with pytest.raises(EdgetlError, match="no exported model"):
+        quantize_run(tmp_path, QuantizeOptions(), QUIET)
+    (tmp_path / "model.onnx").write_text("hello")
+    with pytest.raises(EdgetlError, match="not an ONNX model"):
+        quantize_run(tmp_path, QuantizeOptions(), QUIET)
+
+
+def test_bad_options() -> None:
+    with pytest.raises(EdgetlError, match="--calib-method"):
+        QuantizeOptions(calib_method="kl")
+    with pytest.raises(EdgetlError, match="negative"):
+        QuantizeOptions(max_drop=-1)
