@@ -79,7 +79,8 @@ def _check_model_input(meta: dict[str, str], path: Path) -> None:
     inp = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0]
     c = int(meta["input_size"])
     shape = inp.shape
-    if inp.name != meta.get("input_name", "input") or len(shape) != 4 or shape[1] != 3 or shape[2:] != [c, c] or inp.type != "tensor(float)":
+    expected_shape = len(shape) == 4 and shape[1] == 3 and shape[2:] == [c, c]
+    if inp.name != meta.get("input_name", "input") or not expected_shape or inp.type != "tensor(float)":
         raise EdgetlError(
             f"{path} takes {inp.name} {inp.type} {shape}, not the float NCHW [N, 3, {c}, {c}] input its metadata describes"
         )
