@@ -240,6 +240,73 @@ def quantize_cmd(
     _quantize(run, QuantizeOptions(format=format, calib_size=calib_size, calib_method=calib_method, max_drop=max_drop))
 
 
+@app.command()
+@user_errors
+def predict(
+    model: Annotated[Path, typer.Argument(help="An exported edgetl ONNX model")],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders")],
+    top_k: Annotated[int, typer.Option(help="How many labels to show per image")] = 3,
+    json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per line instead of a table")] = False,
+    batch: Annotated[int, typer.Option(help="Images per inference call")] = 16,
+) -> None:
+    """Classify images with an exported model (onnxruntime + numpy only). Unreadable images are
+    reported per file; the exit code is 1 if any failed."""
+    import json
+
+    from edgetl.preprocess import IMAGE_EXTENSIONS
+    from edgetl.runtime import Classifier
+
+    if not model.is_file():
+        raise EdgetlError(f"model file not found: {model}")
+    try:
+        clf = Classifier(model)
+    except ValueError as exc:
+        raise EdgetlError(str(exc)) from None
+    files: list[Path] = []
+    for p in images:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+        else:
+            files.append(p)
+    if not files:
+        raise EdgetlError("no images given (folders are searched for " + ", ".join(IMAGE_EXTENSIONS) + ")")
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(files), max(1, batch)):
+        chunk, prepared, ok = files[start : start + batch], [], []
+        for f in chunk:
+            try:
+                prepared.append(clf.prepare(f))
+                ok.append(f)
+            except Exception as exc:  # one bad file must not stop the rest
+                rows.append({"path": str(f), "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"})
+        if prepared:
+            import numpy as np
+
+            for f, pred in zip(ok, clf.predict_prepared(np.stack(prepared), top_k), strict=True):
+                rows.append({"path": str(f), **pred.to_dict()})
+    failed = [r for r in rows if "error" in r]
+    if json_lines:
+        for r in rows:
+            typer.echo(json.dumps(r))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(show_edge=False)
+        for col in ("image", "label", "probability", "also"):
+            table.add_column(col)
+        for r in rows:
+            if "error" in r:
+                table.add_row(r["path"], "[red]unreadable[/]", "", r["error"])
+            else:
+                also = ", ".join(f"{t['label']} {t['probability']:.0%}" for t in r["top_k"][1:])
+                table.add_row(r["path"], r["label"], f"{r['probability']:.1%}", also)
+        Console().print(table)
+    if failed:
+        typer.echo(f"{len(failed)} of {len(rows)} image(s) could not be read", err=True)
+        raise typer.Exit(1)
+
+
 def run() -> None:
     from edgetl.malloc_tuning import tune_malloc
 

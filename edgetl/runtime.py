@@ -1,0 +1,109 @@
+"""Classify images with an exported edgetl model using only numpy, Pillow and onnxruntime.
+
+    from edgetl.runtime import Classifier
+    clf = Classifier("model.onnx")
+    print(clf.predict("photo.jpg").label)
+
+Everything the model needs (labels, resize and crop, interpolation, mean/std, layout) is read from
+its metadata, and the pixels are prepared by edgetl.preprocess: the same code training used for
+evaluation, so the app sees what the trained model saw. Importing this module never imports torch
+(a test checks sys.modules); `pip install edgetl[runtime]` pulls only what it needs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image
+
+from edgetl import metadata
+from edgetl.preprocess import decode_image, normalize, resize_and_crop
+
+ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]  # noqa: UP007 - a runtime alias
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    probability: float
+    top_k: list[tuple[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"label": self.label, "probability": self.probability,
+                "top_k": [{"label": lb, "probability": p} for lb, p in self.top_k]}  # fmt: skip
+
+
+class Classifier:
+    """An exported edgetl ONNX model, ready to classify images. Safe to call from several threads
+    (onnxruntime sessions are, and nothing here is mutated after construction)."""
+
+    def __init__(self, model_path: str | os.PathLike[str], providers: Sequence[str] | None = None, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        path = Path(model_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no model file at {path}")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
+        except Exception as exc:
+            raise ValueError(f"{path} is not an ONNX model onnxruntime can load: {str(exc).splitlines()[0][-160:]}") from None
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        if "labels" not in self.metadata:
+            raise ValueError(f"{path} has no edgetl metadata (labels, preprocessing): export it with `edgetl export`")
+        self.labels = metadata.labels_from(self.metadata)
+        self.spec = metadata.spec_from(self.metadata)
+        self.pixels_in = self.metadata.get("preprocessing_in_graph") == "true"
+        self.input_name = self.session.get_inputs()[0].name
+        batch = self.session.get_inputs()[0].shape[0]
+        self.fixed_batch = batch if isinstance(batch, int) else None
+
+    def prepare(self, image: ImageInput) -> np.ndarray:
+        """One image -> the model's input row (uint8 HWC crop, or float CHW normalised)."""
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+                raise ValueError("arrays must be uint8 HxWxC (C = 1, 3 or 4) RGB pixels")
+            image = Image.fromarray(image[..., 0] if image.shape[2] == 1 else image)
+        img = decode_image(image)
+        crop = np.asarray(resize_and_crop(img, self.spec))
+        return crop if self.pixels_in else normalize(crop, self.spec)
+
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        if not self.fixed_batch:
+            return self.session.run(None, {self.input_name: batch})[0]
+        # A model exported with a fixed batch: run it chunk by chunk, padding the last chunk.
+        out = []
+        for i in range(0, len(batch), self.fixed_batch):
+            chunk = batch[i : i + self.fixed_batch]
+            pad = np.zeros((self.fixed_batch - len(chunk), *chunk.shape[1:]), chunk.dtype)
+            out.append(self.session.run(None, {self.input_name: np.concatenate([chunk, pad])})[0][: len(chunk)])
+        return np.concatenate(out)
+
+    def predict(self, images: ImageInput | list[ImageInput], top_k: int = 5) -> Prediction | list[Prediction]:
+        """Labels with probabilities for one image (a Prediction) or a list (a list, run as one batch)."""
+        single = not isinstance(images, list)
+        out = self.predict_prepared(np.stack([self.prepare(im) for im in ([images] if single else images)]), top_k)  # type: ignore[list-item]
+        return out[0] if single else out
+
+    def predict_prepared(self, batch: np.ndarray, top_k: int = 5) -> list[Prediction]:
+        """Predictions for rows already made by `prepare` (stacked)."""
+        probs = softmax(self.logits(batch))
+        k = max(1, min(top_k, len(self.labels)))
+        out = []
+        for p in probs:
+            order = np.argsort(-p)[:k]
+            out.append(Prediction(self.labels[order[0]], float(p[order[0]]), [(self.labels[i], float(p[i])) for i in order]))
+        return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)

@@ -1,0 +1,126 @@
+"""edgetl.runtime and `edgetl predict`: torch-free, faithful to training's preprocessing, robust."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from edgetl.cli.main import app
+from edgetl.export import ExportOptions, export_run
+from edgetl.progress import Reporter
+from edgetl.runtime import Classifier, Prediction
+
+QUIET = Reporter(quiet=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("rt")
+    export_run(tiny_run, ExportOptions(format="onnx", out=str(out), embed_preprocess=True), QUIET)
+    return out
+
+
+def test_runtime_does_not_import_torch() -> None:
+    code = "import sys, edgetl.runtime; bad = {'torch', 'torchvision', 'timm'} & set(sys.modules); print(bad); sys.exit(bool(bad))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_inputs_of_every_kind(tiny_models: Path, tiny_run: Path) -> None:
+    clf = Classifier(tiny_models / "model.onnx")
+    path = next((Path(json.loads((tiny_run / "manifest.json").read_text())["dataset"]["root"]) / "red").iterdir())
+    img = Image.open(path)
+    arr = np.asarray(img.convert("RGB"))
+    by_path, by_pil, by_array = clf.predict(path), clf.predict(img), clf.predict(arr)
+    assert isinstance(by_path, Prediction) and by_path.label in clf.labels
+    assert by_path.top_k == by_pil.top_k == by_array.top_k
+    batch = clf.predict([path, img, arr], top_k=2)
+    assert len(batch) == 3 and all(len(p.top_k) == 2 for p in batch)
+    assert batch[0].top_k[0][1] == pytest.approx(by_path.probability, abs=1e-6)
+    assert sum(p for _, p in clf.predict(path, top_k=10).top_k) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_uint8_model_predicts_the_same(tiny_models: Path) -> None:
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, size=(50, 70, 3), dtype=np.uint8) for _ in range(4)]
+    a = Classifier(tiny_models / "model.onnx").predict(images)
+    b = Classifier(tiny_models / "model.uint8.onnx").predict(images)
+    for pa, pb in zip(a, b, strict=True):  # type: ignore[arg-type]
+        assert pa.label == pb.label and pa.probability == pytest.approx(pb.probability, abs=1e-4)
+
+
+def test_concurrent_calls_give_the_same_answers(tiny_models: Path) -> None:
+    clf = Classifier(tiny_models / "model.onnx", threads=1)
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 255, size=(40, 40, 3), dtype=np.uint8) for _ in range(16)]
+    sequential = [clf.predict(im).top_k for im in images]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(lambda im: clf.predict(im).top_k, images))
+    assert concurrent == sequential
+
+
+def test_model_errors(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        Classifier(tmp_path / "none.onnx")
+    (tmp_path / "bad.onnx").write_text("not a model")
+    with pytest.raises(ValueError, match="not an ONNX model"):
+        Classifier(tmp_path / "bad.onnx")
+
+
+@pytest.mark.slow
+def test_runtime_agrees_with_the_pytorch_eval_pipeline_on_real_photos(real_run: Path, tmp_path: Path) -> None:
+    """The app path (Pillow resize in edgetl.preprocess + onnxruntime) against training's evaluation
+    (torch model on the same decoded images), on the bundled sample's validation photos."""
+    import torch
+
+    from edgetl import checkpoint
+    from edgetl.data import decode_split, load_dataset
+    from edgetl.train import predict_logits
+
+    export_run(real_run, ExportOptions(format="onnx", out=str(tmp_path)), QUIET)
+    model, ckpt = checkpoint.load_model(real_run)
+    t = ckpt["config"]["train"]
+    ds = load_dataset(ckpt["config"]["data"], t["val_fraction"], t["seed"])
+    images, _ = decode_split(ds.val, checkpoint.spec_of(ckpt))
+    torch_top1 = predict_logits(model, images, checkpoint.spec_of(ckpt), torch.device("cpu")).argmax(1)
+    clf = Classifier(tmp_path / "model.onnx")
+    runtime = [clf.labels.index(p.label) for p in clf.predict([ref.path for ref in ds.val.refs])]  # type: ignore[union-attr]
+    agreement = float(np.mean(np.asarray(runtime) == torch_top1))
+    assert len(runtime) == 100 and agreement >= 0.995
+
+
+runner = CliRunner()
+
+
+def test_predict_cli_reports_bad_files_and_goes_on(tiny_models: Path, tiny_run: Path, tmp_path: Path) -> None:
+    good = next((Path(json.loads((tiny_run / "manifest.json").read_text())["dataset"]["root"]) / "blue").iterdir())
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 nope")
+    result = runner.invoke(app, ["predict", str(tiny_models / "model.onnx"), str(good), str(bad), "--json", "--top-k", "2"])
+    assert result.exit_code == 1
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert {Path(r["path"]).name for r in lines} == {good.name, "broken.jpg"}
+    ok = next(r for r in lines if "label" in r)
+    assert len(ok["top_k"]) == 2 and 0 < ok["probability"] <= 1
+    assert "error" in next(r for r in lines if Path(r["path"]).name == "broken.jpg")
+
+
+def test_predict_cli_folder_and_table(tiny_models: Path, tiny_run: Path) -> None:
+    folder = Path(json.loads((tiny_run / "manifest.json").read_text())["dataset"]["root"]) / "green"
+    result = runner.invoke(app, ["predict", str(tiny_models / "model.onnx"), str(folder)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert result.output.count("green_") == 12
+
+
+def test_predict_cli_refuses_a_non_model(tmp_path: Path) -> None:
+    (tmp_path / "m.onnx").write_text("x")
+    result = runner.invoke(app, ["predict", str(tmp_path / "m.onnx"), str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output and "error:" in result.output
