@@ -56,12 +56,14 @@ def main() -> None:
         return
     q = quantize_run(run, QuantizeOptions(), rep)
     meta = read_onnx_metadata(str(run / "model.onnx"))
-    ls, classes, split = pick_split(DATA, "test")
+    ls, classes, _ = pick_split(DATA, "test")
     assert classes == list(__import__("json").loads(meta["labels"]))
     test = prepare(ls, spec_from(meta), f"{DATA} (test)", rep)
     models = {
-        ("onnxruntime", "fp32"): OrtModel(run / "model.onnx"), ("onnxruntime", "int8"): OrtModel(run / "model.int8.onnx"),
-        ("openvino", "fp32"): OpenVinoModel(run / "openvino/model.xml"), ("openvino", "int8"): OpenVinoModel(run / "openvino-int8/model.xml"),
+        ("onnxruntime", "fp32"): OrtModel(run / "model.onnx"),
+        ("onnxruntime", "int8"): OrtModel(run / "model.int8.onnx"),
+        ("openvino", "fp32"): OpenVinoModel(run / "openvino/model.xml"),
+        ("openvino", "int8"): OpenVinoModel(run / "openvino-int8/model.xml"),
     }  # fmt: skip
     test_top1 = {f"{r}/{p}": float((m.predict(test.floats).argmax(1) == test.labels).mean()) for (r, p), m in models.items()}
     table = []
@@ -82,7 +84,8 @@ def main() -> None:
         )
     md = (
         f"# int8: {label} (clothing-small test split, n={len(test.labels)})\n\n"
-        "| runtime | fp32 test top-1 | int8 test top-1 | test drop (pt) | val drop (pt) | fp32 ms | int8 ms | int8/fp32 | size | ops in float |\n"
+        "| runtime | fp32 test top-1 | int8 test top-1 | test drop (pt) | val drop (pt) | fp32 ms | int8 ms | int8/fp32 | size "
+        "| ops in float |\n"
         "|---|---|---|---|---|---|---|---|---|---|\n" + "".join(table)
         + f"\nLatency: batch 1, {q['results']['onnxruntime']['latency']['fp32']['runs']} timed runs per model, fp32 and int8 interleaved "
         f"in 6 rounds, medians. ONNX Runtime types: {q['results']['onnxruntime']['types']['why']}.\n"

@@ -95,8 +95,9 @@ def main() -> None:
     bf16 = False
     for _ in range(args.rounds):
         for config in results:
-            out = subprocess.run([sys.executable, __file__, "--worker", config, "--seconds", str(args.seconds)], capture_output=True,
-                                 text=True, check=True, env={**os.environ, "EDGETL_NO_MALLOC_TUNING": "1" if config == "plain" else ""})  # fmt: skip
+            env = {**os.environ, "EDGETL_NO_MALLOC_TUNING": "1" if config == "plain" else ""}
+            cmd = [sys.executable, __file__, "--worker", config, "--seconds", str(args.seconds)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
             rec = json.loads(out.stdout.strip().splitlines()[-1])
             results[config].append(rec["images_per_second"])
             bf16 = bf16 or rec["bf16"]
