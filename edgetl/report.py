@@ -54,3 +54,117 @@ def print_quantize_report(report: dict[str, Any], console: Console | None = None
             f"{lat['int8']['median_ms']:.2f}", f"{lat['int8_over_fp32']:.2f}x", f"{r['size_ratio']:.0%}", str(len(r["kept_in_float"])),
         )  # fmt: skip
     console.print(table)
+
+
+def bench_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per variant (for CSV and tables)."""
+    rows = []
+    for r in report["results"]:
+        lat, acc, proc = r.get("latency", {}), r.get("accuracy", {}), r.get("process", {})
+        row = {
+            "variant": r["variant"], "target": r["target"], "precision": r["precision"], "input": r["input"],
+            "model": r["model"], "size_mb": round(r["bytes"] / 1e6, 3), "threads": r["threads"],
+            "p50_ms": lat.get("p50_ms"), "p90_ms": lat.get("p90_ms"), "p99_ms": lat.get("p99_ms"), "mean_ms": lat.get("mean_ms"),
+            "std_ms": lat.get("std_ms"), "runs": lat.get("runs"), "ratio_to_fp32": r.get("ratio_to_fp32_same_target"),
+            "top1": acc.get("top1"), "top5": acc.get("top5"), "macro_f1": acc.get("macro_f1"), "agreement": acc.get("top1_agreement"),
+            "load_s": proc.get("load_seconds"), "cold_ms": proc.get("cold_ms"), "peak_rss_mb": proc.get("peak_rss_mb"),
+        }  # fmt: skip
+        for b, ips in r.get("throughput", {}).items():
+            row[f"images_per_s_b{b}"] = ips
+        rows.append(row)
+    return rows
+
+
+def _fmt(v: Any, pattern: str) -> str:
+    return "-" if v is None else pattern.format(v)
+
+
+def bench_markdown(report: dict[str, Any]) -> str:
+    rows = bench_rows(report)
+    batches = sorted({k for r in rows for k in r if k.startswith("images_per_s_b")}, key=lambda k: int(k.split("b")[-1]))
+    head = ["variant", "size MB", "top-1", "agree", "p50 ms", "p90 ms", "p99 ms", "std ms", "x fp32",
+            *[f"img/s b{k.split('b')[-1]}" for k in batches], "load s", "cold ms", "peak MB"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["variant"], _fmt(r["size_mb"], "{:.2f}"), _fmt(r["top1"], "{:.2%}"), _fmt(r["agreement"], "{:.1%}"),
+                 _fmt(r["p50_ms"], "{:.2f}"), _fmt(r["p90_ms"], "{:.2f}"), _fmt(r["p99_ms"], "{:.2f}"), _fmt(r["std_ms"], "{:.2f}"),
+                 _fmt(r["ratio_to_fp32"], "{:.2f}"), *[_fmt(r.get(k), "{:.0f}") for k in batches], _fmt(r["load_s"], "{:.2f}"),
+                 _fmt(r["cold_ms"], "{:.1f}"), _fmt(r["peak_rss_mb"], "{:.0f}")]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    host = report["host"]
+    data = report.get("data")
+    notes = [
+        "", f"Accuracy on {data['n']} images of {data['source']}." if data else "No labelled images: accuracy left out.",
+        f"Latency: batch 1, {report['options']['threads']} threads, warm-up {report['options']['warmup']}, variants interleaved "
+        f"in 5 rounds for >= {report['options']['min_time']:g} s each; 'x fp32' is the ratio of p50 to the fp32 model of the "
+        "same target in the same rounds. Load time (fresh process) includes importing the runtime library.",
+        f"Host: {host['cpu_model']}, {host['cores_available']} cores, flags {' '.join(host['cpu_flags'])} "
+        f"(VNNI: {host['vnni']}, bf16: {host['bf16']}).",
+        "Libraries: " + ", ".join(f"{k} {v}" for k, v in host["libraries"].items()) + ".",
+    ]  # fmt: skip
+    if report["skipped"]:
+        notes.append("Skipped: " + "; ".join(f"{s['target']} ({s['reason']})" for s in report["skipped"]) + ".")
+    return "\n".join(lines + notes) + "\n"
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points not beaten on both lower latency and higher accuracy."""
+    front = []
+    for i, (lat, acc) in enumerate(points):
+        if not any((l2 <= lat and a2 >= acc) and (l2 < lat or a2 > acc) for j, (l2, a2) in enumerate(points) if j != i):
+            front.append(i)
+    return front
+
+
+def plot_bench(report: dict[str, Any], target: Any) -> None:
+    from edgetl.fileio import write_with
+    from edgetl.plots import _pyplot
+
+    rows = [r for r in bench_rows(report) if r["p50_ms"] is not None]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    has_acc = all(r["top1"] is not None for r in rows)
+    pts = [(r["p50_ms"], r["top1"] if has_acc else 0.0) for r in rows]
+    front = set(pareto_front(pts)) if has_acc else set()
+    for i, (r, (x, y)) in enumerate(zip(rows, pts, strict=True)):
+        ax.scatter([x], [y], marker="*" if i in front else "o", s=120 if i in front else 50)
+        ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    if front:
+        fp = sorted(pts[i] for i in front)
+        ax.plot([p[0] for p in fp], [p[1] for p in fp], "--", color="gray", label="Pareto front")
+        ax.legend()
+    ax.set(xlabel="batch-1 latency p50 (ms)", ylabel="top-1" if has_acc else "(no accuracy data)", title="accuracy x latency")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    write_with(target, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)
+
+
+def write_bench_files(report: dict[str, Any], out_dir: Any) -> dict[str, str]:
+    from pathlib import Path
+
+    from edgetl.fileio import write_csv, write_json, write_text
+
+    out = Path(out_dir)
+    paths = {k: str(out / f"bench.{k}") for k in ("json", "csv", "md", "png")}
+    write_json(paths["json"], report)
+    write_csv(paths["csv"], bench_rows(report))
+    write_text(paths["md"], bench_markdown(report))
+    plot_bench(report, paths["png"])
+    return paths
+
+
+def print_bench_table(report: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title="edgetl bench", show_edge=False)
+    for col in ("variant", "MB", "top-1", "agree", "p50 ms", "p99 ms", "x fp32", "img/s (largest batch)", "peak MB"):
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for r in bench_rows(report):
+        tp = [k for k in r if k.startswith("images_per_s_b")]
+        best = r[tp[-1]] if tp else None
+        table.add_row(r["variant"], _fmt(r["size_mb"], "{:.1f}"), _fmt(r["top1"], "{:.1%}"), _fmt(r["agreement"], "{:.1%}"),
+                      _fmt(r["p50_ms"], "{:.2f}"), _fmt(r["p99_ms"], "{:.2f}"), _fmt(r["ratio_to_fp32"], "{:.2f}"),
+                      _fmt(best, "{:.0f}"), _fmt(r["peak_rss_mb"], "{:.0f}"))  # fmt: skip
+    console.print(table)
+    for s in report["skipped"]:
+        console.print(f"skipped {s['target']}: {s['reason']}")

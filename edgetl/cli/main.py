@@ -307,6 +307,50 @@ def predict(
         raise typer.Exit(1)
 
 
+def _floats(text: str | None, n: int, name: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise EdgetlError(f"{name} takes {n} comma-separated numbers, got {text!r}") from None
+    if len(values) != n:
+        raise EdgetlError(f"{name} takes {n} comma-separated numbers, got {text!r}")
+    return values
+
+
+@app.command()
+@user_errors
+def bench(
+    paths: Annotated[list[Path], typer.Argument(help="Run folders (all their models) and/or model files")],
+    data: Annotated[Path | None, typer.Option(help="Labelled images for accuracy (default: the run's validation split)")] = None,
+    targets: Annotated[str | None, typer.Option(help="Comma-separated targets (default: every available one)")] = None,
+    batch: Annotated[str, typer.Option("--batch", help="Batch sizes: latency at 1, throughput at the others")] = "1,8,32",
+    threads: Annotated[int | None, typer.Option(help="Threads per runtime (default: physical cores)")] = None,
+    warmup: Annotated[int, typer.Option(help="Warm-up runs before timing")] = 10,
+    min_time: Annotated[float, typer.Option(help="Seconds of timed batch-1 runs per variant")] = 10.0,
+    out: Annotated[Path | None, typer.Option(help="Folder for bench.json/csv/md/png (default: the run folder)")] = None,
+    input_size: Annotated[int | None, typer.Option(help="For models without edgetl metadata")] = None,
+    mean: Annotated[str | None, typer.Option(help="For models without edgetl metadata: r,g,b")] = None,
+    std: Annotated[str | None, typer.Option(help="For models without edgetl metadata: r,g,b")] = None,
+) -> None:
+    """One table of accuracy x latency x size for every model, precision and target."""
+    from edgetl.bench.runner import BenchOptions
+    from edgetl.bench.runner import bench as run_bench
+    from edgetl.report import print_bench_table
+
+    batches = _floats(batch, len(batch.split(",")), "--batch")
+    assert batches is not None
+    if any(b < 1 or b != int(b) for b in batches):
+        raise EdgetlError(f"--batch takes positive whole numbers, got {batch!r}")
+    opts = BenchOptions(
+        data=str(data) if data else None, targets=tuple(t.strip() for t in targets.split(",")) if targets else None,
+        batches=tuple(int(b) for b in batches), threads=threads, warmup=warmup, min_time=min_time, out=str(out) if out else None,
+        input_size=input_size, mean=_floats(mean, 3, "--mean"), std=_floats(std, 3, "--std"),  # type: ignore[arg-type]
+    )  # fmt: skip
+    print_bench_table(run_bench(paths, opts))
+
+
 def run() -> None:
     from edgetl.malloc_tuning import tune_malloc
 

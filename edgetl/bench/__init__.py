@@ -1,0 +1,1 @@
+"""edgetl bench: targets (bench/targets/), the timing loop, and the runner."""

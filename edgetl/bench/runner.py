@@ -1,0 +1,314 @@
+"""`edgetl bench`: every model x precision x target, on real images, in one comparable table."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetl import metadata
+from edgetl.bench.base import TARGETS, Variant
+from edgetl.bench.timing import interleaved_latency, latency_stats, throughput
+from edgetl.errors import EdgetlError
+from edgetl.metrics import classification_metrics
+from edgetl.preprocess import PreprocessSpec
+from edgetl.progress import Reporter
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    data: str | None = None
+    targets: tuple[str, ...] | None = None  # None: every available target
+    batches: tuple[int, ...] = (1, 8, 32)
+    threads: int | None = None
+    warmup: int = 10
+    min_time: float = 10.0
+    out: str | None = None
+    max_images: int = 1000
+    input_size: int | None = None  # for models without edgetl metadata
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    memory: bool = True  # measure load/cold/peak RSS in a child process per variant
+
+
+@dataclass
+class ModelFile:
+    path: Path
+    kind: str  # checkpoint | onnx | openvino
+    precision: str
+    input_dtype: str
+    spec: PreprocessSpec
+    labels: list[str] | None
+    run_dir: Path | None
+
+    @property
+    def bytes(self) -> int:
+        return self.path.stat().st_size + (self.path.with_suffix(".bin").stat().st_size if self.kind == "openvino" else 0)
+
+
+def physical_cores() -> int:
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except ImportError:
+        n = None
+    avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n or avail, avail))
+
+
+# ----------------------------------------------------------------------------- finding models
+
+
+def _onnx_meta(path: Path) -> dict[str, str]:
+    return metadata.read_onnx_metadata(str(path))
+
+
+def _ov_meta(path: Path) -> dict[str, str]:
+    from edgetl.export import read_openvino_metadata
+
+    return read_openvino_metadata(path)
+
+
+def describe_model(path: Path, opts: BenchOptions, run_dir: Path | None = None) -> ModelFile:
+    if not path.is_file():
+        raise EdgetlError(f"not a file: {path}")
+    if path.suffix == ".pt":
+        from edgetl import checkpoint
+
+        ckpt = checkpoint.read(path)
+        return ModelFile(path, "checkpoint", "fp32", "float32", checkpoint.spec_of(ckpt), list(ckpt["config"]["labels"]), run_dir)
+    if path.suffix == ".onnx":
+        meta, kind = _onnx_meta(path), "onnx"
+    elif path.suffix == ".xml":
+        try:
+            meta, kind = _ov_meta(path), "openvino"
+        except Exception:
+            raise EdgetlError(f"{path} is not an OpenVINO model") from None
+    else:
+        raise EdgetlError(f"{path} is not a model edgetl can benchmark (.pt checkpoint, .onnx, or OpenVINO .xml)")
+    if "labels" in meta:
+        spec, labels = metadata.spec_from(meta), metadata.labels_from(meta)
+    elif opts.input_size and opts.mean and opts.std:
+        size = opts.input_size
+        spec, labels = PreprocessSpec(size, int(size / 0.875), "bilinear", opts.mean, opts.std), None
+    else:
+        raise EdgetlError(f"{path} has no edgetl metadata: pass --input-size, --mean and --std to benchmark it")
+    quant = json.loads(meta["quantization"]) if "quantization" in meta else None
+    precision = "int8" if quant else ("fp16" if "fp16" in path.parent.name else "fp32")
+    return ModelFile(path, kind, precision, meta.get("dtype", "float32"), spec, labels, run_dir)
+
+
+def discover(paths: list[Path], opts: BenchOptions) -> list[ModelFile]:
+    files: list[ModelFile] = []
+    for p in paths:
+        if p.is_dir():
+            candidates = [p / "checkpoint.pt", p / "model.onnx", p / "model.uint8.onnx", p / "model.int8.onnx",
+                          p / "openvino" / "model.xml", p / "openvino-fp16" / "model.xml", p / "openvino-int8" / "model.xml"]  # fmt: skip
+            found = [describe_model(c, opts, p) for c in candidates if c.is_file()]
+            if not found:
+                raise EdgetlError(f"{p} holds no checkpoint or exported model: is it an edgetl run folder?")
+            files += found
+        elif p.exists():
+            files.append(describe_model(p, opts))
+        else:
+            raise EdgetlError(f"path does not exist: {p}")
+    specs = {f.spec for f in files}
+    if len(specs) > 1:
+        raise EdgetlError("the models given use different preprocessing: benchmark them separately")
+    return files
+
+
+def plan(files: list[ModelFile], opts: BenchOptions) -> tuple[list[tuple[Variant, ModelFile]], list[dict[str, str]]]:
+    from edgetl.bench import targets as _  # noqa: F401 - registers the built-in targets
+
+    if opts.targets:
+        unknown = [t for t in opts.targets if t not in TARGETS]
+        if unknown:
+            raise EdgetlError(f"unknown target {unknown[0]!r}; targets: {', '.join(TARGETS)}")
+    names = opts.targets or tuple(t for t in TARGETS if t != "torch-cpu-compile")
+    variants, skipped = [], []
+    for name in names:
+        target = TARGETS[name]
+        ok, why = target.available()
+        if not ok:
+            skipped.append({"target": name, "reason": why})
+            continue
+        for f in files:
+            if f.kind in target.kinds:
+                for precision in target.precisions(f.precision):
+                    note = "uint8 input" if f.input_dtype == "uint8" else ("fp16 weights" if f.precision == "fp16" else "")
+                    variants.append((Variant(name, f.path, f.kind, precision, f.input_dtype, note), f))
+    if not variants:
+        raise EdgetlError("nothing to benchmark: no available target runs these models" +
+                          (f" (skipped: {'; '.join(s['target'] + ': ' + s['reason'] for s in skipped)})" if skipped else ""))  # fmt: skip
+    return variants, skipped
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_data(files: list[ModelFile], opts: BenchOptions, reporter: Reporter) -> Any:
+    from edgetl.evaluate import pick_split
+    from edgetl.parity import ParityData, prepare
+
+    spec, labels = files[0].spec, next((f.labels for f in files if f.labels), None)
+    if opts.data:
+        ls, classes, split = pick_split(opts.data, None)
+        source = f"{opts.data} ({split})"
+    else:
+        run_dir = next((f.run_dir for f in files if f.run_dir), None)
+        if run_dir is None or not (run_dir / "manifest.json").exists():
+            return None
+        info = json.loads((run_dir / "manifest.json").read_text())
+        from edgetl.data import load_dataset
+
+        c = info["config"]
+        if not Path(info["dataset"]["root"]).exists():
+            return None
+        ds = load_dataset(info["dataset"]["root"], c["val_fraction"], c["seed"], c["limit_train"], c["limit_val"])
+        ls, classes, source = ds.val, ds.classes, f"{info['dataset']['root']} (validation split)"
+    if labels is not None:
+        missing = sorted(set(classes) - set(labels))
+        if missing:
+            raise EdgetlError(f"{source} has classes the model does not know: {', '.join(missing)}")
+        remap = np.asarray([labels.index(c) for c in classes])
+        from edgetl.data import LabelledSet
+
+        ls = LabelledSet(ls.refs, remap[ls.labels])
+    if len(ls) > opts.max_images:
+        from edgetl.data import stratified_sample
+
+        ls = ls.subset(stratified_sample(ls.labels, opts.max_images, np.random.default_rng(0)))
+    data: ParityData = prepare(ls, spec, source, reporter)
+    return data, labels or [str(i) for i in range(int(ls.labels.max()) + 1)]
+
+
+def _predict(run: Any, x: np.ndarray, fixed: int | None = None, batch: int = 32) -> np.ndarray:
+    step = fixed or batch
+    out = []
+    for i in range(0, len(x), step):
+        chunk = x[i : i + step]
+        n = len(chunk)
+        if fixed and n < fixed:
+            chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), chunk.dtype)])
+        out.append(run(chunk)[:n])
+    return np.concatenate(out)
+
+
+def _child_measure(v: Variant, shape: tuple[int, ...], threads: int) -> dict[str, Any]:
+    spec = {"target": v.target, "model": str(v.model), "kind": v.kind, "precision": v.precision, "input_dtype": v.input_dtype,
+            "shape": list(shape), "threads": threads}  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "edgetl.bench.child", json.dumps(spec)], capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _on_fixed_input(run: Any, x: np.ndarray, _ignored: np.ndarray) -> np.ndarray:
+    return run(x)
+
+
+def _fixed_batch(v: Variant) -> int | None:
+    if v.kind != "onnx":
+        return None
+    import onnx
+
+    dim = onnx.load(str(v.model), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[0]
+    return dim.dim_value or None
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def bench(paths: list[str | os.PathLike[str]], opts: BenchOptions, reporter: Reporter | None = None) -> dict[str, Any]:
+    from edgetl.hostinfo import host_record
+    from edgetl.malloc_tuning import tune_malloc
+
+    tune_malloc()
+    reporter = reporter or Reporter()
+    files = discover([Path(p) for p in paths], opts)
+    variants, skipped = plan(files, opts)
+    threads = opts.threads or physical_cores()
+    loaded = load_data(files, opts, reporter)
+    if loaded is None:
+        reporter.log("[yellow]note:[/] no labelled images (the run's data is not here and no --data): accuracy is left out")
+    spec = files[0].spec
+    c = spec.input_size
+    results: list[dict[str, Any]] = []
+    runners: dict[str, Any] = {}
+    for v, f in variants:
+        reporter.log(f"loading {v.name}: {v.model}")
+        try:
+            runners[v.name] = (TARGETS[v.target].load(v, threads), v, f)
+        except Exception as exc:  # a target that fails on this model is reported, not fatal
+            skipped.append({"target": v.name, "reason": f"failed to load {v.model.name}: {type(exc).__name__}: {str(exc)[:160]}"})
+    if not runners:
+        raise EdgetlError("every variant failed to load: " + "; ".join(s["reason"] for s in skipped))
+
+    # Accuracy on real images, and agreement with the fp32 PyTorch model (or the fp32 ONNX model).
+    preds: dict[str, np.ndarray] = {}
+    if loaded is not None:
+        data, labels = loaded
+        for name, (run, v, _) in runners.items():
+            x = data.pixels if v.input_dtype == "uint8" else data.floats
+            preds[name] = _predict(run, x, _fixed_batch(v))
+        ref_name = next((n for n in preds if n.startswith("torch-cpu/fp32")), next((n for n in preds if n == "ort-cpu/fp32"), None))
+
+    # Latency at batch 1, interleaved across all variants.
+    x1 = {"float32": np.zeros((1, 3, c, c), np.float32), "uint8": np.zeros((1, c, c, 3), np.uint8)}
+    if loaded is not None:
+        x1 = {"float32": data.floats[:1], "uint8": data.pixels[:1]}
+    reporter.log(f"timing batch 1: {len(runners)} variants, interleaved, >= {opts.min_time:g} s each, {threads} threads")
+    # Each variant gets its own input type (float or uint8 pixels) of the same image.
+    singles = {
+        n: functools.partial(_on_fixed_input, r, x1[v.input_dtype]) for n, (r, v, _) in runners.items() if _fixed_batch(v) in (None, 1)
+    }
+    samples = interleaved_latency(singles, x1["float32"], opts.min_time, opts.warmup)
+
+    for name, (run, v, f) in runners.items():
+        row: dict[str, Any] = {"variant": name, "target": v.target, "precision": v.precision, "model": str(v.model),
+                               "input": v.input_dtype, "bytes": f.bytes, "threads": threads}  # fmt: skip
+        if name in samples:
+            row["latency"] = latency_stats(samples[name])
+        fixed = _fixed_batch(v)
+        row["throughput"] = {}
+        for b in opts.batches:
+            if b > 1 and fixed in (None, b):
+                rng = np.random.default_rng(0)
+                xb = (rng.integers(0, 255, (b, c, c, 3), dtype=np.uint8) if v.input_dtype == "uint8"
+                      else rng.normal(size=(b, 3, c, c)).astype(np.float32))  # fmt: skip
+                row["throughput"][str(b)] = throughput(run, xb, max(0.5, opts.min_time / 5))
+        if loaded is not None:
+            m = classification_metrics(preds[name], data.labels, labels)
+            row["accuracy"] = {"n": m["n"], "top1": m["top1"], "top5": m["top5"], "macro_f1": m["macro_f1"]}
+            if ref_name:
+                row["accuracy"]["agreement_with"] = ref_name
+                row["accuracy"]["top1_agreement"] = float((preds[name].argmax(1) == preds[ref_name].argmax(1)).mean())
+        if opts.memory:
+            reporter.log(f"load, cold start and memory of {name} in a fresh process")
+            row["process"] = _child_measure(v, (1, c, c, 3) if v.input_dtype == "uint8" else (1, 3, c, c), threads)
+        results.append(row)
+
+    # Speed relative to the fp32 model of the same target, from the same interleaved rounds.
+    for row in results:
+        ref = next((r for r in results if r["target"] == row["target"] and r["precision"] == "fp32" and r["input"] == "float32"
+                    and "latency" in r), None)  # fmt: skip
+        if ref and "latency" in row:
+            row["ratio_to_fp32_same_target"] = row["latency"]["p50_ms"] / ref["latency"]["p50_ms"]
+    report = {
+        "models": [str(f.path) for f in files], "data": data.describe() if loaded is not None else None,
+        "options": {**asdict(opts), "threads": threads}, "skipped": skipped, "results": results, "host": host_record(),
+    }  # fmt: skip
+    out_dir = Path(opts.out) if opts.out else next((f.run_dir for f in files if f.run_dir), Path("."))
+    from edgetl.report import write_bench_files
+
+    report["files"] = write_bench_files(report, out_dir)
+    return report

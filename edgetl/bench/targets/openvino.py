@@ -1,0 +1,53 @@
+"""OpenVINO targets: CPU (fp32, and bf16 as a precision of its own where the CPU has it) and GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+
+from edgetl.bench.base import Runner, Target, Variant, register
+from edgetl.hostinfo import has_bf16
+
+
+def _available(device: str):
+    def check() -> tuple[bool, str]:
+        if not importlib.util.find_spec("openvino"):
+            return False, "openvino is not installed"
+        import openvino as ov
+
+        if device not in ov.Core().available_devices:
+            return False, f"OpenVINO sees no {device} device"
+        return True, ""
+
+    return check
+
+
+def _cpu_precisions(stored: str) -> list[str]:
+    # An fp32 IR can also run with bf16 inference precision; OpenVINO picks bf16 by default where the
+    # CPU has it, so edgetl always names the precision and measures each separately.
+    return ["fp32", "bf16"] if stored == "fp32" and has_bf16() else [stored]
+
+
+def _load(device: str):
+    def load(v: Variant, threads: int) -> Runner:
+        import openvino as ov
+
+        core = ov.Core()
+        hint = {"bf16": "bf16", "fp16": "f16"}.get(v.precision, "f32") if v.precision != "int8" else "f32"
+        config: dict[str, object] = {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"}
+        if device == "CPU":
+            config["INFERENCE_NUM_THREADS"] = threads
+        compiled = core.compile_model(core.read_model(str(v.model)), device, config)
+        request = compiled.create_infer_request()
+
+        def run(x: np.ndarray) -> np.ndarray:
+            return np.array(request.infer({0: x})[0], copy=True)
+
+        return run
+
+    return load
+
+
+register(Target("openvino-cpu", ("openvino",), _available("CPU"), _cpu_precisions, _load("CPU"), "OpenVINO CPU plugin"))
+register(Target("openvino-gpu", ("openvino",), _available("GPU"), lambda p: [p], _load("GPU"), "OpenVINO GPU plugin"))

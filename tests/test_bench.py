@@ -1,0 +1,107 @@
+"""edgetl bench on the tiny model over the CPU targets: files, sane numbers, skipped targets, errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgetl.bench.runner import BenchOptions, bench
+from edgetl.cli.main import app
+from edgetl.errors import EdgetlError
+from edgetl.export import ExportOptions, export_run
+from edgetl.progress import Reporter
+from edgetl.report import pareto_front
+
+QUIET = Reporter(quiet=True)
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("bench") / "run"
+    shutil.copytree(tiny_run, run)
+    export_run(run, ExportOptions(embed_preprocess=True), QUIET)
+    return run
+
+
+@pytest.fixture(scope="module")
+def report(bench_run: Path) -> dict:
+    return bench([bench_run], BenchOptions(targets=("torch-cpu", "ort-cpu", "openvino-cpu", "ort-cuda"), batches=(1, 4), min_time=0.3,
+                                           warmup=2), QUIET)  # fmt: skip
+
+
+def test_all_four_files_are_written(report: dict, bench_run: Path) -> None:
+    for ext in ("json", "csv", "md", "png"):
+        assert (bench_run / f"bench.{ext}").stat().st_size > 0
+    saved = json.loads((bench_run / "bench.json").read_text())
+    assert len(saved["results"]) == len(report["results"]) and saved["host"]["cpu_model"]
+    rows = list(csv.DictReader((bench_run / "bench.csv").open()))
+    assert {r["variant"] for r in rows} == {r["variant"] for r in report["results"]}
+    assert "| variant |" in (bench_run / "bench.md").read_text()
+
+
+def test_every_model_of_the_run_on_every_cpu_target(report: dict) -> None:
+    names = {r["variant"] for r in report["results"]}
+    assert {"torch-cpu/fp32", "ort-cpu/fp32", "ort-cpu/fp32 (uint8 input)", "openvino-cpu/fp32"} <= names
+
+
+def test_numbers_are_sane(report: dict) -> None:
+    for r in report["results"]:
+        lat = r["latency"]
+        assert 0 < lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"] and lat["runs"] >= 3
+        acc = r["accuracy"]
+        assert 0 <= acc["top1"] <= acc["top5"] <= 1 and 0 <= acc["macro_f1"] <= 1
+        assert acc["agreement_with"] == "torch-cpu/fp32" and 0.99 <= acc["top1_agreement"] <= 1.0  # fp32 exports agree
+        assert r["throughput"]["4"] > 0 and r["bytes"] > 0
+        assert r["process"]["load_seconds"] > 0 and r["process"]["peak_rss_mb"] > 10
+    ort = next(r for r in report["results"] if r["variant"] == "ort-cpu/fp32")
+    assert ort["ratio_to_fp32_same_target"] == pytest.approx(1.0)
+
+
+def test_unavailable_targets_are_listed_as_skipped(report: dict) -> None:
+    skipped = {s["target"]: s["reason"] for s in report["skipped"]}
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert "ort-cuda" in skipped and "CUDA" in skipped["ort-cuda"]
+
+
+def test_pareto_front() -> None:
+    pts = [(10.0, 0.9), (5.0, 0.85), (12.0, 0.88), (5.0, 0.80), (2.0, 0.5)]
+    assert sorted(pareto_front(pts)) == [0, 1, 4]
+
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["bench", "README.md"], "not a model"),
+        (["bench", "/nope/model.onnx"], "does not exist"),
+        (["bench", "--targets", "tpu-9000", "{run}"], "unknown target"),
+        (["bench", "--batch", "1,x", "{run}"], "--batch"),
+    ],
+)
+def test_bench_errors(args: list[str], fragment: str, bench_run: Path) -> None:
+    args = [a.replace("{run}", str(bench_run)) for a in args]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert fragment in result.output and "Traceback" not in result.output
+
+
+def test_model_without_metadata_needs_the_preprocessing(bench_run: Path, tmp_path: Path) -> None:
+    import onnx
+
+    proto = onnx.load(str(bench_run / "model.onnx"))
+    del proto.metadata_props[:]
+    onnx.save(proto, str(tmp_path / "plain.onnx"))
+    with pytest.raises(EdgetlError, match="--input-size"):
+        bench([tmp_path / "plain.onnx"], BenchOptions(targets=("ort-cpu",)), QUIET)
+    rep = bench([tmp_path / "plain.onnx"], BenchOptions(targets=("ort-cpu",), input_size=64, mean=(0.5,) * 3, std=(0.5,) * 3,
+                                                        min_time=0.2, batches=(1,), memory=False, out=str(tmp_path)), QUIET)  # fmt: skip
+    assert rep["results"][0]["latency"]["p50_ms"] > 0 and "accuracy" not in rep["results"][0]
