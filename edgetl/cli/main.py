@@ -168,10 +168,17 @@ def backbones() -> None:
 @user_errors
 def demo(
     out: Annotated[str | None, typer.Option(help="Run folder (default: models/demo-...)")] = None,
-    epochs_finetune: Annotated[int, typer.Option(help="Stage 2 epochs")] = 4,
+    epochs_finetune: Annotated[int, typer.Option(help="Stage 2 epochs")] = 3,
+    min_time: Annotated[float, typer.Option(help="Seconds of timed runs per variant in the bench table")] = 2.0,
 ) -> None:
-    """Train the default backbone on the bundled clothing sample and print the result."""
+    """Train the default backbone on the bundled clothing sample, export it (ONNX, OpenVINO, int8)
+    and print the accuracy x latency x size table."""
+    from edgetl.bench.runner import BenchOptions
+    from edgetl.bench.runner import bench as run_bench
     from edgetl.config import TrainConfig
+    from edgetl.export import ExportOptions, export_run
+    from edgetl.quantize import QuantizeOptions, quantize_run
+    from edgetl.report import print_bench_table, print_export_report, print_quantize_report
     from edgetl.sample import sample_path
     from edgetl.train import train as train_run
 
@@ -179,6 +186,10 @@ def demo(
     cfg = TrainConfig(epochs_finetune=epochs_finetune, patience=0)
     result = train_run(data, cfg, out=out, name="demo-clothing-efficientnet_lite0")
     _print_metrics(f"demo: validation split of the bundled sample, {result.run_dir}", result.metrics["best"])
+    print_export_report(export_run(result.run_dir, ExportOptions(embed_preprocess=True)))
+    # The sample's validation split is small (100 images): the budget is 2 points, i.e. 2 images.
+    print_quantize_report(quantize_run(result.run_dir, QuantizeOptions(max_drop=2.0, latency_runs=100)))
+    print_bench_table(run_bench([result.run_dir], BenchOptions(min_time=min_time, batches=(1, 8))))
 
 
 @app.command()

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Every benchmark, in the order they depend on each other. Each writes benchmarks/results/<name>.{json,md}.
+# A full pass takes about 1.5 hours on a 2-core CPU. Runs land under $RUNS (default /tmp/edgetl-bench-runs).
+set -euo pipefail
+cd "$(dirname "$0")"
+RUNS=${RUNS:-/tmp/edgetl-bench-runs}
+CLOTHING=../../shared/datasets/clothing-small
+mkdir -p "$RUNS"
+
+[ -d "$RUNS/lite0" ] || python train_accuracy.py clothing --out "$RUNS/lite0"
+[ -d "$RUNS/fmnist" ] || python train_accuracy.py fashion-mnist --out "$RUNS/fmnist"
+python export_int8.py "$RUNS/lite0" --label efficientnet_lite0
+edgetl bench "$RUNS/lite0" --data "$CLOTHING" --out results/bench_efficientnet_lite0_clothing \
+  --targets torch-cpu,torch-cpu-compile,ort-cpu,openvino-cpu,torch-cuda,ort-cuda,openvino-gpu
+python feature_cache.py
+python train_throughput.py
+[ -d "$RUNS/lite2" ] || edgetl train "$CLOTHING" --backbone efficientnet_lite2 --epochs-finetune 2 --out "$RUNS/lite2"
+python export_int8.py "$RUNS/lite2" --label efficientnet_lite2
