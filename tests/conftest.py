@@ -103,3 +103,14 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data = make_folder(root / "data", per_class=12)
     cfg = TrainConfig(backbone="tiny", pretrained=False, epochs_head=5, epochs_finetune=1, lr_head=1e-2, patience=0)
     return train(data, cfg, out=str(root / "run"), reporter=Reporter(quiet=True)).run_dir
+
+
+@pytest.fixture(scope="session")
+def real_export(real_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """real_run exported once to ONNX (plain and uint8-input) for the runtime and app tests."""
+    from edgetl.export import ExportOptions, export_run
+    from edgetl.progress import Reporter
+
+    out = tmp_path_factory.mktemp("real_export")
+    export_run(real_run, ExportOptions(format="onnx", out=str(out), embed_preprocess=True), Reporter(quiet=True))
+    return out

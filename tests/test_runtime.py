@@ -93,7 +93,7 @@ def test_model_errors(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_runtime_agrees_with_the_pytorch_eval_pipeline_on_real_photos(real_run: Path, tmp_path: Path) -> None:
+def test_runtime_agrees_with_the_pytorch_eval_pipeline_on_real_photos(real_run: Path, real_export: Path) -> None:
     """The app path (Pillow resize in edgetl.preprocess + onnxruntime) against training's evaluation
     (torch model on the same decoded images), on the bundled sample's validation photos."""
     import torch
@@ -102,13 +102,12 @@ def test_runtime_agrees_with_the_pytorch_eval_pipeline_on_real_photos(real_run: 
     from edgetl.data import decode_split, load_dataset
     from edgetl.train import predict_logits
 
-    export_run(real_run, ExportOptions(format="onnx", out=str(tmp_path)), QUIET)
     model, ckpt = checkpoint.load_model(real_run)
     t = ckpt["config"]["train"]
     ds = load_dataset(ckpt["config"]["data"], t["val_fraction"], t["seed"])
     images, _ = decode_split(ds.val, checkpoint.spec_of(ckpt))
     torch_top1 = predict_logits(model, images, checkpoint.spec_of(ckpt), torch.device("cpu")).argmax(1)
-    clf = Classifier(tmp_path / "model.onnx")
+    clf = Classifier(real_export / "model.onnx")
     runtime = [clf.labels.index(p.label) for p in clf.predict([ref.path for ref in ds.val.refs])]  # type: ignore[union-attr]
     agreement = float(np.mean(np.asarray(runtime) == torch_top1))
     assert len(runtime) == 100 and agreement >= 0.995
