@@ -29,15 +29,40 @@ def test_node_app_matches_edgetl_predict(real_export: Path, model_name: str) -> 
     model = real_export / model_name
     clf = Classifier(model)
     images = sorted((sample_path() / "val").rglob("*.jpg"))[::5]  # 20 real photos, every class
+    gaps = []
     for image in images:
         proc = subprocess.run(["node", str(APP / "classify.js"), str(model), str(image), "--json"], capture_output=True, text=True,
                               timeout=120)  # fmt: skip
         assert proc.returncode == 0, proc.stderr
         node = json.loads(proc.stdout)
         py = clf.predict(image)
+        # jpeg-js and Pillow's libjpeg-turbo decode the same file ~1 grey level apart (chroma
+        # upsampling; up to 18 at edges), so on JPEGs the label must match and the probabilities
+        # stay close on average; a low-confidence image can move a few points on its own.
         assert node["label"] == py.label, image
-        # JPEG decoders and 8-bit resampling may differ by a grey level here and there; probabilities stay close.
-        assert node["probability"] == pytest.approx(py.probability, abs=0.02), image
+        gaps.append(abs(node["probability"] - py.probability))
+    assert sum(gaps) / len(gaps) < 0.05, gaps  # measured: 0.023 on the 1-epoch test model
+
+
+@needs_node
+@pytest.mark.slow
+def test_node_preprocessing_matches_on_lossless_images(real_export: Path, tmp_path: Path) -> None:
+    """PNG decodes identically everywhere, so what is left is the resize, crop and normalisation the
+    app ports from edgetl.preprocess: the probabilities must agree closely, after a real downscale."""
+    from PIL import Image
+
+    model = real_export / "model.onnx"
+    clf = Classifier(model)
+    for i, image in enumerate(sorted((sample_path() / "val").rglob("*.jpg"))[::10]):
+        img = Image.open(image).convert("RGB")
+        big = img.resize((img.width * 3 // 2, img.height * 3 // 2), Image.Resampling.LANCZOS)  # forces a 1.5x downscale
+        png = tmp_path / f"{i}.png"
+        big.save(png)
+        cmd = ["node", str(APP / "classify.js"), str(model), str(png), "--json"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        node, py = json.loads(proc.stdout), clf.predict(png)
+        assert node["label"] == py.label and node["probability"] == pytest.approx(py.probability, abs=2e-3), image
 
 
 @needs_node
