@@ -125,6 +125,16 @@ def load_dataset(
     return ds
 
 
+def relabel(ls: LabelledSet, classes: list[str], labels: list[str], source: str) -> LabelledSet:
+    """Re-index a split's labels (positions in `classes`) to a model's `labels`; a folder may hold a
+    subset of the model's classes, but not a class the model does not know."""
+    unknown = sorted(set(classes) - set(labels))
+    if unknown:
+        raise EdgetlError(f"{source} has classes the model was not trained on: {', '.join(unknown)}")
+    remap = np.asarray([labels.index(c) for c in classes], dtype=np.int64)
+    return LabelledSet(ls.refs, remap[ls.labels])
+
+
 def stratified_sample(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """Indices of exactly `n` items (or all, if fewer) keeping each class's share, at least one per
     class where n allows; largest-remainder rounding so the total is exact. Sorted."""

@@ -6,10 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgetl import checkpoint
-from edgetl.data import LabelledSet, decode_split, load_dataset
+from edgetl.data import LabelledSet, decode_split, load_dataset, relabel
 from edgetl.errors import EdgetlError
 from edgetl.metrics import classification_metrics
 from edgetl.progress import Reporter
@@ -44,12 +42,7 @@ def evaluate(
     labels = list(ckpt["config"]["labels"])
     ls, data_classes, split_name = pick_split(data, split, seed=ckpt["config"]["train"]["seed"],
                                               val_fraction=ckpt["config"]["train"]["val_fraction"])  # fmt: skip
-    unknown = sorted(set(data_classes) - set(labels))
-    if unknown:
-        raise EdgetlError(f"{data} has classes the model was not trained on: {', '.join(unknown)}")
-    # Map the data's class indices onto the model's (a folder may hold a subset of the classes).
-    remap = np.asarray([labels.index(c) for c in data_classes], dtype=np.int64)
-    ls = LabelledSet(ls.refs, remap[ls.labels])
+    ls = relabel(ls, data_classes, labels, str(data))
     with reporter.task(f"decoding {split_name}", len(ls)) as advance:
         images, failed = decode_split(ls, spec, progress=advance)
     if failed:

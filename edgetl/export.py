@@ -148,10 +148,17 @@ def set_onnx_metadata(path: Path, meta: dict[str, str]) -> None:
 
 
 def _save_openvino(onnx_path: Path, target_xml: Path, meta: dict[str, str], compress_to_fp16: bool) -> None:
-    """Convert with openvino.convert_model and save the IR pair atomically (a temp folder, renamed)."""
+    """Convert with openvino.convert_model and save the IR with the metadata."""
     import openvino as ov
 
-    model = ov.convert_model(str(onnx_path))
+    save_openvino_model(ov.convert_model(str(onnx_path)), target_xml, meta, compress_to_fp16)
+
+
+def save_openvino_model(model: Any, target_xml: Path, meta: dict[str, str], compress_to_fp16: bool = False) -> None:
+    """Save an OpenVINO model with `meta` in its rt_info, atomically: the IR pair (.xml + .bin) is
+    written to a temporary folder beside the target folder, which then replaces it."""
+    import openvino as ov
+
     for k, v in meta.items():
         model.set_rt_info(v, [metadata.RT_INFO_SECTION, k])
     final_dir = target_xml.parent

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.data import LabelledSet, decode_split, load_dataset
+from edgetl.data import LabelledSet, decode_split, load_dataset, relabel
 from edgetl.errors import EdgetlError
 from edgetl.preprocess import PreprocessSpec, normalize, resize_and_crop
 from edgetl.progress import Reporter
@@ -55,11 +55,7 @@ def load_parity_data(ckpt: dict[str, Any], data: str | None, n: int, seed: int, 
 
         ls, classes, split = pick_split(data, None)
         source = f"{data} ({split} split)"
-    missing = sorted(set(classes) - set(labels))
-    if missing:
-        raise EdgetlError(f"{source} has classes the model does not know: {', '.join(missing)}")
-    remap = np.asarray([labels.index(c) for c in classes], dtype=np.int64)
-    ls = LabelledSet(ls.refs, remap[ls.labels])
+    ls = relabel(ls, classes, labels, source)
     if len(ls) > n:
         idx = np.sort(np.random.default_rng(seed).choice(len(ls), size=n, replace=False))
         ls = ls.subset(idx)

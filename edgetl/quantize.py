@@ -384,25 +384,14 @@ def quantize_run(run: str | os.PathLike[str], opts: QuantizeOptions, reporter: R
     if opts.format in ("openvino", "all"):
         if not xml.exists():
             raise EdgetlError(f"no OpenVINO model in {run_dir}: run `edgetl export {run_dir} --format openvino` first")
-        import openvino as ov
+        from edgetl.export import save_openvino_model
 
         reporter.log("openvino int8 with NNCF post-training quantization")
         res = quantize_openvino(xml, calib, val, opts, reporter)
         qmodel = res.pop("model")
         rec = _record(meta, "openvino-nncf", xml.with_suffix(".bin"), calib_record, opts, res["kept_in_float"], {"mode": res["mode"]})
-        for k, v in {**meta, "quantization": json.dumps(rec)}.items():
-            qmodel.set_rt_info(v, [metadata.RT_INFO_SECTION, k])
-        out_dir = run_dir / "openvino-int8"
-        tmp_dir = Path(tempfile.mkdtemp(prefix=".openvino-int8.", dir=run_dir))
-        try:
-            ov.save_model(qmodel, str(tmp_dir / "model.xml"), compress_to_fp16=False)
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(tmp_dir, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            raise
-        target = out_dir / "model.xml"
+        target = run_dir / "openvino-int8" / "model.xml"
+        save_openvino_model(qmodel, target, {**meta, "quantization": json.dumps(rec)})
         lat = time_pair(lambda: OpenVinoModel(xml), lambda: OpenVinoModel(target), x1, opts.latency_runs)
         report["results"]["openvino"] = {
             **res, "latency": lat, "file": str(target),

@@ -97,7 +97,8 @@ def bench_markdown(report: dict[str, Any]) -> str:
         "", f"Accuracy on {data['n']} images of {data['source']}." if data else "No labelled images: accuracy left out.",
         f"Latency: batch 1, {report['options']['threads']} threads, warm-up {report['options']['warmup']}, variants interleaved "
         f"in 5 rounds for >= {report['options']['min_time']:g} s each; 'x fp32' is the ratio of p50 to the fp32 model of the "
-        "same target in the same rounds. Load time (fresh process) includes importing the runtime library.",
+        "same runtime in the same rounds (eager PyTorch for torch.compile). Load time (fresh process) includes importing the "
+        "runtime library.",
         f"Host: {host['cpu_model']}, {host['cores_available']} cores, flags {' '.join(host['cpu_flags'])} "
         f"(VNNI: {host['vnni']}, bf16: {host['bf16']}).",
         "Libraries: " + ", ".join(f"{k} {v}" for k, v in host["libraries"].items()) + ".",

@@ -162,7 +162,7 @@ def load_data(files: list[ModelFile], opts: BenchOptions, reporter: Reporter) ->
     spec, labels = files[0].spec, next((f.labels for f in files if f.labels), None)
     if opts.data:
         ls, classes, split = pick_split(opts.data, None)
-        source = f"{opts.data} ({split})"
+        source = f"{Path(opts.data).resolve()} ({split})"
     else:
         run_dir = next((f.run_dir for f in files if f.run_dir), None)
         if run_dir is None or not (run_dir / "manifest.json").exists():
@@ -176,13 +176,9 @@ def load_data(files: list[ModelFile], opts: BenchOptions, reporter: Reporter) ->
         ds = load_dataset(info["dataset"]["root"], c["val_fraction"], c["seed"], c["limit_train"], c["limit_val"])
         ls, classes, source = ds.val, ds.classes, f"{info['dataset']['root']} (validation split)"
     if labels is not None:
-        missing = sorted(set(classes) - set(labels))
-        if missing:
-            raise EdgetlError(f"{source} has classes the model does not know: {', '.join(missing)}")
-        remap = np.asarray([labels.index(c) for c in classes])
-        from edgetl.data import LabelledSet
+        from edgetl.data import relabel
 
-        ls = LabelledSet(ls.refs, remap[ls.labels])
+        ls = relabel(ls, classes, labels, source)
     if len(ls) > opts.max_images:
         from edgetl.data import stratified_sample
 
@@ -274,7 +270,7 @@ def bench(paths: list[str | os.PathLike[str]], opts: BenchOptions, reporter: Rep
     samples = interleaved_latency(singles, x1["float32"], opts.min_time, opts.warmup)
 
     for name, (run, v, f) in runners.items():
-        row: dict[str, Any] = {"variant": name, "target": v.target, "precision": v.precision, "model": str(v.model),
+        row: dict[str, Any] = {"variant": name, "target": v.target, "runtime": v.runtime, "precision": v.precision, "model": str(v.model),
                                "input": v.input_dtype, "bytes": f.bytes, "threads": threads}  # fmt: skip
         if name in samples:
             row["latency"] = latency_stats(samples[name])
@@ -297,9 +293,9 @@ def bench(paths: list[str | os.PathLike[str]], opts: BenchOptions, reporter: Rep
             row["process"] = _child_measure(v, (1, c, c, 3) if v.input_dtype == "uint8" else (1, 3, c, c), threads)
         results.append(row)
 
-    # Speed relative to the fp32 model of the same target, from the same interleaved rounds.
+    # Speed relative to the fp32 model of the same runtime (eager for torch.compile), from the same interleaved rounds.
     for row in results:
-        ref = next((r for r in results if r["target"] == row["target"] and r["precision"] == "fp32" and r["input"] == "float32"
+        ref = next((r for r in results if r["target"] == row["runtime"] and r["precision"] == "fp32" and r["input"] == "float32"
                     and "latency" in r), None)  # fmt: skip
         if ref and "latency" in row:
             row["ratio_to_fp32_same_target"] = row["latency"]["p50_ms"] / ref["latency"]["p50_ms"]
