@@ -343,7 +343,7 @@ class Trainer:
             xva_t = torch.from_numpy(np.asarray(xva)).to(self.device)
             steps = math.ceil(len(ytr) / cfg.head_batch_size)
         else:
-            loader = self._train_loader(cfg.head_batch_size)
+            loader = self._train_loader(cfg.head_batch_size, drop_last=False)
             steps = len(loader)
         cache_seconds = time.perf_counter() - t0
         sched = _warmup_cosine(opt, steps * cfg.epochs_head, warmup_steps=steps)  # one epoch of warm-up
@@ -394,10 +394,12 @@ class Trainer:
         }  # fmt: skip
         self.save_last("head", cfg.epochs_head, {})
 
-    def _train_loader(self, batch_size: int) -> DataLoader:
+    def _train_loader(self, batch_size: int, drop_last: bool = True) -> DataLoader:
         ds = AugmentedImages(self.train_images, self.spec, train_transform(self.spec, self.cfg.augment))
+        # Fine-tuning drops a ragged last batch (tiny batches give noisy steps); stage 1 without the
+        # cache keeps it, so it sees exactly the images the cached path does.
         return DataLoader(
-            ds, batch_size=batch_size, shuffle=True, num_workers=self.workers, drop_last=len(ds) > batch_size,
+            ds, batch_size=batch_size, shuffle=True, num_workers=self.workers, drop_last=drop_last and len(ds) > batch_size,
             generator=torch.Generator().manual_seed(self.cfg.seed + len(self.history)),
             persistent_workers=False,
         )  # fmt: skip
