@@ -332,7 +332,8 @@ class Trainer:
     def stage_head(self) -> None:
         cfg, _r = self.cfg, self.r
         freeze_backbone(self.model)
-        assert all(not p.requires_grad for p in self.model.backbone.parameters())
+        # The frozen base runs in eval mode throughout: BatchNorm uses and keeps its ImageNet statistics.
+        self.model.backbone.eval()
         head = self.model.head
         opt = torch.optim.AdamW(param_groups(head, cfg.weight_decay), lr=cfg.lr_head)
         t0 = time.perf_counter()

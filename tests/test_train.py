@@ -167,3 +167,24 @@ def test_bad_options_are_user_errors() -> None:
 def test_idx_training(idx_folder: Path, tmp_path: Path) -> None:
     m = train(idx_folder, tiny_cfg(epochs_finetune=1, input_size=32), out=str(tmp_path / "r"), reporter=QUIET).metrics
     assert m["best"]["n"] == 12
+
+
+def test_uncached_stage1_leaves_batchnorm_statistics_untouched(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the cache the frozen base runs every epoch; it must do so in eval mode."""
+    from torch import nn
+
+    from edgetl import model as model_mod
+
+    built = {}
+    original = model_mod.build_classifier
+
+    def keep(*args: object, **kw: object):
+        built["m"] = original(*args, **kw)  # type: ignore[arg-type]
+        built["stats"] = {k: v.clone() for k, v in built["m"].backbone.state_dict().items() if "running" in k}
+        return built["m"]
+
+    monkeypatch.setattr("edgetl.train.build_classifier", keep)
+    train(image_folder, tiny_cfg(epochs_finetune=0, cache_features=False, epochs_head=2), out=str(tmp_path / "r"), reporter=QUIET)
+    after = {k: v for k, v in built["m"].backbone.state_dict().items() if "running" in k}
+    assert after and all(torch.equal(after[k], built["stats"][k]) for k in after)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in built["m"].backbone.modules())
