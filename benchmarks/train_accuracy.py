@@ -25,11 +25,15 @@ from edgetl.train import TrainResult, train
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {
     "clothing": (ROOT.parent / "shared/datasets/clothing-small", TrainConfig(), 0.92),
-    # 28x28 digits-sized photos: 128 px input is plenty and a third of 224's cost; a seeded stratified
-    # 10k-image training subset and 2k validation images keep a CPU run under half an hour.
+    # 28x28 centred product shots. 96 px input is plenty (a fifth of 224's cost); crops keep >= 80% of the
+    # frame because the garment fills it; the whole base is fine-tuned at 3e-4 because grey 28 px thumbnails
+    # are far from ImageNet. A seeded stratified 24k training subset and 2k validation images fit a CPU hour.
     "fashion-mnist": (
         Path("/usr/share/datasets/fashion-mnist"),
-        TrainConfig(input_size=128, limit_train=10000, limit_val=2000, unfreeze="all", epochs_finetune=4, patience=2),
+        TrainConfig(
+            input_size=96, limit_train=24000, limit_val=2000, unfreeze="all", epochs_finetune=3, patience=2,
+            crop_scale=0.8, lr_finetune=3e-4, warmup_epochs=0.3,
+        ),
         0.93,
     ),
 }

@@ -15,12 +15,16 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from edgetl.errors import EdgetlError
 from edgetl.preprocess import IMAGE_EXTENSIONS, PreprocessSpec, decode_image, resize_shorter
+
+if TYPE_CHECKING:
+    from edgetl.progress import Reporter
 
 VAL_DIR_NAMES = ("val", "valid", "validation")
 FASHION_MNIST_CLASSES = [
@@ -409,6 +413,19 @@ def decode_split(
         DecodedImages(good_refs, np.asarray(good_labels, dtype=np.int64), spec.resize_size, spec.interpolation, images if keep else None),
         failed,
     )
+
+
+def decode_for_scoring(
+    ls: LabelledSet, spec: PreprocessSpec, reporter: Reporter, source: str
+) -> tuple[DecodedImages, list[dict[str, str]]]:
+    """Decode images to score a model on: unreadable ones are left out with a warning, none readable is an error."""
+    with reporter.task(f"decoding {len(ls)} images from {source}", len(ls)) as advance:
+        images, failed = decode_split(ls, spec, progress=advance)
+    if failed:
+        reporter.log(f"[yellow]warning:[/] {len(failed)} unreadable image(s) left out, e.g. {failed[0]['file']} ({failed[0]['reason']})")
+    if len(images) == 0:
+        raise EdgetlError(f"no readable images in {source}")
+    return images, failed
 
 
 def check_after_skips(classes: list[str], split: str, labels: np.ndarray) -> None:

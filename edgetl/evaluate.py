@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl import checkpoint
-from edgetl.data import LabelledSet, decode_split, load_dataset, relabel
+from edgetl.data import LabelledSet, decode_for_scoring, load_dataset, relabel
 from edgetl.errors import EdgetlError
 from edgetl.metrics import classification_metrics
 from edgetl.progress import Reporter
@@ -43,12 +43,7 @@ def evaluate(
     ls, data_classes, split_name = pick_split(data, split, seed=ckpt["config"]["train"]["seed"],
                                               val_fraction=ckpt["config"]["train"]["val_fraction"])  # fmt: skip
     ls = relabel(ls, data_classes, labels, str(data))
-    with reporter.task(f"decoding {split_name}", len(ls)) as advance:
-        images, failed = decode_split(ls, spec, progress=advance)
-    if failed:
-        reporter.log(f"[yellow]warning:[/] skipped {len(failed)} unreadable image(s), e.g. {failed[0]['file']}")
-    if len(images) == 0:
-        raise EdgetlError(f"no readable images in {data} ({split_name})")
+    images, failed = decode_for_scoring(ls, spec, reporter, f"{data} ({split_name})")
     dev = pick_device(device)
     logits = predict_logits(model.to(dev), images, spec, dev, reporter=reporter)
     metrics = classification_metrics(logits, images.labels, labels)

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.data import LabelledSet, decode_split, load_dataset, relabel
+from edgetl.data import LabelledSet, decode_for_scoring, load_dataset, relabel
 from edgetl.errors import EdgetlError
 from edgetl.preprocess import PreprocessSpec, normalize, resize_and_crop
 from edgetl.progress import Reporter
@@ -29,12 +29,7 @@ class ParityData:
 
 
 def prepare(ls: LabelledSet, spec: PreprocessSpec, source: str, reporter: Reporter) -> ParityData:
-    with reporter.task(f"decoding {len(ls)} images", len(ls)) as advance:
-        images, failed = decode_split(ls, spec, progress=advance)
-    if failed:
-        reporter.log(f"[yellow]warning:[/] {len(failed)} unreadable image(s) left out of the check, e.g. {failed[0]['file']}")
-    if len(images) == 0:
-        raise EdgetlError(f"no readable images in {source}")
+    images, _ = decode_for_scoring(ls, spec, reporter, source)
     pixels = np.stack([np.asarray(resize_and_crop(images.get(i), spec)) for i in range(len(images))])
     return ParityData(pixels, normalize(pixels, spec), images.labels, [r.key for r in images.refs], source)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -11,6 +11,19 @@ import numpy as np
 def batches(x: np.ndarray, size: int) -> Iterator[np.ndarray]:
     for i in range(0, len(x), size):
         yield x[i : i + size]
+
+
+def run_in_chunks(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, fixed_batch: int | None, batch: int = 32) -> np.ndarray:
+    """`run` over `x` in chunks. A model exported with a fixed batch gets chunks of exactly that size:
+    the last one is padded with zeros and only its real rows are kept."""
+    step = fixed_batch or batch
+    out = []
+    for chunk in batches(x, step):
+        n = len(chunk)
+        if fixed_batch and n < step:
+            chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), dtype=chunk.dtype)])
+        out.append(run(chunk)[:n])
+    return np.concatenate(out)
 
 
 class OrtModel:
@@ -30,14 +43,7 @@ class OrtModel:
         return self.session.run(None, {self.input_name: x})[0]
 
     def predict(self, x: np.ndarray, batch: int = 32) -> np.ndarray:
-        step = self.fixed_batch or batch
-        out = []
-        for b in batches(x, step):
-            n = len(b)
-            if self.fixed_batch and n < step:  # a fixed-batch model: pad the last chunk, keep the real rows
-                b = np.concatenate([b, np.zeros((step - n, *b.shape[1:]), dtype=b.dtype)])
-            out.append(self(b)[:n])
-        return np.concatenate(out)
+        return run_in_chunks(self, x, self.fixed_batch, batch)
 
 
 class OpenVinoModel:

@@ -23,6 +23,7 @@ from PIL import Image
 
 from edgetl import metadata
 from edgetl.preprocess import decode_image, normalize, resize_and_crop
+from edgetl.runners import run_in_chunks
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]  # noqa: UP007 - a runtime alias
 
@@ -76,15 +77,12 @@ class Classifier:
         return crop if self.pixels_in else normalize(crop, self.spec)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
+        def run(x: np.ndarray) -> np.ndarray:
+            return self.session.run(None, {self.input_name: x})[0]
+
         if not self.fixed_batch:
-            return self.session.run(None, {self.input_name: batch})[0]
-        # A model exported with a fixed batch: run it chunk by chunk, padding the last chunk.
-        out = []
-        for i in range(0, len(batch), self.fixed_batch):
-            chunk = batch[i : i + self.fixed_batch]
-            pad = np.zeros((self.fixed_batch - len(chunk), *chunk.shape[1:]), chunk.dtype)
-            out.append(self.session.run(None, {self.input_name: np.concatenate([chunk, pad])})[0][: len(chunk)])
-        return np.concatenate(out)
+            return run(batch)
+        return run_in_chunks(run, batch, self.fixed_batch)
 
     def predict(self, images: ImageInput | list[ImageInput], top_k: int = 5) -> Prediction | list[Prediction]:
         """Labels with probabilities for one image (a Prediction) or a list (a list, run as one batch)."""

@@ -10,6 +10,7 @@ loss. The best checkpoint (lowest validation loss over both stages) is what the 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -75,7 +76,7 @@ class AugmentedImages(EvalImages):
         return self.transform(self.images.get(i)), int(self.images.labels[i])
 
 
-def train_transform(spec: PreprocessSpec, policy: str) -> Any:
+def train_transform(spec: PreprocessSpec, policy: str, crop_scale: float = 0.35) -> Any:
     """Training augmentation with torchvision.transforms.v2; `none` is the evaluation preprocessing."""
     from torchvision.transforms import InterpolationMode, v2
 
@@ -83,8 +84,8 @@ def train_transform(spec: PreprocessSpec, policy: str) -> Any:
         return lambda img: torch.from_numpy(preprocess(img, spec))
     interp = InterpolationMode(spec.interpolation)
     steps: list[Any] = [
-        # Milder than ImageNet's (0.08, 1): with a few hundred images, crops must still show the object.
-        v2.RandomResizedCrop(spec.input_size, scale=(0.35, 1.0), interpolation=interp, antialias=True),
+        # Milder than ImageNet's (0.08, 1) by default: with a few hundred images, crops must still show the object.
+        v2.RandomResizedCrop(spec.input_size, scale=(crop_scale, 1.0), interpolation=interp, antialias=True),
         v2.RandomHorizontalFlip(),
     ]
     if policy == "light":
@@ -199,7 +200,9 @@ class Trainer:
 
     # -- set-up -------------------------------------------------------------------------------
 
-    def prepare(self) -> None:
+    def prepare(self, weights_source: str | None = None) -> None:
+        """Read and decode the data and build the model. `weights_source` given (a resume): the weights
+        come from a checkpoint right after, so the ImageNet file is neither read nor required."""
         cfg, r = self.cfg, self.r
         get_entry(cfg.backbone)  # unknown names fail before any data is read
         self.dataset = load_dataset(self.data_path, cfg.val_fraction, cfg.seed, cfg.limit_train, cfg.limit_val)
@@ -228,7 +231,9 @@ class Trainer:
         self.train_images, self.val_images = decoded["train"], decoded["val"]
         seed_everything(cfg.seed)
         self.model = build_classifier(cfg.backbone, len(self.classes), cfg.hidden, cfg.dropout)
-        if cfg.pretrained:
+        if weights_source is not None:
+            self.weights_source = weights_source
+        elif cfg.pretrained:
             self.weights_source = load_pretrained(self.model.backbone, cfg.backbone, cfg.weights, r.log)
         else:
             self.weights_source = "none (--no-pretrained: random initialisation)"
@@ -269,10 +274,11 @@ class Trainer:
             "edgetl_version": __version__,
         }
 
-    def save_best(self, stage: str, epoch: int, val_loss: float, val_logits: np.ndarray) -> None:
+    def save_best(self, stage: str, epoch: int, val_loss: float, val_logits: np.ndarray, model: nn.Module | None = None) -> None:
+        """Keep `model` (default: the one being trained; with --ema-decay, its weight average) as the best."""
         self.best_val_loss = val_loss
         self.best = {"stage": stage, "epoch": epoch, "val_loss": val_loss, "val_logits": val_logits}
-        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        state = {k: v.detach().cpu().clone() for k, v in (model or self.model).state_dict().items()}
         checkpoint.save(
             self.run_dir / checkpoint.BEST_NAME,
             {"state_dict": state, "config": self.resolved_config(), "stage": stage, "epoch": epoch, "val_loss": val_loss},
@@ -312,7 +318,7 @@ class Trainer:
             feats = np.empty(shape, dtype=np.float32)
         labels = np.tile(images.labels, views)
         self.model.eval()
-        aug = train_transform(self.spec, self.cfg.augment if self.cfg.augment != "none" else "light")
+        aug = train_transform(self.spec, self.cfg.augment if self.cfg.augment != "none" else "light", self.cfg.crop_scale)
         with self.r.task(f"caching {split} features" + (f" ({views} views)" if views > 1 else ""), n * views) as advance:
             for v in range(views):
                 ds = EvalImages(images, self.spec) if v == 0 else AugmentedImages(images, self.spec, aug)
@@ -396,7 +402,7 @@ class Trainer:
         self.save_last("head", cfg.epochs_head, {})
 
     def _train_loader(self, batch_size: int, drop_last: bool = True) -> DataLoader:
-        ds = AugmentedImages(self.train_images, self.spec, train_transform(self.spec, self.cfg.augment))
+        ds = AugmentedImages(self.train_images, self.spec, train_transform(self.spec, self.cfg.augment, self.cfg.crop_scale))
         # Fine-tuning drops a ragged last batch (tiny batches give noisy steps); stage 1 without the
         # cache keeps it, so it sees exactly the images the cached path does.
         return DataLoader(
@@ -425,10 +431,15 @@ class Trainer:
         steps = len(loader)
         sched = _warmup_cosine(opt, steps * cfg.epochs_finetune, warmup_steps=int(cfg.warmup_epochs * steps))
         start, bad_epochs = 1, 0
+        ema = self._weight_average()
         if resume_state is not None:
             opt.load_state_dict(resume_state["optimizer"])
             sched.load_state_dict(resume_state["scheduler"])
             start, bad_epochs = resume_state["epoch"] + 1, resume_state["bad_epochs"]
+            if ema is not None and resume_state.get("ema_state_dict") is not None:
+                ema.module.load_state_dict(resume_state["ema_state_dict"])
+        # Validation scores (and the best checkpoint keeps) the weight average when there is one.
+        scored = ema.module if ema is not None else self.model
         crit = self.criterion()
         t0, images, train_seconds = time.perf_counter(), 0, 0.0
         for epoch in range(start, cfg.epochs_finetune + 1):
@@ -448,6 +459,8 @@ class Trainer:
                     loss.backward()
                     opt.step()
                     sched.step()
+                    if ema is not None:
+                        ema.update(self.model, step=sched.last_epoch)
                     total += loss.item() * len(y)
                     count += len(y)
                     correct += int((logits.argmax(1) == y).sum())
@@ -457,12 +470,12 @@ class Trainer:
             epoch_train_seconds = time.perf_counter() - t_ep
             train_seconds += epoch_train_seconds
             images += count
-            val_logits = predict_logits(self.model, self.val_images, self.spec, self.device, workers=self.workers,
+            val_logits = predict_logits(scored, self.val_images, self.spec, self.device, workers=self.workers,
                                         channels_last=cfg.channels_last)  # fmt: skip
             val_loss = self.val_loss(val_logits)
             is_best = val_loss < self.best_val_loss
             if is_best:
-                self.save_best("finetune", epoch, val_loss, val_logits)
+                self.save_best("finetune", epoch, val_loss, val_logits, scored)
                 bad_epochs = 0
             else:
                 bad_epochs += 1
@@ -472,7 +485,10 @@ class Trainer:
                 "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t_ep, "best": is_best,
                 "train_images_per_second": count / epoch_train_seconds,
             })  # fmt: skip
-            self.save_last("finetune", epoch, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "bad_epochs": bad_epochs})
+            self.save_last("finetune", epoch, {
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "bad_epochs": bad_epochs,
+                "ema_state_dict": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()} if ema is not None else None,
+            })  # fmt: skip
             if bad_epochs >= cfg.patience > 0:
                 r.log(f"early stop: validation loss has not improved for {bad_epochs} epochs")
         if images:
@@ -480,6 +496,16 @@ class Trainer:
                 "seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
                 "images_per_second": images / train_seconds, "bf16": self.bf16, "channels_last": cfg.channels_last,
             }  # fmt: skip
+
+    def _weight_average(self) -> Any:
+        """timm's EMA of the fine-tuned weights, or None when --ema-decay is 0."""
+        if self.cfg.ema_decay <= 0:
+            return None
+        from timm.utils import ModelEmaV3
+
+        # Decay warm-up (1 - (1 + step)^-3/4, capped at --ema-decay): the average starts as the model and
+        # widens with training, so a few hundred steps are enough; BatchNorm buffers are frozen and copied as is.
+        return ModelEmaV3(self.model, decay=self.cfg.ema_decay, use_warmup=True, warmup_power=3 / 4)
 
     # -- results -----------------------------------------------------------------------------
 
@@ -569,7 +595,7 @@ def resume(run: str | os.PathLike[str], reporter: Reporter | None = None, epochs
     if epochs_finetune is not None:
         cfg = replace(cfg, epochs_finetune=epochs_finetune)
     trainer = Trainer(cfg, last["config"]["data"], Path(run), reporter)
-    trainer.prepare()
+    trainer.prepare(weights_source=_first_weights_source(Path(run)))
     if last["config"]["labels"] != trainer.classes:
         raise EdgetlError(f"the data at {last['config']['data']} no longer has the classes this run was trained on")
     trainer.history = list(last.get("history", []))
@@ -584,10 +610,20 @@ def resume(run: str | os.PathLike[str], reporter: Reporter | None = None, epochs
         trainer.best = {"stage": best["stage"], "epoch": best["epoch"], "val_loss": best["val_loss"], "val_logits": logits}
     if last["stage"] == "finetune":
         reporter.log(f"resuming {run} at fine-tune epoch {last['epoch'] + 1}")
-        state = {"optimizer": last["optimizer"], "scheduler": last["scheduler"], "epoch": last["epoch"], "bad_epochs": last["bad_epochs"]}
+        state = {"optimizer": last["optimizer"], "scheduler": last["scheduler"], "epoch": last["epoch"], "bad_epochs": last["bad_epochs"],
+                 "ema_state_dict": last.get("ema_state_dict")}  # fmt: skip
         return _run_stages(trainer, resume_state=state, skip_head=True)
     reporter.log(f"resuming {run}: stage 1 completed, starting fine-tuning")
     return _run_stages(trainer, resume_state=None, skip_head=True)
+
+
+def _first_weights_source(run: Path) -> str:
+    """Where the interrupted run's ImageNet weights came from, as its manifest recorded it."""
+    try:
+        source = json.loads((run / "manifest.json").read_text()).get("weights_source")
+    except (OSError, ValueError, AttributeError):
+        source = None
+    return source or f"resumed from {checkpoint.LAST_NAME}"
 
 
 def _run_stages(trainer: Trainer, resume_state: dict[str, Any] | None, skip_head: bool = False) -> TrainResult:

@@ -140,3 +140,28 @@ def test_predict_cli_refuses_a_non_model(tmp_path: Path) -> None:
     (tmp_path / "m.onnx").write_text("x")
     result = runner.invoke(app, ["predict", str(tmp_path / "m.onnx"), str(tmp_path)])
     assert result.exit_code == 2 and "Traceback" not in result.output and "error:" in result.output
+
+
+@pytest.mark.parametrize(("n", "fixed", "sizes"), [(10, 4, [4, 4, 4]), (8, 4, [4, 4]), (3, None, [3]), (70, None, [32, 32, 6])])
+def test_run_in_chunks_pads_only_for_fixed_batch_models(n: int, fixed: int | None, sizes: list[int]) -> None:
+    from edgetl.runners import run_in_chunks
+
+    seen: list[int] = []
+
+    def model(x: np.ndarray) -> np.ndarray:  # row-wise, so padding must not leak into real rows
+        seen.append(len(x))
+        return x.sum(axis=1, keepdims=True) * 2
+
+    x = np.arange(n * 3, dtype=np.float32).reshape(n, 3) + 1
+    out = run_in_chunks(model, x, fixed)
+    assert seen == sizes
+    np.testing.assert_array_equal(out, x.sum(axis=1, keepdims=True) * 2)
+
+
+def test_classifier_runs_a_fixed_batch_model_on_any_number_of_images(tiny_run: Path, tmp_path: Path) -> None:
+    export_run(tiny_run, ExportOptions(format="onnx", out=str(tmp_path / "fixed"), batch="4"), QUIET)
+    export_run(tiny_run, ExportOptions(format="onnx", out=str(tmp_path / "dyn")), QUIET)
+    x = np.random.default_rng(0).normal(size=(7, 3, 64, 64)).astype(np.float32)
+    fixed, dyn = Classifier(tmp_path / "fixed" / "model.onnx"), Classifier(tmp_path / "dyn" / "model.onnx")
+    assert fixed.fixed_batch == 4 and dyn.fixed_batch is None
+    np.testing.assert_allclose(fixed.logits(x), dyn.logits(x), atol=1e-5)

@@ -137,6 +137,49 @@ def test_resume_mid_finetune_continues_at_the_next_epoch(image_folder: Path, tmp
     assert [int(r["epoch"]) for r in rows if r["stage"] == "finetune"] == [1, 2, 3]
 
 
+def test_resume_needs_no_imagenet_weights_file(image_folder: Path, tmp_path: Path) -> None:
+    # The checkpoint holds every weight: a --weights file moved or deleted since training must not matter.
+    from edgetl.model import create_feature_extractor
+
+    weights = tmp_path / "imagenet.pt"
+    torch.save(create_feature_extractor("tiny").state_dict(), weights)
+    run = tmp_path / "run"
+    train(image_folder, tiny_cfg(pretrained=True, weights=str(weights), epochs_finetune=1, patience=0), out=str(run), reporter=QUIET)
+    weights.unlink()
+    resume(run, reporter=QUIET, epochs_finetune=2)
+    rows = list(csv.DictReader((run / "history.csv").open()))
+    assert [int(r["epoch"]) for r in rows if r["stage"] == "finetune"] == [1, 2]
+    assert "imagenet.pt" in json.loads((run / "manifest.json").read_text())["weights_source"]
+
+
+def test_weight_average_is_validated_and_kept(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    kept: list[tuple[str, object, object]] = []
+    original = Trainer.save_best
+
+    def spy(self: Trainer, stage: str, epoch: int, val_loss: float, val_logits: object, model: object = None) -> None:
+        kept.append((stage, model, self.model))
+        original(self, stage, epoch, val_loss, val_logits, model)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Trainer, "save_best", spy)
+    run = tmp_path / "run"
+    # val loss goes to 0 so that every fine-tune epoch is a new best
+    monkeypatch.setattr(Trainer, "val_loss", lambda self, logits: -float(len(self.history)))
+    train(image_folder, tiny_cfg(ema_decay=0.99, epochs_finetune=2, patience=0, unfreeze="1"), out=str(run), reporter=QUIET)
+    finetune_kept = [(m, trained) for stage, m, trained in kept if stage == "finetune"]
+    assert len(finetune_kept) == 2
+    assert all(type(m).__name__ == "EdgeClassifier" and m is not trained for m, trained in finetune_kept)
+    last = torch.load(run / "last.pt", weights_only=True)
+    best = torch.load(run / "checkpoint.pt", weights_only=True)
+    avg, raw = last["ema_state_dict"], last["state_dict"]
+    trained = [k for k in raw if k.startswith("head.") and raw[k].is_floating_point()]
+    assert any(not torch.equal(avg[k], raw[k]) for k in trained), "the average should lag the trained weights"
+    assert all(torch.equal(best["state_dict"][k], avg[k]) for k in avg), "the best checkpoint should be the average"
+    frozen = [k for k in raw if k.startswith("backbone.conv_stem")]
+    assert frozen and all(torch.equal(avg[k], raw[k]) for k in frozen)
+    resume(run, reporter=QUIET, epochs_finetune=3)
+    assert torch.load(run / "last.pt", weights_only=True)["ema_state_dict"] is not None
+
+
 def test_uncached_stage1_and_augmented_views(image_folder: Path, tmp_path: Path) -> None:
     m = train(image_folder, tiny_cfg(epochs_finetune=0, cache_features=False), out=str(tmp_path / "a"), reporter=QUIET).metrics
     assert m["stages"]["head"]["feature_cache"] is False and "finetune" not in m["stages"]

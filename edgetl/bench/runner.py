@@ -20,6 +20,7 @@ from edgetl.errors import EdgetlError
 from edgetl.metrics import classification_metrics
 from edgetl.preprocess import PreprocessSpec
 from edgetl.progress import Reporter
+from edgetl.runners import run_in_chunks
 
 
 @dataclass(frozen=True)
@@ -187,18 +188,6 @@ def load_data(files: list[ModelFile], opts: BenchOptions, reporter: Reporter) ->
     return data, labels or [str(i) for i in range(int(ls.labels.max()) + 1)]
 
 
-def _predict(run: Any, x: np.ndarray, fixed: int | None = None, batch: int = 32) -> np.ndarray:
-    step = fixed or batch
-    out = []
-    for i in range(0, len(x), step):
-        chunk = x[i : i + step]
-        n = len(chunk)
-        if fixed and n < fixed:
-            chunk = np.concatenate([chunk, np.zeros((fixed - n, *chunk.shape[1:]), chunk.dtype)])
-        out.append(run(chunk)[:n])
-    return np.concatenate(out)
-
-
 def _child_measure(v: Variant, shape: tuple[int, ...], threads: int) -> dict[str, Any]:
     spec = {"target": v.target, "model": str(v.model), "kind": v.kind, "precision": v.precision, "input_dtype": v.input_dtype,
             "shape": list(shape), "threads": threads}  # fmt: skip
@@ -255,7 +244,7 @@ def bench(paths: list[str | os.PathLike[str]], opts: BenchOptions, reporter: Rep
         data, labels = loaded
         for name, (run, v, _) in runners.items():
             x = data.pixels if v.input_dtype == "uint8" else data.floats
-            preds[name] = _predict(run, x, _fixed_batch(v))
+            preds[name] = run_in_chunks(run, x, _fixed_batch(v))
         ref_name = next((n for n in preds if n.startswith("torch-cpu/fp32")), next((n for n in preds if n == "ort-cpu/fp32"), None))
 
     # Latency at batch 1, interleaved across all variants.

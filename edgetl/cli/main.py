@@ -62,6 +62,12 @@ def _print_metrics(title: str, m: dict[str, Any]) -> None:
     console.print(f"top-1 [bold]{m['top1']:.2%}[/]  top-5 {m['top5']:.2%}  macro-F1 {m['macro_f1']:.3f}  (n={m['n']})")
 
 
+# Options shared by `export --quantize int8` and `quantize`.
+CalibSize = Annotated[int, typer.Option(help="Calibration images from the training split")]
+CalibMethod = Annotated[str, typer.Option(help="minmax, percentile or entropy")]
+MaxDrop = Annotated[float, typer.Option(help="Accuracy budget: top-1 points int8 may lose on validation")]
+
+
 @app.command()
 @user_errors
 def train(
@@ -76,10 +82,12 @@ def train(
     lr_finetune: Annotated[float | None, typer.Option(help="Stage 2 learning rate (default: lr-head / 10)")] = None,
     batch_size: Annotated[int, typer.Option(help="Stage 2 batch size")] = 32,
     patience: Annotated[int, typer.Option(help="Early stopping: epochs without a better validation loss")] = 3,
+    ema_decay: Annotated[float, typer.Option(help="Keep and validate a moving average of the fine-tuned weights (0: off)")] = 0.0,
     hidden: Annotated[int, typer.Option(help="Hidden units in the head (0: dropout + linear)")] = 0,
     dropout: Annotated[float, typer.Option(help="Head dropout")] = 0.2,
     label_smoothing: float = 0.1,
     augment: Annotated[str, typer.Option(help="Training augmentation: none, light, trivial")] = "light",
+    crop_scale: Annotated[float, typer.Option(help="Smallest area fraction of the random crop (0.35; 0.7-1 for centred images)")] = 0.35,
     cache_features: Annotated[bool, typer.Option(help="Stage 1 on cached features of the frozen base")] = True,
     cache_views: Annotated[int, typer.Option(help="Cache K views per image (1 plain + K-1 augmented)")] = 1,
     balance: Annotated[bool, typer.Option(help="Class-weighted loss for imbalanced data")] = False,
@@ -111,7 +119,8 @@ def train(
             backbone=backbone, input_size=input_size, epochs_head=epochs_head, lr_head=lr_head,
             cache_features=cache_features, cache_views=cache_views, hidden=hidden, dropout=dropout,
             epochs_finetune=epochs_finetune, lr_finetune=lr_finetune, unfreeze=unfreeze, batch_size=batch_size,
-            patience=patience, label_smoothing=label_smoothing, augment=augment, balance=balance, seed=seed,
+            patience=patience, ema_decay=ema_decay, label_smoothing=label_smoothing, augment=augment, crop_scale=crop_scale,
+            balance=balance, seed=seed,
             device=device, precision=precision, channels_last=channels_last, workers=workers,
             val_fraction=val_fraction, limit_train=limit_train, limit_val=limit_val, strict=strict,
             pretrained=pretrained, weights=str(weights) if weights else None,
@@ -206,9 +215,9 @@ def export(
     data: Annotated[Path | None, typer.Option(help="Labelled images for the parity check (default: the run's val split)")] = None,
     parity_samples: Annotated[int, typer.Option(help="Images for the parity check (seeded sample)")] = 300,
     quantize: Annotated[str | None, typer.Option(help="int8: also write static int8 models (see `edgetl quantize`)")] = None,
-    calib_size: Annotated[int, typer.Option(help="Calibration images from the training split")] = 300,
-    calib_method: Annotated[str, typer.Option(help="minmax, percentile or entropy")] = "minmax",
-    max_drop: Annotated[float, typer.Option(help="Accuracy budget: top-1 points int8 may lose on validation")] = 1.0,
+    calib_size: CalibSize = 300,
+    calib_method: CalibMethod = "minmax",
+    max_drop: MaxDrop = 1.0,
 ) -> None:
     """Export the best checkpoint to ONNX and OpenVINO, with labels and preprocessing inside, and check
     each file against the PyTorch model on real images (fails on disagreement)."""
@@ -241,9 +250,9 @@ def _quantize(run: Path, qopts: Any) -> None:
 def quantize_cmd(
     run: Annotated[Path, typer.Argument(help="Run folder with exported models (edgetl export)")],
     format: Annotated[str, typer.Option("--format", help="onnx, openvino or all")] = "all",
-    calib_size: Annotated[int, typer.Option(help="Calibration images from the training split")] = 300,
-    calib_method: Annotated[str, typer.Option(help="minmax, percentile or entropy")] = "minmax",
-    max_drop: Annotated[float, typer.Option(help="Accuracy budget: top-1 points int8 may lose on validation")] = 1.0,
+    calib_size: CalibSize = 300,
+    calib_method: CalibMethod = "minmax",
+    max_drop: MaxDrop = 1.0,
 ) -> None:
     """Static int8 versions of a run's exported models, within an accuracy budget, with a speed check."""
     from edgetl.quantize import QuantizeOptions
