@@ -29,6 +29,7 @@ import numpy as np
 from edgetl import __version__, metadata
 from edgetl.data import load_dataset, stratified_sample
 from edgetl.errors import EdgetlError
+from edgetl.executed_ops import describe, openvino_executed_layers, ort_executed_ops
 from edgetl.fileio import atomic_path, sha256_file, write_json
 from edgetl.hostinfo import has_vnni, host_record
 from edgetl.parity import ParityData, prepare
@@ -375,7 +376,7 @@ def quantize_run(run: str | os.PathLike[str], opts: QuantizeOptions, reporter: R
                 "fp32_top1": res["fp32_top1"], "int8_top1": final["top1"], "drop_points": final["drop_points"],
                 "kept_in_float": res["kept_in_float"], "attempts": res["attempts"], "worst_tensors": res["worst_tensors"],
                 "types": res["types"], "latency": lat, "fp32_bytes": onnx_path.stat().st_size, "int8_bytes": target.stat().st_size,
-                "file": str(target),
+                "file": str(target), "executed": ort_executed_ops(target),
             }  # fmt: skip
         finally:
             shutil.rmtree(res["work"], ignore_errors=True)
@@ -394,22 +395,33 @@ def quantize_run(run: str | os.PathLike[str], opts: QuantizeOptions, reporter: R
         save_openvino_model(qmodel, target, {**meta, "quantization": json.dumps(rec)})
         lat = time_pair(lambda: OpenVinoModel(xml), lambda: OpenVinoModel(target), x1, opts.latency_runs)
         report["results"]["openvino"] = {
-            **res, "latency": lat, "file": str(target),
+            **res, "latency": lat, "file": str(target), "executed": openvino_executed_layers(target),
             "fp32_bytes": xml.stat().st_size + xml.with_suffix(".bin").stat().st_size,
             "int8_bytes": target.stat().st_size + target.with_suffix(".bin").stat().st_size,
         }  # fmt: skip
 
     for name, r in report["results"].items():
         r["size_ratio"] = r["int8_bytes"] / r["fp32_bytes"]
+        reporter.log(f"{name} int8 executes {describe(r['executed'])}")
         if r["latency"]["int8_over_fp32"] >= 1.0:
-            why = "this CPU has no VNNI, so int8 convolutions gain little over fp32 FMA" if not has_vnni() else (
-                "unfused Quantize/DequantizeLinear pairs around ops the runtime cannot run in int8")
-            warnings_out.append(f"{name}: int8 is not faster than fp32 at batch 1 ({r['latency']['int8_over_fp32']:.2f}x): likely {why}")
+            warnings_out.append(f"{name}: int8 is not faster than fp32 at batch 1 ({r['latency']['int8_over_fp32']:.2f}x): "
+                                f"likely {slow_int8_reason(r['executed'])}")  # fmt: skip
     report["warnings"] = warnings_out
     for w in warnings_out:
         reporter.log(f"[yellow]warning:[/] {w}")
     write_json(run_dir / "quantize.json", report)
     return report
+
+
+def slow_int8_reason(executed: dict[str, Any]) -> str:
+    """Why int8 may not beat fp32, from what the runtime executes and what this CPU can do."""
+    if executed["float_compute_ops"]:
+        return (f"{executed['float_compute_ops']} of {executed['compute_ops']} compute ops still run in float "
+                "(unfused Quantize/DequantizeLinear pairs or layers kept in float)")  # fmt: skip
+    if not has_vnni():
+        return ("every compute op runs in int8, but this CPU has no VNNI: "
+                "int8 dot products take three AVX2 instructions per 32 multiply-adds")  # fmt: skip
+    return "every compute op runs in int8 with VNNI; at batch 1 the model may be bound by memory or by layers too small to gain"
 
 
 def _is_onnx(path: Path) -> bool:

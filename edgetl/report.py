@@ -43,7 +43,7 @@ def print_quantize_report(report: dict[str, Any], console: Console | None = None
     console = console or Console()
     n = report["validation_images"]["n"]
     table = Table(title=f"int8 of {report['run']} (accuracy on {n} validation images, batch-1 latency medians)", show_edge=False)
-    for col in ("runtime", "fp32 top-1", "int8 top-1", "drop", "fp32 ms", "int8 ms", "int8/fp32", "size", "in float"):
+    for col in ("runtime", "fp32 top-1", "int8 top-1", "drop", "fp32 ms", "int8 ms", "int8/fp32", "size", "kept in float", "runs in int8"):
         table.add_column(col, justify="left" if col == "runtime" else "right")
     for name, r in report["results"].items():
         lat = r["latency"]
@@ -52,6 +52,7 @@ def print_quantize_report(report: dict[str, Any], console: Console | None = None
         table.add_row(
             name, f"{fp32_top1:.2%}", f"{int8_top1:.2%}", f"{r['drop_points']:+.2f} pt", f"{lat['fp32']['median_ms']:.2f}",
             f"{lat['int8']['median_ms']:.2f}", f"{lat['int8_over_fp32']:.2f}x", f"{r['size_ratio']:.0%}", str(len(r["kept_in_float"])),
+            f"{r['executed']['int8_compute_ops']}/{r['executed']['compute_ops']} ops" if "executed" in r else "-",
         )  # fmt: skip
     console.print(table)
 

@@ -50,6 +50,28 @@ def test_both_runtimes_get_int8_models(quantized: dict, exported_run: Path) -> N
     assert saved["calibration"]["n"] == 20 and len(saved["calibration"]["files"]) == 20
 
 
+def test_the_runtimes_really_execute_int8(quantized: dict, exported_run: Path) -> None:
+    # What the runtimes run after their own optimisation, not what the file says.
+    from edgetl.executed_ops import openvino_executed_layers, ort_executed_ops
+
+    ort_ex, ov_ex = quantized["results"]["onnxruntime"]["executed"], quantized["results"]["openvino"]["executed"]
+    assert ort_ex["compute_ops"] > 0 and ort_ex["int8_compute_ops"] == ort_ex["compute_ops"], ort_ex["ops"]
+    # NNCF leaves the squeeze-excitation 1x1 convolutions (on pooled 1x1 maps) in float; everything else is int8.
+    float_kernels = [k for k in ov_ex["kernels"] if k.endswith("f32")]
+    assert ov_ex["int8_compute_ops"] > ov_ex["compute_ops"] / 2 and all("1x1" in k for k in float_kernels), ov_ex["kernels"]
+    fp32_ort, fp32_ov = ort_executed_ops(exported_run / "model.onnx"), openvino_executed_layers(exported_run / "openvino" / "model.xml")
+    int8 = {name: r["executed"]["compute_ops"] for name, r in quantized["results"].items()}
+    assert fp32_ort["int8_compute_ops"] == 0 and fp32_ort["float_compute_ops"] == int8["onnxruntime"]
+    assert fp32_ov["int8_compute_ops"] == 0 and fp32_ov["compute_ops"] == int8["openvino"]
+
+
+def test_slow_int8_reason_names_float_fallbacks_first() -> None:
+    mixed = q.slow_int8_reason({"compute_ops": 10, "int8_compute_ops": 7, "float_compute_ops": 3})
+    assert "3 of 10 compute ops still run in float" in mixed
+    all_int8 = q.slow_int8_reason({"compute_ops": 10, "int8_compute_ops": 10, "float_compute_ops": 0})
+    assert ("no VNNI" in all_int8) == (not q.has_vnni())
+
+
 def test_metadata_is_kept_and_the_quantization_recorded(quantized: dict, exported_run: Path) -> None:
     fp32 = read_onnx_metadata(str(exported_run / "model.onnx"))
     int8 = read_onnx_metadata(str(exported_run / "model.int8.onnx"))

@@ -1,0 +1,69 @@
+"""What a runtime really executes after its own graph optimisation: proof that an int8 model runs its
+convolutions in int8, or a list of the ones that fell back to float (unfused Quantize/DequantizeLinear).
+
+A QDQ file says what *may* run in int8; ONNX Runtime and OpenVINO decide at load time. So both are asked:
+ONNX Runtime writes its optimised graph (`SessionOptions.optimized_model_filepath`), OpenVINO describes its
+compiled model (`CompiledModel.get_runtime_model()`, with each layer's runtime precision and kernel).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+# Operators that do the multiply-accumulate work, by the precision they compute in.
+ORT_INT8_COMPUTE = {"QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulIntegerToFloat"}
+ORT_FLOAT_COMPUTE = {"Conv", "FusedConv", "NhwcFusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul"}
+OV_COMPUTE = {"Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution"}
+OV_INT8 = {"i8", "u8"}
+
+
+def ort_executed_ops(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Operator counts of the graph ONNX Runtime's CPU provider runs for `path`."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(prefix="edgetl-ortopt-") as tmp:
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        opts.log_severity_level = 3  # the "hardware specific optimisations" note is expected: the file is only read here
+        opts.intra_op_num_threads = 1
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        ops = Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+    int8 = sum(n for op, n in ops.items() if op in ORT_INT8_COMPUTE)
+    flt = sum(n for op, n in ops.items() if op in ORT_FLOAT_COMPUTE)
+    return {
+        "compute_ops": int8 + flt, "int8_compute_ops": int8, "float_compute_ops": flt,
+        "quantize_dequantize_ops": ops.get("QuantizeLinear", 0) + ops.get("DequantizeLinear", 0),
+        "ops": dict(ops.most_common()),
+    }  # fmt: skip
+
+
+def openvino_executed_layers(path: str | os.PathLike[str], precision: str = "f32") -> dict[str, Any]:
+    """Compute layers of the model OpenVINO compiles for the CPU, with runtime precision and kernel."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": 1})
+    kernels: Counter[str] = Counter()
+    int8 = total = fake_quantize = 0
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        layer, runtime_precision = info["layerType"].astype(str), info["runtimePrecision"].astype(str).lower()
+        if layer == "FakeQuantize":
+            fake_quantize += 1
+        if layer in OV_COMPUTE:
+            total += 1
+            int8 += runtime_precision in OV_INT8
+            kernels[f"{layer}:{info['primitiveType'].astype(str)}"] += 1
+    return {
+        "compute_ops": total, "int8_compute_ops": int8, "float_compute_ops": total - int8,
+        "fake_quantize_ops": fake_quantize, "kernels": dict(kernels.most_common()),
+    }  # fmt: skip
+
+
+def describe(executed: dict[str, Any]) -> str:
+    return f"{executed['int8_compute_ops']}/{executed['compute_ops']} compute ops in int8"
