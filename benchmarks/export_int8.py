@@ -80,13 +80,14 @@ def main() -> None:
         table.append(
             f"| {runtime} | {test_top1[f'{runtime}/fp32']:.2%} | {test_top1[f'{runtime}/int8']:.2%} | {drop:+.2f} | "
             f"{r['drop_points']:+.2f} | {lat['fp32']['median_ms']:.2f} | {lat['int8']['median_ms']:.2f} | "
-            f"{lat['int8_over_fp32']:.2f} (<= {limit}) | {r['size_ratio']:.0%} | {len(r['kept_in_float'])} |\n"
+            f"{lat['int8_over_fp32']:.2f} (<= {limit}) | {r['size_ratio']:.0%} | {len(r['kept_in_float'])} | "
+            f"{r['executed']['int8_compute_ops']}/{r['executed']['compute_ops']} |\n"
         )
     md = (
         f"# int8: {label} (clothing-small test split, n={len(test.labels)})\n\n"
         "| runtime | fp32 test top-1 | int8 test top-1 | test drop (pt) | val drop (pt) | fp32 ms | int8 ms | int8/fp32 | size "
-        "| ops in float |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n" + "".join(table)
+        "| kept in float | compute ops run in int8 |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n" + "".join(table)
         + f"\nLatency: batch 1, {q['results']['onnxruntime']['latency']['fp32']['runs']} timed runs per model, fp32 and int8 interleaved "
         f"in 6 rounds, medians. ONNX Runtime types: {q['results']['onnxruntime']['types']['why']}.\n"
         + ("\nWarnings: " + "; ".join(q["warnings"]) + "\n" if q["warnings"] else "")

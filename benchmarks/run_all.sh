@@ -10,6 +10,8 @@ mkdir -p "$RUNS"
 [ -d "$RUNS/lite0" ] || python train_accuracy.py clothing --out "$RUNS/lite0"
 [ -d "$RUNS/fmnist" ] || python train_accuracy.py fashion-mnist --out "$RUNS/fmnist"
 python export_int8.py "$RUNS/lite0" --label efficientnet_lite0
+python int8_variants.py "$RUNS/lite0"
+python openvino_int8_variants.py "$RUNS/lite0"
 edgetl bench "$RUNS/lite0" --data "$CLOTHING" --out results/bench_efficientnet_lite0_clothing \
   --targets torch-cpu,torch-cpu-compile,ort-cpu,openvino-cpu,torch-cuda,ort-cuda,openvino-gpu
 python feature_cache.py

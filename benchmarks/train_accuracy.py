@@ -10,6 +10,7 @@ images/s of each stage. Targets (issue 2): clothing-small >= 92% test top-1, Fas
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import time
 from dataclasses import replace
@@ -44,11 +45,18 @@ def main() -> None:
     ap.add_argument("preset", choices=PRESETS)
     ap.add_argument("--out", default=None, help="run folder (default: a new folder under models/)")
     ap.add_argument("--epochs-finetune", type=int, default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a TrainConfig field of the preset, e.g. --set ema_decay=0.999 --set augment=trivial")
+    ap.add_argument("--tag", default="", help="suffix of the results file name (for variants of a preset)")
     ap.add_argument("--reuse", default=None, help="score an existing run made with this preset's config instead of training")
     args = ap.parse_args()
     data, cfg, target = PRESETS[args.preset]
     if args.epochs_finetune is not None:
         cfg = replace(cfg, epochs_finetune=args.epochs_finetune)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        current = getattr(cfg, key)  # unknown keys fail here
+        cfg = replace(cfg, **{key: value if isinstance(current, str) else ast.literal_eval(value)})
     if args.reuse:
         run = Path(args.reuse)
         manifest = json.loads((run / "manifest.json").read_text())
@@ -87,7 +95,7 @@ def main() -> None:
         + f"\nStage 1 images/s counts every epoch's pass over the training set (features cached once: "
         f"{stages['head'].get('feature_cache_seconds', 0):.0f} s of the stage). Total training wall time {train_seconds:.0f} s.\n"
     )
-    save(f"train_accuracy_{args.preset}", payload, md)
+    save(f"train_accuracy_{args.preset}{'_' + args.tag if args.tag else ''}", payload, md)
 
 
 if __name__ == "__main__":
