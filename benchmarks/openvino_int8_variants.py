@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from common import save
 
+from edgetl.bench.timing import interleaved_latency
 from edgetl.executed_ops import openvino_executed_layers
 from edgetl.metadata import read_onnx_metadata
 from edgetl.progress import Reporter
@@ -31,17 +31,8 @@ ROUNDS, RUNS = 6, 50
 
 def interleaved(models: dict[str, Any], x: np.ndarray) -> dict[str, float]:
     """Median ms per call of each model, rounds interleaved so drift on a shared machine hits all alike."""
-    times: dict[str, list[float]] = {k: [] for k in models}
-    for m in models.values():
-        for _ in range(10):
-            m(x)
-    for _ in range(ROUNDS):
-        for k, m in models.items():
-            for _ in range(RUNS):
-                t = time.perf_counter()
-                m(x)
-                times[k].append((time.perf_counter() - t) * 1000)
-    return {k: float(np.median(v)) for k, v in times.items()}
+    samples = interleaved_latency(models, x, min_time=0.0, warmup=10, rounds=ROUNDS, runs_per_round=RUNS)
+    return {k: float(np.median(v)) for k, v in samples.items()}
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from edgetl import __version__, metadata
+from edgetl.bench.timing import interleaved_latency
 from edgetl.data import load_dataset, stratified_sample
 from edgetl.errors import EdgetlError
 from edgetl.executed_ops import describe, openvino_executed_layers, ort_executed_ops
@@ -310,19 +310,13 @@ def _has_int8_constant(node: Any) -> bool:
 
 def time_pair(make_fp32: Any, make_int8: Any, x: np.ndarray, runs: int, rounds: int = 6) -> dict[str, Any]:
     """Batch-1 latency of two models, interleaved in rounds so machine drift hits both alike."""
-    models = {"fp32": make_fp32(), "int8": make_int8()}
-    for m in models.values():
-        for _ in range(10):
-            m(x)
-    times: dict[str, list[float]] = {"fp32": [], "int8": []}
-    per_round = max(1, runs // rounds)
-    for _ in range(rounds):
-        for name, m in models.items():
-            for _ in range(per_round):
-                t = time.perf_counter()
-                m(x)
-                times[name].append((time.perf_counter() - t) * 1000)
-    out = {k: {"median_ms": float(np.median(v)), "p90_ms": float(np.percentile(v, 90)), "runs": len(v)} for k, v in times.items()}
+    samples = interleaved_latency(
+        {"fp32": make_fp32(), "int8": make_int8()}, x, min_time=0.0, warmup=10, rounds=rounds,
+        runs_per_round=max(1, runs // rounds),
+    )  # fmt: skip
+    out: dict[str, Any] = {
+        k: {"median_ms": float(np.median(v)), "p90_ms": float(np.percentile(v, 90)), "runs": len(v)} for k, v in samples.items()
+    }
     out["int8_over_fp32"] = out["int8"]["median_ms"] / out["fp32"]["median_ms"]
     return out
 

@@ -7,10 +7,12 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from edgetl.bench.runner import BenchOptions, bench
+from edgetl.bench.timing import interleaved_latency
 from edgetl.cli.main import app
 from edgetl.errors import EdgetlError
 from edgetl.export import ExportOptions, export_run
@@ -73,6 +75,17 @@ def test_unavailable_targets_are_listed_as_skipped(report: dict) -> None:
 def test_pareto_front() -> None:
     pts = [(10.0, 0.9), (5.0, 0.85), (12.0, 0.88), (5.0, 0.80), (2.0, 0.5)]
     assert sorted(pareto_front(pts)) == [0, 1, 4]
+
+
+def test_interleaved_latency_fixed_runs_alternate_between_models() -> None:
+    calls: list[str] = []
+    runners = {name: (lambda x, name=name: calls.append(name) or x) for name in ("a", "b")}
+    samples = interleaved_latency(runners, np.zeros(1), min_time=0.0, warmup=2, rounds=3, runs_per_round=4)
+    assert {k: len(v) for k, v in samples.items()} == {"a": 12, "b": 12}
+    assert all(ms >= 0 for v in samples.values() for ms in v)
+    timed = calls[4:]  # after 2 warm-up calls each
+    assert calls[:4] == ["a", "a", "b", "b"]
+    assert timed == (["a"] * 4 + ["b"] * 4) * 3  # rounds alternate, so drift hits both models alike
 
 
 runner = CliRunner()

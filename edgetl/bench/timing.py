@@ -24,9 +24,18 @@ def latency_stats(ms: list[float]) -> dict[str, float]:
 
 
 def interleaved_latency(
-    runners: dict[str, Callable[[np.ndarray], np.ndarray]], x: np.ndarray, min_time: float, warmup: int, rounds: int = 5
+    runners: dict[str, Callable[[np.ndarray], np.ndarray]],
+    x: np.ndarray,
+    min_time: float,
+    warmup: int,
+    rounds: int = 5,
+    runs_per_round: int | None = None,
 ) -> dict[str, list[float]]:
-    """Batch latency samples (ms) for each runner, `rounds` rounds of at least min_time/rounds s each."""
+    """Batch latency samples (ms) for each runner over `rounds` interleaved rounds.
+
+    Each round gives every runner at least min_time/rounds seconds (and 3 runs), or exactly
+    `runs_per_round` runs when that is set (for a fixed, reportable run count).
+    """
     for run in runners.values():
         for _ in range(warmup):
             run(x)
@@ -34,12 +43,16 @@ def interleaved_latency(
     per_round = max(min_time / rounds, 0.05)
     for _ in range(rounds):
         for name, run in runners.items():
-            start = time.perf_counter()
+            start, done = time.perf_counter(), 0
             while True:
                 t = time.perf_counter()
                 run(x)
                 samples[name].append((time.perf_counter() - t) * 1000.0)
-                if time.perf_counter() - start >= per_round and len(samples[name]) >= 3:
+                done += 1
+                if runs_per_round is not None:
+                    if done >= runs_per_round:
+                        break
+                elif time.perf_counter() - start >= per_round and done >= 3:
                     break
     return samples
 
