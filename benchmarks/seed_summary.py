@@ -1,0 +1,113 @@
+"""Seed-to-seed spread of train_accuracy results: one row per config, over every seed run of it.
+
+    python benchmarks/train_accuracy.py clothing --set seed=1 --tag seed1     # one file per seed and variant
+    python benchmarks/seed_summary.py clothing                                # reads them all, trains nothing
+
+One run of a 372-image test split moves by a point between seeds (one image is 0.27 pt), so a target
+near the edge is judged on the mean over seeds, not on whichever seed ran first. Variants are compared
+on validation top-1 only: picking a variant by its test score would make the test score a biased
+estimate. Writes results/train_accuracy_<preset>_seeds.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import asdict
+
+from common import RESULTS, save
+
+from edgetl.config import TrainConfig
+
+
+def load_runs(preset: str) -> list[dict]:
+    """Every train_accuracy_<preset>[_tag].json result (not this script's own summary)."""
+    runs = []
+    for path in sorted(RESULTS.glob(f"train_accuracy_{preset}*.json")):
+        data = json.loads(path.read_text())
+        if data.get("preset") == preset and "test" in data and "config" in data:
+            # Options added after a run was made are missing from its config; their defaults keep the
+            # earlier behaviour, so the run counts as having used them.
+            data["config"] = {**asdict(TrainConfig()), **data["config"]}
+            runs.append({**data, "file": path.name})
+    return runs
+
+
+def config_key(config: dict) -> str:
+    """What makes two runs the same experiment: the config without its seed (and where it ran)."""
+    ignored = {"seed", "device", "workers"}
+    return json.dumps({k: v for k, v in sorted(config.items()) if k not in ignored})
+
+
+def describe_difference(config: dict, baseline: dict) -> str:
+    changed = {k: v for k, v in config.items() if k not in {"seed", "device", "workers"} and baseline.get(k) != v}
+    return ", ".join(f"{k}={v}" for k, v in changed.items()) or "preset default"
+
+
+def summarise(values: list[float]) -> dict[str, float]:
+    return {
+        "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values), "max": max(values), "n": len(values),
+    }  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("preset")
+    args = ap.parse_args()
+    runs = load_runs(args.preset)
+    if not runs:
+        raise SystemExit(f"no results/train_accuracy_{args.preset}*.json to summarise")
+    target = runs[0]["target_test_top1"]
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(config_key(run["config"]), []).append(run)
+    # The baseline is the group holding the untagged preset run (train_accuracy_<preset>.json).
+    baseline_key = next((k for k, g in groups.items() if any(r["file"] == f"train_accuracy_{args.preset}.json" for r in g)),
+                        next(iter(groups)))  # fmt: skip
+    baseline = groups[baseline_key][0]["config"]
+
+    rows = []
+    for key, group in groups.items():
+        group.sort(key=lambda r: r["config"]["seed"])
+        rows.append({
+            "variant": describe_difference(group[0]["config"], baseline),
+            "is_preset": key == baseline_key,
+            "seeds": [r["config"]["seed"] for r in group],
+            "files": [r["file"] for r in group],
+            "val_top1": summarise([r["val_best"]["top1"] for r in group]),
+            "test_top1": summarise([r["test"]["top1"] for r in group]),
+            "per_seed": [{"seed": r["config"]["seed"], "val_top1": r["val_best"]["top1"], "test_top1": r["test"]["top1"],
+                          "test_correct": round(r["test"]["top1"] * r["test"]["n"]), "test_n": r["test"]["n"]}
+                         for r in group],
+        })  # fmt: skip
+    rows.sort(key=lambda r: (not r["is_preset"], -r["val_top1"]["mean"]))
+    preset_row = rows[0]
+    best_by_val = max(rows, key=lambda r: (r["val_top1"]["n"] > 1, r["val_top1"]["mean"]))
+    meets = preset_row["test_top1"]["mean"] >= target
+
+    def pct(x: float) -> str:
+        return f"{100 * x:.2f}%"
+
+    md = [f"# Seed spread: {args.preset}\n", "Variants are chosen on mean **validation** top-1; test is reported, never used to choose.\n",
+          "| variant | seeds | val top-1 mean (min-max) | test top-1 mean ± std (min-max) | test per seed |",
+          "|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        v, t = r["val_top1"], r["test_top1"]
+        per_seed = ", ".join(f"s{p['seed']}: {pct(p['test_top1'])} ({p['test_correct']}/{p['test_n']})" for p in r["per_seed"])
+        md.append(f"| {r['variant']} | {len(r['seeds'])} | {pct(v['mean'])} ({pct(v['min'])}-{pct(v['max'])}) | "
+                  f"{pct(t['mean'])} ± {100 * t['std']:.2f} ({pct(t['min'])}-{pct(t['max'])}) | {per_seed} |")  # fmt: skip
+    md.append(f"\nPreset config: mean test top-1 {pct(preset_row['test_top1']['mean'])} over {preset_row['test_top1']['n']} seeds "
+              f"-> target >= {pct(target)} {'met' if meets else 'NOT met'} on the mean; "
+              f"{sum(p['test_top1'] >= target for p in preset_row['per_seed'])} of {len(preset_row['per_seed'])} "
+              "seeds reach it alone.")  # fmt: skip
+    md.append(f"Best variant by validation: {best_by_val['variant']}.")
+    save(f"train_accuracy_{args.preset}_seeds",
+         {"preset": args.preset, "target_test_top1": target, "rows": rows, "preset_meets_target_on_mean": meets,
+          "best_by_validation": best_by_val["variant"]},
+         "\n".join(md))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
