@@ -34,14 +34,17 @@ def load_runs(preset: str) -> list[dict]:
     return runs
 
 
+# What does not make two runs different experiments: the seed, and where and how parallel they ran.
+NOT_THE_EXPERIMENT = {"seed", "device", "workers"}
+
+
 def config_key(config: dict) -> str:
-    """What makes two runs the same experiment: the config without its seed (and where it ran)."""
-    ignored = {"seed", "device", "workers"}
-    return json.dumps({k: v for k, v in sorted(config.items()) if k not in ignored})
+    """What makes two runs the same experiment: the config without NOT_THE_EXPERIMENT."""
+    return json.dumps({k: v for k, v in sorted(config.items()) if k not in NOT_THE_EXPERIMENT})
 
 
 def describe_difference(config: dict, baseline: dict) -> str:
-    changed = {k: v for k, v in config.items() if k not in {"seed", "device", "workers"} and baseline.get(k) != v}
+    changed = {k: v for k, v in config.items() if k not in NOT_THE_EXPERIMENT and baseline.get(k) != v}
     return ", ".join(f"{k}={v}" for k, v in changed.items()) or "preset default"
 
 
