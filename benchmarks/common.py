@@ -30,8 +30,10 @@ def save(name: str, payload: dict[str, Any], markdown: str) -> Path:
 
 
 def spread(values: list[float]) -> dict[str, float]:
+    """Median and IQR for noisy timings; mean and std too, for scores judged on their mean."""
     s = sorted(values)
     return {
         "median": statistics.median(s), "min": s[0], "max": s[-1], "n": len(s),
+        "mean": statistics.fmean(s), "std": statistics.stdev(s) if len(s) > 1 else 0.0,
         "iqr": (s[(3 * len(s)) // 4] - s[len(s) // 4]) if len(s) >= 4 else s[-1] - s[0],
     }  # fmt: skip

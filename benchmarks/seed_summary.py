@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from dataclasses import asdict
 
-from common import RESULTS, save
+from common import RESULTS, save, spread
 
 from edgetl.config import TrainConfig
 
@@ -48,13 +47,6 @@ def describe_difference(config: dict, baseline: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in changed.items()) or "preset default"
 
 
-def summarise(values: list[float]) -> dict[str, float]:
-    return {
-        "mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "min": min(values), "max": max(values), "n": len(values),
-    }  # fmt: skip
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("preset")
@@ -79,8 +71,8 @@ def main() -> None:
             "is_preset": key == baseline_key,
             "seeds": [r["config"]["seed"] for r in group],
             "files": [r["file"] for r in group],
-            "val_top1": summarise([r["val_best"]["top1"] for r in group]),
-            "test_top1": summarise([r["test"]["top1"] for r in group]),
+            "val_top1": spread([r["val_best"]["top1"] for r in group]),
+            "test_top1": spread([r["test"]["top1"] for r in group]),
             "per_seed": [{"seed": r["config"]["seed"], "val_top1": r["val_best"]["top1"], "test_top1": r["test"]["top1"],
                           "test_correct": round(r["test"]["top1"] * r["test"]["n"]), "test_n": r["test"]["n"]}
                          for r in group],

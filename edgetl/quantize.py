@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from edgetl import __version__, metadata
-from edgetl.bench.timing import interleaved_latency
+from edgetl.bench.timing import interleaved_latency, latency_stats
 from edgetl.data import load_dataset, stratified_sample
 from edgetl.errors import EdgetlError
 from edgetl.executed_ops import describe, openvino_executed_layers, ort_executed_ops
@@ -314,9 +314,11 @@ def time_pair(make_fp32: Any, make_int8: Any, x: np.ndarray, runs: int, rounds: 
         {"fp32": make_fp32(), "int8": make_int8()}, x, min_time=0.0, warmup=10, rounds=rounds,
         runs_per_round=max(1, runs // rounds),
     )  # fmt: skip
-    out: dict[str, Any] = {
-        k: {"median_ms": float(np.median(v)), "p90_ms": float(np.percentile(v, 90)), "runs": len(v)} for k, v in samples.items()
-    }
+    out: dict[str, Any] = {}
+    for name, ms in samples.items():
+        stats = latency_stats(ms)
+        stats["median_ms"] = stats.pop("p50_ms")  # quantize.json's name for it since its first version
+        out[name] = stats
     out["int8_over_fp32"] = out["int8"]["median_ms"] / out["fp32"]["median_ms"]
     return out
 
