@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 from common import save
 
-from edgetl.evaluate import pick_split
+from edgetl.backends.onnxruntime import OrtModel
+from edgetl.backends.openvino import OpenVinoModel
+from edgetl.data import scoring_set
 from edgetl.export import ExportOptions, export_run
 from edgetl.metadata import read_onnx_metadata, spec_from
 from edgetl.parity import prepare
 from edgetl.progress import Reporter
 from edgetl.quantize import QuantizeOptions, quantize_run
-from edgetl.runners import OpenVinoModel, OrtModel
 
 DATA = Path(__file__).resolve().parents[2] / "shared/datasets/clothing-small"
 
@@ -56,7 +57,7 @@ def main() -> None:
         return
     q = quantize_run(run, QuantizeOptions(), rep)
     meta = read_onnx_metadata(str(run / "model.onnx"))
-    ls, classes, _ = pick_split(DATA, "test")
+    ls, classes, _, _ = scoring_set(DATA, "test")
     assert classes == list(__import__("json").loads(meta["labels"]))
     test = prepare(ls, spec_from(meta), f"{DATA} (test)", rep)
     models = {

@@ -17,10 +17,10 @@ import numpy as np
 import onnx
 from common import save
 
+from edgetl.backends.onnxruntime import OrtModel
 from edgetl.metadata import read_onnx_metadata
 from edgetl.progress import Reporter
 from edgetl.quantize import QuantizeOptions, _Reader, load_images
-from edgetl.runners import OrtModel
 
 
 def main() -> None:

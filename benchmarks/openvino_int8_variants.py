@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 from common import save
 
+from edgetl.backends.openvino import OpenVinoModel
 from edgetl.bench.timing import interleaved_latency
 from edgetl.executed_ops import openvino_executed_layers
 from edgetl.metadata import read_onnx_metadata
 from edgetl.progress import Reporter
 from edgetl.quantize import QuantizeOptions, load_images
-from edgetl.runners import OpenVinoModel
+from edgetl.run import RunFolder
 
 ROUNDS, RUNS = 6, 50
 
@@ -44,7 +45,7 @@ def main() -> None:
 
     run = Path(args.run)
     xml = run / "openvino" / "model.xml"
-    calib, val, _ = load_images(run, read_onnx_metadata(str(run / "model.onnx")), QuantizeOptions(), Reporter())
+    calib, val, _ = load_images(RunFolder.open(run), read_onnx_metadata(str(run / "model.onnx")), QuantizeOptions(), Reporter())
     calib_ds = nncf.Dataset([calib.floats[i : i + 1] for i in range(len(calib.floats))])
     variants = {
         "NNCF PERFORMANCE preset (edgetl default)": {"preset": nncf.QuantizationPreset.PERFORMANCE},

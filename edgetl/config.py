@@ -9,6 +9,9 @@ from edgetl.backbones import DEFAULT_BACKBONE
 from edgetl.errors import EdgetlError
 
 AUGMENT_POLICIES = ("none", "light", "trivial")
+# Below 16 px a 5-stage network has no spatial extent left; above 1024 px one decoded image is 3 MB and
+# a few thousand fill the memory of the machines edgetl targets.
+MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 1024
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,13 @@ class TrainConfig:
                 raise EdgetlError(f"--{name.replace('_', '-')} must be >= 0")
         if self.epochs_head < 1:
             raise EdgetlError("--epochs-head must be at least 1: the new head has to be trained before fine-tuning")
+        if self.input_size is not None and not MIN_INPUT_SIZE <= self.input_size <= MAX_INPUT_SIZE:
+            raise EdgetlError(f"--input-size must be from {MIN_INPUT_SIZE} to {MAX_INPUT_SIZE} pixels, got {self.input_size}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise EdgetlError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+        for name in ("limit_train", "limit_val"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise EdgetlError(f"--{name.replace('_', '-')} must be at least 1")
         if self.batch_size < 1 or self.head_batch_size < 1 or self.cache_views < 1:
             raise EdgetlError("batch sizes and --cache-views must be at least 1")
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
@@ -42,6 +42,13 @@ class ImageRef:
     array: np.ndarray | None = field(default=None, compare=False, repr=False)
     index: int = -1
 
+    def size_on_disk(self) -> int | None:
+        """Bytes of the file (None for in-memory IDX images): recorded so a replaced file is noticed."""
+        try:
+            return self.path.stat().st_size if self.path is not None else None
+        except OSError:
+            return None
+
     def load(self) -> Image.Image:
         if self.path is not None:
             return decode_image(self.path)
@@ -65,6 +72,10 @@ class LabelledSet:
         return np.bincount(self.labels, minlength=num_classes).tolist()
 
 
+SPLITS_FORMAT = "edgetl.splits"
+SPLITS_FORMAT_VERSION = 2
+
+
 @dataclass
 class Dataset:
     root: Path
@@ -75,6 +86,7 @@ class Dataset:
     test: LabelledSet | None
     split_note: str
     skipped: list[dict[str, str]] = field(default_factory=list)
+    unused: LabelledSet | None = None  # images left out by --limit-train/--limit-val (recorded, never used)
 
     @property
     def name(self) -> str:
@@ -86,6 +98,13 @@ class Dataset:
             out["test"] = self.test
         return out
 
+    def all_sets(self) -> dict[str, LabelledSet]:
+        """Every image found, by where it went: the splits, and `unused` for what limits left out."""
+        out = self.splits()
+        if self.unused is not None and len(self.unused):
+            out["unused"] = self.unused
+        return out
+
     def fingerprint(self) -> str:
         """A hash of which images are in which split with which label (not of pixel data: cheap)."""
         h = hashlib.sha256()
@@ -95,12 +114,93 @@ class Dataset:
                 h.update(f"{split}\t{ref.key}\t{label}\n".encode())
         return h.hexdigest()[:16]
 
-    def split_record(self) -> dict[str, list[list[object]]]:
-        """Which file went where, for the run folder (so a split can be audited and reproduced)."""
+    def split_record(self) -> dict[str, Any]:
+        """Which file went where (with its size), for the run folder: later stages read their images
+        from this record instead of re-deriving the split, and compare it with the folder to notice
+        files that appeared, went or were replaced."""
         return {
-            split: [[ref.key, self.classes[int(label)]] for ref, label in zip(ls.refs, ls.labels, strict=True)]
-            for split, ls in self.splits().items()
-        }
+            "format": SPLITS_FORMAT, "format_version": SPLITS_FORMAT_VERSION, "root": str(self.root.resolve()),
+            "kind": self.kind, "classes": list(self.classes), "fingerprint": self.fingerprint(),
+            "splits": {
+                split: [[ref.key, self.classes[int(label)], ref.size_on_disk()] for ref, label in zip(ls.refs, ls.labels, strict=True)]
+                for split, ls in self.all_sets().items()
+            },
+        }  # fmt: skip
+
+
+def listing(ds: Dataset) -> dict[str, tuple[str, int | None]]:
+    """key -> (class, size) of every image in `ds`, whatever split it is in."""
+    return {
+        ref.key: (ds.classes[int(label)], ref.size_on_disk())
+        for ls in ds.all_sets().values()
+        for ref, label in zip(ls.refs, ls.labels, strict=True)
+    }
+
+
+def recorded_listing(record: dict[str, Any]) -> dict[str, tuple[str, int | None]]:
+    return {row[0]: (row[1], row[2] if len(row) > 2 else None) for rows in record["splits"].values() for row in rows}
+
+
+def current_listing(root: Path, kind: str) -> dict[str, tuple[str, int | None]]:
+    """key -> (class, size) of every image now at `root`, found the way a dataset of `kind` is found,
+    without the checks that make a folder trainable (the point is to say what changed, not to refuse)."""
+    out: dict[str, tuple[str, int | None]] = {}
+    if kind == "idx":
+        for prefix, names in (("train", ("train",)), ("test", ("t10k", "test"))):
+            pair = next((p for p in (_idx_pair(root, n) for n in names) if p is not None), None)
+            if pair is not None:
+                out.update({f"{prefix}:{i}": (str(int(lab)), None) for i, lab in enumerate(pair[1])})
+        return out
+    subdirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()} if root.is_dir() else {}
+    val_dir = next((subdirs[n] for n in VAL_DIR_NAMES if n in subdirs), None)
+    if kind == "split-folders":
+        bases = [d for d in (subdirs.get("train"), val_dir, subdirs.get("test")) if d is not None]
+    else:
+        bases = [subdirs["train"] if "train" in subdirs and val_dir is None else root]
+    for base in bases:
+        for cls, files in _class_folders(base).items():
+            for f in files:
+                try:
+                    size: int | None = f.stat().st_size
+                except OSError:
+                    size = None
+                out[f.relative_to(root).as_posix()] = (cls, size)
+    return out
+
+
+def dataset_from_record(record: dict[str, Any]) -> Dataset:
+    """The dataset exactly as a run recorded it (same files, same splits, same labels); files that are
+    no longer there are left out (the caller has already decided that is acceptable)."""
+    root, kind, classes = Path(record["root"]), record["kind"], list(record["classes"])
+    arrays: dict[str, np.ndarray] = {}
+    if kind == "idx":
+        for prefix, names in (("train", ("train",)), ("test", ("t10k", "test"))):
+            pair = next((p for p in (_idx_pair(root, n) for n in names) if p is not None), None)
+            if pair is not None:
+                arrays[prefix] = pair[0]
+    index = {c: i for i, c in enumerate(classes)}
+    sets: dict[str, LabelledSet] = {}
+    for split, rows in record["splits"].items():
+        refs, labels = [], []
+        for row in rows:
+            key, cls = row[0], row[1]
+            if kind == "idx":
+                prefix, _, i = key.partition(":")
+                arr = arrays.get(prefix)
+                if arr is None or not i.isdigit() or int(i) >= len(arr):
+                    continue
+                refs.append(ImageRef(key=key, array=arr, index=int(i)))
+            else:
+                path = root / key
+                if not path.is_file():
+                    continue
+                refs.append(ImageRef(key=key, path=path))
+            labels.append(index[cls])
+        sets[split] = LabelledSet(refs, np.asarray(labels, dtype=np.int64))
+    return Dataset(
+        root=root, kind=kind, classes=classes, train=sets["train"], val=sets["val"], test=sets.get("test"),
+        split_note="the run's recorded file lists (splits.json)", unused=sets.get("unused"),
+    )  # fmt: skip
 
 
 def load_dataset(
@@ -120,12 +220,19 @@ def load_dataset(
         raise EdgetlError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     ds = _load_idx(root, val_fraction, seed) if _find_idx(root, "train") is not None else _load_folders(root, val_fraction, seed)
     rng = np.random.default_rng(seed + 1)
+    left_out: list[LabelledSet] = []
     if limit_train is not None and limit_train < len(ds.train):
-        ds.train = ds.train.subset(stratified_sample(ds.train.labels, limit_train, rng))
+        keep = stratified_sample(ds.train.labels, limit_train, rng)
+        left_out.append(ds.train.subset(np.setdiff1d(np.arange(len(ds.train)), keep)))
+        ds.train = ds.train.subset(keep)
         ds.split_note += f"; training subset of {limit_train} images (seed {seed})"
     if limit_val is not None and limit_val < len(ds.val):
-        ds.val = ds.val.subset(stratified_sample(ds.val.labels, limit_val, rng))
+        keep = stratified_sample(ds.val.labels, limit_val, rng)
+        left_out.append(ds.val.subset(np.setdiff1d(np.arange(len(ds.val)), keep)))
+        ds.val = ds.val.subset(keep)
         ds.split_note += f"; validation subset of {limit_val} images"
+    if left_out:
+        ds.unused = LabelledSet([r for ls in left_out for r in ls.refs], np.concatenate([ls.labels for ls in left_out]))
     return ds
 
 
@@ -176,13 +283,21 @@ def stratified_split(labels: np.ndarray, fraction: float, rng: np.random.Generat
 
 
 def _class_folders(root: Path) -> dict[str, list[Path]]:
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    return {
-        f.name: sorted(
-            p for p in f.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-        )
-        for f in folders
-    }
+    root_resolved = root.resolve()
+    by_class: dict[str, list[Path]] = {}
+    for f in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        target = f.resolve()
+        if target == root_resolved or target in root_resolved.parents:
+            continue  # a link back to the data root (or above it) is not a class: it would hold every image
+        if any(ord(ch) < 32 for ch in f.name):
+            raise EdgetlError(f"class folder name {f.name!r} in {root} has a control character (a newline?): rename the folder")
+        files = []
+        # os.walk does not follow links to folders, so a link loop cannot list an image twice.
+        for dirpath, dirnames, filenames in os.walk(f):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            files += [Path(dirpath) / n for n in filenames if Path(n).suffix.lower() in IMAGE_EXTENSIONS and not n.startswith(".")]
+        by_class[f.name] = sorted(files)
+    return by_class
 
 
 def _labelled(root: Path, by_class: dict[str, list[Path]], classes: list[str]) -> LabelledSet:
@@ -219,10 +334,12 @@ def _load_folders(root: Path, val_fraction: float, seed: int) -> Dataset:
         classes = sorted(train_by)
         test = None
         if "test" in subdirs:
-            test_by = _class_folders(subdirs["test"])
-            _check_classes(test_by, subdirs["test"])
-            _check_same_classes(train_by, test_by, "train", "test")
-            test = _labelled(root, test_by, classes)
+            test_by = {c: files for c, files in _class_folders(subdirs["test"]).items() if files}
+            unknown = sorted(set(test_by) - set(train_by))
+            if unknown:
+                raise EdgetlError(f"test/ has classes that train/ does not: {', '.join(unknown)}")
+            # A test folder may hold only some classes: they are scored, the others are simply absent.
+            test = _labelled(root, test_by, classes) if test_by else None
         return Dataset(
             root=root,
             kind="split-folders",
@@ -286,6 +403,10 @@ def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
         raise EdgetlError(f"not an IDX file: {path}")
     ndim = data[3]
+    if ndim == 0:
+        raise EdgetlError(f"IDX file {path} declares 0 dimensions: it holds no array")
+    if len(data) < 4 + 4 * ndim:
+        raise EdgetlError(f"IDX file {path} is truncated: its header declares {ndim} dimensions but ends early")
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     expected = int(np.prod(dims)) * dtype.itemsize
@@ -310,10 +431,32 @@ def _idx_pair(root: Path, prefix: str) -> tuple[np.ndarray, np.ndarray] | None:
     labels_path = _find_idx(root, prefix, "labels-idx1")
     if labels_path is None:
         raise EdgetlError(f"found {images_path.name} but no {prefix}-labels-idx1-ubyte[.gz] beside it")
-    images, labels = read_idx(images_path), read_idx(labels_path).astype(np.int64)
-    if images.ndim not in (3, 4) or len(images) != len(labels):
-        raise EdgetlError(f"{images_path.name} and {labels_path.name} do not match ({images.shape} vs {labels.shape})")
-    return images.astype(np.uint8, copy=False), labels
+    images, raw_labels = read_idx(images_path), read_idx(labels_path)
+    if images.ndim not in (3, 4) or raw_labels.ndim != 1 or len(images) != len(raw_labels):
+        raise EdgetlError(f"{images_path.name} and {labels_path.name} do not match ({images.shape} vs {raw_labels.shape})")
+    if len(images) == 0:
+        raise EdgetlError(f"{images_path.name} holds no images")
+    if raw_labels.dtype.kind == "f" and not np.all(np.isfinite(raw_labels) & (raw_labels == np.round(raw_labels))):
+        raise EdgetlError(f"{labels_path.name} has labels that are not whole numbers (NaN or fractions)")
+    labels = raw_labels.astype(np.int64)
+    if labels.min() < 0:
+        raise EdgetlError(f"{labels_path.name} has negative labels ({int(labels.min())}): class indices start at 0")
+    return _idx_pixels(images, images_path.name), labels
+
+
+def _idx_pixels(images: np.ndarray, name: str) -> np.ndarray:
+    """IDX images as uint8: floats in [0, 1] are scaled to 0-255 (casting them would make every pixel black)."""
+    if images.dtype == np.uint8:
+        return images
+    arr = images.astype(np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise EdgetlError(f"{name} has NaN or infinite pixel values")
+    lo, hi = float(arr.min()), float(arr.max())
+    if images.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
+        arr = arr * 255.0
+    elif lo < 0 or hi > 255:
+        raise EdgetlError(f"{name} has pixel values from {lo:g} to {hi:g}: expected 0-255 (or 0-1 for floats)")
+    return np.clip(np.round(arr), 0, 255).astype(np.uint8)
 
 
 def _idx_class_names(root: Path, num_classes: int) -> list[str]:
@@ -426,6 +569,48 @@ def decode_for_scoring(
     if len(images) == 0:
         raise EdgetlError(f"no readable images in {source}")
     return images, failed
+
+
+def scoring_set(root: str | os.PathLike[str], split: str | None = None) -> tuple[LabelledSet, list[str], str, str]:
+    """The labelled images a user points at to score a model: every image of a plain folder of class
+    folders (one class is fine), or one split of a dataset with split folders or IDX files (default:
+    test if there is one, else the validation folder). Returns the set, its class names, a
+    description of what was taken from where, and the split's name ("all" for a plain folder)."""
+    root = Path(root)
+    if not root.exists():
+        raise EdgetlError(f"data path does not exist: {root}")
+    if not root.is_dir():
+        raise EdgetlError(f"data path is not a folder: {root} (expected ROOT/<class>/<image> or a dataset with split folders)")
+    if _find_idx(root, "train") is not None or _find_idx(root, "t10k") is not None or _find_idx(root, "test") is not None:
+        pairs = {"train": _idx_pair(root, "train"), "test": _idx_pair(root, "t10k") or _idx_pair(root, "test")}
+        name = split or ("test" if pairs["test"] is not None else "train")
+        if pairs.get(name) is None:
+            raise EdgetlError(f"{root} has no {name!r} IDX files (it has: {', '.join(k for k, v in pairs.items() if v is not None)})")
+        images, labels = pairs[name]  # type: ignore[misc]
+        classes = _idx_class_names(root, int(labels.max()) + 1)
+        refs = [ImageRef(key=f"{name}:{i}", array=images, index=i) for i in range(len(images))]
+        return LabelledSet(refs, labels), classes, f"{root} ({name} IDX files, all {len(refs)} images)", name
+    subdirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    split_dirs = {n: subdirs[n] for n in ("train", "test") if n in subdirs}
+    val_dir = next((subdirs[n] for n in VAL_DIR_NAMES if n in subdirs), None)
+    if val_dir is not None:
+        split_dirs["val"] = val_dir
+    if split_dirs:
+        name = split or next(n for n in ("test", "val", "train") if n in split_dirs)
+        if name not in split_dirs:
+            raise EdgetlError(f"{root} has no {name!r} folder (it has: {', '.join(sorted(split_dirs))})")
+        folder = split_dirs[name]
+    else:
+        if split not in (None, "all"):
+            raise EdgetlError(f"{root} has no split folders, so every image in it is scored: drop --split {split}")
+        name, folder = "all", root
+    by_class = {c: files for c, files in _class_folders(folder).items() if files}
+    if not by_class:
+        raise EdgetlError(f"no images in class folders under {folder}: expected {folder}/<class>/<image files>")
+    classes = sorted(by_class)
+    ls = _labelled(root, by_class, classes)
+    what = "every image" if name == "all" else f"the {folder.name}/ folder"
+    return ls, classes, f"{root} ({what}: {len(ls)} images in {len(classes)} classes)", name
 
 
 def check_after_skips(classes: list[str], split: str, labels: np.ndarray) -> None:

@@ -3,26 +3,11 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
-from edgetl import checkpoint
-from edgetl.data import LabelledSet, decode_for_scoring, load_dataset, relabel
-from edgetl.errors import EdgetlError
-from edgetl.metrics import classification_metrics
+from edgetl.data import decode_for_scoring, relabel, scoring_set
 from edgetl.progress import Reporter
-
-
-def pick_split(
-    data: str | os.PathLike[str], split: str | None, seed: int = 0, val_fraction: float = 0.2
-) -> tuple[LabelledSet, list[str], str]:
-    """The labelled images to score: a split of a dataset (default: test if there is one, else val)."""
-    ds = load_dataset(data, val_fraction=val_fraction, seed=seed)
-    splits = ds.splits()
-    name = split or ("test" if "test" in splits else "val")
-    if name not in splits:
-        raise EdgetlError(f"{data} has no {name!r} split (it has: {', '.join(splits)})")
-    return splits[name], ds.classes, name
+from edgetl.run import RunFolder
 
 
 def evaluate(
@@ -32,21 +17,28 @@ def evaluate(
     device: str = "auto",
     reporter: Reporter | None = None,
 ) -> dict[str, Any]:
+    """Every image of a plain folder of class folders, or one split of a dataset (default: test,
+    else the validation folder): top-1, top-5, per-class accuracy, macro-F1, and what was scored."""
     import torch  # noqa: F401 - the model below needs it; imported here to keep the CLI fast
 
+    from edgetl import checkpoint
     from edgetl.train import pick_device, predict_logits
 
     reporter = reporter or Reporter()
-    model, ckpt = checkpoint.load_model(run)
+    folder = RunFolder.open(run)
+    ckpt = folder.checkpoint()
+    model = checkpoint.build_model(ckpt)
     spec = checkpoint.spec_of(ckpt)
     labels = list(ckpt["config"]["labels"])
-    ls, data_classes, split_name = pick_split(data, split, seed=ckpt["config"]["train"]["seed"],
-                                              val_fraction=ckpt["config"]["train"]["val_fraction"])  # fmt: skip
+    ls, data_classes, source, split_name = scoring_set(data, split)
     ls = relabel(ls, data_classes, labels, str(data))
-    images, failed = decode_for_scoring(ls, spec, reporter, f"{data} ({split_name})")
+    reporter.log(f"scoring {source}")
+    images, failed = decode_for_scoring(ls, spec, reporter, source)
     dev = pick_device(device)
     logits = predict_logits(model.to(dev), images, spec, dev, reporter=reporter)
+    from edgetl.metrics import classification_metrics
+
     metrics = classification_metrics(logits, images.labels, labels)
-    metrics.update({"data": str(Path(data).resolve()), "split": split_name, "skipped_files": failed,
-                    "checkpoint": ckpt["path"]})  # fmt: skip
+    metrics.update({"data": source, "split": split_name, "scored": len(images),
+                    "skipped_files": failed, "checkpoint": ckpt["path"], "checkpoint_sha256": folder.checkpoint_sha256})  # fmt: skip
     return metrics

@@ -18,7 +18,6 @@ import io
 import json
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -28,11 +27,13 @@ from typing import Any
 import numpy as np
 
 from edgetl import __version__, checkpoint, metadata
+from edgetl import run as runfolder
+from edgetl.backends.onnxruntime import OrtModel
+from edgetl.backends.openvino import OpenVinoModel, read_metadata, save_model
 from edgetl.errors import EdgetlError
-from edgetl.fileio import atomic_path, write_json, write_text
-from edgetl.parity import ParityData, compare, load_parity_data
+from edgetl.fileio import atomic_path, make_temp_dir, write_json, write_text
+from edgetl.parity import ParityData, compare, run_split_data, scoring_data
 from edgetl.progress import Reporter
-from edgetl.runners import OpenVinoModel, OrtModel
 
 FORMATS = ("onnx", "openvino", "all")
 MIN_OPSET = 17
@@ -52,6 +53,7 @@ class ExportOptions:
     data: str | None = None  # images for the parity check; default: the run's validation split
     parity_samples: int = 300
     seed: int = 0
+    allow_data_change: bool = False  # parity on the recorded validation list although the data folder changed
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -154,36 +156,8 @@ def _save_openvino(onnx_path: Path, target_xml: Path, meta: dict[str, str], comp
     save_openvino_model(ov.convert_model(str(onnx_path)), target_xml, meta, compress_to_fp16)
 
 
-def save_openvino_model(model: Any, target_xml: Path, meta: dict[str, str], compress_to_fp16: bool = False) -> None:
-    """Save an OpenVINO model with `meta` in its rt_info, atomically: the IR pair (.xml + .bin) is
-    written to a temporary folder beside the target folder, which then replaces it."""
-    import openvino as ov
-
-    for k, v in meta.items():
-        model.set_rt_info(v, [metadata.RT_INFO_SECTION, k])
-    final_dir = target_xml.parent
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
-    try:
-        ov.save_model(model, str(tmp_dir / target_xml.name), compress_to_fp16=compress_to_fp16)
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        os.replace(tmp_dir, final_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-
-
-def read_openvino_metadata(xml: str | os.PathLike[str]) -> dict[str, str]:
-    import openvino as ov
-
-    model = ov.Core().read_model(str(xml))
-    out = {}
-    for key in (*metadata.KEYS, *metadata.QUANTIZATION_KEYS):
-        path = [metadata.RT_INFO_SECTION, key]
-        if model.has_rt_info(path):
-            out[key] = model.get_rt_info(path).astype(str)
-    return out
+save_openvino_model = save_model  # the backend's atomic IR writer, under the name callers know
+read_openvino_metadata = read_metadata
 
 
 def _mark_failed(path: Path) -> Path:
@@ -199,35 +173,72 @@ def _mark_failed(path: Path) -> Path:
     return failed
 
 
+def remove_derived(out_dir: Path, run: runfolder.RunFolder, reexported: set[str], reporter: Reporter) -> list[str]:
+    """Before a forced export: every model in `out_dir` made from another checkpoint goes, and so do
+    the int8 models of the formats being exported again (their parent is about to change), with the
+    reports that describe them. What is left all belongs to the new checkpoint."""
+    removed = []
+    current = run.checkpoint_sha256
+    for m in runfolder.exported_models(out_dir):
+        parent_replaced = any(runfolder.INT8_CHILDREN.get(k) == m.key for k in reexported)
+        if m.checkpoint_sha256 != current or parent_replaced or m.key in reexported:
+            target = m.path.parent if m.kind == "openvino" else m.path
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+            if m.key not in reexported:
+                removed.append(str(target))
+    if removed:
+        for name in (runfolder.QUANTIZE_REPORT, "bench.json", "bench.csv", "bench.md", "bench.png"):
+            (out_dir / name).unlink(missing_ok=True)
+        reporter.log(f"--force: removed {len(removed)} model(s) of the old checkpoint or parent: {', '.join(removed)}")
+    return removed
+
+
 def export_run(run: str | os.PathLike[str], opts: ExportOptions, reporter: Reporter | None = None) -> dict[str, Any]:
-    """Export the best checkpoint of `run`; check every file against PyTorch; write export.json."""
+    """Export the best checkpoint of `run`; check every file against PyTorch; write export.json
+    (into the output folder, naming the run, so `quantize` and `bench` can work on that folder)."""
+    folder = runfolder.RunFolder.open(run)
+    out_dir = Path(opts.out) if opts.out else folder.path
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EdgetlError(f"--out {out_dir} is a file, not a folder")
+    with runfolder.locked(out_dir, "export"):
+        return _export_locked(folder, out_dir, opts, reporter or Reporter())
+
+
+def _export_locked(folder: runfolder.RunFolder, out_dir: Path, opts: ExportOptions, reporter: Reporter) -> dict[str, Any]:
     import torch
 
     from edgetl.malloc_tuning import tune_malloc
 
     tune_malloc()
-    reporter = reporter or Reporter()
     check_opset(opts.opset)
-    ckpt = checkpoint.read(run)
-    run_dir = Path(ckpt["path"]).parent
-    out_dir = Path(opts.out) if opts.out else run_dir
+    ckpt = folder.checkpoint()
+    run_dir = folder.path
     paths = output_paths(out_dir, opts)
-    existing = [p for k, p in paths.items() if k != "labels" and p.exists() and (k != "onnx" or opts.format != "openvino")]
+    written = {k for k in paths if k != "labels" and (k != "onnx" or opts.format != "openvino")}
+    existing = [paths[k] for k in written if paths[k].exists()]
     if existing and not opts.force:
-        raise EdgetlError(f"{existing[0]} exists: pass --force to overwrite it")
+        raise EdgetlError(f"{existing[0]} exists: pass --force to overwrite it (models of the old checkpoint are removed)")
     model = checkpoint.build_model(ckpt)
     spec = checkpoint.spec_of(ckpt)
     labels = list(ckpt["config"]["labels"])
-    ckpt_hash = checkpoint.file_hash(ckpt["path"])
+    ckpt_hash = folder.checkpoint_sha256
     val_metrics = _validation_metrics(run_dir)
     common = dict(spec=spec, labels=labels, backbone=ckpt["config"]["backbone"], checkpoint_sha256=ckpt_hash,
                   validation_metrics=val_metrics, edgetl_version=__version__)  # fmt: skip
-    report: dict[str, Any] = {"run": str(run_dir), "checkpoint_sha256": ckpt_hash, "opset": opts.opset, "batch": opts.batch,
+    report: dict[str, Any] = {"run": str(run_dir.resolve()), "checkpoint_sha256": ckpt_hash, "opset": opts.opset, "batch": opts.batch,
                               "exporter": "torch.onnx.export(dynamo=True)", "files": {}, "parity": {}}  # fmt: skip
 
-    # The parity images come first: a run whose data has moved fails before any file is written.
-    parity = load_parity_data(ckpt, opts.data, opts.parity_samples, opts.seed, reporter)
+    # The parity images come first: a run whose data has moved or changed fails before any file is written.
+    if opts.data is None:
+        parity = run_split_data(folder, "val", labels, spec, reporter, opts.parity_samples, opts.seed, opts.allow_data_change)
+    else:
+        parity = scoring_data(opts.data, labels, spec, reporter, opts.parity_samples, opts.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if opts.force:
+        report["removed"] = remove_derived(out_dir, folder, written, reporter)
     c = spec.input_size
     example = torch.zeros(opts.fixed_batch or 2, 3, c, c)
 
@@ -236,7 +247,7 @@ def export_run(run: str | os.PathLike[str], opts: ExportOptions, reporter: Repor
     # An OpenVINO-only export still converts from ONNX (one graph for both), into a temporary file.
     tmp_onnx = None
     if opts.format == "openvino":
-        tmp_onnx = Path(tempfile.mkdtemp(prefix=".export-", dir=out_dir)) / "model.onnx"
+        tmp_onnx = make_temp_dir(out_dir, "export") / "model.onnx"
         onnx_path = tmp_onnx
     reporter.log(f"exporting {ckpt['config']['backbone']} to ONNX (opset {opts.opset}, batch {opts.batch})")
     _export_onnx(model, example, onnx_path, opts.opset, opts.fixed_batch)
@@ -287,13 +298,13 @@ def export_run(run: str | os.PathLike[str], opts: ExportOptions, reporter: Repor
     report["host"] = __import__("edgetl.hostinfo", fromlist=["host_record"]).host_record()
     for key, path, _ in failures:
         report["files"][key]["moved_to"] = str(_mark_failed(path))
-    write_json(run_dir / "export.json", report)
+    write_json(out_dir / runfolder.EXPORT_REPORT, report)
     if failures:
         key, path, result = failures[0]
         raise EdgetlError(
             f"parity check failed for {key}: top-1 agreement {result['top1_agreement']:.2%}, max |logit diff| "
             f"{result['max_abs_diff']:.2e} (limits {PARITY_MIN_AGREEMENT:.1%}, {PARITY_MAX_ABS_DIFF:.0e}); "
-            f"the file was moved to {report['files'][key]['moved_to']}; see {run_dir / 'export.json'}",
+            f"the file was moved to {report['files'][key]['moved_to']}; see {out_dir / runfolder.EXPORT_REPORT}",
             exit_code=1,
         )
     return report

@@ -8,8 +8,10 @@ test pins the key set. This module is torch-free so the runtime can read it.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
+from edgetl.errors import EdgetlError
 from edgetl.preprocess import PreprocessSpec
 
 METADATA_VERSION = "1"
@@ -75,6 +77,75 @@ def build(
     return meta
 
 
+class MetadataError(EdgetlError, ValueError):
+    """An exported model whose edgetl metadata is missing, malformed or disagrees with its graph."""
+
+
+REQUIRED = ("labels", "input_size", "resize_shorter_side", "interpolation", "mean", "std")
+MAX_INPUT_SIZE = 4096
+
+
+def _json(meta: dict[str, str], key: str, where: str) -> Any:
+    try:
+        return json.loads(meta[key])
+    except (ValueError, TypeError):
+        raise MetadataError(f"{where}: metadata {key!r} is not valid JSON") from None
+
+
+def _three_floats(value: Any, key: str, where: str) -> tuple[float, float, float]:
+    if not isinstance(value, list) or len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+        raise MetadataError(f"{where}: metadata {key!r} must be a list of 3 numbers (one per RGB channel), got {value!r}")
+    if not all(math.isfinite(v) for v in value):
+        raise MetadataError(f"{where}: metadata {key!r} has a value that is not finite: {value!r}")
+    return (float(value[0]), float(value[1]), float(value[2]))
+
+
+def validate(meta: dict[str, str], where: str, input_name: str | None = None, input_shape: list[Any] | None = None,
+             input_type: str | None = None, output_shape: list[Any] | None = None) -> PreprocessSpec:  # fmt: skip
+    """Check the metadata once, against the graph when its input/output are given; return the spec.
+
+    A model whose metadata cannot be trusted fails here with one clear message, never later as a
+    per-image error, NaN probabilities or wrong labels."""
+    missing = [k for k in REQUIRED if k not in meta]
+    if missing:
+        raise MetadataError(f"{where} has no edgetl metadata ({', '.join(missing)} missing): export it with `edgetl export`")
+    labels = _json(meta, "labels", where)
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise MetadataError(f"{where}: metadata 'labels' must be a non-empty list of strings")
+    mean = _three_floats(_json(meta, "mean", where), "mean", where)
+    std = _three_floats(_json(meta, "std", where), "std", where)
+    if min(std) <= 0:
+        raise MetadataError(f"{where}: metadata 'std' must be positive, got {list(std)}")
+    try:
+        size, resize = int(meta["input_size"]), int(meta["resize_shorter_side"])
+    except ValueError:
+        raise MetadataError(f"{where}: metadata input_size/resize_shorter_side must be whole numbers") from None
+    if not (1 <= size <= MAX_INPUT_SIZE and size <= resize <= 2 * MAX_INPUT_SIZE):
+        raise MetadataError(f"{where}: metadata sizes out of range (input_size {size}, resize_shorter_side {resize})")
+    try:
+        spec = PreprocessSpec(size, resize, meta["interpolation"], mean, std, meta.get("channel_order", "RGB"))
+    except ValueError as exc:
+        raise MetadataError(f"{where}: {exc}") from None
+    in_graph = meta.get("preprocessing_in_graph", "false")
+    if in_graph not in ("true", "false"):
+        raise MetadataError(f"{where}: metadata 'preprocessing_in_graph' must be true or false, got {in_graph!r}")
+    if input_name is not None and meta.get("input_name", input_name) != input_name:
+        raise MetadataError(f"{where}: metadata names input {meta['input_name']!r}, the graph's is {input_name!r}")
+    if input_shape is not None:
+        dims = input_shape[1:]
+        want = [size, size, 3] if in_graph == "true" else [3, size, size]
+        want_type = "uint8" if in_graph == "true" else "float"
+        fixed = [d for d in dims if isinstance(d, int)]
+        if len(input_shape) != 4 or (len(fixed) == 3 and dims != want) or (input_type and want_type not in input_type):
+            raise MetadataError(
+                f"{where}: the graph takes {input_type or ''} {input_shape}, but its metadata describes "
+                f"{'uint8 NHWC' if in_graph == 'true' else 'float NCHW'} [N, {', '.join(map(str, want))}]"
+            )
+    if output_shape is not None and len(output_shape) == 2 and isinstance(output_shape[1], int) and output_shape[1] != len(labels):
+        raise MetadataError(f"{where}: {len(labels)} labels in the metadata, but the model has {output_shape[1]} outputs")
+    return spec
+
+
 def spec_from(meta: dict[str, str]) -> PreprocessSpec:
     return PreprocessSpec(
         input_size=int(meta["input_size"]),
@@ -91,14 +162,7 @@ def labels_from(meta: dict[str, str]) -> list[str]:
 
 
 def read_onnx_metadata(path: str) -> dict[str, str]:
-    """Metadata of an ONNX file through onnxruntime (what an app has), without loading weights twice."""
-    import onnxruntime as ort
+    """Metadata of an ONNX file through onnxruntime (what an app has)."""
+    from edgetl.backends.onnxruntime import read_metadata
 
-    from edgetl.errors import EdgetlError
-
-    try:
-        sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types for unloadable files
-        detail = str(exc).splitlines()[0][-160:] if str(exc) else type(exc).__name__
-        raise EdgetlError(f"{path} cannot be loaded by onnxruntime: {detail}") from None
-    return dict(sess.get_modelmeta().custom_metadata_map)
+    return read_metadata(path)

@@ -36,7 +36,8 @@ def classification_metrics(scores: np.ndarray, labels: np.ndarray, classes: list
     return {
         "n": len(labels),
         "top1": float(np.mean(pred == labels)) if len(labels) else 0.0,
-        "top5": topk_accuracy(scores, labels, 5),
+        # top-5 of 5 classes or fewer is 100% by construction: reported only where it says something.
+        "top5": topk_accuracy(scores, labels, 5) if n_cls > 5 else None,
         "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
         "per_class_accuracy": {c: (float(recall[i]) if support[i] else None) for i, c in enumerate(classes)},
         "confusion_matrix": cm.tolist(),

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgetl.data import LabelledSet, decode_for_scoring, load_dataset, relabel
+from edgetl.data import LabelledSet, decode_for_scoring, relabel, scoring_set
 from edgetl.errors import EdgetlError
 from edgetl.preprocess import PreprocessSpec, normalize, resize_and_crop
 from edgetl.progress import Reporter
+from edgetl.run import RunFolder
 
 
 @dataclass
@@ -34,27 +34,30 @@ def prepare(ls: LabelledSet, spec: PreprocessSpec, source: str, reporter: Report
     return ParityData(pixels, normalize(pixels, spec), images.labels, [r.key for r in images.refs], source)
 
 
-def load_parity_data(ckpt: dict[str, Any], data: str | None, n: int, seed: int, reporter: Reporter) -> ParityData:
-    """The run's validation images (or those of `data`), a seeded sample of `n` when there are more."""
-    cfg = ckpt["config"]
-    labels = list(cfg["labels"])
-    spec = PreprocessSpec.from_dict(cfg["preprocess"])
-    if data is None:
-        t = cfg["train"]
-        if not Path(cfg["data"]).exists():
-            raise EdgetlError(f"the run's data ({cfg['data']}) is not here; pass --data DIR with labelled images to check against")
-        ds = load_dataset(cfg["data"], t["val_fraction"], t["seed"], t["limit_train"], t["limit_val"])
-        ls, classes, source = ds.val, ds.classes, f"{cfg['data']} (validation split)"
-    else:
-        from edgetl.evaluate import pick_split
-
-        ls, classes, split = pick_split(data, None)
-        source = f"{data} ({split} split)"
+def scoring_data(data: str, labels: list[str], spec: PreprocessSpec, reporter: Reporter, max_images: int | None = None,
+                 seed: int = 0) -> ParityData:  # fmt: skip
+    """Labelled images a user pointed at (every image of a plain folder; test, else val, of a dataset)."""
+    ls, classes, source, _ = scoring_set(data)
     ls = relabel(ls, classes, labels, source)
-    if len(ls) > n:
-        idx = np.sort(np.random.default_rng(seed).choice(len(ls), size=n, replace=False))
-        ls = ls.subset(idx)
-    return prepare(ls, spec, source, reporter)
+    return prepare(_sample(ls, max_images, seed), spec, source, reporter)
+
+
+def run_split_data(run: RunFolder, split: str, labels: list[str], spec: PreprocessSpec, reporter: Reporter,
+                   max_images: int | None = None, seed: int = 0, allow_changed: bool = False) -> ParityData:  # fmt: skip
+    """One of the run's recorded splits (never re-drawn), a seeded sample of `max_images` when larger."""
+    ds = run.dataset(allow_changed=allow_changed, reporter=reporter)
+    ls = ds.splits().get(split)
+    if ls is None or len(ls) == 0:
+        raise EdgetlError(f"the run {run.path} recorded no {split} images")
+    source = f"{ds.root} ({split} split as recorded in {run.path / 'splits.json'})"
+    ls = relabel(ls, ds.classes, labels, source)
+    return prepare(_sample(ls, max_images, seed), spec, source, reporter)
+
+
+def _sample(ls: LabelledSet, n: int | None, seed: int) -> LabelledSet:
+    if n is None or len(ls) <= n:
+        return ls
+    return ls.subset(np.sort(np.random.default_rng(seed).choice(len(ls), size=n, replace=False)))
 
 
 def compare(reference: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:

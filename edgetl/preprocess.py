@@ -83,8 +83,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     if mode == "RGB":
         return img
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        peak = arr.max(initial=0)
+        if mode.startswith("I;16") or peak > 255:
+            hi = 65535.0
+        elif mode == "F" and peak <= 1.0:
+            hi = 1.0  # float images in [0, 1] (scientific TIFFs): 1.0 is white, not 1/255 of it
+        else:
+            hi = 255.0
         arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr, "L").convert("RGB")
     if mode == "P":

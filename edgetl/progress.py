@@ -15,7 +15,20 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True)
+# Wide enough for the bench table's columns when output goes to a pipe or a log file: rich would
+# otherwise assume 80 columns there, cut table cells to "…" and wrap every epoch line in two.
+PIPE_WIDTH = 240
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A rich console that uses the terminal's width, and a wide one (no wrapping) off a terminal."""
+    probe = Console(stderr=stderr)
+    if probe.is_terminal:
+        return probe
+    return Console(stderr=stderr, width=PIPE_WIDTH, soft_wrap=True)
+
+
+console = make_console(stderr=True)
 
 
 class Reporter:

@@ -1,11 +1,16 @@
 """Static int8 quantization of exported models, held to an accuracy budget and timed. Never imports torch.
 
 ONNX Runtime: quant_pre_process, then quantize_static in QDQ format with per-channel int8 weights.
-Activation/weight types follow the CPU: U8S8 needs VNNI to be exact; on AVX2-only CPUs the U8S8
-kernels can saturate (vpmaddubsw adds pairs of u8*s8 products in int16), so weights use a 7-bit
-range there (reduce_range), which is what ONNX Runtime's documentation prescribes.
 OpenVINO: NNCF post-training quantization of the IR; when that misses the budget,
 nncf.quantize_with_accuracy_control reverts the most harmful layers to float.
+
+int8 is made for the deployment target, not for the machine that quantizes (`--int8-target`):
+- `portable` (default): correct on every x86 and ARM CPU. U8S8 kernels without VNNI (AVX2) add pairs
+  of u8*s8 products in int16 (vpmaddubsw) and can saturate, so weights use a 7-bit range: ONNX
+  Runtime's reduce_range, NNCF's overflow fix on every layer. ARM and VNNI lose one bit of weight
+  precision and nothing else.
+- `vnni`: full 8-bit weights, exact only on CPUs with VNNI (AVX512-VNNI, AVX-VNNI, AMX) or ARM dot
+  products; on an AVX2-only CPU this model can saturate. The target is recorded in the model.
 
 Budget (ONNX Runtime): if int8 loses more than --max-drop top-1 points on the validation images,
 every quantized activation is ranked by its signal-to-quantization-noise ratio (onnxruntime's
@@ -26,8 +31,11 @@ from typing import Any
 import numpy as np
 
 from edgetl import __version__, metadata
+from edgetl import run as runfolder
+from edgetl.backends.onnxruntime import OrtModel
+from edgetl.backends.openvino import OpenVinoModel, compile_model
 from edgetl.bench.timing import interleaved_latency, latency_stats
-from edgetl.data import load_dataset, stratified_sample
+from edgetl.data import relabel, stratified_sample
 from edgetl.errors import EdgetlError
 from edgetl.executed_ops import describe, openvino_executed_layers, ort_executed_ops
 from edgetl.fileio import atomic_path, sha256_file, write_json
@@ -35,9 +43,9 @@ from edgetl.hostinfo import has_vnni, host_record
 from edgetl.parity import ParityData, prepare
 from edgetl.preprocess import PreprocessSpec
 from edgetl.progress import Reporter
-from edgetl.runners import OpenVinoModel, OrtModel
 
 CALIB_METHODS = ("minmax", "percentile", "entropy")
+INT8_TARGETS = ("portable", "vnni")
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,8 @@ class QuantizeOptions:
     seed: int = 0
     latency_runs: int = 300
     max_val_images: int = 1000
+    int8_target: str = "portable"  # portable | vnni (see the module docstring)
+    allow_data_change: bool = False  # calibrate on the recorded lists although the data folder changed
 
     def __post_init__(self) -> None:
         if self.calib_method not in CALIB_METHODS:
@@ -59,60 +69,47 @@ class QuantizeOptions:
             raise EdgetlError("--max-drop is a number of top-1 points and cannot be negative")
         if self.calib_size < 1:
             raise EdgetlError("--calib-size must be at least 1")
+        if self.int8_target not in INT8_TARGETS:
+            raise EdgetlError(f"--int8-target must be one of {', '.join(INT8_TARGETS)}, got {self.int8_target!r}")
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def _run_info(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((run_dir / "manifest.json").read_text())
-    except (OSError, ValueError):
-        raise EdgetlError(f"{run_dir} has no readable manifest.json: is it an edgetl run folder?") from None
+def _check_model_input(path: Path) -> dict[str, str]:
+    """The model's metadata, validated against its graph: edgetl can only feed the float NCHW input
+    its metadata describes."""
+    model = OrtModel(path)
+    metadata.validate(model.metadata, str(path), model.input_name, model.input_shape, model.input_type, model.output_shape)
+    if model.metadata.get("preprocessing_in_graph") == "true" or "float" not in model.input_type:
+        raise EdgetlError(f"{path} takes {model.input_name} {model.input_type} {model.input_shape}, not the float NCHW input "
+                          "edgetl quantizes (quantize model.onnx, not the uint8-input model)")  # fmt: skip
+    return model.metadata
 
 
-def _check_model_input(meta: dict[str, str], path: Path) -> None:
-    """Refuse models edgetl cannot feed: no edgetl metadata, or an input unlike the metadata says."""
-    import onnxruntime as ort
-
-    if "labels" not in meta or "input_size" not in meta:
-        raise EdgetlError(f"{path} has no edgetl metadata (labels, preprocessing): export it with `edgetl export`")
-    inp = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).get_inputs()[0]
-    c = int(meta["input_size"])
-    shape = inp.shape
-    expected_shape = len(shape) == 4 and shape[1] == 3 and shape[2:] == [c, c]
-    if inp.name != meta.get("input_name", "input") or not expected_shape or inp.type != "tensor(float)":
-        raise EdgetlError(
-            f"{path} takes {inp.name} {inp.type} {shape}, not the float NCHW [N, 3, {c}, {c}] input its metadata describes"
-        )
-
-
-def load_images(run_dir: Path, meta: dict[str, str], opts: QuantizeOptions, reporter: Reporter) -> tuple[ParityData, ParityData, dict]:
-    """Calibration images (training split, stratified, seeded) and validation images, both
-    preprocessed exactly as at export (the spec in the model's metadata)."""
-    info = _run_info(run_dir)
-    cfg, root = info["config"], info["dataset"]["root"]
-    if not Path(root).exists():
-        raise EdgetlError(f"the run's data ({root}) is not here: calibration needs the training images")
-    ds = load_dataset(root, cfg["val_fraction"], cfg["seed"], cfg["limit_train"], cfg["limit_val"])
+def load_images(run: runfolder.RunFolder, meta: dict[str, str], opts: QuantizeOptions,
+                reporter: Reporter) -> tuple[ParityData, ParityData, dict]:  # fmt: skip
+    """Calibration images (a stratified, seeded sample of the run's recorded training list) and the
+    recorded validation images, both preprocessed exactly as at export (the spec in the model's
+    metadata). Calibration never sees a validation or test image: they come from different lists."""
+    ds = run.dataset(allow_changed=opts.allow_data_change, reporter=reporter)
     labels = metadata.labels_from(meta)
-    if ds.classes != labels:
-        raise EdgetlError(f"the data at {root} no longer has the classes the model was trained on")
+    if sorted(ds.classes) != sorted(labels):
+        raise EdgetlError(f"the run's recorded classes differ from the model's labels: is {run.path} the run this model came from?")
     spec: PreprocessSpec = metadata.spec_from(meta)
     rng = np.random.default_rng(opts.seed)
     n = opts.calib_size
-    calib_set = ds.train
-    note = None
-    if len(ds.train) < n:
-        note = f"the training split has only {len(ds.train)} images, fewer than --calib-size {n}: calibrating on all of them"
+    train, val_set = relabel(ds.train, ds.classes, labels, "train"), relabel(ds.val, ds.classes, labels, "val")
+    calib_set, note = train, None
+    if len(train) < n:
+        note = f"the training split has only {len(train)} images, fewer than --calib-size {n}: calibrating on all of them"
         reporter.log(f"[yellow]warning:[/] {note}")
     else:
-        calib_set = ds.train.subset(stratified_sample(ds.train.labels, n, rng))
-    val_set = ds.val
+        calib_set = train.subset(stratified_sample(train.labels, n, rng))
     if len(val_set) > opts.max_val_images:
         val_set = val_set.subset(stratified_sample(val_set.labels, opts.max_val_images, rng))
-    calib = prepare(calib_set, spec, f"{root} (training split)", reporter)
-    val = prepare(val_set, spec, f"{root} (validation split)", reporter)
+    calib = prepare(calib_set, spec, f"{ds.root} (recorded training split)", reporter)
+    val = prepare(val_set, spec, f"{ds.root} (recorded validation split)", reporter)
     record = {**calib.describe(), "warning": note, "files": calib.keys}
     return calib, val, record
 
@@ -141,20 +138,21 @@ class _Reader:
             yield item
 
 
-def ort_types() -> dict[str, Any]:
-    """The activation/weight types and range for this CPU, with the reason (recorded in the report)."""
-    if has_vnni():
-        return {"activation": "QUInt8", "weight": "QInt8", "reduce_range": False, "why": "VNNI: U8S8 is exact and fastest"}
+def ort_types(target: str = "portable") -> dict[str, Any]:
+    """The activation/weight types and range for a deployment target, with the reason (recorded)."""
+    if target == "vnni":
+        return {"activation": "QUInt8", "weight": "QInt8", "reduce_range": False, "target": "vnni",
+                "why": "VNNI target: full-range U8S8 is exact and fastest there (it can saturate on AVX2-only CPUs)"}  # fmt: skip
     return {
-        "activation": "QUInt8", "weight": "QInt8", "reduce_range": True,
-        "why": "no VNNI (AVX2 only): U8S8 can saturate in int16 accumulation, so weights use 7 bits (reduce_range)",
+        "activation": "QUInt8", "weight": "QInt8", "reduce_range": True, "target": "portable",
+        "why": "portable: 7-bit weights (reduce_range) so U8S8 cannot saturate on AVX2-only CPUs; exact on VNNI and ARM too",
     }  # fmt: skip
 
 
-def _quantize_ort(src: Path, dst: Path, calib: np.ndarray, input_name: str, method: str, exclude: list[str]) -> None:
+def _quantize_ort(src: Path, dst: Path, calib: np.ndarray, input_name: str, method: str, exclude: list[str], target: str) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    types = ort_types()
+    types = ort_types(target)
     quantize_static(
         str(src), str(dst), _Reader(calib, input_name),
         quant_format=QuantFormat.QDQ, per_channel=True,
@@ -210,7 +208,7 @@ def quantize_onnx(src: Path, dst: Path, calib: ParityData, val: ParityData, meta
         k = 0
         while True:
             cand = work / f"int8-{k}.onnx"
-            _quantize_ort(pre, cand, calib.floats, input_name, opts.calib_method, exclude)
+            _quantize_ort(pre, cand, calib.floats, input_name, opts.calib_method, exclude, opts.int8_target)
             top1 = float((OrtModel(cand).predict(val.floats).argmax(1) == val.labels).mean())
             drop = (fp32_top1 - top1) * 100
             attempts.append({"kept_in_float": list(exclude), "top1": top1, "drop_points": drop})
@@ -231,7 +229,7 @@ def quantize_onnx(src: Path, dst: Path, calib: ParityData, val: ParityData, meta
             exclude = ranked_nodes[:k]
         final = attempts[-1]
         return {"fp32_top1": fp32_top1, "candidate": str(cand), "attempts": attempts, "kept_in_float": final["kept_in_float"],
-                "worst_tensors": (ranked or [])[:10], "work": str(work), "types": ort_types()}  # fmt: skip
+                "worst_tensors": (ranked or [])[:10], "work": str(work), "types": ort_types(opts.int8_target)}  # fmt: skip
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -244,12 +242,15 @@ def quantize_openvino(src_xml: Path, calib: ParityData, val: ParityData, opts: Q
     import nncf
     import openvino as ov
 
-    core = ov.Core()
-    model = core.read_model(str(src_xml))
+    model = ov.Core().read_model(str(src_xml))
     fp32_top1 = float((OpenVinoModel(src_xml).predict(val.floats).argmax(1) == val.labels).mean())
     calib_ds = nncf.Dataset([calib.floats[i : i + 1] for i in range(len(calib.floats))])
-    quantized = nncf.quantize(model, calib_ds, subset_size=len(calib.floats), preset=nncf.QuantizationPreset.PERFORMANCE)
-    top1 = _ov_top1(core, quantized, val)
+    # The deployment target decides the weight range (see the module docstring).
+    overflow = nncf.OverflowFix.DISABLE if opts.int8_target == "vnni" else nncf.OverflowFix.ENABLE
+    advanced = nncf.AdvancedQuantizationParameters(overflow_fix=overflow)
+    quantized = nncf.quantize(model, calib_ds, subset_size=len(calib.floats), preset=nncf.QuantizationPreset.PERFORMANCE,
+                              advanced_parameters=advanced)  # fmt: skip
+    top1 = _ov_top1(quantized, val)
     mode = "nncf.quantize"
     if (fp32_top1 - top1) * 100 > opts.max_drop:
         reporter.log(f"openvino int8 drop {(fp32_top1 - top1) * 100:.2f} points is over budget: nncf.quantize_with_accuracy_control")
@@ -262,20 +263,20 @@ def quantize_openvino(src_xml: Path, calib: ParityData, val: ParityData, opts: Q
         quantized = nncf.quantize_with_accuracy_control(
             model, calibration_dataset=calib_ds, validation_dataset=val_ds, validation_fn=validate,
             max_drop=opts.max_drop / 100, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib.floats),
-            preset=nncf.QuantizationPreset.PERFORMANCE,
+            preset=nncf.QuantizationPreset.PERFORMANCE, advanced_quantization_parameters=advanced,
         )  # fmt: skip
-        top1 = _ov_top1(core, quantized, val)
+        top1 = _ov_top1(quantized, val)
         mode = "nncf.quantize_with_accuracy_control"
     drop = (fp32_top1 - top1) * 100
     if drop > opts.max_drop:
         raise EdgetlError(f"openvino int8 cannot meet --max-drop {opts.max_drop} points: best drop {drop:.2f}; "
                           "no int8 OpenVINO model was written", exit_code=1)  # fmt: skip
     return {"fp32_top1": fp32_top1, "top1": top1, "drop_points": drop, "mode": mode, "model": quantized,
-            "kept_in_float": _ov_float_ops(quantized)}  # fmt: skip
+            "kept_in_float": _ov_float_ops(quantized), "overflow_fix": overflow.value}  # fmt: skip
 
 
-def _ov_top1(core: Any, model: Any, val: ParityData) -> float:
-    compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+def _ov_top1(model: Any, val: ParityData) -> float:
+    compiled = compile_model(model, "f32", latency_hint=False)
     out = np.concatenate([compiled(val.floats[i : i + 32])[0] for i in range(0, len(val.floats), 32)])
     return float((out.argmax(1) == val.labels).mean())
 
@@ -332,25 +333,37 @@ def _record(parent_meta: dict[str, str], backend: str, parent_path: Path, calib_
         "backend": backend, "precision": "int8", "parent": parent_path.name, "parent_sha256": sha256_file(parent_path),
         "parent_checkpoint_sha256": parent_meta.get("checkpoint_sha256"), "method": opts.calib_method,
         "calibration": {k: v for k, v in calib_record.items() if k != "files"}, "kept_in_float": kept,
-        "edgetl_version": __version__, **extra,
+        "int8_target": opts.int8_target, "edgetl_version": __version__, **extra,
     }  # fmt: skip
 
 
 def quantize_run(run: str | os.PathLike[str], opts: QuantizeOptions, reporter: Reporter | None = None) -> dict[str, Any]:
-    """int8 versions of a run's exported models (model.onnx, openvino/model.xml) within an accuracy budget."""
+    """int8 versions of the exported models (model.onnx, openvino/model.xml) in a run folder or an
+    `export --out` folder, within an accuracy budget. Only models of the run's current checkpoint."""
+    folder, out_dir = runfolder.export_folder_run(run)
+    with runfolder.locked(out_dir, "quantize"):
+        return _quantize_locked(folder, out_dir, opts, reporter or Reporter())
+
+
+def _quantize_locked(folder: runfolder.RunFolder, run_dir: Path, opts: QuantizeOptions, reporter: Reporter) -> dict[str, Any]:
     from edgetl.malloc_tuning import tune_malloc
 
     tune_malloc()
-    reporter = reporter or Reporter()
-    run_dir = Path(run)
     onnx_path = run_dir / "model.onnx"
     if not onnx_path.exists():
-        raise EdgetlError(f"no exported model in {run_dir}: run `edgetl export {run_dir}` first")
-    meta = metadata.read_onnx_metadata(str(onnx_path)) if _is_onnx(onnx_path) else {}
-    _check_model_input(meta, onnx_path)
-    calib, val, calib_record = load_images(run_dir, meta, opts, reporter)
+        raise EdgetlError(f"no exported model in {run_dir}: run `edgetl export {folder.path}` first")
+    _is_onnx(onnx_path)
+    meta = _check_model_input(onnx_path)
+    parents = [m for m in folder.models(run_dir) if m.key in ("onnx", "openvino") and (m.key == "onnx" or opts.format != "onnx")]
+    for m in parents:
+        stale = folder.stale_reason(m)
+        if stale:
+            raise EdgetlError(f"refusing to quantize a stale model: {stale}")
+    calib, val, calib_record = load_images(folder, meta, opts, reporter)
     x1 = val.floats[:1]
-    report: dict[str, Any] = {"run": str(run_dir), "max_drop_points": opts.max_drop, "validation_images": val.describe(),
+    report: dict[str, Any] = {"run": str(folder.path.resolve()), "folder": str(run_dir), "int8_target": opts.int8_target,
+                              "checkpoint_sha256": folder.checkpoint_sha256,
+                              "max_drop_points": opts.max_drop, "validation_images": val.describe(),
                               "calibration": calib_record, "results": {}, "host": host_record()}  # fmt: skip
     warnings_out: list[str] = []
 
@@ -380,13 +393,14 @@ def quantize_run(run: str | os.PathLike[str], opts: QuantizeOptions, reporter: R
     xml = run_dir / "openvino" / "model.xml"
     if opts.format in ("openvino", "all"):
         if not xml.exists():
-            raise EdgetlError(f"no OpenVINO model in {run_dir}: run `edgetl export {run_dir} --format openvino` first")
+            raise EdgetlError(f"no OpenVINO model in {run_dir}: run `edgetl export {folder.path} --format openvino` first")
         from edgetl.export import save_openvino_model
 
         reporter.log("openvino int8 with NNCF post-training quantization")
         res = quantize_openvino(xml, calib, val, opts, reporter)
         qmodel = res.pop("model")
-        rec = _record(meta, "openvino-nncf", xml.with_suffix(".bin"), calib_record, opts, res["kept_in_float"], {"mode": res["mode"]})
+        rec = _record(meta, "openvino-nncf", xml.with_suffix(".bin"), calib_record, opts, res["kept_in_float"],
+                      {"mode": res["mode"], "overflow_fix": res["overflow_fix"]})  # fmt: skip
         target = run_dir / "openvino-int8" / "model.xml"
         save_openvino_model(qmodel, target, {**meta, "quantization": json.dumps(rec)})
         lat = time_pair(lambda: OpenVinoModel(xml), lambda: OpenVinoModel(target), x1, opts.latency_runs)
@@ -405,7 +419,7 @@ def quantize_run(run: str | os.PathLike[str], opts: QuantizeOptions, reporter: R
     report["warnings"] = warnings_out
     for w in warnings_out:
         reporter.log(f"[yellow]warning:[/] {w}")
-    write_json(run_dir / "quantize.json", report)
+    write_json(run_dir / runfolder.QUANTIZE_REPORT, report)
     return report
 
 

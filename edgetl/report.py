@@ -7,6 +7,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from edgetl.progress import make_console
+
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB"
@@ -22,7 +24,7 @@ def _short(path: str, base: str) -> str:
 
 
 def print_export_report(report: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or make_console()
     table = Table(title=f"export of {report['run']} (parity on {report['parity_images']['n']} images)", show_edge=False)
     for col in ("file", "size", "precision", "top-1", "agreement", "max |Δlogit|", "gate"):
         table.add_column(col, justify="left" if col in ("file", "precision", "gate") else "right")
@@ -40,7 +42,7 @@ def print_export_report(report: dict[str, Any], console: Console | None = None) 
 
 
 def print_quantize_report(report: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or make_console()
     n = report["validation_images"]["n"]
     table = Table(title=f"int8 of {report['run']} (accuracy on {n} validation images, batch-1 latency medians)", show_edge=False)
     for col in ("runtime", "fp32 top-1", "int8 top-1", "drop", "fp32 ms", "int8 ms", "int8/fp32", "size", "kept in float", "runs in int8"):
@@ -157,7 +159,7 @@ def write_bench_files(report: dict[str, Any], out_dir: Any) -> dict[str, str]:
 
 
 def print_bench_table(report: dict[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
+    console = console or make_console()
     table = Table(title="edgetl bench", show_edge=False)
     for col in ("variant", "MB", "top-1", "agree", "p50 ms", "p99 ms", "x fp32", "img/s (largest batch)", "peak MB"):
         table.add_column(col, justify="left" if col == "variant" else "right")

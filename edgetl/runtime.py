@@ -44,27 +44,22 @@ class Classifier:
     (onnxruntime sessions are, and nothing here is mutated after construction)."""
 
     def __init__(self, model_path: str | os.PathLike[str], providers: Sequence[str] | None = None, threads: int | None = None) -> None:
-        import onnxruntime as ort
+        from edgetl.backends.onnxruntime import OrtModel
 
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"no model file at {path}")
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
-        except Exception as exc:
-            raise ValueError(f"{path} is not an ONNX model onnxruntime can load: {str(exc).splitlines()[0][-160:]}") from None
-        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
-        if "labels" not in self.metadata:
-            raise ValueError(f"{path} has no edgetl metadata (labels, preprocessing): export it with `edgetl export`")
+        self.model = OrtModel(path, threads=threads, providers=providers)
+        self.session = self.model.session
+        self.metadata = self.model.metadata
+        # Checked once here against the graph: a model with untrustworthy metadata fails now with one
+        # message (a ValueError), not later on every image.
+        self.spec = metadata.validate(self.metadata, str(path), self.model.input_name, self.model.input_shape,
+                                      self.model.input_type, self.model.output_shape)  # fmt: skip
         self.labels = metadata.labels_from(self.metadata)
-        self.spec = metadata.spec_from(self.metadata)
         self.pixels_in = self.metadata.get("preprocessing_in_graph") == "true"
-        self.input_name = self.session.get_inputs()[0].name
-        batch = self.session.get_inputs()[0].shape[0]
-        self.fixed_batch = batch if isinstance(batch, int) else None
+        self.input_name = self.model.input_name
+        self.fixed_batch = self.model.fixed_batch
 
     def prepare(self, image: ImageInput) -> np.ndarray:
         """One image -> the model's input row (uint8 HWC crop, or float CHW normalised)."""
@@ -77,12 +72,9 @@ class Classifier:
         return crop if self.pixels_in else normalize(crop, self.spec)
 
     def logits(self, batch: np.ndarray) -> np.ndarray:
-        def run(x: np.ndarray) -> np.ndarray:
-            return self.session.run(None, {self.input_name: x})[0]
-
         if not self.fixed_batch:
-            return run(batch)
-        return run_in_chunks(run, batch, self.fixed_batch)
+            return self.model(batch)
+        return run_in_chunks(self.model, batch, self.fixed_batch)
 
     def predict(self, images: ImageInput | list[ImageInput], top_k: int = 5) -> Prediction | list[Prediction]:
         """Labels with probabilities for one image (a Prediction) or a list (a list, run as one batch)."""

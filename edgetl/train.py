@@ -6,15 +6,20 @@ one forward pass over the data instead of one per epoch.
 Stage 2 unfreezes the top blocks and fine-tunes them with the head at a lower learning rate, with
 augmentation, BatchNorm statistics kept, warm-up + cosine decay and early stopping on validation
 loss. The best checkpoint (lowest validation loss over both stages) is what the run keeps.
+
+Both stages run the same epoch loop (`_fit_epoch`) and the same end-of-epoch bookkeeping
+(`_end_epoch`: validate, keep the best, record, save `last.pt`). The run folder is checked and
+locked before any image is decoded, the file lists are recorded first, and `last.pt` exists from
+before the first epoch, so Ctrl-C at any point leaves a run that `--resume` continues.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -29,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from edgetl import __version__, checkpoint
 from edgetl.backbones import get_entry, load_pretrained, preprocess_spec
 from edgetl.config import TrainConfig
+from edgetl.data import Dataset as ImageDataset
 from edgetl.data import DecodedImages, check_after_skips, decode_split, load_dataset
 from edgetl.errors import EdgetlError, TrainingInterrupted
 from edgetl.fileio import write_csv, write_json
@@ -47,8 +53,10 @@ from edgetl.model import (
 )
 from edgetl.preprocess import PreprocessSpec, preprocess
 from edgetl.progress import Reporter
+from edgetl.run import RUN_FORMAT, RunFolder, check_new_run_folder, locked
 
 FEATURE_CACHE_IN_MEMORY_LIMIT = 2 << 30  # larger feature caches go to a memory-mapped file in the run folder
+FEATURE_CACHE_GLOB = "features-*.npy"
 
 
 # ----------------------------------------------------------------------------- datasets for torch
@@ -162,12 +170,7 @@ def predict_logits(
 # ----------------------------------------------------------------------------- the run folder
 
 
-def new_run_dir(out: str | None, name: str | None, dataset_name: str, backbone: str) -> Path:
-    if out is not None:
-        run = Path(out)
-        if (run / checkpoint.BEST_NAME).exists() or (run / checkpoint.LAST_NAME).exists():
-            raise EdgetlError(f"{run} already holds a run: use --resume {run} to continue it, or another --out")
-        return run
+def default_run_dir(name: str | None, dataset_name: str, backbone: str) -> Path:
     base = re.sub(r"[^A-Za-z0-9_.-]+", "-", name or f"{dataset_name}-{backbone}").strip("-") or "run"
     run = Path("models") / base
     i = 2
@@ -187,8 +190,19 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, data: str, run_dir: Path, reporter: Reporter) -> None:
-        self.cfg, self.data_path, self.run_dir, self.r = cfg, data, run_dir, reporter
+    """One run's training: set-up (`build_model`, `decode`), the two stages, and the records.
+
+    Everything `--resume` needs goes into `last.pt` at the end of every epoch of either stage (and
+    once before the first): weights, optimizer and scheduler state, early-stopping count, weight
+    average, history and which epoch is the best so far."""
+
+    def __init__(self, cfg: TrainConfig, dataset: ImageDataset, run_dir: Path, reporter: Reporter,
+                 keep_feature_cache: bool = False) -> None:  # fmt: skip
+        self.cfg, self.dataset, self.run_dir, self.r = cfg, dataset, run_dir, reporter
+        self.data_path = str(dataset.root)
+        self.classes = dataset.classes
+        self.spec = preprocess_spec(cfg.backbone, cfg.input_size)
+        self.keep_feature_cache = keep_feature_cache
         self.device = pick_device(cfg.device)
         self.bf16 = use_bf16(cfg.precision, self.device)
         self.workers = cfg.workers if cfg.workers is not None else default_workers()
@@ -197,18 +211,32 @@ class Trainer:
         self.best_val_loss = math.inf
         self.best: dict[str, Any] = {}
         self.skipped: list[dict[str, str]] = []
+        self.manifest_base: dict[str, Any] = {}
 
     # -- set-up -------------------------------------------------------------------------------
 
-    def prepare(self, weights_source: str | None = None) -> None:
-        """Read and decode the data and build the model. `weights_source` given (a resume): the weights
-        come from a checkpoint right after, so the ImageNet file is neither read nor required."""
+    def build_model(self, weights_source: str | None = None) -> None:
+        """Build the model and load its ImageNet weights, before any image is decoded (a bad --weights
+        file fails in a second, not after minutes of decoding). `weights_source` given (a resume):
+        the weights come from a checkpoint right after, so the ImageNet file is neither read nor required."""
         cfg, r = self.cfg, self.r
-        get_entry(cfg.backbone)  # unknown names fail before any data is read
-        self.dataset = load_dataset(self.data_path, cfg.val_fraction, cfg.seed, cfg.limit_train, cfg.limit_val)
-        ds = self.dataset
-        self.classes = ds.classes
-        self.spec = preprocess_spec(cfg.backbone, cfg.input_size)
+        seed_everything(cfg.seed)
+        self.model = build_classifier(cfg.backbone, len(self.classes), cfg.hidden, cfg.dropout)
+        if weights_source is not None:
+            self.weights_source = weights_source
+        elif cfg.pretrained:
+            self.weights_source = load_pretrained(self.model.backbone, cfg.backbone, cfg.weights, r.log)
+        else:
+            self.weights_source = "none (--no-pretrained: random initialisation)"
+            r.log("[yellow]warning:[/] --no-pretrained: the backbone starts from random weights")
+        r.log(f"backbone: {cfg.backbone}, weights from {self.weights_source}")
+        self.model.to(self.device)
+        if cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+
+    def decode(self) -> None:
+        """Decode the training and validation images once; unreadable ones are skipped and recorded."""
+        cfg, r, ds = self.cfg, self.r, self.dataset
         r.log(
             f"data: {ds.root} ({ds.kind}), {len(ds.classes)} classes, train {len(ds.train)}, val {len(ds.val)}"
             f"{f', test {len(ds.test)} (not used for training)' if ds.test is not None else ''}; {ds.split_note}"
@@ -223,25 +251,12 @@ class Trainer:
         if self.skipped:
             listing = "; ".join(f"{f['file']} ({f['reason']})" for f in self.skipped[:5])
             more = f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
-            if self.cfg.strict:
+            if cfg.strict:
                 raise EdgetlError(f"{len(self.skipped)} unreadable image(s) and --strict: {listing}{more}")
             r.log(f"[yellow]warning:[/] skipped {len(self.skipped)} unreadable image(s): {listing}{more} (listed in manifest.json)")
         for split in ("train", "val"):
             check_after_skips(self.classes, split, decoded[split].labels)
         self.train_images, self.val_images = decoded["train"], decoded["val"]
-        seed_everything(cfg.seed)
-        self.model = build_classifier(cfg.backbone, len(self.classes), cfg.hidden, cfg.dropout)
-        if weights_source is not None:
-            self.weights_source = weights_source
-        elif cfg.pretrained:
-            self.weights_source = load_pretrained(self.model.backbone, cfg.backbone, cfg.weights, r.log)
-        else:
-            self.weights_source = "none (--no-pretrained: random initialisation)"
-            r.log("[yellow]warning:[/] --no-pretrained: the backbone starts from random weights")
-        r.log(f"backbone: {cfg.backbone}, weights from {self.weights_source}")
-        self.model.to(self.device)
-        if cfg.channels_last:
-            self.model.to(memory_format=torch.channels_last)
         counts = np.bincount(self.train_images.labels, minlength=len(self.classes)).astype(np.float64)
         weights = counts.sum() / (len(counts) * np.maximum(counts, 1)) if cfg.balance else np.ones_like(counts)
         self.class_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
@@ -284,14 +299,19 @@ class Trainer:
             {"state_dict": state, "config": self.resolved_config(), "stage": stage, "epoch": epoch, "val_loss": val_loss},
         )
 
-    def save_last(self, stage: str, epoch: int, extra: dict[str, Any]) -> None:
+    def save_last(self, stage: str, epoch: int, opt: torch.optim.Optimizer | None = None, sched: Any = None,
+                  bad_epochs: int = 0, ema: Any = None) -> None:  # fmt: skip
+        """The training state after `epoch` of `stage` (epoch 0: before the first), for --resume."""
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         checkpoint.save(
             self.run_dir / checkpoint.LAST_NAME,
             {
                 "state_dict": state, "config": self.resolved_config(), "stage": stage, "epoch": epoch,
                 "history": self.history, "best_val_loss": self.best_val_loss,
-                "best_stage": self.best.get("stage"), "best_epoch": self.best.get("epoch"), **extra,
+                "best_stage": self.best.get("stage"), "best_epoch": self.best.get("epoch"),
+                "optimizer": opt.state_dict() if opt is not None else None,
+                "scheduler": sched.state_dict() if sched is not None else None, "bad_epochs": bad_epochs,
+                "ema_state_dict": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()} if ema is not None else None,
             },
         )  # fmt: skip
 
@@ -305,7 +325,54 @@ class Trainer:
             f"val top-1 {r['val_top1']:.2%}  lr {r['lr']:.2e}  {r['seconds']:.1f}s{'  *best' if r.get('best') else ''}"
         )
 
+    # -- the epoch loop both stages share ------------------------------------------------------
+
+    def _fit_epoch(self, batches: Any, forward: Any, opt: torch.optim.Optimizer, sched: Any, crit: nn.Module,
+                   autocast: bool, ema: Any = None, advance: Any = None) -> tuple[float, float, int]:  # fmt: skip
+        """One pass of optimisation steps over `batches`; returns (mean loss, top-1, images)."""
+        total, count, correct = 0.0, 0, 0
+        for x, y in batches:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+                logits = forward(x)
+            loss = crit(logits.float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if ema is not None:
+                ema.update(self.model, step=sched.last_epoch)
+            total += loss.item() * len(y)
+            count += len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            if advance is not None:
+                advance(len(y))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return total / max(1, count), correct / max(1, count), count
+
+    def _end_epoch(self, stage: str, epoch: int, fit: tuple[float, float, int], val_logits: np.ndarray, scored: nn.Module | None,
+                   lr: float, t_ep: float, extra: dict[str, Any] | None = None) -> bool:  # fmt: skip
+        """Validate, keep the best, record the epoch. Returns whether it is the best so far."""
+        val_loss = self.val_loss(val_logits)
+        is_best = val_loss < self.best_val_loss
+        if is_best:
+            self.save_best(stage, epoch, val_loss, val_logits, scored)
+        self.record({
+            "stage": stage, "epoch": epoch, "train_loss": fit[0], "train_top1": fit[1], "val_loss": val_loss,
+            "val_top1": float((val_logits.argmax(1) == self.val_images.labels).mean()), "lr": lr,
+            "seconds": time.perf_counter() - t_ep, "best": is_best, **(extra or {}),
+        })  # fmt: skip
+        return is_best
+
     # -- stage 1 -----------------------------------------------------------------------------
+
+    def feature_cache_file(self, split: str) -> Path:
+        return self.run_dir / FEATURE_CACHE_GLOB.replace("*", split)
+
+    def remove_feature_cache(self) -> None:
+        if not self.keep_feature_cache:
+            for p in self.run_dir.glob(FEATURE_CACHE_GLOB):
+                p.unlink(missing_ok=True)
 
     @torch.no_grad()
     def extract_features(self, images: DecodedImages, views: int, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -313,7 +380,8 @@ class Trainer:
         n, dim = len(images), feature_dim(self.model.backbone)
         shape = (n * views, dim)
         if np.prod(shape) * 4 > FEATURE_CACHE_IN_MEMORY_LIMIT:
-            feats = np.lib.format.open_memmap(self.run_dir / f"features-{split}.npy", mode="w+", dtype=np.float32, shape=shape)
+            # Removed at the end of the run (see remove_feature_cache) unless --keep-feature-cache.
+            feats = np.lib.format.open_memmap(self.feature_cache_file(split), mode="w+", dtype=np.float32, shape=shape)
         else:
             feats = np.empty(shape, dtype=np.float32)
         labels = np.tile(images.labels, views)
@@ -335,8 +403,8 @@ class Trainer:
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else x
 
-    def stage_head(self) -> None:
-        cfg, _r = self.cfg, self.r
+    def stage_head(self, resume_state: dict[str, Any] | None = None) -> None:
+        cfg = self.cfg
         freeze_backbone(self.model)
         # The frozen base runs in eval mode throughout: BatchNorm uses and keeps its ImageNet statistics.
         self.model.backbone.eval()
@@ -350,33 +418,29 @@ class Trainer:
             xva_t = torch.from_numpy(np.asarray(xva)).to(self.device)
             steps = math.ceil(len(ytr) / cfg.head_batch_size)
         else:
-            loader = self._train_loader(cfg.head_batch_size, drop_last=False)
-            steps = len(loader)
+            steps = len(self._train_loader(cfg.head_batch_size, drop_last=False))
         cache_seconds = time.perf_counter() - t0
         sched = _warmup_cosine(opt, steps * cfg.epochs_head, warmup_steps=steps)  # one epoch of warm-up
+        start = 1
+        if resume_state is not None and resume_state.get("optimizer") is not None:
+            opt.load_state_dict(resume_state["optimizer"])
+            sched.load_state_dict(resume_state["scheduler"])
+            start = resume_state["epoch"] + 1
+            self.r.log(f"resuming stage 1 at epoch {start}")
         crit = self.criterion()
-        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
         images_seen = 0
-        for epoch in range(1, cfg.epochs_head + 1):
+        for epoch in range(start, cfg.epochs_head + 1):
             t_ep = time.perf_counter()
             head.train()
-            total, count, correct = 0.0, 0, 0
             if cfg.cache_features:
+                # Seeded per epoch, so a resumed run draws the same batches as an uninterrupted one.
+                gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + epoch)
                 order = torch.randperm(len(ytr_t), generator=gen).to(self.device)
-                batches = ((xtr_t[idx], ytr_t[idx]) for idx in order.split(cfg.head_batch_size))
+                batches: Any = ((xtr_t[idx], ytr_t[idx]) for idx in order.split(cfg.head_batch_size))
             else:
-                batches = self._backbone_batches(loader)
-            for feats, y in batches:
-                logits = head(feats)
-                loss = crit(logits, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.item() * len(y)
-                count += len(y)
-                correct += int((logits.argmax(1) == y).sum())
-            images_seen += count
+                batches = self._backbone_batches(self._train_loader(cfg.head_batch_size, drop_last=False))
+            fit = self._fit_epoch(batches, head, opt, sched, crit, autocast=False)
+            images_seen += fit[2]
             head.eval()
             with torch.no_grad():
                 if cfg.cache_features:
@@ -384,22 +448,15 @@ class Trainer:
                 else:
                     val_logits = predict_logits(self.model, self.val_images, self.spec, self.device, workers=self.workers,
                                                 channels_last=cfg.channels_last)  # fmt: skip
-            val_loss = self.val_loss(val_logits)
-            is_best = val_loss < self.best_val_loss
-            if is_best:
-                self.save_best("head", epoch, val_loss, val_logits)
-            self.record({
-                "stage": "head", "epoch": epoch, "train_loss": total / count, "train_top1": correct / count,
-                "val_loss": val_loss, "val_top1": float((val_logits.argmax(1) == self.val_images.labels).mean()),
-                "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t_ep, "best": is_best,
-            })  # fmt: skip
+            self._end_epoch("head", epoch, fit, val_logits, None, sched.get_last_lr()[0], t_ep)
+            self.save_last("head", epoch, opt, sched)
         seconds = time.perf_counter() - t0
         self.timings["head"] = {
             "seconds": seconds, "feature_cache_seconds": cache_seconds if cfg.cache_features else 0.0,
-            "images_per_second": (len(self.train_images) * cfg.epochs_head) / seconds,
+            "images_per_second": images_seen / seconds if images_seen else 0.0,
             "feature_cache": cfg.cache_features, "cache_views": cfg.cache_views if cfg.cache_features else 0,
         }  # fmt: skip
-        self.save_last("head", cfg.epochs_head, {})
+        self.remove_feature_cache()
 
     def _train_loader(self, batch_size: int, drop_last: bool = True) -> DataLoader:
         ds = AugmentedImages(self.train_images, self.spec, train_transform(self.spec, self.cfg.augment, self.cfg.crop_scale))
@@ -421,23 +478,37 @@ class Trainer:
     # -- stage 2 -----------------------------------------------------------------------------
 
     def stage_finetune(self, resume_state: dict[str, Any] | None = None) -> None:
+        """Fine-tune the top blocks. `resume_state` continues an interrupted stage 2 where it stopped;
+        with `restart_schedule` in it (an extended run), the remaining epochs get a fresh warm-up +
+        cosine schedule from the fine-tune learning rate, keeping the optimizer's moments."""
         cfg, r = self.cfg, self.r
         unfrozen = unfreeze_top(self.model, cfg.unfreeze_blocks)
         n_train = sum(p.numel() for p in trainable_parameters(self.model))
         r.log(f"fine-tuning {', '.join(unfrozen)} + head ({n_train / 1e6:.2f}M parameters) at lr {cfg.finetune_lr:.1e}"
               f"{', bf16 autocast' if self.bf16 else ''}{', channels_last' if cfg.channels_last else ''}")  # fmt: skip
         opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.finetune_lr)
-        loader = self._train_loader(cfg.batch_size)
-        steps = len(loader)
-        sched = _warmup_cosine(opt, steps * cfg.epochs_finetune, warmup_steps=int(cfg.warmup_epochs * steps))
+        steps = len(self._train_loader(cfg.batch_size))
         start, bad_epochs = 1, 0
         ema = self._weight_average()
         if resume_state is not None:
+            start = resume_state["epoch"] + 1
             opt.load_state_dict(resume_state["optimizer"])
-            sched.load_state_dict(resume_state["scheduler"])
-            start, bad_epochs = resume_state["epoch"] + 1, resume_state["bad_epochs"]
             if ema is not None and resume_state.get("ema_state_dict") is not None:
                 ema.module.load_state_dict(resume_state["ema_state_dict"])
+        if resume_state is not None and resume_state.get("restart_schedule"):
+            remaining = cfg.epochs_finetune - start + 1
+            for g in opt.param_groups:
+                g["initial_lr"] = cfg.finetune_lr
+            sched = _warmup_cosine(opt, steps * remaining, warmup_steps=int(cfg.warmup_epochs * steps))
+            r.log(f"extending fine-tuning: epochs {start}-{cfg.epochs_finetune} on a new warm-up + cosine schedule from "
+                  f"lr {cfg.finetune_lr:.1e} (optimizer moments and the best checkpoint kept)")  # fmt: skip
+        else:
+            sched = _warmup_cosine(opt, steps * cfg.epochs_finetune, warmup_steps=int(cfg.warmup_epochs * steps))
+            if resume_state is not None:
+                sched.load_state_dict(resume_state["scheduler"])
+                opt.load_state_dict(resume_state["optimizer"])  # the scheduler's construction reset the current lr
+                bad_epochs = resume_state["bad_epochs"]
+                r.log(f"resuming fine-tuning at epoch {start}")
         # Validation scores (and the best checkpoint keeps) the weight average when there is one.
         scored = ema.module if ema is not None else self.model
         crit = self.criterion()
@@ -448,47 +519,18 @@ class Trainer:
             loader = self._train_loader(cfg.batch_size)
             set_train_mode(self.model)
             t_ep = time.perf_counter()
-            total, count, correct = 0.0, 0, 0
             with r.task(f"fine-tune epoch {epoch}/{cfg.epochs_finetune}", len(loader.dataset)) as advance:  # type: ignore[arg-type]
-                for x, y in loader:
-                    x, y = self._to_device(x), y.to(self.device)
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                        logits = self.model(x)
-                    loss = crit(logits.float(), y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    if ema is not None:
-                        ema.update(self.model, step=sched.last_epoch)
-                    total += loss.item() * len(y)
-                    count += len(y)
-                    correct += int((logits.argmax(1) == y).sum())
-                    advance(len(y))
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
+                batches = ((self._to_device(x), y.to(self.device)) for x, y in loader)
+                fit = self._fit_epoch(batches, self.model, opt, sched, crit, autocast=self.bf16, ema=ema, advance=advance)
             epoch_train_seconds = time.perf_counter() - t_ep
             train_seconds += epoch_train_seconds
-            images += count
+            images += fit[2]
             val_logits = predict_logits(scored, self.val_images, self.spec, self.device, workers=self.workers,
                                         channels_last=cfg.channels_last)  # fmt: skip
-            val_loss = self.val_loss(val_logits)
-            is_best = val_loss < self.best_val_loss
-            if is_best:
-                self.save_best("finetune", epoch, val_loss, val_logits, scored)
-                bad_epochs = 0
-            else:
-                bad_epochs += 1
-            self.record({
-                "stage": "finetune", "epoch": epoch, "train_loss": total / count, "train_top1": correct / count,
-                "val_loss": val_loss, "val_top1": float((val_logits.argmax(1) == self.val_images.labels).mean()),
-                "lr": sched.get_last_lr()[0], "seconds": time.perf_counter() - t_ep, "best": is_best,
-                "train_images_per_second": count / epoch_train_seconds,
-            })  # fmt: skip
-            self.save_last("finetune", epoch, {
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "bad_epochs": bad_epochs,
-                "ema_state_dict": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()} if ema is not None else None,
-            })  # fmt: skip
+            is_best = self._end_epoch("finetune", epoch, fit, val_logits, scored, sched.get_last_lr()[0], t_ep,
+                                      {"train_images_per_second": fit[2] / epoch_train_seconds})  # fmt: skip
+            bad_epochs = 0 if is_best else bad_epochs + 1
+            self.save_last("finetune", epoch, opt, sched, bad_epochs, ema)
             if bad_epochs >= cfg.patience > 0:
                 r.log(f"early stop: validation loss has not improved for {bad_epochs} epochs")
         if images:
@@ -509,15 +551,41 @@ class Trainer:
 
     # -- results -----------------------------------------------------------------------------
 
+    def write_manifest(self, status: str) -> None:
+        ds = self.dataset
+        base = self.manifest_base
+        write_json(self.run_dir / "manifest.json", {
+            "format": RUN_FORMAT,
+            "edgetl_version": __version__,
+            "status": status,  # training | interrupted | finished
+            "created": base.get("created", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+            "command": base.get("command", " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])),
+            "resumed": base.get("resumed", []),
+            "seed": self.cfg.seed,
+            "config": self.cfg.to_dict(),
+            "device": str(self.device), "bf16_autocast": self.bf16, "workers": self.workers,
+            "dataset": {
+                "root": str(ds.root.resolve()), "kind": ds.kind, "fingerprint": ds.fingerprint(),
+                "classes": ds.classes, "split_note": ds.split_note,
+                "counts": {s: ls.class_counts(len(ds.classes)) for s, ls in ds.splits().items()},
+            },
+            "skipped_files": self.skipped,
+            "weights_source": getattr(self, "weights_source", None),
+            "timings": {**base.get("timings", {}), **self.timings},
+            "host": host_record(),
+        })  # fmt: skip
+
     def finish(self, interrupted: bool = False) -> dict[str, Any]:
         metrics: dict[str, Any] = {"split": "val", "stages": {}}
         for stage in ("head", "finetune"):
             rows = [h for h in self.history if h["stage"] == stage]
             if rows:
                 best_row = min(rows, key=lambda h: h["val_loss"])
+                # The stage's best row is the one selection would keep: its accuracy, not the best accuracy of any epoch.
                 metrics["stages"][stage] = {
                     "epochs_run": len(rows), "best_epoch": best_row["epoch"], "best_val_loss": best_row["val_loss"],
-                    "best_val_top1": max(h["val_top1"] for h in rows), **self.timings.get(stage, {}),
+                    "best_val_top1": best_row["val_top1"], "max_val_top1": max(h["val_top1"] for h in rows),
+                    **self.timings.get(stage, {}),
                 }  # fmt: skip
         if self.best:
             m = classification_metrics(self.best["val_logits"], self.val_images.labels, self.classes)
@@ -529,25 +597,7 @@ class Trainer:
                            f"validation, {self.cfg.backbone} ({self.best['stage']} epoch {self.best['epoch']})")  # fmt: skip
         metrics["interrupted"] = interrupted
         write_json(self.run_dir / "metrics.json", metrics)
-        ds = self.dataset
-        write_json(self.run_dir / "splits.json", ds.split_record())
-        write_json(self.run_dir / "manifest.json", {
-            "edgetl_version": __version__,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "seed": self.cfg.seed,
-            "config": self.cfg.to_dict(),
-            "device": str(self.device), "bf16_autocast": self.bf16, "workers": self.workers,
-            "dataset": {
-                "root": str(ds.root.resolve()), "kind": ds.kind, "fingerprint": ds.fingerprint(),
-                "classes": ds.classes, "split_note": ds.split_note,
-                "counts": {s: ls.class_counts(len(ds.classes)) for s, ls in ds.splits().items()},
-            },
-            "skipped_files": self.skipped,
-            "weights_source": self.weights_source,
-            "timings": self.timings,
-            "host": host_record(),
-        })  # fmt: skip
+        self.write_manifest("interrupted" if interrupted else "finished")
         return metrics
 
 
@@ -569,80 +619,148 @@ def train(
     out: str | None = None,
     name: str | None = None,
     reporter: Reporter | None = None,
+    keep_feature_cache: bool = False,
 ) -> TrainResult:
     """Train a classifier on the images at `data`; return the run folder and its metrics."""
     tune_malloc()
     reporter = reporter or Reporter()
     data = str(data)
-    # Fail on bad data before a run folder is created.
+    # Fail on bad input before a run folder is created or an image decoded.
     if not Path(data).exists():
         raise EdgetlError(f"data path does not exist: {data}")
-    ds_name = Path(data).resolve().name
-    run_dir = new_run_dir(out, name, ds_name, cfg.backbone)
-    trainer = Trainer(cfg, data, run_dir, reporter)
-    trainer.prepare()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    reporter.log(f"run folder: {run_dir}")
-    return _run_stages(trainer, resume_state=None)
+    get_entry(cfg.backbone)
+    run_dir = Path(out) if out is not None else default_run_dir(name, Path(data).resolve().name, cfg.backbone)
+    created = not run_dir.exists()
+    check_new_run_folder(run_dir)
+    started = False
+    try:
+        with locked(run_dir, "training"):
+            from edgetl.run import is_run
+
+            if is_run(run_dir):  # another process finished a run here between our check and the lock
+                raise EdgetlError(f"{run_dir} already holds a run: use --resume {run_dir} to continue it, or another --out")
+            ds = load_dataset(data, cfg.val_fraction, cfg.seed, cfg.limit_train, cfg.limit_val)
+            trainer = Trainer(cfg, ds, run_dir, reporter, keep_feature_cache)
+            trainer.build_model()
+            trainer.decode()
+            reporter.log(f"run folder: {run_dir}")
+            # From here on the run is resumable: the file lists, the config and the starting weights are on disk.
+            write_json(run_dir / "splits.json", ds.split_record())
+            trainer.write_manifest("training")
+            trainer.save_last("head", 0)
+            started = True
+            return _run_stages(trainer, "head", None)
+    except BaseException:
+        if not started:
+            _remove_unstarted_run(run_dir, created)
+        raise
 
 
-def resume(run: str | os.PathLike[str], reporter: Reporter | None = None, epochs_finetune: int | None = None) -> TrainResult:
-    """Continue an interrupted run from its last completed epoch."""
+def _remove_unstarted_run(run_dir: Path, created: bool) -> None:
+    """A run that failed or was interrupted before its first record leaves no folder behind."""
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:
+        for name in ("splits.json", "manifest.json", "last.pt", ".edgetl.lock"):
+            (run_dir / name).unlink(missing_ok=True)
+
+
+def resume(
+    run: str | os.PathLike[str],
+    reporter: Reporter | None = None,
+    epochs_finetune: int | None = None,
+    allow_data_change: bool = False,
+    keep_feature_cache: bool = False,
+) -> TrainResult:
+    """Continue an interrupted run from its last completed epoch, on the recorded file lists.
+
+    `epochs_finetune` extends a finished or interrupted run to that many fine-tune epochs: the ones
+    not yet run get a fresh warm-up + cosine schedule (see Trainer.stage_finetune)."""
     tune_malloc()
     reporter = reporter or Reporter()
-    last = checkpoint.read(run, checkpoint.LAST_NAME)
-    cfg = TrainConfig.from_dict(last["config"]["train"])
-    if epochs_finetune is not None:
-        cfg = replace(cfg, epochs_finetune=epochs_finetune)
-    trainer = Trainer(cfg, last["config"]["data"], Path(run), reporter)
-    trainer.prepare(weights_source=_first_weights_source(Path(run)))
-    if last["config"]["labels"] != trainer.classes:
-        raise EdgetlError(f"the data at {last['config']['data']} no longer has the classes this run was trained on")
-    trainer.history = list(last.get("history", []))
-    trainer.best_val_loss = float(last.get("best_val_loss", math.inf))
-    trainer.model.load_state_dict(last["state_dict"])
-    if last.get("best_stage"):
-        best = checkpoint.read(run)
-        # Validation logits of the best model are needed for the final metrics; recompute them (fp32).
-        model = build_classifier(cfg.backbone, len(trainer.classes), cfg.hidden, cfg.dropout)
-        model.load_state_dict(best["state_dict"])
-        logits = predict_logits(model.to(trainer.device), trainer.val_images, trainer.spec, trainer.device)
-        trainer.best = {"stage": best["stage"], "epoch": best["epoch"], "val_loss": best["val_loss"], "val_logits": logits}
-    if last["stage"] == "finetune":
-        reporter.log(f"resuming {run} at fine-tune epoch {last['epoch'] + 1}")
-        state = {"optimizer": last["optimizer"], "scheduler": last["scheduler"], "epoch": last["epoch"], "bad_epochs": last["bad_epochs"],
-                 "ema_state_dict": last.get("ema_state_dict")}  # fmt: skip
-        return _run_stages(trainer, resume_state=state, skip_head=True)
-    reporter.log(f"resuming {run}: stage 1 completed, starting fine-tuning")
-    return _run_stages(trainer, resume_state=None, skip_head=True)
+    folder = RunFolder.open(run)
+    with locked(folder.path, "resume"):
+        manifest = folder.manifest
+        cfg = TrainConfig.from_dict(manifest["config"])
+        last = checkpoint.read(folder.path, checkpoint.LAST_NAME) if (folder.path / checkpoint.LAST_NAME).is_file() else None
+        stage, epoch = (last["stage"], int(last["epoch"])) if last else ("head", 0)
+        bad_epochs = int(last.get("bad_epochs") or 0) if last else 0
+        finished = _finished(cfg, stage, epoch, bad_epochs)
+        restart = False
+        if epochs_finetune is not None and epochs_finetune != cfg.epochs_finetune:
+            done = epoch if stage == "finetune" else 0
+            if epochs_finetune <= done:
+                raise EdgetlError(f"--epochs-finetune {epochs_finetune}: this run has already done {done} fine-tune epoch(s)")
+            restart = stage == "finetune"
+            cfg = replace(cfg, epochs_finetune=epochs_finetune)
+        elif finished:
+            raise EdgetlError(f"{folder.path} finished training: nothing to resume (extend it with --resume {folder.path} "
+                              f"--epochs-finetune N)")  # fmt: skip
+        ds = folder.dataset(allow_changed=allow_data_change, reporter=reporter)
+        trainer = Trainer(cfg, ds, folder.path, reporter, keep_feature_cache)
+        trainer.manifest_base = {**manifest, "resumed": [*manifest.get("resumed", []), time.strftime("%Y-%m-%dT%H:%M:%S%z")]}
+        # With last.pt the weights come from it (the ImageNet file need not be here any more); without, from ImageNet.
+        weights_source = (manifest.get("weights_source") or f"resumed from {checkpoint.LAST_NAME}") if last else None
+        trainer.build_model(weights_source=weights_source)
+        trainer.decode()
+        if last is None:
+            reporter.log(f"resuming {folder.path}: no epoch had finished, starting training from the beginning")
+            trainer.write_manifest("training")
+            trainer.save_last("head", 0)
+            return _run_stages(trainer, "head", None)
+        if last["config"]["labels"] != trainer.classes:
+            raise EdgetlError(f"the data at {ds.root} no longer has the classes this run was trained on")
+        trainer.history = list(last.get("history", []))
+        trainer.best_val_loss = float(last.get("best_val_loss", math.inf))
+        trainer.model.load_state_dict(last["state_dict"])
+        if last.get("best_stage"):
+            best = checkpoint.read(folder.path)
+            # Validation logits of the best model are needed for the final metrics; recompute them (fp32).
+            model = build_classifier(cfg.backbone, len(trainer.classes), cfg.hidden, cfg.dropout)
+            model.load_state_dict(best["state_dict"])
+            logits = predict_logits(model.to(trainer.device), trainer.val_images, trainer.spec, trainer.device)
+            trainer.best = {"stage": best["stage"], "epoch": best["epoch"], "val_loss": best["val_loss"], "val_logits": logits}
+        state = {"optimizer": last.get("optimizer"), "scheduler": last.get("scheduler"), "epoch": epoch,
+                 "bad_epochs": 0 if restart else bad_epochs, "ema_state_dict": last.get("ema_state_dict"),
+                 "restart_schedule": restart}  # fmt: skip
+        if stage == "head" and epoch < cfg.epochs_head:
+            reporter.log(f"resuming {folder.path} in stage 1 after epoch {epoch}")
+            return _run_stages(trainer, "head", state)
+        if stage == "head":
+            reporter.log(f"resuming {folder.path}: stage 1 completed, starting fine-tuning")
+            return _run_stages(trainer, "finetune", None)
+        reporter.log(f"resuming {folder.path} at fine-tune epoch {epoch + 1}")
+        return _run_stages(trainer, "finetune", state)
 
 
-def _first_weights_source(run: Path) -> str:
-    """Where the interrupted run's ImageNet weights came from, as its manifest recorded it."""
-    try:
-        source = json.loads((run / "manifest.json").read_text()).get("weights_source")
-    except (OSError, ValueError, AttributeError):
-        source = None
-    return source or f"resumed from {checkpoint.LAST_NAME}"
+def _finished(cfg: TrainConfig, stage: str, epoch: int, bad_epochs: int) -> bool:
+    if stage == "head":
+        return epoch >= cfg.epochs_head and cfg.epochs_finetune == 0
+    return epoch >= cfg.epochs_finetune or bad_epochs >= cfg.patience > 0
 
 
-def _run_stages(trainer: Trainer, resume_state: dict[str, Any] | None, skip_head: bool = False) -> TrainResult:
+def _run_stages(trainer: Trainer, from_stage: str, resume_state: dict[str, Any] | None) -> TrainResult:
     cfg = trainer.cfg
     try:
-        if not skip_head:
-            trainer.stage_head()
+        if from_stage == "head":
+            trainer.stage_head(resume_state)
+            resume_state = None
         if cfg.epochs_finetune > 0:
             trainer.stage_finetune(resume_state)
     except KeyboardInterrupt:
         # Whatever was saved at the end of the last completed epoch is good; finish the reports with it.
+        trainer.remove_feature_cache()
         if trainer.history:
             trainer.finish(interrupted=True)
+        else:
+            trainer.write_manifest("interrupted")
         raise TrainingInterrupted(str(trainer.run_dir)) from None
     metrics = trainer.finish()
     best = metrics.get("best", {})
     if best:
+        top5 = f", top-5 {best['top5']:.2%}" if best.get("top5") is not None else ""
         trainer.r.log(
-            f"best: {best['stage']} epoch {best['epoch']}, val top-1 {best['top1']:.2%}, top-5 {best['top5']:.2%}, "
+            f"best: {best['stage']} epoch {best['epoch']}, val top-1 {best['top1']:.2%}{top5}, "
             f"macro-F1 {best['macro_f1']:.3f} -> {trainer.run_dir / checkpoint.BEST_NAME}"
         )
     return TrainResult(trainer.run_dir, metrics)

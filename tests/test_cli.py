@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,8 +42,8 @@ def _assert_user_error(result, fragment: str) -> None:
         (["train"], "missing DATA"),
         (["train", ".", "--backbone", "resnet9000"], "unknown backbone"),
         (["train", ".", "--augment", "wild"], "--augment"),
-        (["eval", "/no/run", "."], "no checkpoint"),
-        (["train", "--resume", "/no/run"], "no checkpoint"),
+        (["eval", "/no/run", "."], "run folder not found"),
+        (["train", "--resume", "/no/run"], "run folder not found"),
     ],
 )
 def test_user_errors(args: list[str], fragment: str) -> None:
@@ -68,9 +70,20 @@ def test_train_and_eval_through_the_cli(image_folder: Path, tmp_path: Path) -> N
     ])  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "top-1" in result.output and (run / "checkpoint.pt").exists()
-    result = runner.invoke(app, ["eval", str(run), str(image_folder), "--split", "val", "--json", str(tmp_path / "m.json")])
+    result = runner.invoke(app, ["eval", str(run), str(image_folder), "--json", str(tmp_path / "m.json")])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "m.json").exists()
+    assert json.loads((tmp_path / "m.json").read_text())["n"] == 24  # every image of a plain folder
+    result = runner.invoke(app, ["eval", str(run), str(image_folder), "--json", str(tmp_path)])
+    assert result.exit_code == 2 and "is a folder" in result.output and "Traceback" not in result.output
+
+
+def test_output_to_a_pipe_is_not_cut_to_80_columns() -> None:
+    """Off a terminal rich assumes 80 columns: table cells end in '…' and log lines wrap."""
+    code = ("from edgetl.progress import make_console; c = make_console(); c.print('x' * 150); "
+            "from rich.table import Table; t = Table(); [t.add_column(f'a_long_column_header_{i}') for i in range(6)]; "
+            "t.add_row(*[f'value_{i}_' * 3 for i in range(6)]); c.print(t)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, "COLUMNS": ""}).stdout
+    assert "x" * 150 in out and "…" not in out and "a_long_column_header_5" in out
 
 
 def test_backbones_lists_every_entry() -> None:

@@ -26,7 +26,8 @@ def test_class_folders_get_a_stratified_seeded_split(image_folder: Path) -> None
     assert [r.key for r in a.val.refs] != [r.key for r in c.val.refs]
     assert not {r.key for r in a.val.refs} & {r.key for r in a.train.refs}
     record = a.split_record()
-    assert len(record["train"]) == 18 and record["val"][0][1] in a.classes
+    assert len(record["splits"]["train"]) == 18 and record["splits"]["val"][0][1] in a.classes
+    assert record["splits"]["train"][0][2] > 0  # sizes, so a replaced file is noticed
     json.dumps(record)  # it is written to the run folder
 
 

@@ -14,12 +14,13 @@ import torch
 from edgetl import export as export_mod
 from edgetl import metadata
 from edgetl.backbones import list_backbones
+from edgetl.backends.onnxruntime import OrtModel
+from edgetl.backends.openvino import OpenVinoModel
 from edgetl.errors import EdgetlError
 from edgetl.export import ExportOptions, _export_onnx, export_run, read_openvino_metadata
 from edgetl.metadata import read_onnx_metadata
 from edgetl.model import build_classifier
 from edgetl.progress import Reporter
-from edgetl.runners import OpenVinoModel, OrtModel
 
 QUIET = Reporter(quiet=True)
 
@@ -64,7 +65,8 @@ def test_every_file_passes_the_parity_gate(exported: tuple[Path, dict]) -> None:
         assert p["gate"] == "pass" and p["top1_agreement"] >= 0.995 and p["max_abs_diff"] <= 1e-3
     assert report["parity"]["openvino"]["precision"] == "fp32"
     assert report["parity_images"]["n"] == 6  # the whole validation split: 2 of 12 per class, fewer than the sample size
-    saved = json.loads((Path(report["run"]) / "export.json").read_text())
+    saved = json.loads((out / "export.json").read_text())  # beside the models, naming the run
+    assert saved["run"] == report["run"] and not (Path(report["run"]) / "export.json").exists()
     assert saved["parity"]["onnx"]["max_abs_diff"] == report["parity"]["onnx"]["max_abs_diff"]
     assert (out / "labels.txt").read_text().split() == ["blue", "green", "red"]
 
@@ -164,8 +166,12 @@ def test_existing_output_needs_force(exported: tuple[Path, dict], tiny_run: Path
 
 
 def test_missing_and_corrupt_runs(tmp_path: Path, tiny_run: Path) -> None:
-    with pytest.raises(EdgetlError, match="no checkpoint"):
+    with pytest.raises(EdgetlError, match="run folder not found"):
         export_run(tmp_path / "nope", ExportOptions(), QUIET)
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    with pytest.raises(EdgetlError, match="not an edgetl run folder"):
+        export_run(tmp_path / "photos", ExportOptions(), QUIET)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "checkpoint.pt").write_bytes(b"\x00" * 100)

@@ -73,3 +73,34 @@ def test_node_app_refuses_a_model_without_metadata(tmp_path: Path) -> None:
     img = next((sample_path() / "val").rglob("*.jpg"))
     proc = subprocess.run(["node", str(APP / "classify.js"), str(tmp_path / "m.onnx"), str(img)], capture_output=True, text=True)
     assert proc.returncode == 1 and "no edgetl metadata" in proc.stderr
+
+
+@needs_node
+@pytest.mark.slow
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_node_honours_exif_orientation_like_the_python_runtime(real_export: Path, tmp_path: Path, orientation: int, fmt: str) -> None:
+    """A phone photo stored sideways with an EXIF orientation tag: both apps must rotate it upright
+    first. Lossless PNG must agree as closely as the unrotated test above; JPEG on the label."""
+    from PIL import Image
+
+    model = real_export / "model.onnx"
+    clf = Classifier(model)
+    photo = sorted((sample_path() / "val").rglob("*.jpg"))[3]
+    upright = Image.open(photo).convert("RGB")
+    upright = upright.crop((0, 0, upright.width, upright.height * 3 // 4))  # not square: a rotation changes the crop
+    # Store the pixels the way a camera would for this tag: the inverse of the transpose Pillow applies.
+    inverse = {3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270}[orientation]
+    stored = upright.transpose(inverse)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"rotated.{'png' if fmt == 'png' else 'jpg'}"
+    stored.save(path, exif=exif, **({"quality": 95} if fmt == "jpeg" else {}))
+    py = clf.predict(path)
+    assert py.top_k == clf.predict(upright).top_k or fmt == "jpeg", "the Python runtime must see the upright photo"
+    proc = subprocess.run(["node", str(APP / "classify.js"), str(model), str(path), "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    node = json.loads(proc.stdout)
+    assert node["label"] == py.label
+    if fmt == "png":
+        assert node["probability"] == pytest.approx(py.probability, abs=2e-3)

@@ -79,7 +79,8 @@ def test_metadata_is_kept_and_the_quantization_recorded(quantized: dict, exporte
     rec = json.loads(int8["quantization"])
     assert rec["backend"] == "onnxruntime" and rec["parent"] == "model.onnx" and len(rec["parent_sha256"]) == 64
     assert rec["method"] == "minmax" and rec["calibration"]["n"] == 20
-    assert rec["types"]["reduce_range"] == (not q.has_vnni())
+    # The portable default: 7-bit weights whatever CPU quantized it, so it cannot saturate on AVX2-only CPUs.
+    assert rec["int8_target"] == "portable" and rec["types"]["reduce_range"] is True
     ov_meta = read_openvino_metadata(exported_run / "openvino-int8" / "model.xml")
     assert json.loads(ov_meta["quantization"])["backend"] == "openvino-nncf"
     assert ov_meta["labels"] == fp32["labels"]
@@ -128,16 +129,55 @@ def test_model_without_the_expected_input_is_refused(exported_run: Path, tmp_pat
     for k, v in meta.items():
         model.metadata_props.add(key=k, value=v)
     onnx.save(model, str(run / "model.onnx"))
-    with pytest.raises(EdgetlError, match="not the float NCHW"):
+    with pytest.raises(EdgetlError, match="metadata names input .input., the graph.s is .features."):
         quantize_run(run, QuantizeOptions(format="onnx"), QUIET)
 
 
-def test_not_onnx_and_no_export(tmp_path: Path) -> None:
+def test_not_onnx_and_no_export(tmp_path: Path, tiny_run: Path) -> None:
+    with pytest.raises(EdgetlError, match="neither an edgetl run folder nor an export folder"):
+        quantize_run(tmp_path, QuantizeOptions(), QUIET)
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
     with pytest.raises(EdgetlError, match="no exported model"):
-        quantize_run(tmp_path, QuantizeOptions(), QUIET)
-    (tmp_path / "model.onnx").write_text("hello")
+        quantize_run(run, QuantizeOptions(), QUIET)
+    (run / "model.onnx").write_text("hello")
     with pytest.raises(EdgetlError, match="not an ONNX model"):
-        quantize_run(tmp_path, QuantizeOptions(), QUIET)
+        quantize_run(run, QuantizeOptions(), QUIET)
+
+
+def test_budget_keeps_the_worst_node_in_float_until_met(exported_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The keep-in-float loop itself: the fully quantized candidate misses the budget, the next one
+    (the node with the worst SQNR kept in float) meets it, and that is the model written."""
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run, ignore=shutil.ignore_patterns("*int8*", "quantize.json"))
+    real_predict = q.OrtModel.predict
+
+    def first_candidate_is_bad(self: q.OrtModel, x: np.ndarray, batch: int = 32) -> np.ndarray:
+        out = real_predict(self, x, batch)
+        return -out if Path(self.path).name == "int8-0.onnx" else out
+
+    monkeypatch.setattr(q.OrtModel, "predict", first_candidate_is_bad)
+    report = quantize_run(run, QuantizeOptions(format="onnx", calib_size=10, max_drop=0.0, latency_runs=6), QUIET)
+    res = report["results"]["onnxruntime"]
+    assert [len(a["kept_in_float"]) for a in res["attempts"]] == [0, 1]
+    assert res["attempts"][0]["drop_points"] > 0 >= res["attempts"][1]["drop_points"] - 1e-9
+    kept = res["kept_in_float"]
+    assert kept == [res["worst_tensors"][0]["node"]]
+    rec = json.loads(read_onnx_metadata(str(run / "model.int8.onnx"))["quantization"])
+    assert rec["kept_in_float"] == kept
+
+
+def test_vnni_target_uses_full_range_weights(exported_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run, ignore=shutil.ignore_patterns("*int8*", "quantize.json"))
+    report = quantize_run(run, QuantizeOptions(calib_size=10, max_drop=100, latency_runs=6, int8_target="vnni"), QUIET)
+    rec = json.loads(read_onnx_metadata(str(run / "model.int8.onnx"))["quantization"])
+    assert rec["int8_target"] == "vnni" and rec["types"]["reduce_range"] is False
+    ov = json.loads(read_openvino_metadata(run / "openvino-int8" / "model.xml")["quantization"])
+    assert ov["int8_target"] == "vnni" and ov["overflow_fix"] == "disable"
+    assert report["int8_target"] == "vnni"
+    with pytest.raises(EdgetlError, match="--int8-target"):
+        QuantizeOptions(int8_target="avx2")
 
 
 def test_bad_options() -> None:

@@ -43,12 +43,22 @@ def test_run_folder_has_every_artifact(trained_run: Path) -> None:
     assert not list(trained_run.glob(".*.tmp")), "a temporary file was left behind"
 
 
+def rows_of(run: Path) -> list[dict[str, str]]:
+    return list(csv.DictReader((run / "history.csv").open()))
+
+
 def test_metrics_and_history(trained_run: Path) -> None:
     m = json.loads((trained_run / "metrics.json").read_text())
     best = m["best"]
     assert set(m["stages"]) == {"head", "finetune"}
-    assert 0.0 <= best["top1"] <= best["top5"] <= 1.0 and 0 <= best["macro_f1"] <= 1
+    assert 0.0 <= best["top1"] <= 1.0 and 0 <= best["macro_f1"] <= 1
+    assert best["top5"] is None, "top-5 of 3 classes is 100% by construction and is not reported"
     assert set(best["per_class_accuracy"]) == {"blue", "green", "red"}
+    # The kept checkpoint's accuracy, not the best of any epoch.
+    kept = m["stages"][best["stage"]]
+    assert kept["best_epoch"] == best["epoch"]
+    row = next(r for r in rows_of(trained_run) if r["stage"] == best["stage"] and int(r["epoch"]) == best["epoch"])
+    assert kept["best_val_top1"] == pytest.approx(float(row["val_top1"])) == pytest.approx(best["top1"])
     assert sum(map(sum, best["confusion_matrix"])) == best["n"] == 6
     assert best["top1"] > 0.5, "three colour classes should be easy even for a random-init tiny net"
     rows = list(csv.DictReader((trained_run / "history.csv").open()))
@@ -62,7 +72,8 @@ def test_manifest_records_provenance_and_skips(trained_run: Path) -> None:
     assert [Path(s["file"]).name for s in man["skipped_files"]] == ["broken.jpg"]
     assert "torch" in man["host"]["libraries"]
     splits = json.loads((trained_run / "splits.json").read_text())
-    assert len(splits["train"]) + len(splits["val"]) == 31
+    assert len(splits["splits"]["train"]) + len(splits["splits"]["val"]) == 31
+    assert man["status"] == "finished" and splits["fingerprint"] == man["dataset"]["fingerprint"]
 
 
 def test_checkpoint_is_self_describing_and_safe(trained_run: Path) -> None:
@@ -86,7 +97,7 @@ def test_eval_refuses_unknown_classes(trained_run: Path, tmp_path: Path) -> None
 
     make_folder(tmp_path, per_class=2, classes={"red": (200, 0, 0), "mauve": (90, 60, 90)})
     with pytest.raises(EdgetlError, match="mauve"):
-        evaluate(trained_run, tmp_path, split="val", reporter=QUIET)
+        evaluate(trained_run, tmp_path, reporter=QUIET)
 
 
 def test_same_seed_same_result(image_folder: Path, tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ class BenchOptions:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     memory: bool = True  # measure load/cold/peak RSS in a child process per variant
+    allow_data_change: bool = False  # accuracy on the recorded validation list although the data folder changed
 
 
 @dataclass
@@ -68,16 +69,6 @@ def physical_cores() -> int:
 # ----------------------------------------------------------------------------- finding models
 
 
-def _onnx_meta(path: Path) -> dict[str, str]:
-    return metadata.read_onnx_metadata(str(path))
-
-
-def _ov_meta(path: Path) -> dict[str, str]:
-    from edgetl.export import read_openvino_metadata
-
-    return read_openvino_metadata(path)
-
-
 def describe_model(path: Path, opts: BenchOptions, run_dir: Path | None = None) -> ModelFile:
     if not path.is_file():
         raise EdgetlError(f"not a file: {path}")
@@ -87,16 +78,20 @@ def describe_model(path: Path, opts: BenchOptions, run_dir: Path | None = None) 
         ckpt = checkpoint.read(path)
         return ModelFile(path, "checkpoint", "fp32", "float32", checkpoint.spec_of(ckpt), list(ckpt["config"]["labels"]), run_dir)
     if path.suffix == ".onnx":
-        meta, kind = _onnx_meta(path), "onnx"
+        from edgetl.backends.onnxruntime import OrtModel
+
+        model = OrtModel(path)
+        meta, kind = model.metadata, "onnx"
+        graph = dict(input_name=model.input_name, input_shape=model.input_shape, input_type=model.input_type,
+                     output_shape=model.output_shape)  # fmt: skip
     elif path.suffix == ".xml":
-        try:
-            meta, kind = _ov_meta(path), "openvino"
-        except Exception:
-            raise EdgetlError(f"{path} is not an OpenVINO model") from None
+        from edgetl.backends.openvino import read_metadata
+
+        meta, kind, graph = read_metadata(path), "openvino", {}
     else:
         raise EdgetlError(f"{path} is not a model edgetl can benchmark (.pt checkpoint, .onnx, or OpenVINO .xml)")
     if "labels" in meta:
-        spec, labels = metadata.spec_from(meta), metadata.labels_from(meta)
+        spec, labels = metadata.validate(meta, str(path), **graph), metadata.labels_from(meta)
     elif opts.input_size and opts.mean and opts.std:
         size = opts.input_size
         spec, labels = PreprocessSpec(size, int(size / 0.875), "bilinear", opts.mean, opts.std), None
@@ -107,15 +102,28 @@ def describe_model(path: Path, opts: BenchOptions, run_dir: Path | None = None) 
     return ModelFile(path, kind, precision, meta.get("dtype", "float32"), spec, labels, run_dir)
 
 
-def discover(paths: list[Path], opts: BenchOptions) -> list[ModelFile]:
+def discover(paths: list[Path], opts: BenchOptions) -> tuple[list[ModelFile], list[dict[str, str]]]:
+    """The models to benchmark, and the ones left out with the reason: in a run (or export) folder,
+    only models of the run's current checkpoint count; an older one is listed as skipped."""
+    from edgetl import run as runfolder
+
     files: list[ModelFile] = []
+    skipped: list[dict[str, str]] = []
     for p in paths:
         if p.is_dir():
-            candidates = [p / "checkpoint.pt", p / "model.onnx", p / "model.uint8.onnx", p / "model.int8.onnx",
-                          p / "openvino" / "model.xml", p / "openvino-fp16" / "model.xml", p / "openvino-int8" / "model.xml"]  # fmt: skip
-            found = [describe_model(c, opts, p) for c in candidates if c.is_file()]
+            folder, out_dir = runfolder.export_folder_run(p)
+            found = []
+            if out_dir == folder.path and folder.checkpoint_path.is_file():
+                found.append(describe_model(folder.checkpoint_path, opts, folder.path))
+            for m in folder.models(out_dir):
+                stale = folder.stale_reason(m)
+                if stale:
+                    skipped.append({"target": str(m.path), "reason": f"stale: {stale}"})
+                else:
+                    found.append(describe_model(m.path, opts, folder.path))
             if not found:
-                raise EdgetlError(f"{p} holds no checkpoint or exported model: is it an edgetl run folder?")
+                raise EdgetlError(f"{p} holds no checkpoint or current exported model" +
+                                  (f" ({skipped[-1]['reason']})" if skipped else ""))  # fmt: skip
             files += found
         elif p.exists():
             files.append(describe_model(p, opts))
@@ -124,10 +132,11 @@ def discover(paths: list[Path], opts: BenchOptions) -> list[ModelFile]:
     specs = {f.spec for f in files}
     if len(specs) > 1:
         raise EdgetlError("the models given use different preprocessing: benchmark them separately")
-    return files
+    return files, skipped
 
 
-def plan(files: list[ModelFile], opts: BenchOptions) -> tuple[list[tuple[Variant, ModelFile]], list[dict[str, str]]]:
+def plan(files: list[ModelFile], opts: BenchOptions, skipped: list[dict[str, str]] | None = None
+         ) -> tuple[list[tuple[Variant, ModelFile]], list[dict[str, str]]]:  # fmt: skip
     from edgetl.bench import targets as _  # noqa: F401 - registers the built-in targets
 
     if opts.targets:
@@ -135,7 +144,8 @@ def plan(files: list[ModelFile], opts: BenchOptions) -> tuple[list[tuple[Variant
         if unknown:
             raise EdgetlError(f"unknown target {unknown[0]!r}; targets: {', '.join(TARGETS)}")
     names = opts.targets or tuple(t for t in TARGETS if t != "torch-cpu-compile")
-    variants, skipped = [], []
+    variants: list[tuple[Variant, ModelFile]] = []
+    skipped = list(skipped or [])
     for name in names:
         target = TARGETS[name]
         ok, why = target.available()
@@ -157,35 +167,28 @@ def plan(files: list[ModelFile], opts: BenchOptions) -> tuple[list[tuple[Variant
 
 
 def load_data(files: list[ModelFile], opts: BenchOptions, reporter: Reporter) -> Any:
-    from edgetl.evaluate import pick_split
-    from edgetl.parity import ParityData, prepare
+    """Labelled images for accuracy: every image of --data (a plain folder; test, else val, of a
+    dataset), or the run's recorded validation list. None when neither is available."""
+    from edgetl.parity import run_split_data, scoring_data
+    from edgetl.run import RunFolder
 
     spec, labels = files[0].spec, next((f.labels for f in files if f.labels), None)
     if opts.data:
-        ls, classes, split = pick_split(opts.data, None)
-        source = f"{Path(opts.data).resolve()} ({split})"
+        if labels is None:
+            from edgetl.data import scoring_set
+
+            labels = scoring_set(opts.data)[1]
+        data = scoring_data(opts.data, labels, spec, reporter, opts.max_images)
     else:
         run_dir = next((f.run_dir for f in files if f.run_dir), None)
-        if run_dir is None or not (run_dir / "manifest.json").exists():
+        if run_dir is None or labels is None:
             return None
-        info = json.loads((run_dir / "manifest.json").read_text())
-        from edgetl.data import load_dataset
-
-        c = info["config"]
-        if not Path(info["dataset"]["root"]).exists():
+        folder = RunFolder(run_dir)
+        if not folder.data_root.exists():
             return None
-        ds = load_dataset(info["dataset"]["root"], c["val_fraction"], c["seed"], c["limit_train"], c["limit_val"])
-        ls, classes, source = ds.val, ds.classes, f"{info['dataset']['root']} (validation split)"
-    if labels is not None:
-        from edgetl.data import relabel
-
-        ls = relabel(ls, classes, labels, source)
-    if len(ls) > opts.max_images:
-        from edgetl.data import stratified_sample
-
-        ls = ls.subset(stratified_sample(ls.labels, opts.max_images, np.random.default_rng(0)))
-    data: ParityData = prepare(ls, spec, source, reporter)
-    return data, labels or [str(i) for i in range(int(ls.labels.max()) + 1)]
+        data = run_split_data(folder, "val", labels, spec, reporter, opts.max_images, allow_changed=opts.allow_data_change)
+    reporter.log(f"accuracy on {data.source}: {len(data.labels)} images")
+    return data, labels
 
 
 def _child_measure(v: Variant, shape: tuple[int, ...], threads: int) -> dict[str, Any]:
@@ -219,8 +222,8 @@ def bench(paths: list[str | os.PathLike[str]], opts: BenchOptions, reporter: Rep
 
     tune_malloc()
     reporter = reporter or Reporter()
-    files = discover([Path(p) for p in paths], opts)
-    variants, skipped = plan(files, opts)
+    files, stale = discover([Path(p) for p in paths], opts)
+    variants, skipped = plan(files, opts, stale)
     threads = opts.threads or physical_cores()
     loaded = load_data(files, opts, reporter)
     if loaded is None:

@@ -48,29 +48,41 @@ def user_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether an option was typed on the command line (not left at its default)."""
+    # By name: typer ships its own copy of click, whose ParameterSource is not click's.
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
+
+
 def _print_metrics(title: str, m: dict[str, Any]) -> None:
-    from rich.console import Console
     from rich.table import Table
+
+    from edgetl.progress import make_console
 
     table = Table(title=title, show_edge=False)
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for name, acc in m["per_class_accuracy"].items():
         table.add_row(name, "-" if acc is None else f"{acc:.1%}")
-    console = Console()
+    console = make_console()
     console.print(table)
-    console.print(f"top-1 [bold]{m['top1']:.2%}[/]  top-5 {m['top5']:.2%}  macro-F1 {m['macro_f1']:.3f}  (n={m['n']})")
+    top5 = f"  top-5 {m['top5']:.2%}" if m.get("top5") is not None else ""
+    console.print(f"top-1 [bold]{m['top1']:.2%}[/]{top5}  macro-F1 {m['macro_f1']:.3f}  (n={m['n']})")
 
 
 # Options shared by `export --quantize int8` and `quantize`.
 CalibSize = Annotated[int, typer.Option(help="Calibration images from the training split")]
 CalibMethod = Annotated[str, typer.Option(help="minmax, percentile or entropy")]
 MaxDrop = Annotated[float, typer.Option(help="Accuracy budget: top-1 points int8 may lose on validation")]
+Int8Target = Annotated[str, typer.Option(help="portable (correct on every x86/ARM CPU) or vnni (full 8-bit weights, VNNI CPUs only)")]
+AllowDataChange = Annotated[bool, typer.Option(help="Use the run's recorded file lists although its data folder changed")]
 
 
 @app.command()
 @user_errors
 def train(
+    ctx: typer.Context,
     data: Annotated[Path | None, typer.Argument(help="ROOT/<class>/<images>, ROOT/{train,val[,test]}/<class>/..., or IDX files")] = None,
     backbone: Annotated[str, typer.Option(help="See `edgetl backbones`")] = "efficientnet_lite0",
     out: Annotated[str | None, typer.Option(help="Run folder (default: models/<data>-<backbone>)")] = None,
@@ -103,7 +115,9 @@ def train(
     precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (training steps)")] = "auto",
     channels_last: bool = True,
     workers: Annotated[int | None, typer.Option(help="Data-loading workers (default: 0 on 2 cores)")] = None,
-    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run folder")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run folder (or extend one with --epochs-finetune)")] = None,
+    allow_data_change: Annotated[bool, typer.Option(help="With --resume: use the recorded file lists although the data changed")] = False,
+    keep_feature_cache: Annotated[bool, typer.Option(help="Keep the memory-mapped feature cache in the run folder after training")] = False,
 ) -> None:
     """Train a classifier: frozen ImageNet backbone + new head, then fine-tune the top blocks."""
     from edgetl.config import TrainConfig
@@ -111,8 +125,19 @@ def train(
     from edgetl.train import train as train_run
 
     if resume is not None:
-        result = resume_run(resume)
+        # A resumed run keeps the options it was started with; an option given here would be silently
+        # ignored, so it is refused instead. Only what a resume can honour is allowed.
+        allowed = {"resume", "epochs_finetune", "allow_data_change", "keep_feature_cache"}
+        given = [name for name in ctx.params if name not in allowed and _given(ctx, name)]
+        if given:
+            flags = ", ".join("DATA" if n == "data" else "--" + n.replace("_", "-") for n in given)
+            raise EdgetlError(f"--resume continues a run with its recorded options: {flags} cannot be changed "
+                              "(only --epochs-finetune, --allow-data-change and --keep-feature-cache go with --resume)")  # fmt: skip
+        extend = epochs_finetune if _given(ctx, "epochs_finetune") else None
+        result = resume_run(resume, epochs_finetune=extend, allow_data_change=allow_data_change, keep_feature_cache=keep_feature_cache)
     else:
+        if allow_data_change:
+            raise EdgetlError("--allow-data-change goes with --resume (a new run records the data as it is)")
         if data is None:
             raise EdgetlError("missing DATA: the folder of labelled images to train on (or --resume RUN)")
         cfg = TrainConfig(
@@ -125,7 +150,7 @@ def train(
             val_fraction=val_fraction, limit_train=limit_train, limit_val=limit_val, strict=strict,
             pretrained=pretrained, weights=str(weights) if weights else None,
         )  # fmt: skip
-        result = train_run(data, cfg, out=out, name=name)
+        result = train_run(data, cfg, out=out, name=name, keep_feature_cache=keep_feature_cache)
     if "best" in result.metrics:
         _print_metrics(f"validation, best checkpoint of {result.run_dir}", result.metrics["best"])
 
@@ -135,29 +160,35 @@ def train(
 def eval_cmd(
     run: Annotated[Path, typer.Argument(help="Run folder (or checkpoint file)")],
     data: Annotated[Path, typer.Argument(help="Folder of labelled images, or a dataset root with splits")],
-    split: Annotated[str | None, typer.Option(help="train, val or test (default: test if present, else val)")] = None,
+    split: Annotated[str | None, typer.Option(help="For datasets with split folders: train, val or test (default: test, else val)")] = None,
     device: str = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the metrics to this JSON file")] = None,
 ) -> None:
-    """Score a trained checkpoint on labelled images: top-1, top-5, per-class accuracy, macro-F1."""
+    """Score a trained checkpoint on labelled images: every image of a folder of class folders, or the
+    test (else validation) folder of a dataset. Top-1, top-5, per-class accuracy, macro-F1."""
     from edgetl.evaluate import evaluate
     from edgetl.fileio import write_json
 
+    if json_out is not None and json_out.is_dir():
+        raise EdgetlError(f"--json {json_out} is a folder: give a file name, e.g. {json_out / 'eval.json'}")
     m = evaluate(run, data, split=split, device=device)
-    _print_metrics(f"{m['split']} split of {data}", m)
+    _print_metrics(f"{m['data']}", m)
     if json_out:
-        write_json(json_out, m)
+        try:
+            write_json(json_out, m)
+        except OSError as exc:
+            raise EdgetlError(f"cannot write --json {json_out}: {exc.strerror or exc}") from None
 
 
 @app.command()
 @user_errors
 def backbones() -> None:
     """List the backbones: parameters, MACs, input size, and whether ImageNet weights are here."""
-    from rich.console import Console
     from rich.table import Table
 
     from edgetl.backbones import find_weights, list_backbones, preprocess_spec
     from edgetl.profile import count_macs_and_params
+    from edgetl.progress import make_console
 
     table = Table(show_edge=False)
     for col in ("name", "timm model", "params", "MACs", "input", "weights here"):
@@ -170,7 +201,7 @@ def backbones() -> None:
             e.name, e.timm_id, f"{params / 1e6:.2f}M", f"{macs / 1e6:.0f}M", f"{spec.input_size}",
             f"yes ({found[0]})" if found else "no: --weights FILE",
         )  # fmt: skip
-    Console().print(table)
+    make_console().print(table)
 
 
 @app.command()
@@ -218,6 +249,8 @@ def export(
     calib_size: CalibSize = 300,
     calib_method: CalibMethod = "minmax",
     max_drop: MaxDrop = 1.0,
+    int8_target: Int8Target = "portable",
+    allow_data_change: AllowDataChange = False,
 ) -> None:
     """Export the best checkpoint to ONNX and OpenVINO, with labels and preprocessing inside, and check
     each file against the PyTorch model on real images (fails on disagreement)."""
@@ -226,16 +259,18 @@ def export(
 
     opts = ExportOptions(format=format, opset=opset, batch=batch, embed_preprocess=embed_preprocess, fp16=fp16,
                          out=str(out) if out else None, force=force, data=str(data) if data else None,
-                         parity_samples=parity_samples)  # fmt: skip
+                         parity_samples=parity_samples, allow_data_change=allow_data_change)  # fmt: skip
     if quantize not in (None, "int8"):
         raise EdgetlError(f"--quantize supports int8, got {quantize!r}")
     if quantize is not None:
         from edgetl.quantize import QuantizeOptions
 
-        qopts = QuantizeOptions(format=format, calib_size=calib_size, calib_method=calib_method, max_drop=max_drop)
+        qopts = QuantizeOptions(format=format, calib_size=calib_size, calib_method=calib_method, max_drop=max_drop,
+                                int8_target=int8_target, allow_data_change=allow_data_change)  # fmt: skip
     print_export_report(export_run(run, opts))
     if quantize is not None:
-        _quantize(run, qopts)
+        # The models just written: in --out when given (that folder's export.json names the run).
+        _quantize(out if out is not None else run, qopts)
 
 
 def _quantize(run: Path, qopts: Any) -> None:
@@ -248,16 +283,19 @@ def _quantize(run: Path, qopts: Any) -> None:
 @app.command("quantize")
 @user_errors
 def quantize_cmd(
-    run: Annotated[Path, typer.Argument(help="Run folder with exported models (edgetl export)")],
+    run: Annotated[Path, typer.Argument(help="Run folder, or an `export --out` folder, with exported models")],
     format: Annotated[str, typer.Option("--format", help="onnx, openvino or all")] = "all",
     calib_size: CalibSize = 300,
     calib_method: CalibMethod = "minmax",
     max_drop: MaxDrop = 1.0,
+    int8_target: Int8Target = "portable",
+    allow_data_change: AllowDataChange = False,
 ) -> None:
     """Static int8 versions of a run's exported models, within an accuracy budget, with a speed check."""
     from edgetl.quantize import QuantizeOptions
 
-    _quantize(run, QuantizeOptions(format=format, calib_size=calib_size, calib_method=calib_method, max_drop=max_drop))
+    _quantize(run, QuantizeOptions(format=format, calib_size=calib_size, calib_method=calib_method, max_drop=max_drop,
+                                   int8_target=int8_target, allow_data_change=allow_data_change))  # fmt: skip
 
 
 @app.command()
@@ -276,6 +314,10 @@ def predict(
     from edgetl.preprocess import IMAGE_EXTENSIONS
     from edgetl.runtime import Classifier
 
+    if batch < 1:
+        raise EdgetlError(f"--batch must be at least 1, got {batch}")
+    if top_k < 1:
+        raise EdgetlError(f"--top-k must be at least 1, got {top_k}")
     if not model.is_file():
         raise EdgetlError(f"model file not found: {model}")
     try:
@@ -291,7 +333,7 @@ def predict(
     if not files:
         raise EdgetlError("no images given (folders are searched for " + ", ".join(IMAGE_EXTENSIONS) + ")")
     rows: list[dict[str, Any]] = []
-    for start in range(0, len(files), max(1, batch)):
+    for start in range(0, len(files), batch):
         chunk, prepared, ok = files[start : start + batch], [], []
         for f in chunk:
             try:
@@ -309,8 +351,9 @@ def predict(
         for r in rows:
             typer.echo(json.dumps(r))
     else:
-        from rich.console import Console
         from rich.table import Table
+
+        from edgetl.progress import make_console
 
         table = Table(show_edge=False)
         for col in ("image", "label", "probability", "also"):
@@ -321,7 +364,7 @@ def predict(
             else:
                 also = ", ".join(f"{t['label']} {t['probability']:.0%}" for t in r["top_k"][1:])
                 table.add_row(r["path"], r["label"], f"{r['probability']:.1%}", also)
-        Console().print(table)
+        make_console().print(table)
     if failed:
         typer.echo(f"{len(failed)} of {len(rows)} image(s) could not be read", err=True)
         raise typer.Exit(1)

@@ -73,15 +73,96 @@ function readMetadata(modelPath) {
 
 function decodeImage(path) {
   const data = fs.readFileSync(path);
+  let img;
   if (data[0] === 0xff && data[1] === 0xd8) {
-    const img = jpeg.decode(data, { useTArray: true, formatAsRGBA: true });
-    return { width: img.width, height: img.height, rgba: img.data };
+    const d = jpeg.decode(data, { useTArray: true, formatAsRGBA: true });
+    img = { width: d.width, height: d.height, rgba: d.data };
+  } else if (data.subarray(1, 4).toString() === "PNG") {
+    const d = PNG.sync.read(data);
+    img = { width: d.width, height: d.height, rgba: d.data };
+  } else {
+    throw new Error(`${path}: only JPEG and PNG are supported by this example`);
   }
-  if (data.subarray(1, 4).toString() === "PNG") {
-    const img = PNG.sync.read(data);
-    return { width: img.width, height: img.height, rgba: img.data };
+  // Phone photos are often stored sideways with an EXIF orientation tag; edgetl's Python runtime
+  // applies it (Pillow's ImageOps.exif_transpose), so the app must too or it classifies a rotated photo.
+  return applyOrientation(img, exifOrientation(data));
+}
+
+// The EXIF orientation (1-8) of a JPEG (APP1 "Exif" segment) or PNG (eXIf chunk); 1 when there is none.
+function exifOrientation(data) {
+  let tiff = null;
+  if (data[0] === 0xff && data[1] === 0xd8) {
+    let pos = 2;
+    while (pos + 4 <= data.length && data[pos] === 0xff) {
+      const marker = data[pos + 1];
+      const len = data.readUInt16BE(pos + 2);
+      if (marker === 0xe1 && data.subarray(pos + 4, pos + 10).toString("latin1") === "Exif\0\0") {
+        tiff = data.subarray(pos + 10, pos + 2 + len);
+        break;
+      }
+      if (marker === 0xda) break; // start of scan: no metadata after this
+      pos += 2 + len;
+    }
+  } else {
+    let pos = 8;
+    while (pos + 8 <= data.length) {
+      const len = data.readUInt32BE(pos);
+      const type = data.subarray(pos + 4, pos + 8).toString("latin1");
+      if (type === "eXIf") {
+        tiff = data.subarray(pos + 8, pos + 8 + len);
+        break;
+      }
+      if (type === "IDAT" || type === "IEND") break;
+      pos += 12 + len;
+    }
   }
-  throw new Error(`${path}: only JPEG and PNG are supported by this example`);
+  if (!tiff || tiff.length < 8) return 1;
+  const little = tiff.toString("latin1", 0, 2) === "II";
+  const u16 = (o) => (little ? tiff.readUInt16LE(o) : tiff.readUInt16BE(o));
+  const u32 = (o) => (little ? tiff.readUInt32LE(o) : tiff.readUInt32BE(o));
+  const ifd = u32(4);
+  if (ifd + 2 > tiff.length) return 1;
+  const entries = u16(ifd);
+  for (let i = 0; i < entries; i++) {
+    const e = ifd + 2 + i * 12;
+    if (e + 12 > tiff.length) break;
+    if (u16(e) === 0x0112) {
+      const v = u16(e + 8);
+      return v >= 1 && v <= 8 ? v : 1;
+    }
+  }
+  return 1;
+}
+
+// Pillow's exif_transpose as a pixel mapping: output (x, y) takes source pixel map(x, y).
+function applyOrientation(img, orientation) {
+  if (orientation === 1) return img;
+  const { width: W, height: H, rgba } = img;
+  const swap = orientation >= 5;
+  const outW = swap ? H : W;
+  const outH = swap ? W : H;
+  const map = {
+    2: (x, y) => [W - 1 - x, y], // mirror
+    3: (x, y) => [W - 1 - x, H - 1 - y], // 180
+    4: (x, y) => [x, H - 1 - y], // flip
+    5: (x, y) => [y, x], // transpose
+    6: (x, y) => [y, H - 1 - x], // 90 clockwise
+    7: (x, y) => [W - 1 - y, H - 1 - x], // transverse
+    8: (x, y) => [W - 1 - y, x], // 90 counter-clockwise
+  }[orientation];
+  const out = new Uint8Array(outW * outH * 4);
+  for (let y = 0; y < outH; y++) {
+    for (let x = 0; x < outW; x++) {
+      const [sx, sy] = map(x, y);
+      const s = (sy * W + sx) * 4;
+      const d = (y * outW + x) * 4;
+      out[d] = rgba[s];
+      out[d + 1] = rgba[s + 1];
+      out[d + 2] = rgba[s + 2];
+      out[d + 3] = rgba[s + 3];
+    }
+  }
+  return { width: outW, height: outH, rgba: out };
 }
 
 // Pillow's resampling filters (the same kernels and support as PIL/Resample.c), so the pixels match

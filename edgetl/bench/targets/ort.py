@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 
-import numpy as np
-
 from edgetl.bench.base import Runner, Target, Variant, register
 
 
@@ -26,17 +24,9 @@ def _cuda_available() -> tuple[bool, str]:
 
 def _load(provider: str):
     def load(v: Variant, threads: int) -> Runner:
-        import onnxruntime as ort
+        from edgetl.backends.onnxruntime import OrtModel
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        sess = ort.InferenceSession(str(v.model), opts, providers=[provider])
-        name = sess.get_inputs()[0].name
-
-        def run(x: np.ndarray) -> np.ndarray:
-            return sess.run(None, {name: x})[0]
-
-        return run
+        return OrtModel(v.model, threads=threads, providers=[provider])
 
     return load
 
