@@ -13,14 +13,13 @@ Writes results/runtime_throughput.{json,md}.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 from common import save, spread
 
-from edgetl.data import load_dataset
+from edgetl.run import RunFolder
 from edgetl.runtime import Classifier
 
 
@@ -39,9 +38,7 @@ def main() -> None:
     ap.add_argument("run")
     args = ap.parse_args()
     run = Path(args.run)
-    info = json.loads((run / "manifest.json").read_text())
-    c = info["config"]
-    ds = load_dataset(info["dataset"]["root"], c["val_fraction"], c["seed"], c["limit_train"], c["limit_val"])
+    ds = RunFolder.open(run).dataset()  # the recorded validation list, not a re-drawn one
     paths = [r.path for r in ds.val.refs]
     clf = Classifier(run / "model.onnx", threads=2)
     arrays = np.stack([clf.prepare(p) for p in paths[:32]])

@@ -24,14 +24,13 @@ OV_INT8 = {"i8", "u8"}
 def ort_executed_ops(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Operator counts of the graph ONNX Runtime's CPU provider runs for `path`."""
     import onnx
-    import onnxruntime as ort
+
+    from edgetl.backends.onnxruntime import load_session, session_options
 
     with tempfile.TemporaryDirectory(prefix="edgetl-ortopt-") as tmp:
-        opts = ort.SessionOptions()
-        opts.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        opts = session_options(threads=1, optimized_model=str(Path(tmp) / "optimized.onnx"))
         opts.log_severity_level = 3  # the "hardware specific optimisations" note is expected: the file is only read here
-        opts.intra_op_num_threads = 1
-        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        load_session(path, opts)
         ops = Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
     int8 = sum(n for op, n in ops.items() if op in ORT_INT8_COMPUTE)
     flt = sum(n for op, n in ops.items() if op in ORT_FLOAT_COMPUTE)
@@ -44,10 +43,9 @@ def ort_executed_ops(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def openvino_executed_layers(path: str | os.PathLike[str], precision: str = "f32") -> dict[str, Any]:
     """Compute layers of the model OpenVINO compiles for the CPU, with runtime precision and kernel."""
-    import openvino as ov
+    from edgetl.backends.openvino import compile_model
 
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": 1})
+    compiled = compile_model(path, precision, threads=1, latency_hint=False)
     kernels: Counter[str] = Counter()
     int8 = total = fake_quantize = 0
     for op in compiled.get_runtime_model().get_ordered_ops():
