@@ -71,6 +71,9 @@ def bench_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "std_ms": lat.get("std_ms"), "runs": lat.get("runs"), "ratio_to_fp32": r.get("ratio_to_fp32_same_target"),
             "top1": acc.get("top1"), "top5": acc.get("top5"), "macro_f1": acc.get("macro_f1"), "agreement": acc.get("top1_agreement"),
             "load_s": proc.get("load_seconds"), "cold_ms": proc.get("cold_ms"), "peak_rss_mb": proc.get("peak_rss_mb"),
+            "runs_in": r.get("executed_precision"),
+            "reference_tool": r.get("reference", {}).get("tool"), "reference_p50_ms": r.get("reference", {}).get("p50_ms"),
+            "edgetl_over_reference": r.get("reference", {}).get("edgetl_over_reference"),
         }  # fmt: skip
         for b, ips in r.get("throughput", {}).items():
             row[f"images_per_s_b{b}"] = ips
@@ -85,23 +88,29 @@ def _fmt(v: Any, pattern: str) -> str:
 def bench_markdown(report: dict[str, Any]) -> str:
     rows = bench_rows(report)
     batches = sorted({k for r in rows for k in r if k.startswith("images_per_s_b")}, key=lambda k: int(k.split("b")[-1]))
-    head = ["variant", "size MB", "top-1", "agree", "p50 ms", "p90 ms", "p99 ms", "std ms", "x fp32",
+    refs = any(r["reference_p50_ms"] is not None for r in rows)
+    head = ["variant", "runs in", "size MB", "top-1", "agree", "p50 ms", "p90 ms", "p99 ms", "std ms", "x fp32",
+            *(["ref p50 ms", "edgetl / ref"] if refs else []),
             *[f"img/s b{k.split('b')[-1]}" for k in batches], "load s", "cold ms", "peak MB"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["variant"], _fmt(r["size_mb"], "{:.2f}"), _fmt(r["top1"], "{:.2%}"), _fmt(r["agreement"], "{:.1%}"),
+        ref_cells = [_fmt(r["reference_p50_ms"], "{:.2f}"), _fmt(r["edgetl_over_reference"], "{:.2f}")] if refs else []
+        cells = [r["variant"], r["runs_in"] or "-", _fmt(r["size_mb"], "{:.2f}"), _fmt(r["top1"], "{:.2%}"), _fmt(r["agreement"], "{:.1%}"),
                  _fmt(r["p50_ms"], "{:.2f}"), _fmt(r["p90_ms"], "{:.2f}"), _fmt(r["p99_ms"], "{:.2f}"), _fmt(r["std_ms"], "{:.2f}"),
-                 _fmt(r["ratio_to_fp32"], "{:.2f}"), *[_fmt(r.get(k), "{:.0f}") for k in batches], _fmt(r["load_s"], "{:.2f}"),
+                 _fmt(r["ratio_to_fp32"], "{:.2f}"), *ref_cells, *[_fmt(r.get(k), "{:.0f}") for k in batches], _fmt(r["load_s"], "{:.2f}"),
                  _fmt(r["cold_ms"], "{:.1f}"), _fmt(r["peak_rss_mb"], "{:.0f}")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     host = report["host"]
     data = report.get("data")
     notes = [
         "", f"Accuracy on {data['n']} images of {data['source']}." if data else "No labelled images: accuracy left out.",
-        f"Latency: batch 1, {report['options']['threads']} threads, warm-up {report['options']['warmup']}, variants interleaved "
-        f"in 5 rounds for >= {report['options']['min_time']:g} s each; 'x fp32' is the ratio of p50 to the fp32 model of the "
-        "same runtime in the same rounds (eager PyTorch for torch.compile). Load time (fresh process) includes importing the "
-        "runtime library.",
+        f"Latency: batch 1, {report['options']['threads']} threads, warm-up {report['options']['warmup']}; "
+        f"{report.get('method', 'variants interleaved in rounds')}, 5 rounds, >= {report['options']['min_time']:g} s each; "
+        "'x fp32' is the ratio of p50 to the fp32 model of the same runtime in the same rounds (eager PyTorch for "
+        "torch.compile); 'runs in' is the precision the runtime reports it executes. Load time (fresh process) includes "
+        "importing the runtime library."
+        + (" 'ref' is the runtime's own tool on the same file, threads and hint (OpenVINO benchmark_app -api sync -hint "
+           "latency; ONNX Runtime a bare InferenceSession.run loop), run after edgetl's timing." if refs else ""),
         f"Host: {host['cpu_model']}, {host['cores_available']} cores, flags {' '.join(host['cpu_flags'])} "
         f"(VNNI: {host['vnni']}, bf16: {host['bf16']}).",
         "Libraries: " + ", ".join(f"{k} {v}" for k, v in host["libraries"].items()) + ".",
@@ -161,13 +170,17 @@ def write_bench_files(report: dict[str, Any], out_dir: Any) -> dict[str, str]:
 def print_bench_table(report: dict[str, Any], console: Console | None = None) -> None:
     console = console or make_console()
     table = Table(title="edgetl bench", show_edge=False)
-    for col in ("variant", "MB", "top-1", "agree", "p50 ms", "p99 ms", "x fp32", "img/s (largest batch)", "peak MB"):
-        table.add_column(col, justify="left" if col == "variant" else "right")
-    for r in bench_rows(report):
+    rows = bench_rows(report)
+    refs = any(r["reference_p50_ms"] is not None for r in rows)
+    for col in ("variant", "runs in", "MB", "top-1", "agree", "p50 ms", "p99 ms", "x fp32", *(["ref p50 ms"] if refs else []),
+                "img/s (largest batch)", "peak MB"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("variant", "runs in") else "right")
+    for r in rows:
         tp = [k for k in r if k.startswith("images_per_s_b")]
         best = r[tp[-1]] if tp else None
-        table.add_row(r["variant"], _fmt(r["size_mb"], "{:.1f}"), _fmt(r["top1"], "{:.1%}"), _fmt(r["agreement"], "{:.1%}"),
-                      _fmt(r["p50_ms"], "{:.2f}"), _fmt(r["p99_ms"], "{:.2f}"), _fmt(r["ratio_to_fp32"], "{:.2f}"),
+        table.add_row(r["variant"], r["runs_in"] or "-", _fmt(r["size_mb"], "{:.1f}"), _fmt(r["top1"], "{:.1%}"),
+                      _fmt(r["agreement"], "{:.1%}"), _fmt(r["p50_ms"], "{:.2f}"), _fmt(r["p99_ms"], "{:.2f}"),
+                      _fmt(r["ratio_to_fp32"], "{:.2f}"), *([_fmt(r["reference_p50_ms"], "{:.2f}")] if refs else []),
                       _fmt(best, "{:.0f}"), _fmt(r["peak_rss_mb"], "{:.0f}"))  # fmt: skip
     console.print(table)
     for s in report["skipped"]:

@@ -119,6 +119,52 @@ def test_model_without_metadata_needs_the_preprocessing(bench_run: Path, tmp_pat
     onnx.save(proto, str(tmp_path / "plain.onnx"))
     with pytest.raises(EdgetlError, match="--input-size"):
         bench([tmp_path / "plain.onnx"], BenchOptions(targets=("ort-cpu",)), QUIET)
-    rep = bench([tmp_path / "plain.onnx"], BenchOptions(targets=("ort-cpu",), input_size=64, mean=(0.5,) * 3, std=(0.5,) * 3,
-                                                        min_time=0.2, batches=(1,), memory=False, out=str(tmp_path)), QUIET)  # fmt: skip
+    opts = BenchOptions(targets=("ort-cpu",), input_size=64, mean=(0.5,) * 3, std=(0.5,) * 3, min_time=0.2, batches=(1,),
+                        isolation="in-process", out=str(tmp_path))  # fmt: skip
+    rep = bench([tmp_path / "plain.onnx"], opts, QUIET)
     assert rep["results"][0]["latency"]["p50_ms"] > 0 and "accuracy" not in rep["results"][0]
+
+
+def test_each_variant_ran_in_a_worker_process_of_its_own(report: dict) -> None:
+    """One runtime's idle threads must not slow another's numbers: every variant is timed in its own
+    process (turns interleaved in rounds), never in the process that runs the others."""
+    import os
+
+    pids = [r["process"]["pid"] for r in report["results"]]
+    assert len(set(pids)) == len(pids) and os.getpid() not in pids
+    assert "worker process of its own" in report["method"]
+    ov = next(r for r in report["results"] if r["variant"] == "openvino-cpu/fp32")
+    assert ov["executed_precision"] == "fp32"  # what the plugin says it runs, not only what was asked
+
+
+def test_in_process_isolation_is_the_old_single_process_method(bench_run: Path, tmp_path: Path) -> None:
+    import os
+
+    rep = bench([bench_run], BenchOptions(targets=("ort-cpu", "openvino-cpu"), batches=(1,), min_time=0.1, warmup=1,
+                                          isolation="in-process", out=str(tmp_path)), QUIET)  # fmt: skip
+    assert {r["process"]["pid"] for r in rep["results"]} == {os.getpid()}
+    with pytest.raises(EdgetlError, match="--isolation"):
+        BenchOptions(isolation="threads")
+
+
+def test_check_reference_runs_both_runtimes_own_tools(bench_run: Path, tmp_path: Path) -> None:
+    rep = bench([bench_run], BenchOptions(targets=("ort-cpu", "openvino-cpu"), batches=(1,), min_time=0.3, warmup=1,
+                                          check_reference=True, out=str(tmp_path)), QUIET)  # fmt: skip
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    tools = {}
+    for r in saved["results"]:
+        ref = r["reference"]
+        assert ref["p50_ms"] > 0 and ref["edgetl_over_reference"] == pytest.approx(r["latency"]["p50_ms"] / ref["p50_ms"]), ref
+        tools[r["target"]] = ref["tool"]
+    assert tools == {"ort-cpu": "InferenceSession.run loop", "openvino-cpu": "benchmark_app"}
+    assert "-api sync" in next(r["reference"]["command"] for r in saved["results"] if r["target"] == "openvino-cpu")
+    assert "ref p50 ms" in (tmp_path / "bench.md").read_text()
+
+
+def test_a_missing_benchmark_app_is_reported_not_fatal(bench_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("edgetl.bench.reference.find_benchmark_app", lambda: None)
+    rep = bench([bench_run], BenchOptions(targets=("openvino-cpu", "ort-cpu"), batches=(1,), min_time=0.1, warmup=1,
+                                          check_reference=True, isolation="in-process", out=str(tmp_path)), QUIET)  # fmt: skip
+    ov = [r for r in rep["results"] if r["target"] == "openvino-cpu"]
+    assert ov and all("benchmark_app is not installed" in r["reference"]["error"] for r in ov)
+    assert all(r["reference"]["p50_ms"] > 0 for r in rep["results"] if r["target"] == "ort-cpu")

@@ -72,8 +72,9 @@ def test_bench_data_of_a_plain_folder_scores_every_image(fresh_run: tuple[Path, 
 
     run, _ = fresh_run
     folder = make_folder(tmp_path / "photos", per_class=5, seed=7)
-    report = bench([run], BenchOptions(data=str(folder), targets=("torch-cpu",), batches=(1,), min_time=0.05, warmup=1, memory=False,
-                                       out=str(tmp_path / "b")), QUIET)  # fmt: skip
+    opts = BenchOptions(data=str(folder), targets=("torch-cpu",), batches=(1,), min_time=0.05, warmup=1, isolation="in-process",
+                        out=str(tmp_path / "b"))  # fmt: skip
+    report = bench([run], opts, QUIET)
     assert report["data"]["n"] == 15 and "every image" in report["data"]["source"]
 
 
@@ -146,7 +147,7 @@ def test_models_of_an_older_checkpoint_are_not_benchmarked_or_quantized(fresh_ru
     resume(run, reporter=QUIET, epochs_finetune=3)  # new best checkpoint; the exports are now stale
     new_hash = RunFolder(run).checkpoint_sha256
     assert new_hash != old_hash, "this test needs the resumed run to keep a new checkpoint"
-    report = bench([run], BenchOptions(targets=("torch-cpu", "ort-cpu"), batches=(1,), min_time=0.05, warmup=1, memory=False,
+    report = bench([run], BenchOptions(targets=("torch-cpu", "ort-cpu"), batches=(1,), min_time=0.05, warmup=1, isolation="in-process",
                                        out=str(tmp_path / "b")), QUIET)  # fmt: skip
     assert {r["target"] for r in report["results"]} == {"torch-cpu"}
     stale = [s for s in report["skipped"] if s["reason"].startswith("stale")]

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import subprocess
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,12 +12,11 @@ import numpy as np
 
 from edgetl import metadata
 from edgetl.bench.base import TARGETS, Variant
-from edgetl.bench.timing import interleaved_latency, latency_stats, throughput
+from edgetl.bench.timing import latency_stats
 from edgetl.errors import EdgetlError
 from edgetl.metrics import classification_metrics
 from edgetl.preprocess import PreprocessSpec
 from edgetl.progress import Reporter
-from edgetl.runners import run_in_chunks
 
 
 @dataclass(frozen=True)
@@ -36,8 +32,13 @@ class BenchOptions:
     input_size: int | None = None  # for models without edgetl metadata
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
-    memory: bool = True  # measure load/cold/peak RSS in a child process per variant
+    isolation: str = "process"  # process: each variant in its own worker process; in-process: all in this one
+    check_reference: bool = False  # also time ort-cpu / openvino-cpu rows with the runtimes' own tools
     allow_data_change: bool = False  # accuracy on the recorded validation list although the data folder changed
+
+    def __post_init__(self) -> None:
+        if self.isolation not in ("process", "in-process"):
+            raise EdgetlError(f"--isolation must be process or in-process, got {self.isolation!r}")
 
 
 @dataclass
@@ -191,19 +192,6 @@ def load_data(files: list[ModelFile], opts: BenchOptions, reporter: Reporter) ->
     return data, labels
 
 
-def _child_measure(v: Variant, shape: tuple[int, ...], threads: int) -> dict[str, Any]:
-    spec = {"target": v.target, "model": str(v.model), "kind": v.kind, "precision": v.precision, "input_dtype": v.input_dtype,
-            "shape": list(shape), "threads": threads}  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "edgetl.bench.child", json.dumps(spec)], capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def _on_fixed_input(run: Any, x: np.ndarray, _ignored: np.ndarray) -> np.ndarray:
-    return run(x)
-
-
 def _fixed_batch(v: Variant) -> int | None:
     if v.kind != "onnx":
         return None
@@ -217,6 +205,9 @@ def _fixed_batch(v: Variant) -> int | None:
 
 
 def bench(paths: list[str | os.PathLike[str]], opts: BenchOptions, reporter: Reporter | None = None) -> dict[str, Any]:
+    import tempfile
+
+    from edgetl.bench.isolation import ArrayFiles, InProcessWorker, ProcessWorker, interleaved_rounds
     from edgetl.hostinfo import host_record
     from edgetl.malloc_tuning import tune_malloc
 
@@ -230,39 +221,75 @@ def bench(paths: list[str | os.PathLike[str]], opts: BenchOptions, reporter: Rep
         reporter.log("[yellow]note:[/] no labelled images (the run's data is not here and no --data): accuracy is left out")
     spec = files[0].spec
     c = spec.input_size
-    results: list[dict[str, Any]] = []
-    runners: dict[str, Any] = {}
-    for v, f in variants:
-        reporter.log(f"loading {v.name}: {v.model}")
-        try:
-            runners[v.name] = (TARGETS[v.target].load(v, threads), v, f)
-        except Exception as exc:  # a target that fails on this model is reported, not fatal
-            skipped.append({"target": v.name, "reason": f"failed to load {v.model.name}: {type(exc).__name__}: {str(exc)[:160]}"})
-    if not runners:
-        raise EdgetlError("every variant failed to load: " + "; ".join(s["reason"] for s in skipped))
-
-    # Accuracy on real images, and agreement with the fp32 PyTorch model (or the fp32 ONNX model).
-    preds: dict[str, np.ndarray] = {}
-    if loaded is not None:
-        data, labels = loaded
-        for name, (run, v, _) in runners.items():
-            x = data.pixels if v.input_dtype == "uint8" else data.floats
-            preds[name] = run_in_chunks(run, x, _fixed_batch(v))
-        ref_name = next((n for n in preds if n.startswith("torch-cpu/fp32")), next((n for n in preds if n == "ort-cpu/fp32"), None))
-
-    # Latency at batch 1, interleaved across all variants.
     x1 = {"float32": np.zeros((1, 3, c, c), np.float32), "uint8": np.zeros((1, c, c, 3), np.uint8)}
     if loaded is not None:
-        x1 = {"float32": data.floats[:1], "uint8": data.pixels[:1]}
-    reporter.log(f"timing batch 1: {len(runners)} variants, interleaved, >= {opts.min_time:g} s each, {threads} threads")
-    # Each variant gets its own input type (float or uint8 pixels) of the same image.
-    singles = {
-        n: functools.partial(_on_fixed_input, r, x1[v.input_dtype]) for n, (r, v, _) in runners.items() if _fixed_batch(v) in (None, 1)
-    }
-    samples = interleaved_latency(singles, x1["float32"], opts.min_time, opts.warmup)
+        data = loaded[0]
+        x1 = {"float32": np.ascontiguousarray(data.floats[:1]), "uint8": np.ascontiguousarray(data.pixels[:1])}
+    make = ProcessWorker if opts.isolation == "process" else InProcessWorker
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="edgetl-bench-") as tmp:
+        arrays = ArrayFiles(Path(tmp))
+        workers: dict[str, tuple[Any, Variant, ModelFile]] = {}
+        try:
+            # One at a time, so no load (and no cold start) competes with another for the cores.
+            for v, f in variants:
+                reporter.log(f"loading {v.name}: {v.model}" + (" (own process)" if opts.isolation == "process" else ""))
+                w = make(v, x1[v.input_dtype].shape, threads, arrays)
+                if w.error:
+                    skipped.append({"target": v.name, "reason": w.error})
+                    w.close()
+                    continue
+                workers[v.name] = (w, v, f)
+            if not workers:
+                raise EdgetlError("every variant failed to load: " + "; ".join(s["reason"] for s in skipped))
+            results = _measure(workers, loaded, x1, threads, opts, reporter, interleaved_rounds)
+        finally:
+            for w, _, _ in workers.values():
+                w.close()
+    if opts.check_reference:
+        from edgetl.bench.reference import reference_for
 
-    for name, (run, v, f) in runners.items():
-        row: dict[str, Any] = {"variant": name, "target": v.target, "runtime": v.runtime, "precision": v.precision, "model": str(v.model),
+        for row in results:
+            shape = (1, c, c, 3) if row["input"] == "uint8" else (1, 3, c, c)
+            ref = reference_for(row, shape, max(2.0, opts.min_time / 2))
+            if ref is not None:
+                reporter.log(f"reference for {row['variant']}: {ref.get('tool')} " +
+                             (f"p50 {ref['p50_ms']:.2f} ms" if "p50_ms" in ref else f"not measured ({ref['error']})"))  # fmt: skip
+                row["reference"] = ref
+    report = {
+        "models": [str(f.path) for f in files], "data": data.describe() if loaded is not None else None,
+        "options": {**asdict(opts), "threads": threads}, "skipped": skipped, "results": results, "host": host_record(),
+        "method": ("each variant in a worker process of its own, turns interleaved in rounds (one worker at a time)"
+                   if opts.isolation == "process" else "every variant in one process, interleaved in rounds"),
+    }  # fmt: skip
+    out_dir = Path(opts.out) if opts.out else next((f.run_dir for f in files if f.run_dir), Path("."))
+    from edgetl.report import write_bench_files
+
+    report["files"] = write_bench_files(report, out_dir)
+    return report
+
+
+def _measure(workers: dict[str, Any], loaded: Any, x1: dict[str, np.ndarray], threads: int, opts: BenchOptions, reporter: Reporter,
+             interleaved_rounds: Any) -> list[dict[str, Any]]:  # fmt: skip
+    c = x1["float32"].shape[-1]
+    # Accuracy on real images, and agreement with the fp32 PyTorch model (or the fp32 ONNX model).
+    preds: dict[str, np.ndarray] = {}
+    ref_name = None
+    if loaded is not None:
+        data, labels = loaded
+        for name, (w, v, _) in workers.items():
+            preds[name] = w.predict(data.pixels if v.input_dtype == "uint8" else data.floats, _fixed_batch(v))
+        ref_name = next((n for n in preds if n.startswith("torch-cpu/fp32")), next((n for n in preds if n == "ort-cpu/fp32"), None))
+
+    # Latency at batch 1: each variant on its own input type (float or uint8 pixels) of the same image.
+    timed = {n: w for n, (w, v, _) in workers.items() if _fixed_batch(v) in (None, 1)}
+    reporter.log(f"timing batch 1: {len(timed)} variants, interleaved rounds, >= {opts.min_time:g} s each, {threads} threads")
+    samples = interleaved_rounds(timed, {n: x1[workers[n][1].input_dtype] for n in timed}, opts.min_time, opts.warmup)
+
+    results = []
+    for name, (w, v, f) in workers.items():
+        row: dict[str, Any] = {"variant": name, "target": v.target, "runtime": v.runtime, "precision": v.precision,
+                               "executed_precision": w.info.get("executed_precision", v.precision), "model": str(v.model),
                                "input": v.input_dtype, "bytes": f.bytes, "threads": threads}  # fmt: skip
         if name in samples:
             row["latency"] = latency_stats(samples[name])
@@ -273,16 +300,17 @@ def bench(paths: list[str | os.PathLike[str]], opts: BenchOptions, reporter: Rep
                 rng = np.random.default_rng(0)
                 xb = (rng.integers(0, 255, (b, c, c, 3), dtype=np.uint8) if v.input_dtype == "uint8"
                       else rng.normal(size=(b, 3, c, c)).astype(np.float32))  # fmt: skip
-                row["throughput"][str(b)] = throughput(run, xb, max(0.5, opts.min_time / 5))
+                row["throughput"][str(b)] = w.throughput(xb, max(0.5, opts.min_time / 5))
         if loaded is not None:
             m = classification_metrics(preds[name], data.labels, labels)
             row["accuracy"] = {"n": m["n"], "top1": m["top1"], "top5": m["top5"], "macro_f1": m["macro_f1"]}
             if ref_name:
                 row["accuracy"]["agreement_with"] = ref_name
                 row["accuracy"]["top1_agreement"] = float((preds[name].argmax(1) == preds[ref_name].argmax(1)).mean())
-        if opts.memory:
-            reporter.log(f"load, cold start and memory of {name} in a fresh process")
-            row["process"] = _child_measure(v, (1, c, c, 3) if v.input_dtype == "uint8" else (1, 3, c, c), threads)
+        if "cold_ms" in w.info:
+            row["process"] = {k: w.info[k] for k in ("pid", "load_seconds", "cold_ms", "peak_rss_mb")}
+        else:
+            row["process"] = {"pid": w.info["pid"], "load_seconds": w.info["load_seconds"]}
         results.append(row)
 
     # Speed relative to the fp32 model of the same runtime (eager for torch.compile), from the same interleaved rounds.
@@ -291,12 +319,4 @@ def bench(paths: list[str | os.PathLike[str]], opts: BenchOptions, reporter: Rep
                     and "latency" in r), None)  # fmt: skip
         if ref and "latency" in row:
             row["ratio_to_fp32_same_target"] = row["latency"]["p50_ms"] / ref["latency"]["p50_ms"]
-    report = {
-        "models": [str(f.path) for f in files], "data": data.describe() if loaded is not None else None,
-        "options": {**asdict(opts), "threads": threads}, "skipped": skipped, "results": results, "host": host_record(),
-    }  # fmt: skip
-    out_dir = Path(opts.out) if opts.out else next((f.run_dir for f in files if f.run_dir), Path("."))
-    from edgetl.report import write_bench_files
-
-    report["files"] = write_bench_files(report, out_dir)
-    return report
+    return results

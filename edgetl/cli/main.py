@@ -396,8 +396,12 @@ def bench(
     input_size: Annotated[int | None, typer.Option(help="For models without edgetl metadata")] = None,
     mean: Annotated[str | None, typer.Option(help="For models without edgetl metadata: r,g,b")] = None,
     std: Annotated[str | None, typer.Option(help="For models without edgetl metadata: r,g,b")] = None,
+    isolation: Annotated[str, typer.Option(help="process: each variant in its own worker (default); in-process: all in one")] = "process",
+    check_reference: Annotated[bool, typer.Option(help="Also time ONNX Runtime and OpenVINO rows with their own tools")] = False,
+    allow_data_change: AllowDataChange = False,
 ) -> None:
-    """One table of accuracy x latency x size for every model, precision and target."""
+    """One table of accuracy x latency x size for every model, precision and target. Each variant runs
+    in a worker process of its own, so no runtime's idle threads slow another's numbers."""
     from edgetl.bench.runner import BenchOptions
     from edgetl.bench.runner import bench as run_bench
     from edgetl.report import print_bench_table
@@ -410,6 +414,7 @@ def bench(
         data=str(data) if data else None, targets=tuple(t.strip() for t in targets.split(",")) if targets else None,
         batches=tuple(int(b) for b in batches), threads=threads, warmup=warmup, min_time=min_time, out=str(out) if out else None,
         input_size=input_size, mean=_floats(mean, 3, "--mean"), std=_floats(std, 3, "--std"),  # type: ignore[arg-type]
+        isolation=isolation, check_reference=check_reference, allow_data_change=allow_data_change,
     )  # fmt: skip
     print_bench_table(run_bench(paths, opts))
 

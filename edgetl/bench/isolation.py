@@ -1,0 +1,141 @@
+"""Where a benchmark variant runs: in a worker process of its own (the default; see worker.py for
+why), or in this process next to the others (`--isolation in-process`, the old way, kept so the
+difference can be measured). Both give the parent the same calls."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetl.bench.base import Variant
+
+# Between two workers' turns: long enough for a runtime's idle threads to stop spinning and sleep.
+SETTLE_SECONDS = 0.05
+
+
+class ArrayFiles:
+    """Numpy inputs handed to workers as .npy files, each written once."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.paths = folder, {}  # type: ignore[var-annotated]
+
+    def path(self, x: np.ndarray) -> str:
+        key = id(x)
+        if key not in self.paths:
+            p = self.folder / f"in-{len(self.paths)}.npy"
+            np.save(p, x)
+            self.paths[key] = (str(p), x)  # keep x alive so its id is not reused
+        return self.paths[key][0]
+
+
+class ProcessWorker:
+    """A variant loaded in `python -m edgetl.bench.worker`, driven over its stdin/stdout."""
+
+    def __init__(self, v: Variant, shape: tuple[int, ...], threads: int, files: ArrayFiles) -> None:
+        spec = {"target": v.target, "model": str(v.model), "kind": v.kind, "precision": v.precision, "input_dtype": v.input_dtype,
+                "shape": list(shape), "threads": threads}  # fmt: skip
+        self.files = files
+        self.proc = subprocess.Popen([sys.executable, "-m", "edgetl.bench.worker", json.dumps(spec)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        self.info = self._read()
+        self.error = self.info.get("error")
+
+    def _read(self) -> dict[str, Any]:
+        line = self.proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            err = (self.proc.stderr.read() or "").strip().splitlines()  # type: ignore[union-attr]
+            return {"error": (err or ["the worker process ended without a word"])[-1][:200]}
+        return json.loads(line)
+
+    def _ask(self, cmd: dict[str, Any]) -> dict[str, Any]:
+        self.proc.stdin.write(json.dumps(cmd) + "\n")  # type: ignore[union-attr]
+        self.proc.stdin.flush()  # type: ignore[union-attr]
+        answer = self._read()
+        if "error" in answer:
+            raise RuntimeError(answer["error"])
+        return answer
+
+    def predict(self, x: np.ndarray, fixed_batch: int | None) -> np.ndarray:
+        out = Path(self.files.folder) / f"out-{self.proc.pid}.npy"
+        self._ask({"cmd": "predict", "input": self.files.path(x), "output": str(out), "fixed_batch": fixed_batch})
+        return np.load(out)
+
+    def warmup(self, x: np.ndarray, n: int) -> None:
+        self._ask({"cmd": "warmup", "input": self.files.path(x), "n": n})
+
+    def time(self, x: np.ndarray, seconds: float, runs: int | None = None) -> list[float]:
+        return self._ask({"cmd": "time", "input": self.files.path(x), "seconds": seconds, "runs": runs})["ms"]
+
+    def throughput(self, x: np.ndarray, seconds: float) -> float:
+        return self._ask({"cmd": "throughput", "input": self.files.path(x), "seconds": seconds})["images_per_second"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"cmd": "exit"}) + "\n")  # type: ignore[union-attr]
+                self.proc.stdin.flush()  # type: ignore[union-attr]
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+
+
+class InProcessWorker:
+    """The same calls on a variant loaded in this process."""
+
+    def __init__(self, v: Variant, shape: tuple[int, ...], threads: int, files: ArrayFiles) -> None:
+        import os
+
+        from edgetl.bench.base import TARGETS
+
+        self.error = None
+        try:
+            t0 = time.perf_counter()
+            self.run = TARGETS[v.target].load(v, threads)
+            self.info = {"pid": os.getpid(), "load_seconds": time.perf_counter() - t0,
+                         "executed_precision": getattr(self.run, "precision", None) or v.precision}  # fmt: skip
+        except Exception as exc:  # a target that fails on this model is reported, not fatal
+            self.error = f"failed to load {Path(v.model).name}: {type(exc).__name__}: {str(exc)[:160]}"
+            self.info = {"error": self.error}
+
+    def predict(self, x: np.ndarray, fixed_batch: int | None) -> np.ndarray:
+        from edgetl.runners import run_in_chunks
+
+        return run_in_chunks(self.run, x, fixed_batch)
+
+    def warmup(self, x: np.ndarray, n: int) -> None:
+        for _ in range(n):
+            self.run(x)
+
+    def time(self, x: np.ndarray, seconds: float, runs: int | None = None) -> list[float]:
+        from edgetl.bench.worker import _time
+
+        return _time(self.run, x, seconds, 3, runs)
+
+    def throughput(self, x: np.ndarray, seconds: float) -> float:
+        from edgetl.bench.timing import throughput
+
+        return throughput(self.run, x, seconds)
+
+    def close(self) -> None:
+        self.run = None
+
+
+def interleaved_rounds(workers: dict[str, Any], inputs: dict[str, np.ndarray], min_time: float, warmup: int, rounds: int = 5,
+                       runs_per_round: int | None = None, settle: float = SETTLE_SECONDS) -> dict[str, list[float]]:  # fmt: skip
+    """Batch latency samples (ms) per worker: every worker warms up, then each round gives each
+    worker its turn (min_time/rounds seconds, or `runs_per_round` runs), one worker at a time."""
+    for name, w in workers.items():
+        w.warmup(inputs[name], warmup)
+    samples: dict[str, list[float]] = {k: [] for k in workers}
+    per_round = max(min_time / rounds, 0.05)
+    for _ in range(rounds):
+        for name, w in workers.items():
+            samples[name] += w.time(inputs[name], per_round, runs_per_round)
+            time.sleep(settle)
+    return samples

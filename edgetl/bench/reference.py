@@ -1,0 +1,97 @@
+"""`edgetl bench --check-reference`: each runtime's own figure for the same file, threads and hint,
+beside edgetl's, so every speed claim can be checked against a tool the runtime's authors stand by.
+
+- OpenVINO: `benchmark_app` (it ships in the openvino wheel), synchronous API (one request, as an app
+  calling infer() does), LATENCY hint (or one stream on the same number of threads when fewer than
+  every core are used), the same inference precision, batch 1.
+- ONNX Runtime: a bare `InferenceSession.run` loop with the same session options (intra-op threads,
+  default spinning), in a fresh process, written here without edgetl's backends on purpose.
+
+Both run after edgetl's own timing, one at a time, with nothing else loaded in their process.
+
+    python -m edgetl.bench.reference ort MODEL THREADS SECONDS DTYPE D0,D1,D2,D3
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+OV_PRECISION = {"fp32": "f32", "int8": "f32", "bf16": "bf16", "fp16": "f16"}
+
+
+def find_benchmark_app() -> str | None:
+    beside = Path(sys.executable).parent / "benchmark_app"  # the wheel's entry point in this environment
+    return str(beside) if beside.is_file() else shutil.which("benchmark_app")
+
+
+def openvino_reference(model: Path, shape: tuple[int, ...], threads: int, precision: str, seconds: float) -> dict[str, Any]:
+    exe = find_benchmark_app()
+    if exe is None:
+        return {"tool": "benchmark_app", "error": "benchmark_app is not installed here (it ships in the openvino wheel)"}
+    from edgetl.bench.runner import physical_cores
+
+    # benchmark_app takes a thread count only without a hint: with every core, the LATENCY hint edgetl
+    # uses (one stream on all physical cores); with fewer, its equivalent spelled out.
+    tuning = ["-hint", "latency"] if threads >= physical_cores() else ["-hint", "none", "-nstreams", "1", "-nthreads", str(threads)]
+    cmd = [exe, "-m", str(model), "-d", "CPU", *tuning, "-api", "sync", "-infer_precision", OV_PRECISION.get(precision, "f32"),
+           "-shape", "[" + ",".join(map(str, shape)) + "]", "-t", str(max(1, round(seconds)))]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    found = re.search(r"Median:\s+([0-9.]+)\s*(ms|us)", proc.stdout)  # it switches to microseconds below a millisecond
+    if proc.returncode != 0 or not found:
+        tail = (proc.stderr if proc.returncode else "no Median latency in its output").strip().splitlines()
+        return {"tool": "benchmark_app", "command": " ".join(cmd), "error": (tail or ["failed"])[-1][:200]}
+    median_ms = float(found.group(1)) / (1000.0 if found.group(2) == "us" else 1.0)
+    return {"tool": "benchmark_app", "command": " ".join(cmd), "p50_ms": median_ms}
+
+
+def ort_reference(model: Path, shape: tuple[int, ...], threads: int, dtype: str, seconds: float) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "edgetl.bench.reference", "ort", str(model), str(threads), str(seconds), dtype, ",".join(map(str, shape))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        return {"tool": "InferenceSession.run loop", "error": (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]}
+    return {"tool": "InferenceSession.run loop", **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def _bare_ort_loop(model: str, threads: int, seconds: float, dtype: str, shape: list[int]) -> dict[str, Any]:
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: np.zeros(shape, dtype=np.uint8 if dtype == "uint8" else np.float32)}
+    for _ in range(20):
+        sess.run(None, feed)
+    ms, start = [], time.perf_counter()
+    while time.perf_counter() - start < seconds or len(ms) < 10:
+        t = time.perf_counter()
+        sess.run(None, feed)
+        ms.append((time.perf_counter() - t) * 1000)
+    return {"p50_ms": float(np.percentile(ms, 50)), "runs": len(ms)}
+
+
+def reference_for(row: dict[str, Any], shape: tuple[int, ...], seconds: float) -> dict[str, Any] | None:
+    """The reference measurement for a bench row, or None for targets without one (PyTorch, GPUs)."""
+    model, threads = Path(row["model"]), row["threads"]
+    if row["target"] == "openvino-cpu":
+        ref = openvino_reference(model, shape, threads, row["precision"], seconds)
+    elif row["target"] == "ort-cpu":
+        ref = ort_reference(model, shape, threads, row["input"], seconds)
+    else:
+        return None
+    if "p50_ms" in ref and "latency" in row:
+        ref["edgetl_over_reference"] = row["latency"]["p50_ms"] / ref["p50_ms"]
+    return ref
+
+
+if __name__ == "__main__":
+    _, kind, model, threads, seconds, dtype, shape = sys.argv
+    assert kind == "ort"
+    print(json.dumps(_bare_ort_loop(model, int(threads), float(seconds), dtype, [int(d) for d in shape.split(",")])))
