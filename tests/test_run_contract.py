@@ -209,7 +209,9 @@ def test_sigint_to_the_cli_in_stage_1_then_resume_completes(fresh_run: tuple[Pat
     run = tmp_path / "r"
     cmd = [sys.executable, "-m", "edgetl.cli.main", "train", str(data), "--backbone", "tiny", "--no-pretrained", "--out", str(run),
            "--epochs-head", "400", "--epochs-finetune", "1", "--lr-head", "0.001"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal delivers it: a shell ignores it in background jobs, and children inherit that.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     deadline = time.time() + 120
     while not (run / "history.csv").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
