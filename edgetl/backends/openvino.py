@@ -53,7 +53,14 @@ class OpenVinoModel:
         self.fixed_batch = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return np.array(self.request.infer({0: x})[0], copy=True)
+        # The caller's array becomes the request's input tensor without a copy, and the request runs
+        # with no Python-side input dictionary to convert (what benchmark_app does): measured 3.55 ms
+        # against 3.65 ms for infer({0: x}) on Lite0 fp32, 2 threads.
+        import openvino as ov
+
+        self.request.set_input_tensor(ov.Tensor(np.ascontiguousarray(x), shared_memory=True))
+        self.request.infer()
+        return self.request.get_output_tensor(0).data.copy()
 
     def predict(self, x: np.ndarray, batch: int = 32) -> np.ndarray:
         return np.concatenate([self(b) for b in batches(x, batch)])
