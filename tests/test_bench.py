@@ -150,6 +150,7 @@ def test_in_process_isolation_is_the_old_single_process_method(bench_run: Path, 
 def test_check_reference_runs_both_runtimes_own_tools(bench_run: Path, tmp_path: Path) -> None:
     rep = bench([bench_run], BenchOptions(targets=("ort-cpu", "openvino-cpu"), batches=(1,), min_time=0.3, warmup=1,
                                           check_reference=True, out=str(tmp_path)), QUIET)  # fmt: skip
+    assert rep["files"]["json"] == str(tmp_path / "bench.json")
     saved = json.loads((tmp_path / "bench.json").read_text())
     tools = {}
     for r in saved["results"]:
