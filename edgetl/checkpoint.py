@@ -12,15 +12,16 @@ from typing import Any
 
 import torch
 
+from edgetl import run
 from edgetl.errors import EdgetlError
-from edgetl.fileio import sha256_file, write_with
+from edgetl.fileio import write_with
 from edgetl.model import EdgeClassifier, build_classifier
 from edgetl.preprocess import PreprocessSpec
 
 FORMAT = "edgetl.checkpoint"
 FORMAT_VERSION = 1
-BEST_NAME = "checkpoint.pt"
-LAST_NAME = "last.pt"
+BEST_NAME = run.CHECKPOINT  # the run folder's layout lives in edgetl.run
+LAST_NAME = run.LAST
 
 
 def save(target: str | os.PathLike[str], payload: dict[str, Any]) -> None:
@@ -49,10 +50,6 @@ def read(run_or_file: str | os.PathLike[str], name: str = BEST_NAME) -> dict[str
         raise EdgetlError(f"{path} was written by a newer edgetl (format {ckpt['format_version']}); upgrade edgetl")
     ckpt["path"] = str(path)
     return ckpt
-
-
-def file_hash(path: str | os.PathLike[str]) -> str:
-    return sha256_file(path)
 
 
 def build_model(ckpt: dict[str, Any]) -> EdgeClassifier:

@@ -29,9 +29,10 @@ import numpy as np
 from edgetl import __version__, checkpoint, metadata
 from edgetl import run as runfolder
 from edgetl.backends.onnxruntime import OrtModel
-from edgetl.backends.openvino import OpenVinoModel, read_metadata, save_model
+from edgetl.backends.openvino import OpenVinoModel, save_model
 from edgetl.errors import EdgetlError
 from edgetl.fileio import atomic_path, make_temp_dir, write_json, write_text
+from edgetl.metadata import set_onnx_metadata
 from edgetl.parity import ParityData, compare, run_split_data, scoring_data
 from edgetl.progress import Reporter
 
@@ -77,14 +78,10 @@ def check_opset(opset: int) -> None:
 
 
 def output_paths(out_dir: Path, opts: ExportOptions) -> dict[str, Path]:
-    paths = {"onnx": out_dir / "model.onnx", "labels": out_dir / "labels.txt"}
-    if opts.embed_preprocess:
-        paths["onnx_uint8"] = out_dir / "model.uint8.onnx"
+    keys = ["onnx", *(["onnx_uint8"] if opts.embed_preprocess else [])]
     if opts.format in ("openvino", "all"):
-        paths["openvino"] = out_dir / "openvino" / "model.xml"
-        if opts.fp16:
-            paths["openvino_fp16"] = out_dir / "openvino-fp16" / "model.xml"
-    return paths
+        keys += ["openvino", *(["openvino_fp16"] if opts.fp16 else [])]
+    return {**{k: out_dir / runfolder.MODEL_FILES[k] for k in keys}, "labels": out_dir / "labels.txt"}
 
 
 class _PixelsToLogits:
@@ -136,28 +133,11 @@ def _export_onnx(module: Any, example: Any, target: Path, opset: int, fixed_batc
         onnx.save(proto, str(tmp))
 
 
-def set_onnx_metadata(path: Path, meta: dict[str, str]) -> None:
-    import onnx
-
-    with atomic_path(path) as tmp:
-        proto = onnx.load(str(path))
-        del proto.metadata_props[:]
-        for k, v in meta.items():
-            proto.metadata_props.add(key=k, value=v)
-        proto.producer_name = "edgetl"
-        proto.producer_version = __version__
-        onnx.save(proto, str(tmp))
-
-
 def _save_openvino(onnx_path: Path, target_xml: Path, meta: dict[str, str], compress_to_fp16: bool) -> None:
     """Convert with openvino.convert_model and save the IR with the metadata."""
     import openvino as ov
 
-    save_openvino_model(ov.convert_model(str(onnx_path)), target_xml, meta, compress_to_fp16)
-
-
-save_openvino_model = save_model  # the backend's atomic IR writer, under the name callers know
-read_openvino_metadata = read_metadata
+    save_model(ov.convert_model(str(onnx_path)), target_xml, meta, compress_to_fp16)
 
 
 def _mark_failed(path: Path) -> Path:
@@ -321,10 +301,10 @@ def _file_record(path: Path, seconds: float, *extra: Path) -> dict[str, Any]:
 
 def _validation_metrics(run_dir: Path) -> dict[str, Any]:
     try:
-        best = json.loads((run_dir / "metrics.json").read_text())["best"]
+        best = json.loads((run_dir / runfolder.METRICS).read_text())["best"]
     except (OSError, KeyError, ValueError):
         return {}
     return {k: best[k] for k in ("top1", "top5", "macro_f1", "n") if k in best}
 
 
-__all__ = ["ExportOptions", "ParityData", "export_run", "read_openvino_metadata", "set_onnx_metadata"]
+__all__ = ["ExportOptions", "ParityData", "export_run", "set_onnx_metadata"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 from edgetl.errors import EdgetlError
@@ -159,6 +160,23 @@ def spec_from(meta: dict[str, str]) -> PreprocessSpec:
 
 def labels_from(meta: dict[str, str]) -> list[str]:
     return list(json.loads(meta["labels"]))
+
+
+def set_onnx_metadata(path: Path, meta: dict[str, str]) -> None:
+    """Replace the edgetl metadata of an ONNX file in place, atomically (used by export and quantize)."""
+    import onnx
+
+    from edgetl import __version__
+    from edgetl.fileio import atomic_path
+
+    with atomic_path(path) as tmp:
+        proto = onnx.load(str(path))
+        del proto.metadata_props[:]
+        for k, v in meta.items():
+            proto.metadata_props.add(key=k, value=v)
+        proto.producer_name = "edgetl"
+        proto.producer_version = __version__
+        onnx.save(proto, str(tmp))
 
 
 def read_onnx_metadata(path: str) -> dict[str, str]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.data import LabelledSet, decode_for_scoring, relabel, scoring_set
+from edgetl.data import LabelledSet, decode_for_scoring, relabel, scoring_set, stratified_sample
 from edgetl.errors import EdgetlError
 from edgetl.preprocess import PreprocessSpec, normalize, resize_and_crop
 from edgetl.progress import Reporter
@@ -55,9 +55,10 @@ def run_split_data(run: RunFolder, split: str, labels: list[str], spec: Preproce
 
 
 def _sample(ls: LabelledSet, n: int | None, seed: int) -> LabelledSet:
+    """A seeded subset of `n` that keeps every class's share (bench and parity score the same way)."""
     if n is None or len(ls) <= n:
         return ls
-    return ls.subset(np.sort(np.random.default_rng(seed).choice(len(ls), size=n, replace=False)))
+    return ls.subset(stratified_sample(ls.labels, n, np.random.default_rng(seed)))
 
 
 def compare(reference: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:

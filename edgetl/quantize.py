@@ -33,13 +33,14 @@ import numpy as np
 from edgetl import __version__, metadata
 from edgetl import run as runfolder
 from edgetl.backends.onnxruntime import OrtModel
-from edgetl.backends.openvino import OpenVinoModel, compile_model
+from edgetl.backends.openvino import OpenVinoModel, compile_model, save_model
 from edgetl.bench.timing import interleaved_latency, latency_stats
 from edgetl.data import relabel, stratified_sample
 from edgetl.errors import EdgetlError
 from edgetl.executed_ops import describe, openvino_executed_layers, ort_executed_ops
 from edgetl.fileio import atomic_path, sha256_file, write_json
 from edgetl.hostinfo import has_vnni, host_record
+from edgetl.metadata import set_onnx_metadata
 from edgetl.parity import ParityData, prepare
 from edgetl.preprocess import PreprocessSpec
 from edgetl.progress import Reporter
@@ -349,7 +350,7 @@ def _quantize_locked(folder: runfolder.RunFolder, run_dir: Path, opts: QuantizeO
     from edgetl.malloc_tuning import tune_malloc
 
     tune_malloc()
-    onnx_path = run_dir / "model.onnx"
+    onnx_path = run_dir / runfolder.MODEL_FILES["onnx"]
     if not onnx_path.exists():
         raise EdgetlError(f"no exported model in {run_dir}: run `edgetl export {folder.path}` first")
     _is_onnx(onnx_path)
@@ -369,11 +370,9 @@ def _quantize_locked(folder: runfolder.RunFolder, run_dir: Path, opts: QuantizeO
 
     if opts.format in ("onnx", "all"):
         reporter.log(f"onnxruntime static int8 ({opts.calib_method}, {len(calib.floats)} calibration images)")
-        res = quantize_onnx(onnx_path, run_dir / "model.int8.onnx", calib, val, meta, opts, reporter)
+        target = run_dir / runfolder.MODEL_FILES["onnx_int8"]
+        res = quantize_onnx(onnx_path, target, calib, val, meta, opts, reporter)
         try:
-            target = run_dir / "model.int8.onnx"
-            from edgetl.export import set_onnx_metadata
-
             qmeta = {**meta, "quantization": json.dumps(_record(meta, "onnxruntime", onnx_path, calib_record, opts,
                                                                 res["kept_in_float"], {"types": res["types"]}))}  # fmt: skip
             with atomic_path(target) as tmp:
@@ -390,19 +389,17 @@ def _quantize_locked(folder: runfolder.RunFolder, run_dir: Path, opts: QuantizeO
         finally:
             shutil.rmtree(res["work"], ignore_errors=True)
 
-    xml = run_dir / "openvino" / "model.xml"
+    xml = run_dir / runfolder.MODEL_FILES["openvino"]
     if opts.format in ("openvino", "all"):
         if not xml.exists():
             raise EdgetlError(f"no OpenVINO model in {run_dir}: run `edgetl export {folder.path} --format openvino` first")
-        from edgetl.export import save_openvino_model
-
         reporter.log("openvino int8 with NNCF post-training quantization")
         res = quantize_openvino(xml, calib, val, opts, reporter)
         qmodel = res.pop("model")
         rec = _record(meta, "openvino-nncf", xml.with_suffix(".bin"), calib_record, opts, res["kept_in_float"],
                       {"mode": res["mode"], "overflow_fix": res["overflow_fix"]})  # fmt: skip
-        target = run_dir / "openvino-int8" / "model.xml"
-        save_openvino_model(qmodel, target, {**meta, "quantization": json.dumps(rec)})
+        target = run_dir / runfolder.MODEL_FILES["openvino_int8"]
+        save_model(qmodel, target, {**meta, "quantization": json.dumps(rec)})
         lat = time_pair(lambda: OpenVinoModel(xml), lambda: OpenVinoModel(target), x1, opts.latency_runs)
         report["results"]["openvino"] = {
             **res, "latency": lat, "file": str(target), "executed": openvino_executed_layers(target),

@@ -172,9 +172,6 @@ class RunFolder:
 
     # -- paths ------------------------------------------------------------------------------------
 
-    def file(self, name: str) -> Path:
-        return self.path / name
-
     @property
     def checkpoint_path(self) -> Path:
         return self.path / CHECKPOINT
@@ -209,7 +206,9 @@ class RunFolder:
             raise EdgetlError(f"{self.path} has no {CHECKPOINT}")
         return sha256_file(self.checkpoint_path)
 
-    def split_record(self) -> dict[str, Any]:
+    @cached_property
+    def _split_record(self) -> dict[str, Any]:
+        """splits.json, read once (it lists every image: large for large datasets)."""
         rec = self.read_json(SPLITS)
         if "splits" not in rec:  # version 1: {split: [[key, class], ...]}; the rest is in the manifest
             ds = self.manifest.get("dataset", {})
@@ -217,6 +216,9 @@ class RunFolder:
         if not rec.get("root") or not rec.get("kind") or not rec.get("classes"):
             raise EdgetlError(f"{self.path / SPLITS} does not say where the data is (root, kind, classes)")
         return rec
+
+    def split_record(self) -> dict[str, Any]:
+        return self._split_record
 
     @property
     def data_root(self) -> Path:

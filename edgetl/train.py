@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from edgetl import __version__, checkpoint
+from edgetl import run as layout
 from edgetl.backbones import get_entry, load_pretrained, preprocess_spec
 from edgetl.config import TrainConfig
 from edgetl.data import Dataset as ImageDataset
@@ -318,7 +319,7 @@ class Trainer:
     def record(self, row: dict[str, Any]) -> None:
         row["global_epoch"] = len(self.history) + 1
         self.history.append(row)
-        write_csv(self.run_dir / "history.csv", self.history)
+        write_csv(self.run_dir / layout.HISTORY, self.history)
         r = row
         self.r.log(
             f"{r['stage']:>8} epoch {r['epoch']:>3}: train loss {r['train_loss']:.4f}  val loss {r['val_loss']:.4f}  "
@@ -554,7 +555,7 @@ class Trainer:
     def write_manifest(self, status: str) -> None:
         ds = self.dataset
         base = self.manifest_base
-        write_json(self.run_dir / "manifest.json", {
+        write_json(self.run_dir / layout.MANIFEST, {
             "format": RUN_FORMAT,
             "edgetl_version": __version__,
             "status": status,  # training | interrupted | finished
@@ -596,7 +597,7 @@ class Trainer:
             plot_confusion(m["confusion_matrix"], self.classes, self.run_dir / "confusion.png",
                            f"validation, {self.cfg.backbone} ({self.best['stage']} epoch {self.best['epoch']})")  # fmt: skip
         metrics["interrupted"] = interrupted
-        write_json(self.run_dir / "metrics.json", metrics)
+        write_json(self.run_dir / layout.METRICS, metrics)
         self.write_manifest("interrupted" if interrupted else "finished")
         return metrics
 
@@ -645,7 +646,7 @@ def train(
             trainer.decode()
             reporter.log(f"run folder: {run_dir}")
             # From here on the run is resumable: the file lists, the config and the starting weights are on disk.
-            write_json(run_dir / "splits.json", ds.split_record())
+            write_json(run_dir / layout.SPLITS, ds.split_record())
             trainer.write_manifest("training")
             trainer.save_last("head", 0)
             started = True
@@ -661,7 +662,7 @@ def _remove_unstarted_run(run_dir: Path, created: bool) -> None:
     if created:
         shutil.rmtree(run_dir, ignore_errors=True)
     else:
-        for name in ("splits.json", "manifest.json", "last.pt", ".edgetl.lock"):
+        for name in (layout.SPLITS, layout.MANIFEST, layout.LAST, layout.LOCK):
             (run_dir / name).unlink(missing_ok=True)
 
 

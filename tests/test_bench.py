@@ -169,3 +169,18 @@ def test_a_missing_benchmark_app_is_reported_not_fatal(bench_run: Path, tmp_path
     ov = [r for r in rep["results"] if r["target"] == "openvino-cpu"]
     assert ov and all("benchmark_app is not installed" in r["reference"]["error"] for r in ov)
     assert all(r["reference"]["p50_ms"] > 0 for r in rep["results"] if r["target"] == "ort-cpu")
+
+
+def test_a_worker_that_dies_is_a_clear_error_not_a_hang(bench_run: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+
+    from edgetl.bench.base import Variant
+    from edgetl.bench.isolation import ArrayFiles, ProcessWorker
+
+    w = ProcessWorker(Variant("ort-cpu", bench_run / "model.onnx", "onnx", "fp32"), (1, 3, 64, 64), 1, ArrayFiles(tmp_path))
+    assert w.error is None and w.info["pid"] != os.getpid()
+    os.kill(w.proc.pid, signal.SIGKILL)
+    with pytest.raises(EdgetlError, match="worker for ort-cpu/fp32 failed during time"):
+        w.time(np.zeros((1, 3, 64, 64), np.float32), 0.1)
+    w.close()

@@ -15,9 +15,9 @@ from edgetl import export as export_mod
 from edgetl import metadata
 from edgetl.backbones import list_backbones
 from edgetl.backends.onnxruntime import OrtModel
-from edgetl.backends.openvino import OpenVinoModel
+from edgetl.backends.openvino import OpenVinoModel, read_metadata
 from edgetl.errors import EdgetlError
-from edgetl.export import ExportOptions, _export_onnx, export_run, read_openvino_metadata
+from edgetl.export import ExportOptions, _export_onnx, export_run
 from edgetl.metadata import read_onnx_metadata
 from edgetl.model import build_classifier
 from edgetl.progress import Reporter
@@ -91,7 +91,7 @@ def test_metadata_round_trips_through_onnxruntime_and_openvino(exported: tuple[P
     assert spec.to_dict() == ckpt["config"]["preprocess"]
     assert meta["checkpoint_sha256"] == report["checkpoint_sha256"] and meta["layout"] == "NCHW"
     assert json.loads(meta["validation_metrics"])["n"] == 6
-    ov_meta = read_openvino_metadata(out / "openvino" / "model.xml")
+    ov_meta = read_metadata(out / "openvino" / "model.xml")
     assert ov_meta == meta
     u8 = read_onnx_metadata(str(out / "model.uint8.onnx"))
     assert (u8["layout"], u8["dtype"], u8["preprocessing_in_graph"], u8["input_name"]) == ("NHWC", "uint8", "true", "pixels")

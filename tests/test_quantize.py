@@ -13,8 +13,9 @@ from onnx import TensorProto, helper
 
 from edgetl import metadata
 from edgetl import quantize as q
+from edgetl.backends.openvino import read_metadata
 from edgetl.errors import EdgetlError
-from edgetl.export import ExportOptions, export_run, read_openvino_metadata
+from edgetl.export import ExportOptions, export_run
 from edgetl.metadata import read_onnx_metadata
 from edgetl.progress import Reporter
 from edgetl.quantize import QuantizeOptions, quantize_run
@@ -81,7 +82,7 @@ def test_metadata_is_kept_and_the_quantization_recorded(quantized: dict, exporte
     assert rec["method"] == "minmax" and rec["calibration"]["n"] == 20
     # The portable default: 7-bit weights whatever CPU quantized it, so it cannot saturate on AVX2-only CPUs.
     assert rec["int8_target"] == "portable" and rec["types"]["reduce_range"] is True
-    ov_meta = read_openvino_metadata(exported_run / "openvino-int8" / "model.xml")
+    ov_meta = read_metadata(exported_run / "openvino-int8" / "model.xml")
     assert json.loads(ov_meta["quantization"])["backend"] == "openvino-nncf"
     assert ov_meta["labels"] == fp32["labels"]
 
@@ -173,7 +174,7 @@ def test_vnni_target_uses_full_range_weights(exported_run: Path, tmp_path: Path)
     report = quantize_run(run, QuantizeOptions(calib_size=10, max_drop=100, latency_runs=6, int8_target="vnni"), QUIET)
     rec = json.loads(read_onnx_metadata(str(run / "model.int8.onnx"))["quantization"])
     assert rec["int8_target"] == "vnni" and rec["types"]["reduce_range"] is False
-    ov = json.loads(read_openvino_metadata(run / "openvino-int8" / "model.xml")["quantization"])
+    ov = json.loads(read_metadata(run / "openvino-int8" / "model.xml")["quantization"])
     assert ov["int8_target"] == "vnni" and ov["overflow_fix"] == "disable"
     assert report["int8_target"] == "vnni"
     with pytest.raises(EdgetlError, match="--int8-target"):
@@ -185,3 +186,12 @@ def test_bad_options() -> None:
         QuantizeOptions(calib_method="kl")
     with pytest.raises(EdgetlError, match="negative"):
         QuantizeOptions(max_drop=-1)
+
+
+def test_quantize_never_imports_torch() -> None:
+    """quantize works on exported files only; importing it must not pull in the training stack."""
+    import subprocess
+    import sys
+
+    code = "import sys, edgetl.quantize; sys.exit(1 if 'torch' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

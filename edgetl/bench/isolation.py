@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 
 from edgetl.bench.base import Variant
+from edgetl.bench.timing import rounds_of_turns, throughput, timed_runs
+from edgetl.errors import EdgetlError
 
 # Between two workers' turns: long enough for a runtime's idle threads to stop spinning and sleep.
 SETTLE_SECONDS = 0.05
@@ -40,25 +42,33 @@ class ProcessWorker:
     def __init__(self, v: Variant, shape: tuple[int, ...], threads: int, files: ArrayFiles) -> None:
         spec = {"target": v.target, "model": str(v.model), "kind": v.kind, "precision": v.precision, "input_dtype": v.input_dtype,
                 "shape": list(shape), "threads": threads}  # fmt: skip
-        self.files = files
-        self.proc = subprocess.Popen([sys.executable, "-m", "edgetl.bench.worker", json.dumps(spec)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        self.files, self.name = files, v.name
+        # stderr goes to a file, not a pipe: a pipe nobody reads until the end fills up (64 KB of a
+        # runtime's warnings) and the worker would block forever in the middle of a timing turn.
+        self.log = files.folder / f"worker-{id(self)}.log"
+        with open(self.log, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "edgetl.bench.worker", json.dumps(spec)], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=err, text=True)  # fmt: skip
         self.info = self._read()
         self.error = self.info.get("error")
 
     def _read(self) -> dict[str, Any]:
         line = self.proc.stdout.readline()  # type: ignore[union-attr]
         if not line:
-            err = (self.proc.stderr.read() or "").strip().splitlines()  # type: ignore[union-attr]
-            return {"error": (err or ["the worker process ended without a word"])[-1][:200]}
+            self.proc.wait(timeout=30)
+            err = self.log.read_text(errors="replace").strip().splitlines()
+            return {"error": (err or [f"the worker process ended (exit code {self.proc.returncode})"])[-1][:200]}
         return json.loads(line)
 
     def _ask(self, cmd: dict[str, Any]) -> dict[str, Any]:
-        self.proc.stdin.write(json.dumps(cmd) + "\n")  # type: ignore[union-attr]
-        self.proc.stdin.flush()  # type: ignore[union-attr]
+        try:
+            self.proc.stdin.write(json.dumps(cmd) + "\n")  # type: ignore[union-attr]
+            self.proc.stdin.flush()  # type: ignore[union-attr]
+        except BrokenPipeError:
+            pass  # the worker is gone; _read says why
         answer = self._read()
         if "error" in answer:
-            raise RuntimeError(answer["error"])
+            raise EdgetlError(f"benchmark worker for {self.name} failed during {cmd['cmd']}: {answer['error']}", exit_code=1)
         return answer
 
     def predict(self, x: np.ndarray, fixed_batch: int | None) -> np.ndarray:
@@ -113,13 +123,9 @@ class InProcessWorker:
             self.run(x)
 
     def time(self, x: np.ndarray, seconds: float, runs: int | None = None) -> list[float]:
-        from edgetl.bench.worker import _time
-
-        return _time(self.run, x, seconds, 3, runs)
+        return timed_runs(self.run, x, seconds, runs)
 
     def throughput(self, x: np.ndarray, seconds: float) -> float:
-        from edgetl.bench.timing import throughput
-
         return throughput(self.run, x, seconds)
 
     def close(self) -> None:
@@ -128,14 +134,9 @@ class InProcessWorker:
 
 def interleaved_rounds(workers: dict[str, Any], inputs: dict[str, np.ndarray], min_time: float, warmup: int, rounds: int = 5,
                        runs_per_round: int | None = None, settle: float = SETTLE_SECONDS) -> dict[str, list[float]]:  # fmt: skip
-    """Batch latency samples (ms) per worker: every worker warms up, then each round gives each
-    worker its turn (min_time/rounds seconds, or `runs_per_round` runs), one worker at a time."""
+    """Batch latency samples (ms) per worker: every worker warms up, then the rounds of
+    bench.timing give each worker its turn, one worker at a time."""
     for name, w in workers.items():
         w.warmup(inputs[name], warmup)
-    samples: dict[str, list[float]] = {k: [] for k in workers}
-    per_round = max(min_time / rounds, 0.05)
-    for _ in range(rounds):
-        for name, w in workers.items():
-            samples[name] += w.time(inputs[name], per_round, runs_per_round)
-            time.sleep(settle)
-    return samples
+    turns = {name: (lambda seconds, runs, w=w, x=inputs[name]: w.time(x, seconds, runs)) for name, w in workers.items()}
+    return rounds_of_turns(turns, min_time, rounds, runs_per_round, settle)

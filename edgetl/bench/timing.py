@@ -23,6 +23,38 @@ def latency_stats(ms: list[float]) -> dict[str, float]:
     }  # fmt: skip
 
 
+def timed_runs(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, seconds: float, runs: int | None = None,
+               min_runs: int = 3) -> list[float]:  # fmt: skip
+    """Latency samples (ms) of `run(x)`: exactly `runs` calls when given, else calls for at least
+    `seconds` (and `min_runs`)."""
+    out: list[float] = []
+    start = time.perf_counter()
+    while True:
+        t = time.perf_counter()
+        run(x)
+        out.append((time.perf_counter() - t) * 1000.0)
+        if runs is not None:
+            if len(out) >= runs:
+                return out
+        elif time.perf_counter() - start >= seconds and len(out) >= min_runs:
+            return out
+
+
+def rounds_of_turns(turns: dict[str, Callable[[float, int | None], list[float]]], min_time: float, rounds: int = 5,
+                    runs_per_round: int | None = None, settle: float = 0.0) -> dict[str, list[float]]:  # fmt: skip
+    """Interleave timed turns: each round gives every entry one turn of min_time/rounds seconds (or
+    `runs_per_round` runs), one after another, so machine drift hits all alike. `turns[name](seconds,
+    runs)` times one turn and returns its samples; `settle` seconds pass between turns."""
+    samples: dict[str, list[float]] = {k: [] for k in turns}
+    per_round = max(min_time / rounds, 0.05)
+    for _ in range(rounds):
+        for name, turn in turns.items():
+            samples[name] += turn(per_round, runs_per_round)
+            if settle:
+                time.sleep(settle)
+    return samples
+
+
 def interleaved_latency(
     runners: dict[str, Callable[[np.ndarray], np.ndarray]],
     x: np.ndarray,
@@ -31,7 +63,7 @@ def interleaved_latency(
     rounds: int = 5,
     runs_per_round: int | None = None,
 ) -> dict[str, list[float]]:
-    """Batch latency samples (ms) for each runner over `rounds` interleaved rounds.
+    """Batch latency samples (ms) for runners in this process over `rounds` interleaved rounds.
 
     Each round gives every runner at least min_time/rounds seconds (and 3 runs), or exactly
     `runs_per_round` runs when that is set (for a fixed, reportable run count).
@@ -39,22 +71,8 @@ def interleaved_latency(
     for run in runners.values():
         for _ in range(warmup):
             run(x)
-    samples: dict[str, list[float]] = {k: [] for k in runners}
-    per_round = max(min_time / rounds, 0.05)
-    for _ in range(rounds):
-        for name, run in runners.items():
-            start, done = time.perf_counter(), 0
-            while True:
-                t = time.perf_counter()
-                run(x)
-                samples[name].append((time.perf_counter() - t) * 1000.0)
-                done += 1
-                if runs_per_round is not None:
-                    if done >= runs_per_round:
-                        break
-                elif time.perf_counter() - start >= per_round and done >= 3:
-                    break
-    return samples
+    turns = {name: (lambda seconds, runs, run=run: timed_runs(run, x, seconds, runs)) for name, run in runners.items()}
+    return rounds_of_turns(turns, min_time, rounds, runs_per_round)
 
 
 def throughput(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, seconds: float) -> float:

@@ -42,24 +42,10 @@ def peak_rss_kb() -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
-def _time(run: Any, x: np.ndarray, seconds: float, min_runs: int, runs: int | None) -> list[float]:
-    out, start = [], time.perf_counter()
-    while True:
-        t = time.perf_counter()
-        run(x)
-        out.append((time.perf_counter() - t) * 1000.0)
-        if runs is not None:
-            if len(out) >= runs:
-                break
-        elif time.perf_counter() - start >= seconds and len(out) >= min_runs:
-            break
-    return out
-
-
-def serve(spec: dict[str, Any], stdin: Any = sys.stdin, stdout: Any = sys.stdout) -> None:
+def serve(spec: dict[str, Any], stdin: Any, stdout: Any) -> None:
     from edgetl.bench import targets  # noqa: F401 - registers the built-in targets
     from edgetl.bench.base import TARGETS, Variant
-    from edgetl.bench.timing import throughput
+    from edgetl.bench.timing import throughput, timed_runs
     from edgetl.runners import run_in_chunks
 
     def reply(obj: dict[str, Any]) -> None:
@@ -97,12 +83,21 @@ def serve(spec: dict[str, Any], stdin: Any = sys.stdin, stdout: Any = sys.stdout
                 run(x)
             reply({"ok": True})
         elif op == "time":
-            reply({"ms": _time(run, x, cmd["seconds"], cmd.get("min_runs", 3), cmd.get("runs"))})
+            reply({"ms": timed_runs(run, x, cmd["seconds"], cmd.get("runs"))})
         elif op == "throughput":
             reply({"images_per_second": throughput(run, x, cmd["seconds"])})
         else:
             reply({"error": f"unknown command {op!r}"})
 
 
+def main() -> None:
+    # Answers go on a private copy of stdout; fd 1 itself is pointed at stderr, so whatever a runtime
+    # or library prints (from Python or C++) cannot break the one-JSON-object-per-line protocol.
+    replies = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    serve(json.loads(sys.argv[1]), sys.stdin, replies)
+
+
 if __name__ == "__main__":
-    serve(json.loads(sys.argv[1]))
+    main()
