@@ -52,7 +52,7 @@ def main() -> None:
     import torch
 
     from edgetl import checkpoint
-    from edgetl.data import decode_split
+    from edgetl.decoded import decode_split
     from edgetl.train import predict_logits
 
     model, ckpt = checkpoint.load_model(run)

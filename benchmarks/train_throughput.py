@@ -33,7 +33,8 @@ def worker(config: str, seconds: float) -> None:
 
     sys.path.insert(0, str(HERE.parent))
     from edgetl.backbones import load_pretrained, preprocess_spec
-    from edgetl.data import decode_split, load_dataset
+    from edgetl.data import load_dataset
+    from edgetl.decoded import decode_split
     from edgetl.hostinfo import has_bf16
     from edgetl.malloc_tuning import tune_malloc
     from edgetl.model import build_classifier, param_groups, set_train_mode, unfreeze_top

@@ -43,6 +43,9 @@ class TrainConfig:
     # Smallest area fraction of the random resized crop. 0.35 keeps the object in view on photos;
     # centred, frame-filling images (Fashion-MNIST, product shots) want 0.7-1.0.
     crop_scale: float = 0.35
+    # Where training crops are cut from: "full" keeps training images large enough that the smallest crop
+    # still has input_size pixels across; "resized" cuts them from the evaluation-size image (upsampled).
+    crop_source: str = "full"
     balance: bool = False
     seed: int = 0
     device: str = "auto"
@@ -63,6 +66,8 @@ class TrainConfig:
             raise EdgetlError(f"--augment must be one of {', '.join(AUGMENT_POLICIES)}, got {self.augment!r}")
         if not 0.0 < self.crop_scale <= 1.0:
             raise EdgetlError(f"--crop-scale is the smallest crop area fraction, in (0, 1]; got {self.crop_scale}")
+        if self.crop_source not in ("full", "resized"):
+            raise EdgetlError(f"--crop-source must be full or resized, got {self.crop_source!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise EdgetlError(f"--ema-decay must be in [0, 1) (0 turns the weight average off), got {self.ema_decay}")
         if self.unfreeze != "all" and not (self.unfreeze.isdigit()):

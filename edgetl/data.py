@@ -1,7 +1,7 @@
 """Datasets: image folders, pre-split folders and IDX files, as lists of labelled image refs.
 
-Discovery is cheap (it lists files); decoding happens once, in `decode_split`, which also finds the
-corrupt files so they can be skipped and reported. Nothing here imports torch.
+Discovery is cheap (it lists files); decoding happens once, in `edgetl.decoded.decode_split`, which
+also finds the corrupt files so they can be skipped and reported. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import os
 import struct
 from collections import Counter
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,10 +20,10 @@ import numpy as np
 from PIL import Image
 
 from edgetl.errors import EdgetlError
-from edgetl.preprocess import IMAGE_EXTENSIONS, PreprocessSpec, decode_image, resize_shorter
+from edgetl.preprocess import IMAGE_EXTENSIONS, decode_image
 
 if TYPE_CHECKING:
-    from edgetl.progress import Reporter
+    pass
 
 VAL_DIR_NAMES = ("val", "valid", "validation")
 FASHION_MNIST_CLASSES = [
@@ -496,79 +495,7 @@ def _load_idx(root: Path, val_fraction: float, seed: int) -> Dataset:
     )
 
 
-# ----------------------------------------------------------------------------- decoding
-
-
-@dataclass
-class DecodedImages:
-    """Decoded images of one split, already resized to the spec's shorter side (the first step of
-    evaluation preprocessing, so evaluation from here is exact) and kept in memory while they fit."""
-
-    refs: list[ImageRef]
-    labels: np.ndarray
-    resize_size: int
-    interpolation: str
-    images: list[Image.Image] | None
-
-    def __len__(self) -> int:
-        return len(self.refs)
-
-    def get(self, i: int) -> Image.Image:
-        img = self.images[i] if self.images is not None else self.refs[i].load()
-        return resize_shorter(img, self.resize_size, self.interpolation)
-
-
-def decode_split(
-    ls: LabelledSet,
-    spec: PreprocessSpec,
-    memory_budget_bytes: int = 6 << 30,
-    workers: int | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> tuple[DecodedImages, list[dict[str, str]]]:
-    """Decode every image once; return the good ones and a record of the ones that failed."""
-
-    def work(ref: ImageRef) -> Image.Image | str:
-        try:
-            img = ref.load()
-            # Keep the resized image only when it is smaller than the original; small originals (IDX)
-            # stay small and are resized on access, which gives the same pixels.
-            if min(img.size) > spec.resize_size:
-                img = resize_shorter(img, spec.resize_size, spec.interpolation)
-            return img
-        except Exception as exc:  # PIL raises many types for bad data; each becomes a skip record
-            return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
-
-    good_refs, good_labels, images, failed = [], [], [], []
-    total_bytes = 0
-    with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2)) as pool:
-        for ref, label, result in zip(ls.refs, ls.labels, pool.map(work, ls.refs), strict=True):
-            if progress:
-                progress(1)
-            if isinstance(result, str):
-                failed.append({"file": ref.key, "reason": result})
-                continue
-            good_refs.append(ref)
-            good_labels.append(int(label))
-            total_bytes += result.width * result.height * 3
-            images.append(result)
-    keep = total_bytes <= memory_budget_bytes
-    return (
-        DecodedImages(good_refs, np.asarray(good_labels, dtype=np.int64), spec.resize_size, spec.interpolation, images if keep else None),
-        failed,
-    )
-
-
-def decode_for_scoring(
-    ls: LabelledSet, spec: PreprocessSpec, reporter: Reporter, source: str
-) -> tuple[DecodedImages, list[dict[str, str]]]:
-    """Decode images to score a model on: unreadable ones are left out with a warning, none readable is an error."""
-    with reporter.task(f"decoding {len(ls)} images from {source}", len(ls)) as advance:
-        images, failed = decode_split(ls, spec, progress=advance)
-    if failed:
-        reporter.log(f"[yellow]warning:[/] {len(failed)} unreadable image(s) left out, e.g. {failed[0]['file']} ({failed[0]['reason']})")
-    if len(images) == 0:
-        raise EdgetlError(f"no readable images in {source}")
-    return images, failed
+# ----------------------------------------------------------------------------- scoring
 
 
 def scoring_set(root: str | os.PathLike[str], split: str | None = None) -> tuple[LabelledSet, list[str], str, str]:

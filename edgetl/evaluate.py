@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from edgetl.data import decode_for_scoring, relabel, scoring_set
+from edgetl.data import relabel, scoring_set
+from edgetl.decoded import decode_for_scoring
 from edgetl.progress import Reporter
 from edgetl.run import RunFolder
 

@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.data import LabelledSet, decode_for_scoring, relabel, scoring_set, stratified_sample
+from edgetl.data import LabelledSet, relabel, scoring_set, stratified_sample
+from edgetl.decoded import decode_for_scoring
 from edgetl.errors import EdgetlError
 from edgetl.preprocess import PreprocessSpec, normalize, resize_and_crop
 from edgetl.progress import Reporter

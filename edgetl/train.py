@@ -36,7 +36,8 @@ from edgetl import run as layout
 from edgetl.backbones import get_entry, load_pretrained, preprocess_spec
 from edgetl.config import TrainConfig
 from edgetl.data import Dataset as ImageDataset
-from edgetl.data import DecodedImages, check_after_skips, decode_split, load_dataset
+from edgetl.data import check_after_skips, load_dataset
+from edgetl.decoded import DecodedImages, decode_split
 from edgetl.errors import EdgetlError, TrainingInterrupted
 from edgetl.fileio import write_csv, write_json
 from edgetl.hostinfo import has_bf16, host_record
@@ -56,7 +57,8 @@ from edgetl.preprocess import PreprocessSpec, preprocess
 from edgetl.progress import Reporter
 from edgetl.run import RUN_FORMAT, RunFolder, check_new_run_folder, locked
 
-FEATURE_CACHE_IN_MEMORY_LIMIT = 2 << 30  # larger feature caches go to a memory-mapped file in the run folder
+# Larger feature caches go to a memory-mapped file in the run folder (Lite0: 5 KB an image, so from ~50k images).
+FEATURE_CACHE_IN_MEMORY_LIMIT = 256 << 20
 FEATURE_CACHE_GLOB = "features-*.npy"
 
 
@@ -82,7 +84,8 @@ class AugmentedImages(EvalImages):
         self.transform = transform
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.images.get(i)), int(self.images.labels[i])
+        # Crops are cut from the image as cached for training (large enough for the smallest crop).
+        return self.transform(self.images.get_stored(i)), int(self.images.labels[i])
 
 
 def train_transform(spec: PreprocessSpec, policy: str, crop_scale: float = 0.35) -> Any:
@@ -243,9 +246,11 @@ class Trainer:
             f"{f', test {len(ds.test)} (not used for training)' if ds.test is not None else ''}; {ds.split_note}"
         )
         decoded = {}
-        for split, ls in (("train", ds.train), ("val", ds.val)):
+        # Training images are kept large enough for the smallest random crop unless --crop-source resized.
+        train_crop = cfg.crop_scale if cfg.augment != "none" and cfg.crop_source == "full" else None
+        for split, ls, crop in (("train", ds.train, train_crop), ("val", ds.val, None)):
             with r.task(f"decoding {split}", len(ls)) as advance:
-                decoded[split], failed = decode_split(ls, self.spec, progress=advance)
+                decoded[split], failed = decode_split(ls, self.spec, crop, cache_dir=self.run_dir, name=split, progress=advance)
             for f in failed:
                 f["split"] = split
             self.skipped += failed

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from conftest import make_folder, write_idx
 
-from edgetl.data import decode_split, load_dataset, read_idx, stratified_split
+from edgetl.data import load_dataset, read_idx, stratified_split
+from edgetl.decoded import decode_split
 from edgetl.errors import EdgetlError
 from edgetl.preprocess import PreprocessSpec
 
@@ -99,7 +100,7 @@ def test_corrupt_truncated_and_fake_images_are_skipped_and_listed(image_folder: 
         images, failed = decode_split(ls, SPEC)
         skipped += failed
         assert len(images) == len(ls) - len(failed)
-        assert all(img.mode == "RGB" for img in images.images or [])
+        assert all(images.get(i).mode == "RGB" for i in range(len(images)))
     assert sorted(Path(f["file"]).name for f in skipped) == ["empty.webp", "fake.jpg", "truncated.png"]
     assert all(f["reason"] for f in skipped)
 

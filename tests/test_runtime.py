@@ -99,7 +99,8 @@ def test_runtime_agrees_with_the_pytorch_eval_pipeline_on_real_photos(real_run: 
     import torch
 
     from edgetl import checkpoint
-    from edgetl.data import decode_split, load_dataset
+    from edgetl.data import load_dataset
+    from edgetl.decoded import decode_split
     from edgetl.train import predict_logits
 
     model, ckpt = checkpoint.load_model(real_run)
