@@ -49,7 +49,7 @@ class TrainConfig:
     balance: bool = False
     seed: int = 0
     device: str = "auto"
-    precision: str = "auto"  # auto | fp32 | bf16 (autocast for training steps; evaluation stays fp32)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (CUDA; autocast for training steps; evaluation stays fp32)
     channels_last: bool = True
     workers: int | None = None
     # data
@@ -72,8 +72,8 @@ class TrainConfig:
             raise EdgetlError(f"--ema-decay must be in [0, 1) (0 turns the weight average off), got {self.ema_decay}")
         if self.unfreeze != "all" and not (self.unfreeze.isdigit()):
             raise EdgetlError(f"--unfreeze takes a number of top blocks or 'all', got {self.unfreeze!r}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise EdgetlError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise EdgetlError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise EdgetlError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         for name in ("epochs_head", "epochs_finetune", "patience"):

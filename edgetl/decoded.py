@@ -1,15 +1,16 @@
 """Decoded images of one split in an on-disk cache, so memory does not grow with the dataset.
 
 Every image is decoded once (threads: Pillow releases the GIL while decoding), resized, and appended
-as raw uint8 RGB to one flat file. What stays in memory is a per-image index of 3 int64 (offset,
-height, width: 24 bytes an image, 2.4 MB for 100k images). Reads are `os.pread` calls, so the
+as raw uint8 RGB to one flat file. What stays in memory is a per-image index of 4 int64 (file,
+offset, height, width: 32 bytes an image, 3.2 MB for 100k images). Reads are `os.pread` calls, so the
 pixels pass through the kernel's page cache (shared, reclaimable, not this process's resident
 memory) rather than through a growing Python list; a warm cache reads a 256 px image in ~50 us,
 faster than decoding its JPEG again. The cost is disk: about 200 KB an image at 256 px
 (20 GB for 100k photos), in the run folder (or the temp folder) and removed when the run ends.
 
 DataLoader workers receive the index and the file's path (not the file handle), and open the file
-themselves, so this works with any multiprocessing start method.
+themselves, so this works with any multiprocessing start method. Under torchrun the processes of a
+node each decode a share of a split into their own file and read all of them (`join`).
 
 Nothing here imports torch.
 """
@@ -52,51 +53,88 @@ def stored_size(spec: PreprocessSpec, crop_scale: float | None) -> int:
 
 class DecodedImages:
     """The decoded images of one split: `get(i)` gives image i at the evaluation resize size,
-    `get_stored(i)` at the (possibly larger) size it was cached at, for training crops."""
+    `get_stored(i)` at the (possibly larger) size it was cached at, for training crops.
 
-    def __init__(self, refs: list[ImageRef], labels: np.ndarray, path: Path, index: np.ndarray,
-                 resize_size: int, interpolation: str, owner: bool = True) -> None:  # fmt: skip
-        self.refs, self.labels, self.path, self.index = refs, labels, path, index
+    The pixels live in one or more cache files (several when the processes of a node each decoded a
+    share, see `join`); row i of `index` is (file number, offset, height, width) of image i.
+    `positions[i]` is image i's position in the LabelledSet it was decoded from."""
+
+    def __init__(self, refs: list[ImageRef], labels: np.ndarray, paths: list[Path], index: np.ndarray, positions: np.ndarray,
+                 resize_size: int, interpolation: str, owned: tuple[Path, ...] = ()) -> None:  # fmt: skip
+        self.refs, self.labels, self.paths, self.index, self.positions = refs, labels, paths, index, positions
         self.resize_size, self.interpolation = resize_size, interpolation
-        self._fd: int | None = None
+        self._fds: dict[int, int] = {}
         self._pid = -1
-        # The file goes when the last owner copy is garbage collected or the process exits normally.
-        self._finalizer = weakref.finalize(self, _unlink, str(path)) if owner else None
+        # Files this object made go when it is garbage collected or the process exits normally.
+        self._finalizers = [weakref.finalize(self, _unlink, str(p)) for p in owned]
+        self._owned = owned
 
     def __len__(self) -> int:
         return len(self.refs)
 
     def __getstate__(self) -> dict[str, Any]:
-        # A worker process gets the index and the path; it opens its own handle and never deletes the file.
-        state = {k: v for k, v in self.__dict__.items() if k not in ("_fd", "_finalizer")}
-        return {**state, "_fd": None, "_pid": -1, "_finalizer": None}
+        # A worker process gets the index and the paths; it opens its own handles and never deletes a file.
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_fds", "_finalizers", "_owned")}
+        return {**state, "_fds": {}, "_pid": -1, "_finalizers": [], "_owned": ()}
 
-    def _handle(self) -> int:
-        if self._fd is None or self._pid != os.getpid():
-            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        return self._fd
+    def _handle(self, file_no: int) -> int:
+        if self._pid != os.getpid():
+            self._fds, self._pid = {}, os.getpid()
+        if file_no not in self._fds:
+            self._fds[file_no] = os.open(self.paths[file_no], os.O_RDONLY)
+        return self._fds[file_no]
+
+    def open_all(self) -> None:
+        """Open every cache file now: a file a peer process wrote can then be removed by it at any time."""
+        for f in range(len(self.paths)):
+            self._handle(f)
 
     def get_stored(self, i: int) -> Image.Image:
-        offset, height, width = (int(v) for v in self.index[i])
-        data = os.pread(self._handle(), height * width * 3, offset)
+        file_no, offset, height, width = (int(v) for v in self.index[i])
+        data = os.pread(self._handle(file_no), height * width * 3, offset)
         return Image.fromarray(np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3), "RGB")
 
     def get(self, i: int) -> Image.Image:
         return resize_shorter(self.get_stored(i), self.resize_size, self.interpolation)
 
     def subset(self, indices: np.ndarray) -> DecodedImages:
-        """A view of some images (same file, not an owner: the file lives as long as this object's source)."""
-        view = DecodedImages([self.refs[i] for i in indices], self.labels[indices], self.path, self.index[indices],
-                             self.resize_size, self.interpolation, owner=False)  # fmt: skip
-        view._source = self  # type: ignore[attr-defined]  # keeps the owner (and so the file) alive
+        """A view of some images (same files, owning none: the files live as long as this object's source)."""
+        view = DecodedImages([self.refs[i] for i in indices], self.labels[indices], self.paths, self.index[indices],
+                             self.positions[indices], self.resize_size, self.interpolation)  # fmt: skip
+        view._source = self  # type: ignore[attr-defined]  # keeps the owner (and so its files) alive
         return view
 
+    @classmethod
+    def join(cls, ls: LabelledSet, parts: list[tuple[str, np.ndarray, np.ndarray]], resize_size: int, interpolation: str,
+             owned: tuple[Path, ...] = ()) -> DecodedImages:  # fmt: skip
+        """One split from the parts several processes decoded. Each part is (its file, its `index`, the
+        positions in `ls` of its images), as `decode_split` made them."""
+        rows, positions = [], []
+        for file_no, (_, index, pos) in enumerate(parts):
+            rows.append(index.copy())
+            rows[-1][:, 0] = file_no
+            positions.append(pos)
+        index_all = np.concatenate(rows) if rows else np.zeros((0, 4), np.int64)
+        pos_all = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+        order = np.argsort(pos_all, kind="stable")
+        index_all, pos_all = index_all[order], pos_all[order]
+        return cls([ls.refs[i] for i in pos_all], ls.labels[pos_all], [Path(p) for p, _, _ in parts], index_all, pos_all,
+                   resize_size, interpolation, owned)  # fmt: skip
+
+    def disown(self) -> tuple[Path, ...]:
+        """Hand this object's files to another (see `join`): they are no longer removed with it."""
+        for fin in self._finalizers:
+            fin.detach()
+        self._finalizers, owned, self._owned = [], self._owned, ()
+        return owned
+
     def close(self) -> None:
-        if self._fd is not None and self._pid == os.getpid():
-            os.close(self._fd)
-        self._fd = None
-        if self._finalizer is not None:
-            self._finalizer()
+        if self._pid == os.getpid():
+            for fd in self._fds.values():
+                os.close(fd)
+        self._fds = {}
+        for fin in self._finalizers:
+            fin()
 
 
 def _unlink(path: str) -> None:
@@ -112,6 +150,7 @@ def decode_split(
     name: str = "images",
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
+    path: str | os.PathLike[str] | None = None,
 ) -> tuple[DecodedImages, list[dict[str, str]]]:
     """Decode every image once into a disk cache; return the good ones and a record of those that failed.
 
@@ -131,10 +170,16 @@ def decode_split(
             return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
     folder = Path(cache_dir) if cache_dir is not None else Path(tempfile.gettempdir())
-    fd, tmp = tempfile.mkstemp(prefix=f"{CACHE_PREFIX}{name}-", suffix=".tmp", dir=folder)
-    path = Path(tmp)
+    if path is None:
+        fd, tmp = tempfile.mkstemp(prefix=f"{CACHE_PREFIX}{name}-", suffix=".tmp", dir=folder)
+    else:  # a name peers can find (several processes decoding shares of one split)
+        tmp = str(path)
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+        except OSError as exc:
+            raise EdgetlError(f"cannot write the decoded-image cache {tmp}: {exc.strerror or exc}") from None
     good: list[int] = []
-    index = np.zeros((len(ls), 3), dtype=np.int64)
+    index = np.zeros((len(ls), 4), dtype=np.int64)
     failed: list[dict[str, str]] = []
     offset = 0
     try:
@@ -149,7 +194,7 @@ def decode_split(
                     failed.append({"file": ls.refs[i].key, "reason": f"unexpected decoded shape {result.shape}"})
                     continue
                 out.write(result.tobytes())
-                index[len(good)] = (offset, result.shape[0], result.shape[1])
+                index[len(good)] = (0, offset, result.shape[0], result.shape[1])
                 offset += result.nbytes
                 good.append(i)
     except OSError as exc:
@@ -160,8 +205,8 @@ def decode_split(
         _unlink(tmp)
         raise
     kept = np.asarray(good, dtype=np.int64)
-    images = DecodedImages([ls.refs[i] for i in kept], ls.labels[kept] if len(kept) else np.zeros(0, np.int64), path,
-                           index[: len(good)].copy(), spec.resize_size, spec.interpolation)  # fmt: skip
+    images = DecodedImages([ls.refs[i] for i in kept], ls.labels[kept], [Path(tmp)], index[: len(good)].copy(), kept,
+                           spec.resize_size, spec.interpolation, owned=(Path(tmp),))  # fmt: skip
     return images, failed
 
 

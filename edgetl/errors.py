@@ -20,3 +20,7 @@ class TrainingInterrupted(Exception):
     def __init__(self, run_dir: str) -> None:
         super().__init__(run_dir)
         self.run_dir = run_dir
+
+
+class PeerFailed(EdgetlError):
+    """Another training process (rank 0) failed and said why itself: this one exits quietly."""

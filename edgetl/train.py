@@ -15,6 +15,7 @@ before the first epoch, so Ctrl-C at any point leaves a run that `--resume` cont
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -29,15 +30,16 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from edgetl import __version__, checkpoint
 from edgetl import run as layout
 from edgetl.backbones import get_entry, load_pretrained, preprocess_spec
 from edgetl.config import TrainConfig
 from edgetl.data import Dataset as ImageDataset
-from edgetl.data import check_after_skips, load_dataset
-from edgetl.decoded import DecodedImages, decode_split
+from edgetl.data import check_after_skips, dataset_from_record, load_dataset
+from edgetl.decoded import CACHE_PREFIX, DecodedImages, decode_split
+from edgetl.distributed import Dist
 from edgetl.errors import EdgetlError, TrainingInterrupted
 from edgetl.fileio import write_csv, write_json
 from edgetl.hostinfo import has_bf16, host_record
@@ -55,7 +57,8 @@ from edgetl.model import (
 )
 from edgetl.preprocess import PreprocessSpec, preprocess
 from edgetl.progress import Reporter
-from edgetl.run import RUN_FORMAT, RunFolder, check_new_run_folder, locked
+from edgetl.run import RUN_FORMAT, RunFolder, check_new_run_folder, is_run, locked
+from edgetl.tensorboard_log import TrainLog
 
 # Larger feature caches go to a memory-mapped file in the run folder (Lite0: 5 KB an image, so from ~50k images).
 FEATURE_CACHE_IN_MEMORY_LIMIT = 256 << 20
@@ -119,9 +122,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of training steps: bf16 when asked or, on `auto`, where the hardware has native
+    bf16 arithmetic; fp16 (with loss scaling) only when asked, and only on CUDA; None for fp32."""
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise EdgetlError("--precision fp16 needs a CUDA device (CPUs train in fp32 or bf16)")
+        return torch.float16
+    return torch.bfloat16 if use_bf16(precision, device) else None
+
+
 def use_bf16(precision: str, device: torch.device) -> bool:
     """bf16 autocast when asked, or on `auto` where the hardware has native bf16 arithmetic."""
-    if precision == "fp32":
+    if precision in ("fp32", "fp16"):
         return False
     supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else has_bf16()
     if precision == "bf16" and not supported:
@@ -201,14 +214,25 @@ class Trainer:
     average, history and which epoch is the best so far."""
 
     def __init__(self, cfg: TrainConfig, dataset: ImageDataset, run_dir: Path, reporter: Reporter,
-                 keep_feature_cache: bool = False) -> None:  # fmt: skip
+                 keep_feature_cache: bool = False, dist: Dist | None = None) -> None:  # fmt: skip
         self.cfg, self.dataset, self.run_dir, self.r = cfg, dataset, run_dir, reporter
+        # Under torchrun: rank 0 writes the run folder and reports; every rank trains on its shard.
+        self.dist = dist or Dist()
         self.data_path = str(dataset.root)
         self.classes = dataset.classes
         self.spec = preprocess_spec(cfg.backbone, cfg.input_size)
         self.keep_feature_cache = keep_feature_cache
         self.device = pick_device(cfg.device)
-        self.bf16 = use_bf16(cfg.precision, self.device)
+        if self.device.type == "cuda" and self.dist.active:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        if self.dist.active and cfg.batch_size % self.dist.world_size:
+            raise EdgetlError(f"--batch-size {cfg.batch_size} is the global batch: it must divide evenly over "
+                              f"{self.dist.world_size} processes")  # fmt: skip
+        self.amp_dtype = autocast_dtype(cfg.precision, self.device)
+        self.bf16 = self.amp_dtype == torch.bfloat16
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self.tb: Any = None
         self.workers = cfg.workers if cfg.workers is not None else default_workers()
         self.history: list[dict[str, Any]] = []
         self.timings: dict[str, dict[str, float]] = {}
@@ -250,7 +274,7 @@ class Trainer:
         train_crop = cfg.crop_scale if cfg.augment != "none" and cfg.crop_source == "full" else None
         for split, ls, crop in (("train", ds.train, train_crop), ("val", ds.val, None)):
             with r.task(f"decoding {split}", len(ls)) as advance:
-                decoded[split], failed = decode_split(ls, self.spec, crop, cache_dir=self.run_dir, name=split, progress=advance)
+                decoded[split], failed = self._decode(ls, crop, split, advance)
             for f in failed:
                 f["split"] = split
             self.skipped += failed
@@ -266,6 +290,25 @@ class Trainer:
         counts = np.bincount(self.train_images.labels, minlength=len(self.classes)).astype(np.float64)
         weights = counts.sum() / (len(counts) * np.maximum(counts, 1)) if cfg.balance else np.ones_like(counts)
         self.class_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
+
+    def _decode(self, ls: Any, crop: float | None, split: str, advance: Any) -> tuple[DecodedImages, list[dict[str, str]]]:
+        """One process: decode `ls` into a cache in the run folder. Under torchrun: the processes of each
+        node decode every L-th image (L = processes on the node) into their own file, and all of them
+        read all of the node's files, so a node decodes each image once whatever its process count."""
+        d = self.dist
+        if not d.active:
+            return decode_split(ls, self.spec, crop, cache_dir=self.run_dir, name=split, progress=advance)
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # on another node's disk it holds only these caches
+        mine = np.arange(d.local_rank, len(ls), d.local_world_size)
+        path = self.run_dir / f"{CACHE_PREFIX}{split}-node{d.node_rank}-part{d.local_rank}.tmp"
+        part, failed = decode_split(ls.subset(mine), self.spec, crop, progress=advance, path=path)
+        owned = part.disown()
+        everyone = d.gather_objects((d.node_rank, d.local_rank, str(path), part.index, mine[part.positions], failed))
+        peers = sorted((e for e in everyone if e[0] == d.node_rank), key=lambda e: e[1])
+        joined = DecodedImages.join(ls, [(e[2], e[3], e[4]) for e in peers], self.spec.resize_size, self.spec.interpolation, owned)
+        d.barrier()  # every peer's file is complete before anyone reads it
+        joined.open_all()
+        return joined, [f for e in peers for f in e[5]]
 
     def criterion(self, smoothing: bool = True) -> nn.Module:
         return nn.CrossEntropyLoss(
@@ -299,6 +342,8 @@ class Trainer:
         """Keep `model` (default: the one being trained; with --ema-decay, its weight average) as the best."""
         self.best_val_loss = val_loss
         self.best = {"stage": stage, "epoch": epoch, "val_loss": val_loss, "val_logits": val_logits}
+        if not self.dist.is_main:
+            return
         state = {k: v.detach().cpu().clone() for k, v in (model or self.model).state_dict().items()}
         checkpoint.save(
             self.run_dir / checkpoint.BEST_NAME,
@@ -308,6 +353,8 @@ class Trainer:
     def save_last(self, stage: str, epoch: int, opt: torch.optim.Optimizer | None = None, sched: Any = None,
                   bad_epochs: int = 0, ema: Any = None) -> None:  # fmt: skip
         """The training state after `epoch` of `stage` (epoch 0: before the first), for --resume."""
+        if not self.dist.is_main:
+            return
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         checkpoint.save(
             self.run_dir / checkpoint.LAST_NAME,
@@ -324,7 +371,11 @@ class Trainer:
     def record(self, row: dict[str, Any]) -> None:
         row["global_epoch"] = len(self.history) + 1
         self.history.append(row)
+        if not self.dist.is_main:
+            return
         write_csv(self.run_dir / layout.HISTORY, self.history)
+        if self.tb is not None:
+            self.tb.epoch(row)
         r = row
         self.r.log(
             f"{r['stage']:>8} epoch {r['epoch']:>3}: train loss {r['train_loss']:.4f}  val loss {r['val_loss']:.4f}  "
@@ -335,16 +386,26 @@ class Trainer:
 
     def _fit_epoch(self, batches: Any, forward: Any, opt: torch.optim.Optimizer, sched: Any, crit: nn.Module,
                    autocast: bool, ema: Any = None, advance: Any = None) -> tuple[float, float, int]:  # fmt: skip
-        """One pass of optimisation steps over `batches`; returns (mean loss, top-1, images)."""
+        """One pass of optimisation steps over `batches`; returns (mean loss, top-1, images), over all
+        processes under torchrun (a DistributedDataParallel `forward` averages the gradients)."""
         total, count, correct = 0.0, 0, 0
+        dtype = self.amp_dtype if autocast and self.amp_dtype is not None else torch.float32
+        scaler = self.scaler if dtype == torch.float16 else None
         for x, y in batches:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
                 logits = forward(x)
             loss = crit(logits.float(), y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             sched.step()
+            if self.tb is not None:
+                self.tb.step(self._stage, loss.item(), sched.get_last_lr()[0], sched.last_epoch)
             if ema is not None:
                 ema.update(self.model, step=sched.last_epoch)
             total += loss.item() * len(y)
@@ -354,7 +415,8 @@ class Trainer:
                 advance(len(y))
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return total / max(1, count), correct / max(1, count), count
+        total, correct, count = self.dist.sum_all([total, correct, count])
+        return total / max(1, count), correct / max(1, count), int(count)
 
     def _end_epoch(self, stage: str, epoch: int, fit: tuple[float, float, int], val_logits: np.ndarray, scored: nn.Module | None,
                    lr: float, t_ep: float, extra: dict[str, Any] | None = None) -> bool:  # fmt: skip
@@ -393,16 +455,22 @@ class Trainer:
         labels = np.tile(images.labels, views)
         self.model.eval()
         aug = train_transform(self.spec, self.cfg.augment if self.cfg.augment != "none" else "light", self.cfg.crop_scale)
-        with self.r.task(f"caching {split} features" + (f" ({views} views)" if views > 1 else ""), n * views) as advance:
+        # Under torchrun every process runs the base on its shard and all of them gather the rest.
+        d = self.dist
+        mine = images.subset(d.shard(n)) if d.active else images
+        with self.r.task(f"caching {split} features" + (f" ({views} views)" if views > 1 else ""), len(mine) * views) as advance:
             for v in range(views):
-                ds = EvalImages(images, self.spec) if v == 0 else AugmentedImages(images, self.spec, aug)
-                loader = DataLoader(ds, batch_size=32, shuffle=False, num_workers=self.workers)
-                pos = v * n
+                ds = EvalImages(mine, self.spec) if v == 0 else AugmentedImages(mine, self.spec, aug)
+                loader = DataLoader(ds, batch_size=32, shuffle=False, num_workers=self.workers, pin_memory=self.device.type == "cuda")
+                local = feats[v * n : (v + 1) * n] if not d.active else np.empty((len(mine), dim), dtype=np.float32)
+                pos = 0
                 for x, _ in loader:
                     x = self._to_device(x)
-                    feats[pos : pos + len(x)] = self.model.backbone(x).float().cpu().numpy()
+                    local[pos : pos + len(x)] = self.model.backbone(x).float().cpu().numpy()
                     pos += len(x)
                     advance(len(x))
+                if d.active:
+                    d.gather_rows(local, n, out=feats[v * n : (v + 1) * n])
         return feats, labels
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
@@ -415,6 +483,7 @@ class Trainer:
         # The frozen base runs in eval mode throughout: BatchNorm uses and keeps its ImageNet statistics.
         self.model.backbone.eval()
         head = self.model.head
+        self._stage = "head"
         opt = torch.optim.AdamW(param_groups(head, cfg.weight_decay), lr=cfg.lr_head)
         t0 = time.perf_counter()
         if cfg.cache_features:
@@ -445,15 +514,13 @@ class Trainer:
                 batches: Any = ((xtr_t[idx], ytr_t[idx]) for idx in order.split(cfg.head_batch_size))
             else:
                 batches = self._backbone_batches(self._train_loader(cfg.head_batch_size, drop_last=False))
-            fit = self._fit_epoch(batches, head, opt, sched, crit, autocast=False)
+            # On cached features every process trains the same head on the same batches (all have every
+            # feature); without the cache each has its shard of images and DDP averages the gradients.
+            fit = self._fit_epoch(batches, head if cfg.cache_features else self._ddp(head), opt, sched, crit, autocast=False)
             images_seen += fit[2]
             head.eval()
             with torch.no_grad():
-                if cfg.cache_features:
-                    val_logits = head(xva_t).float().cpu().numpy()
-                else:
-                    val_logits = predict_logits(self.model, self.val_images, self.spec, self.device, workers=self.workers,
-                                                channels_last=cfg.channels_last)  # fmt: skip
+                val_logits = head(xva_t).float().cpu().numpy() if cfg.cache_features else self._val_logits(self.model)
             self._end_epoch("head", epoch, fit, val_logits, None, sched.get_last_lr()[0], t_ep)
             self.save_last("head", epoch, opt, sched)
         seconds = time.perf_counter() - t0
@@ -466,18 +533,50 @@ class Trainer:
 
     def _train_loader(self, batch_size: int, drop_last: bool = True) -> DataLoader:
         ds = AugmentedImages(self.train_images, self.spec, train_transform(self.spec, self.cfg.augment, self.cfg.crop_scale))
+        d = self.dist
+        if d.active:
+            # One global batch whatever the process count: each process takes batch_size / N of it.
+            if batch_size % d.world_size:
+                raise EdgetlError(f"batch size {batch_size} must divide evenly over {d.world_size} processes")
+            sampler = DistributedSampler(ds, num_replicas=d.world_size, rank=d.rank, shuffle=True, seed=self.cfg.seed,
+                                         drop_last=drop_last)  # fmt: skip
+            sampler.set_epoch(len(self.history))  # a new order every epoch, the same on resume
+            per_rank = batch_size // d.world_size
+            return DataLoader(ds, batch_size=per_rank, sampler=sampler, num_workers=self.workers,
+                              drop_last=drop_last and len(sampler) > per_rank, pin_memory=self.device.type == "cuda")  # fmt: skip
         # Fine-tuning drops a ragged last batch (tiny batches give noisy steps); stage 1 without the
         # cache keeps it, so it sees exactly the images the cached path does.
         return DataLoader(
             ds, batch_size=batch_size, shuffle=True, num_workers=self.workers, drop_last=drop_last and len(ds) > batch_size,
             generator=torch.Generator().manual_seed(self.cfg.seed + len(self.history)),
-            persistent_workers=False,
+            persistent_workers=False, pin_memory=self.device.type == "cuda",
         )  # fmt: skip
+
+    def _ddp(self, module: nn.Module) -> nn.Module:
+        """`module` wrapped in DistributedDataParallel under torchrun (it averages gradients), else itself."""
+        if not self.dist.active:
+            return module
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _val_logits(self, model: nn.Module) -> np.ndarray:
+        """fp32 validation logits; under torchrun each process scores its shard and all gather the rest."""
+        d = self.dist
+        if not d.active:
+            return predict_logits(model, self.val_images, self.spec, self.device, workers=self.workers,
+                                  channels_last=self.cfg.channels_last)  # fmt: skip
+        mine = self.val_images.subset(d.shard(len(self.val_images)))
+        logits = predict_logits(model, mine, self.spec, self.device, workers=self.workers, channels_last=self.cfg.channels_last)
+        if len(mine) == 0:
+            logits = np.zeros((0, len(self.classes)), dtype=np.float32)
+        return d.gather_rows(logits.astype(np.float32), len(self.val_images))
 
     def _backbone_batches(self, loader: DataLoader):
         """Stage 1 without the cache: the frozen base runs on every batch of every epoch."""
         for x, y in loader:
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            amp = self.amp_dtype
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 feats = self.model.backbone(self._to_device(x)).float()
             yield feats, y.to(self.device)
 
@@ -491,8 +590,10 @@ class Trainer:
         unfrozen = unfreeze_top(self.model, cfg.unfreeze_blocks)
         n_train = sum(p.numel() for p in trainable_parameters(self.model))
         r.log(f"fine-tuning {', '.join(unfrozen)} + head ({n_train / 1e6:.2f}M parameters) at lr {cfg.finetune_lr:.1e}"
-              f"{', bf16 autocast' if self.bf16 else ''}{', channels_last' if cfg.channels_last else ''}")  # fmt: skip
+              f"{f', {self.amp_dtype} autocast' if self.amp_dtype else ''}{', channels_last' if cfg.channels_last else ''}"
+              f"{f', {self.dist.world_size} processes' if self.dist.active else ''}")  # fmt: skip
         opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.finetune_lr)
+        self._stage = "finetune"
         steps = len(self._train_loader(cfg.batch_size))
         start, bad_epochs = 1, 0
         ema = self._weight_average()
@@ -517,22 +618,24 @@ class Trainer:
                 r.log(f"resuming fine-tuning at epoch {start}")
         # Validation scores (and the best checkpoint keeps) the weight average when there is one.
         scored = ema.module if ema is not None else self.model
+        forward = self._ddp(self.model)
         crit = self.criterion()
         t0, images, train_seconds = time.perf_counter(), 0, 0.0
         for epoch in range(start, cfg.epochs_finetune + 1):
-            if bad_epochs >= cfg.patience > 0:
+            # Every process holds the same gathered validation logits, so the same count; agreeing on
+            # the decision anyway keeps the processes in step should they ever differ.
+            if self.dist.agree(bad_epochs >= cfg.patience > 0):
                 break
             loader = self._train_loader(cfg.batch_size)
             set_train_mode(self.model)
             t_ep = time.perf_counter()
             with r.task(f"fine-tune epoch {epoch}/{cfg.epochs_finetune}", len(loader.dataset)) as advance:  # type: ignore[arg-type]
                 batches = ((self._to_device(x), y.to(self.device)) for x, y in loader)
-                fit = self._fit_epoch(batches, self.model, opt, sched, crit, autocast=self.bf16, ema=ema, advance=advance)
+                fit = self._fit_epoch(batches, forward, opt, sched, crit, autocast=True, ema=ema, advance=advance)
             epoch_train_seconds = time.perf_counter() - t_ep
             train_seconds += epoch_train_seconds
             images += fit[2]
-            val_logits = predict_logits(scored, self.val_images, self.spec, self.device, workers=self.workers,
-                                        channels_last=cfg.channels_last)  # fmt: skip
+            val_logits = self._val_logits(scored)
             is_best = self._end_epoch("finetune", epoch, fit, val_logits, scored, sched.get_last_lr()[0], t_ep,
                                       {"train_images_per_second": fit[2] / epoch_train_seconds})  # fmt: skip
             bad_epochs = 0 if is_best else bad_epochs + 1
@@ -543,6 +646,7 @@ class Trainer:
             self.timings["finetune"] = {
                 "seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
                 "images_per_second": images / train_seconds, "bf16": self.bf16, "channels_last": cfg.channels_last,
+                "autocast": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None, "processes": self.dist.world_size,
             }  # fmt: skip
 
     def _weight_average(self) -> Any:
@@ -558,6 +662,8 @@ class Trainer:
     # -- results -----------------------------------------------------------------------------
 
     def write_manifest(self, status: str) -> None:
+        if not self.dist.is_main:
+            return
         ds = self.dataset
         base = self.manifest_base
         write_json(self.run_dir / layout.MANIFEST, {
@@ -570,6 +676,8 @@ class Trainer:
             "seed": self.cfg.seed,
             "config": self.cfg.to_dict(),
             "device": str(self.device), "bf16_autocast": self.bf16, "workers": self.workers,
+            "processes": {"world_size": self.dist.world_size, "per_node": self.dist.local_world_size,
+                          "backend": ("nccl" if self.device.type == "cuda" else "gloo") if self.dist.active else None},
             "dataset": {
                 "root": str(ds.root.resolve()), "kind": ds.kind, "fingerprint": ds.fingerprint(),
                 "classes": ds.classes, "split_note": ds.split_note,
@@ -593,7 +701,7 @@ class Trainer:
                     "best_val_top1": best_row["val_top1"], "max_val_top1": max(h["val_top1"] for h in rows),
                     **self.timings.get(stage, {}),
                 }  # fmt: skip
-        if self.best:
+        if self.best and self.dist.is_main:
             m = classification_metrics(self.best["val_logits"], self.val_images.labels, self.classes)
             metrics["best"] = {"stage": self.best["stage"], "epoch": self.best["epoch"], "val_loss": self.best["val_loss"], **m}
             from edgetl.plots import plot_confusion, plot_curves
@@ -602,6 +710,8 @@ class Trainer:
             plot_confusion(m["confusion_matrix"], self.classes, self.run_dir / "confusion.png",
                            f"validation, {self.cfg.backbone} ({self.best['stage']} epoch {self.best['epoch']})")  # fmt: skip
         metrics["interrupted"] = interrupted
+        if not self.dist.is_main:
+            return metrics
         write_json(self.run_dir / layout.METRICS, metrics)
         self.write_manifest("interrupted" if interrupted else "finished")
         return metrics
@@ -627,39 +737,54 @@ def train(
     reporter: Reporter | None = None,
     keep_feature_cache: bool = False,
 ) -> TrainResult:
-    """Train a classifier on the images at `data`; return the run folder and its metrics."""
-    tune_malloc()
-    reporter = reporter or Reporter()
-    data = str(data)
-    # Fail on bad input before a run folder is created or an image decoded.
-    if not Path(data).exists():
-        raise EdgetlError(f"data path does not exist: {data}")
-    get_entry(cfg.backbone)
-    run_dir = Path(out) if out is not None else default_run_dir(name, Path(data).resolve().name, cfg.backbone)
-    created = not run_dir.exists()
-    check_new_run_folder(run_dir)
-    started = False
-    try:
-        with locked(run_dir, "training"):
-            from edgetl.run import is_run
+    """Train a classifier on the images at `data`; return the run folder and its metrics.
 
-            if is_run(run_dir):  # another process finished a run here between our check and the lock
-                raise EdgetlError(f"{run_dir} already holds a run: use --resume {run_dir} to continue it, or another --out")
-            ds = load_dataset(data, cfg.val_fraction, cfg.seed, cfg.limit_train, cfg.limit_val)
-            trainer = Trainer(cfg, ds, run_dir, reporter, keep_feature_cache)
+    Under torchrun, every process calls this: rank 0 checks the input, creates and locks the run
+    folder and lists the data, and hands the file lists to the others (see edgetl.distributed)."""
+    tune_malloc()
+    d = Dist.from_env()
+    reporter = (reporter or Reporter()) if d.is_main else Reporter(quiet=True)
+    data = str(data)
+    state: dict[str, Any] = {"created": False, "run_dir": None, "started": False}
+    try:
+        with contextlib.ExitStack() as stack:
+
+            def prepare() -> tuple[tuple[str, dict[str, Any]], ImageDataset]:
+                # Fail on bad input before a run folder is created or an image decoded.
+                if not Path(data).exists():
+                    raise EdgetlError(f"data path does not exist: {data}")
+                get_entry(cfg.backbone)
+                run_dir = Path(out) if out is not None else default_run_dir(name, Path(data).resolve().name, cfg.backbone)
+                created = not run_dir.exists()
+                check_new_run_folder(run_dir)
+                state["created"], state["run_dir"] = created, run_dir  # from here on a failure removes what it made
+                stack.enter_context(locked(run_dir, "training"))
+                if is_run(run_dir):  # another process finished a run here between our check and the lock
+                    raise EdgetlError(f"{run_dir} already holds a run: use --resume {run_dir} to continue it, or another --out")
+                ds = load_dataset(data, cfg.val_fraction, cfg.seed, cfg.limit_train, cfg.limit_val)
+                return (str(run_dir), ds.split_record()), ds
+
+            (run_dir_name, record), ds = d.main_first(prepare)
+            run_dir = Path(run_dir_name)
+            if ds is None:  # the other ranks train on the lists rank 0 made
+                ds = dataset_from_record(record)
+            trainer = Trainer(cfg, ds, run_dir, reporter, keep_feature_cache, d)
             trainer.build_model()
             trainer.decode()
             reporter.log(f"run folder: {run_dir}")
             # From here on the run is resumable: the file lists, the config and the starting weights are on disk.
-            write_json(run_dir / layout.SPLITS, ds.split_record())
+            if d.is_main:
+                write_json(run_dir / layout.SPLITS, record)
             trainer.write_manifest("training")
             trainer.save_last("head", 0)
-            started = True
+            state["started"] = True
             return _run_stages(trainer, "head", None)
     except BaseException:
-        if not started:
-            _remove_unstarted_run(run_dir, created)
+        if d.is_main and not state["started"] and state["run_dir"] is not None:
+            _remove_unstarted_run(state["run_dir"], state["created"])
         raise
+    finally:
+        d.close()
 
 
 def _remove_unstarted_run(run_dir: Path, created: bool) -> None:
@@ -678,65 +803,95 @@ def resume(
     allow_data_change: bool = False,
     keep_feature_cache: bool = False,
 ) -> TrainResult:
-    """Continue an interrupted run from its last completed epoch, on the recorded file lists.
+    """Continue an interrupted run from its last completed epoch, on the recorded file lists, with
+    the same or a different number of processes (the global batch, so the schedule, does not change).
 
     `epochs_finetune` extends a finished or interrupted run to that many fine-tune epochs: the ones
     not yet run get a fresh warm-up + cosine schedule (see Trainer.stage_finetune)."""
     tune_malloc()
-    reporter = reporter or Reporter()
-    folder = RunFolder.open(run)
-    with locked(folder.path, "resume"):
-        manifest = folder.manifest
-        cfg = TrainConfig.from_dict(manifest["config"])
-        last = checkpoint.read(folder.path, checkpoint.LAST_NAME) if (folder.path / checkpoint.LAST_NAME).is_file() else None
-        stage, epoch = (last["stage"], int(last["epoch"])) if last else ("head", 0)
-        bad_epochs = int(last.get("bad_epochs") or 0) if last else 0
-        finished = _finished(cfg, stage, epoch, bad_epochs)
-        restart = False
-        if epochs_finetune is not None and epochs_finetune != cfg.epochs_finetune:
-            done = epoch if stage == "finetune" else 0
-            if epochs_finetune <= done:
-                raise EdgetlError(f"--epochs-finetune {epochs_finetune}: this run has already done {done} fine-tune epoch(s)")
-            restart = stage == "finetune"
-            cfg = replace(cfg, epochs_finetune=epochs_finetune)
-        elif finished:
-            raise EdgetlError(f"{folder.path} finished training: nothing to resume (extend it with --resume {folder.path} "
-                              f"--epochs-finetune N)")  # fmt: skip
-        ds = folder.dataset(allow_changed=allow_data_change, reporter=reporter)
-        trainer = Trainer(cfg, ds, folder.path, reporter, keep_feature_cache)
-        trainer.manifest_base = {**manifest, "resumed": [*manifest.get("resumed", []), time.strftime("%Y-%m-%dT%H:%M:%S%z")]}
-        # With last.pt the weights come from it (the ImageNet file need not be here any more); without, from ImageNet.
-        weights_source = (manifest.get("weights_source") or f"resumed from {checkpoint.LAST_NAME}") if last else None
-        trainer.build_model(weights_source=weights_source)
-        trainer.decode()
-        if last is None:
-            reporter.log(f"resuming {folder.path}: no epoch had finished, starting training from the beginning")
-            trainer.write_manifest("training")
-            trainer.save_last("head", 0)
-            return _run_stages(trainer, "head", None)
-        if last["config"]["labels"] != trainer.classes:
-            raise EdgetlError(f"the data at {ds.root} no longer has the classes this run was trained on")
-        trainer.history = list(last.get("history", []))
-        trainer.best_val_loss = float(last.get("best_val_loss", math.inf))
-        trainer.model.load_state_dict(last["state_dict"])
-        if last.get("best_stage"):
-            best = checkpoint.read(folder.path)
-            # Validation logits of the best model are needed for the final metrics; recompute them (fp32).
-            model = build_classifier(cfg.backbone, len(trainer.classes), cfg.hidden, cfg.dropout)
-            model.load_state_dict(best["state_dict"])
-            logits = predict_logits(model.to(trainer.device), trainer.val_images, trainer.spec, trainer.device)
-            trainer.best = {"stage": best["stage"], "epoch": best["epoch"], "val_loss": best["val_loss"], "val_logits": logits}
-        state = {"optimizer": last.get("optimizer"), "scheduler": last.get("scheduler"), "epoch": epoch,
-                 "bad_epochs": 0 if restart else bad_epochs, "ema_state_dict": last.get("ema_state_dict"),
-                 "restart_schedule": restart}  # fmt: skip
-        if stage == "head" and epoch < cfg.epochs_head:
-            reporter.log(f"resuming {folder.path} in stage 1 after epoch {epoch}")
-            return _run_stages(trainer, "head", state)
-        if stage == "head":
-            reporter.log(f"resuming {folder.path}: stage 1 completed, starting fine-tuning")
-            return _run_stages(trainer, "finetune", None)
-        reporter.log(f"resuming {folder.path} at fine-tune epoch {epoch + 1}")
-        return _run_stages(trainer, "finetune", state)
+    d = Dist.from_env()
+    reporter = (reporter or Reporter()) if d.is_main else Reporter(quiet=True)
+    try:
+        with contextlib.ExitStack() as stack:
+
+            def prepare() -> tuple[dict[str, Any], ImageDataset]:
+                folder = RunFolder.open(run)
+                stack.enter_context(locked(folder.path, "resume"))
+                plan = _resume_plan(folder, epochs_finetune)
+                ds = folder.dataset(allow_changed=allow_data_change, reporter=reporter)
+                plan["record"] = ds.split_record()
+                return plan, ds
+
+            plan, ds = d.main_first(prepare)
+            if ds is None:
+                ds = dataset_from_record(plan["record"])
+            return _resume_from_plan(plan, ds, reporter, keep_feature_cache, d)
+    finally:
+        d.close()
+
+
+def _resume_plan(folder: RunFolder, epochs_finetune: int | None) -> dict[str, Any]:
+    """What rank 0 reads from the run folder to continue it: the config, the last and best states."""
+    manifest = folder.manifest
+    cfg = TrainConfig.from_dict(manifest["config"])
+    last = checkpoint.read(folder.path, checkpoint.LAST_NAME) if (folder.path / checkpoint.LAST_NAME).is_file() else None
+    stage, epoch = (last["stage"], int(last["epoch"])) if last else ("head", 0)
+    bad_epochs = int(last.get("bad_epochs") or 0) if last else 0
+    finished = _finished(cfg, stage, epoch, bad_epochs)
+    restart = False
+    if epochs_finetune is not None and epochs_finetune != cfg.epochs_finetune:
+        done = epoch if stage == "finetune" else 0
+        if epochs_finetune <= done:
+            raise EdgetlError(f"--epochs-finetune {epochs_finetune}: this run has already done {done} fine-tune epoch(s)")
+        restart = stage == "finetune"
+        cfg = replace(cfg, epochs_finetune=epochs_finetune)
+    elif finished:
+        raise EdgetlError(f"{folder.path} finished training: nothing to resume (extend it with --resume {folder.path} "
+                          f"--epochs-finetune N)")  # fmt: skip
+    best = checkpoint.read(folder.path) if last is not None and last.get("best_stage") else None
+    return {"run_dir": str(folder.path), "manifest": manifest, "cfg": cfg.to_dict(), "last": last, "best": best,
+            "restart": restart}  # fmt: skip
+
+
+def _resume_from_plan(plan: dict[str, Any], ds: ImageDataset, reporter: Reporter, keep_feature_cache: bool, d: Dist) -> TrainResult:
+    run_dir, manifest, last, restart = Path(plan["run_dir"]), plan["manifest"], plan["last"], plan["restart"]
+    cfg = TrainConfig.from_dict(plan["cfg"])
+    stage, epoch = (last["stage"], int(last["epoch"])) if last else ("head", 0)
+    bad_epochs = int(last.get("bad_epochs") or 0) if last else 0
+    trainer = Trainer(cfg, ds, run_dir, reporter, keep_feature_cache, d)
+    trainer.manifest_base = {**manifest, "resumed": [*manifest.get("resumed", []), time.strftime("%Y-%m-%dT%H:%M:%S%z")]}
+    # With last.pt the weights come from it (the ImageNet file need not be here any more); without, from ImageNet.
+    weights_source = (manifest.get("weights_source") or f"resumed from {checkpoint.LAST_NAME}") if last else None
+    trainer.build_model(weights_source=weights_source)
+    trainer.decode()
+    if last is None:
+        reporter.log(f"resuming {run_dir}: no epoch had finished, starting training from the beginning")
+        trainer.write_manifest("training")
+        trainer.save_last("head", 0)
+        return _run_stages(trainer, "head", None)
+    if last["config"]["labels"] != trainer.classes:
+        raise EdgetlError(f"the data at {ds.root} no longer has the classes this run was trained on")
+    trainer.history = list(last.get("history", []))
+    trainer.best_val_loss = float(last.get("best_val_loss", math.inf))
+    trainer.model.load_state_dict(last["state_dict"])
+    best = plan["best"]
+    if best is not None:
+        # Validation logits of the best model are needed for the final metrics; recompute them (fp32).
+        model = build_classifier(cfg.backbone, len(trainer.classes), cfg.hidden, cfg.dropout)
+        model.load_state_dict(best["state_dict"])
+        logits = trainer._val_logits(model.to(trainer.device))
+        trainer.best = {"stage": best["stage"], "epoch": best["epoch"], "val_loss": best["val_loss"], "val_logits": logits}
+    state = {"optimizer": last.get("optimizer"), "scheduler": last.get("scheduler"), "epoch": epoch,
+             "bad_epochs": 0 if restart else bad_epochs, "ema_state_dict": last.get("ema_state_dict"),
+             "restart_schedule": restart}  # fmt: skip
+    if stage == "head" and epoch < cfg.epochs_head:
+        reporter.log(f"resuming {run_dir} in stage 1 after epoch {epoch}")
+        return _run_stages(trainer, "head", state)
+    if stage == "head":
+        reporter.log(f"resuming {run_dir}: stage 1 completed, starting fine-tuning")
+        return _run_stages(trainer, "finetune", None)
+    reporter.log(f"resuming {run_dir} at fine-tune epoch {epoch + 1}")
+    return _run_stages(trainer, "finetune", state)
 
 
 def _finished(cfg: TrainConfig, stage: str, epoch: int, bad_epochs: int) -> bool:
@@ -747,12 +902,15 @@ def _finished(cfg: TrainConfig, stage: str, epoch: int, bad_epochs: int) -> bool
 
 def _run_stages(trainer: Trainer, from_stage: str, resume_state: dict[str, Any] | None) -> TrainResult:
     cfg = trainer.cfg
+    if trainer.dist.is_main:
+        trainer.tb = TrainLog(trainer.run_dir)
     try:
         if from_stage == "head":
             trainer.stage_head(resume_state)
             resume_state = None
         if cfg.epochs_finetune > 0:
             trainer.stage_finetune(resume_state)
+        trainer.dist.barrier()  # nobody removes its share of the decoded images while another still reads it
     except KeyboardInterrupt:
         # Whatever was saved at the end of the last completed epoch is good; finish the reports with it.
         trainer.remove_feature_cache()
@@ -761,6 +919,9 @@ def _run_stages(trainer: Trainer, from_stage: str, resume_state: dict[str, Any] 
         else:
             trainer.write_manifest("interrupted")
         raise TrainingInterrupted(str(trainer.run_dir)) from None
+    finally:
+        if trainer.tb is not None:
+            trainer.tb.close()
     metrics = trainer.finish()
     best = metrics.get("best", {})
     if best:

@@ -57,7 +57,7 @@ def test_cache_file_is_removed_with_its_images_and_workers_reopen_it(tmp_path: P
     ls = _photos(tmp_path / "img", 2)
     (tmp_path / "cache").mkdir()
     images, _ = decode_split(ls, SPEC, cache_dir=tmp_path / "cache")
-    path = images.path
+    path = images.paths[0]
     assert path.is_file() and path.parent == tmp_path / "cache" and path.name.endswith(".tmp")
     # A pickled copy (what a DataLoader worker gets) reads the same pixels and does not own the file.
     copy = pickle.loads(pickle.dumps(images))

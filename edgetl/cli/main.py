@@ -4,6 +4,7 @@ onnx, openvino) happen inside each command so `edgetl --help` answers at once.""
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from edgetl.errors import EdgetlError, TrainingInterrupted
+from edgetl.errors import EdgetlError, PeerFailed, TrainingInterrupted
 
 app = typer.Typer(
     name="edgetl",
@@ -31,8 +32,11 @@ def user_errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except PeerFailed as exc:  # rank 0 of a torchrun job printed the reason
+            raise typer.Exit(exc.exit_code) from None
         except EdgetlError as exc:
-            typer.echo(f"error: {exc}", err=True)
+            rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "0"
+            typer.echo(f"error{f' (training process {rank})' if rank != '0' else ''}: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except TrainingInterrupted as exc:
             typer.echo(
@@ -113,27 +117,36 @@ def train(
     pretrained: Annotated[bool, typer.Option(help="--no-pretrained trains from random weights")] = True,
     seed: int = 0,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
-    precision: Annotated[str, typer.Option(help="auto, fp32 or bf16 (training steps)")] = "auto",
+    precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (CUDA) autocast for training steps")] = "auto",
     channels_last: bool = True,
     workers: Annotated[int | None, typer.Option(help="Data-loading workers (default: 0 on 2 cores)")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run folder (or extend one with --epochs-finetune)")] = None,
     allow_data_change: Annotated[bool, typer.Option(help="With --resume: use the recorded file lists although the data changed")] = False,
     keep_feature_cache: Annotated[bool, typer.Option(help="Keep the memory-mapped feature cache in the run folder after training")] = False,
+    nproc_per_node: Annotated[int, typer.Option(help="Train in N processes on this machine (torch.distributed; see README)")] = 1,
 ) -> None:
     """Train a classifier: frozen ImageNet backbone + new head, then fine-tune the top blocks."""
     from edgetl.config import TrainConfig
+    from edgetl.distributed import launched_by_torchrun
     from edgetl.train import resume as resume_run
     from edgetl.train import train as train_run
 
+    if nproc_per_node != 1 and not launched_by_torchrun():
+        from edgetl.launch import launch_local, strip_option
+
+        code = launch_local(nproc_per_node, strip_option(sys.argv[1:], "--nproc-per-node"))
+        if code:
+            raise typer.Exit(code)
+        return
     if resume is not None:
         # A resumed run keeps the options it was started with; an option given here would be silently
         # ignored, so it is refused instead. Only what a resume can honour is allowed.
-        allowed = {"resume", "epochs_finetune", "allow_data_change", "keep_feature_cache"}
+        allowed = {"resume", "epochs_finetune", "allow_data_change", "keep_feature_cache", "nproc_per_node"}
         given = [name for name in ctx.params if name not in allowed and _given(ctx, name)]
         if given:
             flags = ", ".join("DATA" if n == "data" else "--" + n.replace("_", "-") for n in given)
-            raise EdgetlError(f"--resume continues a run with its recorded options: {flags} cannot be changed "
-                              "(only --epochs-finetune, --allow-data-change and --keep-feature-cache go with --resume)")  # fmt: skip
+            raise EdgetlError(f"--resume continues a run with its recorded options: {flags} cannot be changed (only "
+                              "--epochs-finetune, --allow-data-change, --keep-feature-cache and --nproc-per-node go with --resume)")
         extend = epochs_finetune if _given(ctx, "epochs_finetune") else None
         result = resume_run(resume, epochs_finetune=extend, allow_data_change=allow_data_change, keep_feature_cache=keep_feature_cache)
     else:
