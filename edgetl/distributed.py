@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -74,7 +75,8 @@ class Dist:
                                   f"({backend}): {str(exc).splitlines()[0][:200]}") from None  # fmt: skip
         # torchrun stops the surviving workers with SIGTERM when one fails: leave like Ctrl-C, so rank 0
         # records the run as interrupted (its last completed epoch is on disk) and nobody is left hanging.
-        signal.signal(signal.SIGTERM, _terminate)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _terminate)
         return d
 
     def main_first(self, fn: Callable[[], tuple[Any, Any]]) -> tuple[Any, Any]:
@@ -166,3 +168,12 @@ class Dist:
 
 def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether `exc` is a collective failing because another process died (its connection reset or
+    timed out): for this process that is an interruption, like the SIGTERM torchrun would send next."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(k in text for k in ("gloo", "NCCL", "Connection reset", "Connection closed"))

@@ -21,7 +21,9 @@ import os
 import random
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,7 +41,7 @@ from edgetl.config import TrainConfig
 from edgetl.data import Dataset as ImageDataset
 from edgetl.data import check_after_skips, dataset_from_record, load_dataset
 from edgetl.decoded import CACHE_PREFIX, DecodedImages, decode_split
-from edgetl.distributed import Dist
+from edgetl.distributed import Dist, lost_peer
 from edgetl.errors import EdgetlError, TrainingInterrupted
 from edgetl.fileio import write_csv, write_json
 from edgetl.hostinfo import has_bf16, host_record
@@ -911,8 +913,13 @@ def _run_stages(trainer: Trainer, from_stage: str, resume_state: dict[str, Any] 
         if cfg.epochs_finetune > 0:
             trainer.stage_finetune(resume_state)
         trainer.dist.barrier()  # nobody removes its share of the decoded images while another still reads it
-    except KeyboardInterrupt:
-        # Whatever was saved at the end of the last completed epoch is good; finish the reports with it.
+    except BaseException as exc:
+        if not isinstance(exc, KeyboardInterrupt) and not (trainer.dist.active and lost_peer(exc)):
+            raise
+        # Whatever was saved at the end of the last completed epoch is good; finish the reports with it,
+        # without being cut short by a second signal (torchrun sends SIGTERM right after a peer dies).
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         trainer.remove_feature_cache()
         if trainer.history:
             trainer.finish(interrupted=True)

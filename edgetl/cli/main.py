@@ -48,6 +48,15 @@ def user_errors(fn: F) -> F:
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except RuntimeError as exc:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                from edgetl.distributed import lost_peer
+
+                if lost_peer(exc):  # another process of a torchrun job died before training started
+                    typer.echo(f"error: training process {os.environ.get('RANK', '?')} lost the others: "
+                               f"{str(exc).splitlines()[0][:160]}", err=True)  # fmt: skip
+                    raise typer.Exit(1) from None
+            raise
 
     return wrapper  # type: ignore[return-value]
 

@@ -1,0 +1,163 @@
+"""Multi-process training on torch.distributed (gloo, 2 CPU processes, tiny backbone)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from conftest import make_folder
+
+from edgetl.distributed import Dist
+
+EDGETL = [sys.executable, "-m", "edgetl"]
+TINY = ["--backbone", "tiny", "--no-pretrained", "--lr-head", "0.01", "--patience", "0", "--batch-size", "8"]
+
+
+def _train(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*EDGETL, "train", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _history(run: Path) -> list[dict[str, str]]:
+    with (run / "history.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("ddp") / "data", per_class=24)
+
+
+def test_two_processes_make_the_same_run_as_one(data: Path, tmp_path: Path) -> None:
+    common = [str(data), *TINY, "--epochs-head", "4", "--epochs-finetune", "3"]
+    one = _train([*common, "--out", str(tmp_path / "one")])
+    two = _train([*common, "--out", str(tmp_path / "two"), "--nproc-per-node", "2"])
+    assert one.returncode == 0, one.stderr
+    assert two.returncode == 0, two.stderr
+    names = {p.name if not p.name.startswith("events.out") else "events" for p in (tmp_path / "one").iterdir()}
+    assert names == {p.name if not p.name.startswith("events.out") else "events" for p in (tmp_path / "two").iterdir()}
+    assert "events" in names and not any(n.startswith(".decoded-") for n in names)  # caches removed
+    # The same file lists, and rank 0 alone wrote the run folder.
+    s1, s2 = (json.loads((tmp_path / r / "splits.json").read_text()) for r in ("one", "two"))
+    assert s1["splits"] == s2["splits"] and s1["fingerprint"] == s2["fingerprint"]
+    m2 = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert m2["processes"] == {"world_size": 2, "per_node": 2, "backend": "gloo"} and m2["status"] == "finished"
+    h1, h2 = _history(tmp_path / "one"), _history(tmp_path / "two")
+    assert [(h["stage"], h["epoch"]) for h in h1] == [(h["stage"], h["epoch"]) for h in h2]
+    # Stage 1: sharded features gathered back give exactly the single-process features, so the same head.
+    for a, b in zip(h1[:4], h2[:4], strict=True):
+        assert float(a["val_loss"]) == pytest.approx(float(b["val_loss"]), abs=1e-5)
+    # Stage 2: another sampler order, the same global batch: validation accuracy within noise.
+    v1, v2 = (json.loads((tmp_path / r / "metrics.json").read_text())["best"]["top1"] for r in ("one", "two"))
+    assert abs(v1 - v2) <= 0.2, (v1, v2)
+    assert v2 >= 0.6
+
+
+def _workers(launcher: psutil.Process) -> dict[int, psutil.Process]:
+    """The launcher's training processes by rank (their environment says which)."""
+    out = {}
+    for child in launcher.children(recursive=True):
+        try:
+            env = child.environ()
+        except (psutil.Error, OSError):
+            continue
+        if "RANK" in env and "edgetl" in " ".join(child.cmdline()):
+            out[int(env["RANK"])] = child
+    return out
+
+
+def test_killing_one_process_stops_the_job_and_resume_finishes_it_with_another_count(data: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    epochs = 40
+    launcher = subprocess.Popen(
+        [*EDGETL, "train", str(data), *TINY, "--epochs-head", "2", "--epochs-finetune", str(epochs), "--out", str(run),
+         "--nproc-per-node", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and launcher.poll() is None:
+            if (run / "history.csv").is_file() and any(h["stage"] == "finetune" for h in _history(run)):
+                break
+            time.sleep(0.1)
+        workers = _workers(psutil.Process(launcher.pid))
+        assert launcher.poll() is None and 1 in workers, "training ended before a process could be killed"
+        workers[1].send_signal(signal.SIGKILL)
+        _, err = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    assert "training process 1 was killed" in err and "Traceback" not in err, err
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers.values())
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+    done = [h for h in _history(run) if h["stage"] == "finetune"]
+    assert 1 <= len(done) < epochs
+    # One process now (a different count): continues after the last completed epoch and finishes.
+    resumed = _train(["--resume", str(run)])
+    assert resumed.returncode == 0, resumed.stderr
+    history = _history(run)
+    assert [int(h["epoch"]) for h in history if h["stage"] == "finetune"] == list(range(1, epochs + 1))
+    assert json.loads((run / "manifest.json").read_text())["status"] == "finished"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_process_that_cannot_reach_the_others_fails_in_one_line(data: Path, tmp_path: Path) -> None:
+    """Rank 0 of 2 started alone: its rendezvous times out; one line, exit 2, no run folder."""
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "EDGETL_DIST_TIMEOUT": "3"}  # fmt: skip
+    t0 = time.time()
+    result = subprocess.run([*EDGETL, "train", str(data), *TINY, "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                            env=env, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot join" in lines[0], result.stderr
+    assert time.time() - t0 < 60
+    assert not (tmp_path / "run").exists()
+
+
+def test_batch_that_does_not_divide_over_the_processes_is_refused(data: Path, tmp_path: Path) -> None:
+    result = _train([str(data), *TINY[:-1], "7", "--out", str(tmp_path / "run"), "--nproc-per-node", "2"])
+    assert result.returncode == 2
+    assert "must divide evenly over 2 processes" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _gather_worker(rank: int, port: int, n: int, out: str) -> None:
+    os.environ.update({"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})  # fmt: skip
+    d = Dist.from_env()
+    full = np.arange(n * 3, dtype=np.float32).reshape(n, 3)
+    mine = d.shard(n)
+    gathered = d.gather_rows(full[mine] + 0, n)
+    stop = d.agree(rank == 1)  # only rank 1 wants to stop: both must
+    sums = d.sum_all([float(len(mine)), 1.0])
+    np.save(Path(out) / f"{rank}.npy", np.concatenate([gathered.ravel(), [float(stop)], sums]))
+    d.close()
+
+
+def test_shards_gather_back_in_order_across_two_processes(tmp_path: Path) -> None:
+    """5 rows over 2 ranks (uneven shards): every rank gets all rows in the original order, a stop one
+    rank wants is agreed by both, and sums cover both."""
+    import torch.multiprocessing as mp
+
+    n = 5
+    mp.spawn(_gather_worker, args=(_free_port(), n, str(tmp_path)), nprocs=2, join=True)
+    expected = np.concatenate([np.arange(n * 3, dtype=np.float32), [1.0], [float(n), 2.0]])
+    for rank in (0, 1):
+        assert np.array_equal(np.load(tmp_path / f"{rank}.npy"), expected)
