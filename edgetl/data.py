@@ -34,21 +34,29 @@ FASHION_MNIST_CLASSES = [
 
 @dataclass(frozen=True)
 class ImageRef:
-    """One image: a file on disk, or one slot of an in-memory uint8 array (IDX data)."""
+    """One image: a file on disk, one slot of an in-memory uint8 array (IDX data), or `length` bytes
+    at offset `index` of a tar shard (`path`)."""
 
     key: str
     path: Path | None = None
     array: np.ndarray | None = field(default=None, compare=False, repr=False)
     index: int = -1
+    length: int = -1
 
     def size_on_disk(self) -> int | None:
-        """Bytes of the file (None for in-memory IDX images): recorded so a replaced file is noticed."""
+        """Bytes of the file or shard member (None for in-memory IDX images): recorded so a replaced file is noticed."""
+        if self.length >= 0:
+            return self.length
         try:
             return self.path.stat().st_size if self.path is not None else None
         except OSError:
             return None
 
     def load(self) -> Image.Image:
+        if self.path is not None and self.length >= 0:
+            with open(self.path, "rb") as f:
+                f.seek(self.index)
+                return decode_image(f.read(self.length))
         if self.path is not None:
             return decode_image(self.path)
         assert self.array is not None
@@ -86,6 +94,7 @@ class Dataset:
     split_note: str
     skipped: list[dict[str, str]] = field(default_factory=list)
     unused: LabelledSet | None = None  # images left out by --limit-train/--limit-val (recorded, never used)
+    patterns: dict[str, str | None] | None = None  # kind "shards": the train and val shard patterns
 
     @property
     def name(self) -> str:
@@ -120,6 +129,7 @@ class Dataset:
         return {
             "format": SPLITS_FORMAT, "format_version": SPLITS_FORMAT_VERSION, "root": str(self.root.resolve()),
             "kind": self.kind, "classes": list(self.classes), "fingerprint": self.fingerprint(),
+            **({"patterns": self.patterns} if self.patterns else {}),
             "splits": {
                 split: [[ref.key, self.classes[int(label)], ref.size_on_disk()] for ref, label in zip(ls.refs, ls.labels, strict=True)]
                 for split, ls in self.all_sets().items()
@@ -140,10 +150,14 @@ def recorded_listing(record: dict[str, Any]) -> dict[str, tuple[str, int | None]
     return {row[0]: (row[1], row[2] if len(row) > 2 else None) for rows in record["splits"].values() for row in rows}
 
 
-def current_listing(root: Path, kind: str) -> dict[str, tuple[str, int | None]]:
+def current_listing(root: Path, kind: str, patterns: dict[str, str | None] | None = None) -> dict[str, tuple[str, int | None]]:
     """key -> (class, size) of every image now at `root`, found the way a dataset of `kind` is found,
     without the checks that make a folder trainable (the point is to say what changed, not to refuse)."""
     out: dict[str, tuple[str, int | None]] = {}
+    if kind == "shards":
+        from edgetl.shards import shard_refs
+
+        return {key: (cls, ref.length) for key, (ref, cls) in shard_refs(patterns or {}).items()}
     if kind == "idx":
         for prefix, names in (("train", ("train",)), ("test", ("t10k", "test"))):
             pair = next((p for p in (_idx_pair(root, n) for n in names) if p is not None), None)
@@ -172,6 +186,11 @@ def dataset_from_record(record: dict[str, Any]) -> Dataset:
     no longer there are left out (the caller has already decided that is acceptable)."""
     root, kind, classes = Path(record["root"]), record["kind"], list(record["classes"])
     arrays: dict[str, np.ndarray] = {}
+    shard_samples: dict[str, Any] = {}
+    if kind == "shards":
+        from edgetl.shards import shard_refs
+
+        shard_samples = shard_refs(record["patterns"])
     if kind == "idx":
         for prefix, names in (("train", ("train",)), ("test", ("t10k", "test"))):
             pair = next((p for p in (_idx_pair(root, n) for n in names) if p is not None), None)
@@ -183,7 +202,11 @@ def dataset_from_record(record: dict[str, Any]) -> Dataset:
         refs, labels = [], []
         for row in rows:
             key, cls = row[0], row[1]
-            if kind == "idx":
+            if kind == "shards":
+                if key not in shard_samples:
+                    continue
+                refs.append(shard_samples[key][0])
+            elif kind == "idx":
                 prefix, _, i = key.partition(":")
                 arr = arrays.get(prefix)
                 if arr is None or not i.isdigit() or int(i) >= len(arr):
@@ -198,7 +221,7 @@ def dataset_from_record(record: dict[str, Any]) -> Dataset:
         sets[split] = LabelledSet(refs, np.asarray(labels, dtype=np.int64))
     return Dataset(
         root=root, kind=kind, classes=classes, train=sets["train"], val=sets["val"], test=sets.get("test"),
-        split_note="the run's recorded file lists (splits.json)", unused=sets.get("unused"),
+        split_note="the run's recorded file lists (splits.json)", unused=sets.get("unused"), patterns=record.get("patterns"),
     )  # fmt: skip
 
 
@@ -208,8 +231,19 @@ def load_dataset(
     seed: int = 0,
     limit_train: int | None = None,
     limit_val: int | None = None,
+    val_data: str | None = None,
 ) -> Dataset:
-    """Find a dataset at `root`: IDX files, `train/` + `val/` folders, or class folders to split."""
+    """Find a dataset at `root`: IDX files, `train/` + `val/` folders, class folders to split, or
+    WebDataset tar shards (`root` a shard pattern; `val_data` a validation pattern, else a held-out fraction)."""
+    from edgetl.shards import is_shard_pattern, load_shard_dataset
+
+    if val_data is not None and not is_shard_pattern(str(root)):
+        raise EdgetlError("--val-data goes with training shards (DATA a .tar pattern); a folder brings its own val/")
+    if is_shard_pattern(str(root)):
+        if not 0.0 < val_fraction < 1.0:
+            raise EdgetlError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+        ds = load_shard_dataset(str(root), val_data, val_fraction, seed)
+        return _limit(ds, seed, limit_train, limit_val)
     root = Path(root)
     if not root.exists():
         raise EdgetlError(f"data path does not exist: {root}")
@@ -218,6 +252,11 @@ def load_dataset(
     if not 0.0 < val_fraction < 1.0:
         raise EdgetlError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     ds = _load_idx(root, val_fraction, seed) if _find_idx(root, "train") is not None else _load_folders(root, val_fraction, seed)
+    return _limit(ds, seed, limit_train, limit_val)
+
+
+def _limit(ds: Dataset, seed: int, limit_train: int | None, limit_val: int | None) -> Dataset:
+    """Seeded stratified subsets for --limit-train/--limit-val; what is left out is recorded as unused."""
     rng = np.random.default_rng(seed + 1)
     left_out: list[LabelledSet] = []
     if limit_train is not None and limit_train < len(ds.train):

@@ -233,7 +233,7 @@ class RunFolder:
         if not root.exists():
             raise EdgetlError(f"the run's data ({root}) is not here: the recorded file lists need the images")
         recorded = recorded_listing(rec)
-        now = current_listing(root, rec["kind"])
+        now = current_listing(root, rec["kind"], rec.get("patterns"))
         check = DataCheck(
             appeared=sorted(set(now) - set(recorded)),
             went=sorted(set(recorded) - set(now)),

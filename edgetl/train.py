@@ -60,6 +60,7 @@ from edgetl.model import (
 from edgetl.preprocess import PreprocessSpec, preprocess
 from edgetl.progress import Reporter
 from edgetl.run import RUN_FORMAT, RunFolder, check_new_run_folder, is_run, locked
+from edgetl.shards import is_shard_pattern
 from edgetl.tensorboard_log import TrainLog
 
 # Larger feature caches go to a memory-mapped file in the run folder (Lite0: 5 KB an image, so from ~50k images).
@@ -738,8 +739,10 @@ def train(
     name: str | None = None,
     reporter: Reporter | None = None,
     keep_feature_cache: bool = False,
+    val_data: str | None = None,
 ) -> TrainResult:
-    """Train a classifier on the images at `data`; return the run folder and its metrics.
+    """Train a classifier on the images at `data` (a folder, IDX files, or a WebDataset shard pattern
+    with `val_data` its validation shards); return the run folder and its metrics.
 
     Under torchrun, every process calls this: rank 0 checks the input, creates and locks the run
     folder and lists the data, and hands the file lists to the others (see edgetl.distributed)."""
@@ -753,17 +756,19 @@ def train(
 
             def prepare() -> tuple[tuple[str, dict[str, Any]], ImageDataset]:
                 # Fail on bad input before a run folder is created or an image decoded.
-                if not Path(data).exists():
+                shards = is_shard_pattern(data)
+                if not shards and not Path(data).exists():
                     raise EdgetlError(f"data path does not exist: {data}")
                 get_entry(cfg.backbone)
-                run_dir = Path(out) if out is not None else default_run_dir(name, Path(data).resolve().name, cfg.backbone)
+                data_name = Path(data).resolve().parent.name if shards else Path(data).resolve().name
+                run_dir = Path(out) if out is not None else default_run_dir(name, data_name, cfg.backbone)
                 created = not run_dir.exists()
                 check_new_run_folder(run_dir)
                 state["created"], state["run_dir"] = created, run_dir  # from here on a failure removes what it made
                 stack.enter_context(locked(run_dir, "training"))
                 if is_run(run_dir):  # another process finished a run here between our check and the lock
                     raise EdgetlError(f"{run_dir} already holds a run: use --resume {run_dir} to continue it, or another --out")
-                ds = load_dataset(data, cfg.val_fraction, cfg.seed, cfg.limit_train, cfg.limit_val)
+                ds = load_dataset(data, cfg.val_fraction, cfg.seed, cfg.limit_train, cfg.limit_val, val_data)
                 return (str(run_dir), ds.split_record()), ds
 
             (run_dir_name, record), ds = d.main_first(prepare)

@@ -96,7 +96,9 @@ AllowDataChange = Annotated[bool, typer.Option(help="Use the run's recorded file
 @user_errors
 def train(
     ctx: typer.Context,
-    data: Annotated[Path | None, typer.Argument(help="ROOT/<class>/<images>, ROOT/{train,val[,test]}/<class>/..., or IDX files")] = None,
+    data: Annotated[str | None, typer.Argument(help="ROOT/<class>/<images>, ROOT/{train,val[,test]}/<class>/..., IDX files, "
+                                                   "or WebDataset shards 'DIR/train-{000000..000009}.tar'")] = None,
+    val_data: Annotated[str | None, typer.Option(help="With shards: the validation shards (default: hold out --val-fraction)")] = None,
     backbone: Annotated[str, typer.Option(help="See `edgetl backbones`")] = "efficientnet_lite0",
     out: Annotated[str | None, typer.Option(help="Run folder (default: models/<data>-<backbone>)")] = None,
     name: Annotated[str | None, typer.Option(help="Run name under models/")] = None,
@@ -174,9 +176,26 @@ def train(
             val_fraction=val_fraction, limit_train=limit_train, limit_val=limit_val, strict=strict,
             pretrained=pretrained, weights=str(weights) if weights else None,
         )  # fmt: skip
-        result = train_run(data, cfg, out=out, name=name, keep_feature_cache=keep_feature_cache)
+        result = train_run(data, cfg, out=out, name=name, keep_feature_cache=keep_feature_cache, val_data=val_data)
     if "best" in result.metrics:
         _print_metrics(f"validation, best checkpoint of {result.run_dir}", result.metrics["best"])
+
+
+@app.command()
+@user_errors
+def shards(
+    source: Annotated[Path, typer.Argument(help="Image folder: ROOT/<class>/... or ROOT/{train,val[,test]}/<class>/...")],
+    out: Annotated[Path, typer.Argument(help="Folder for the shards (OUT/<split>-NNNNNN.tar and classes.txt)")],
+    shard_size: Annotated[int, typer.Option(help="Samples per shard")] = 1000,
+) -> None:
+    """Write an image folder as WebDataset tar shards (image bytes as they are, a `cls` index per
+    sample, classes.txt), for `edgetl train 'OUT/train-{000000..N}.tar'`."""
+    from edgetl.shards import write_shards
+
+    summary = write_shards(source, out, shard_size)
+    for split, info in summary["splits"].items():
+        typer.echo(f"{split}: {info['samples']} samples -> {info['pattern']}")
+    typer.echo(f"{len(summary['classes'])} classes -> {out / 'classes.txt'}")
 
 
 @app.command("eval")

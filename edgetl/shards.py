@@ -1,0 +1,225 @@
+"""WebDataset tar shards as a dataset, and `edgetl shards` to write them from an image folder.
+
+A shard is a plain tar in the WebDataset layout: the members of one sample share a key (the name up
+to the first dot of the file name, `webdataset.tariterators.base_plus_ext`) and differ in extension:
+the image (`jpg`, `png`, ...) and its label, `cls` (a class index, or a class name) or `class` (a
+name). Class indices are named by a `classes.txt` beside the shards when there is one.
+
+Shards are written with `webdataset.ShardWriter`. They are read with an index of where each image
+lies in its tar (`tarfile` headers: a seek per member, no image data read), so every stage can read
+exactly the samples the run recorded, in any order, through the same decode cache as image folders.
+Keys in the run's file lists are `<shard file>/<sample key>`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgetl.errors import EdgetlError
+from edgetl.preprocess import IMAGE_EXTENSIONS
+
+SHARD_IMAGE_EXTENSIONS = tuple(e.lstrip(".") for e in IMAGE_EXTENSIONS)
+LABEL_KEYS = ("cls", "cls.txt", "class", "class.txt", "label")
+CLASSES_FILE = "classes.txt"
+
+
+def is_shard_pattern(data: str) -> bool:
+    """Whether DATA names tar shards (a file or a brace pattern such as `train-{000..099}.tar`)."""
+    return data.endswith(".tar") or (".tar" in data and "{" in data)
+
+
+def expand(pattern: str) -> list[Path]:
+    """The shard files a pattern names (brace expansion as webdataset does it); all must exist."""
+    from braceexpand import braceexpand
+
+    paths = [Path(p) for p in braceexpand(pattern)]
+    missing = [p for p in paths if not p.is_file()]
+    if not paths or len(missing) == len(paths):
+        raise EdgetlError(f"shard pattern {pattern} matches no file")
+    if missing:
+        raise EdgetlError(f"shard pattern {pattern}: {len(missing)} of {len(paths)} shards are missing, e.g. {missing[0]}")
+    return paths
+
+
+@dataclass(frozen=True)
+class ShardSample:
+    key: str  # <shard file name>/<sample key>
+    shard: Path
+    offset: int
+    size: int
+    label: str  # the label member's text: an index or a class name
+
+
+def index_shards(paths: list[Path]) -> list[ShardSample]:
+    """Every sample of the shards, in order, with where its image lies. Errors: not a tar, a sample
+    with an image and no label (or a label and no image), a name used twice."""
+    from webdataset.tariterators import base_plus_ext
+
+    out: list[ShardSample] = []
+    seen: set[str] = set()
+    for path in paths:
+        images: dict[str, tarfile.TarInfo] = {}
+        labels: dict[str, str] = {}
+        try:
+            with tarfile.open(path, "r:") as tar:
+                for m in tar:
+                    if not m.isfile():
+                        continue
+                    base, ext = base_plus_ext(m.name)
+                    if base is None or base.split("/")[-1].startswith("_"):
+                        continue  # webdataset skips names without an extension and __meta__ members
+                    ext = ext.lower()
+                    if ext in SHARD_IMAGE_EXTENSIONS:
+                        images[base] = m
+                    elif ext in LABEL_KEYS:
+                        f = tar.extractfile(m)
+                        labels[base] = (f.read() if f is not None else b"").decode("utf-8", "replace").strip()
+        except (tarfile.TarError, OSError) as exc:
+            raise EdgetlError(f"{path} is not a readable tar shard: {exc}") from None
+        unlabelled = [b for b in images if b not in labels or not labels[b]]
+        if unlabelled:
+            raise EdgetlError(f"{path}: {len(unlabelled)} sample(s) have no label ({', '.join(LABEL_KEYS)}), "
+                              f"e.g. {unlabelled[0]}")  # fmt: skip
+        for base, m in images.items():
+            key = f"{path.name}/{base}"
+            if key in seen:
+                raise EdgetlError(f"sample {key} appears twice")
+            seen.add(key)
+            out.append(ShardSample(key, path, m.offset_data, m.size, labels[base]))
+    return out
+
+
+def class_names(samples: list[ShardSample], folder: Path) -> tuple[list[str], list[str]]:
+    """(class names, each sample's class name). Integer labels are named by classes.txt beside the
+    shards when it has enough lines, else by the number; text labels are the names."""
+    labels = [s.label for s in samples]
+    if all(re.fullmatch(r"\d+", label) for label in labels):
+        n = max(int(label) for label in labels) + 1
+        listed = folder / CLASSES_FILE
+        names = [line.strip() for line in listed.read_text().splitlines() if line.strip()] if listed.is_file() else []
+        names = names[:n] if len(names) >= n else [str(i) for i in range(n)]
+        return names, [names[int(label)] for label in labels]
+    if any(ord(ch) < 32 for label in labels for ch in label):
+        raise EdgetlError("a class name in the shards has a control character")
+    return sorted(set(labels)), labels
+
+
+def load_shard_dataset(train_pattern: str, val_pattern: str | None, val_fraction: float, seed: int) -> Any:
+    """A Dataset of shards: the training pattern, and a validation pattern or a stratified held-out fraction."""
+    from edgetl.data import Dataset, ImageRef, LabelledSet, stratified_split
+
+    train_paths = expand(train_pattern)
+    val_paths = expand(val_pattern) if val_pattern else []
+    train_samples = index_shards(train_paths)
+    val_samples = index_shards(val_paths)
+    if not train_samples:
+        raise EdgetlError(f"no samples in {train_pattern}")
+    root = train_paths[0].parent
+    classes, train_names = class_names(train_samples + val_samples, root)
+    names = train_names[: len(train_samples)], train_names[len(train_samples) :]
+    idx = {c: i for i, c in enumerate(classes)}
+
+    def as_set(samples: list[ShardSample], cls: list[str]) -> LabelledSet:
+        refs = [ImageRef(key=s.key, path=s.shard, index=s.offset, length=s.size) for s in samples]
+        return LabelledSet(refs, np.asarray([idx[c] for c in cls], dtype=np.int64))
+
+    train = as_set(train_samples, names[0])
+    if len(np.unique(train.labels)) < 2:
+        raise EdgetlError(f"only one class in {train_pattern}: a classifier needs at least two")
+    if val_samples:
+        val = as_set(val_samples, names[1])
+        note = f"given shards: {train_pattern} for training, {val_pattern} for validation"
+    else:
+        counts = np.bincount(train.labels, minlength=len(classes))
+        if (counts[counts > 0] < 2).any():
+            raise EdgetlError("a class has a single sample in the shards: at least 2 per class are needed to hold some out")
+        keep, held = stratified_split(train.labels, val_fraction, np.random.default_rng(seed))
+        train, val = train.subset(keep), train.subset(held)
+        note = f"shards {train_pattern}; {val_fraction:.0%} of each class held out for validation (seed {seed})"
+    ds = Dataset(root=root, kind="shards", classes=classes, train=train, val=val, test=None, split_note=note)
+    ds.patterns = {"train": train_pattern, "val": val_pattern}
+    return ds
+
+
+def shard_refs(patterns: dict[str, str | None]) -> dict[str, tuple[Any, str]]:
+    """key -> (ImageRef, class name) of every sample the recorded patterns name now."""
+    from edgetl.data import ImageRef
+
+    out: dict[str, tuple[Any, str]] = {}
+    samples: list[ShardSample] = []
+    for pattern in patterns.values():
+        if pattern:
+            samples += index_shards(expand(pattern))
+    if not samples:
+        return out
+    _, names = class_names(samples, samples[0].shard.parent)
+    for s, name in zip(samples, names, strict=True):
+        out[s.key] = (ImageRef(key=s.key, path=s.shard, index=s.offset, length=s.size), name)
+    return out
+
+
+def write_shards(source: str | os.PathLike[str], out: str | os.PathLike[str], shard_size: int = 1000) -> dict[str, Any]:
+    """Write the images of a folder dataset (its train/val/test folders, or its class folders as one
+    `train` set) into `OUT/<split>-NNNNNN.tar` shards of `shard_size` samples, with classes.txt.
+    Image bytes are copied as they are (no re-encoding). Written in a temporary folder and moved into
+    place at the end, so an interrupted run leaves nothing half-written."""
+    import webdataset as wds
+
+    from edgetl.data import VAL_DIR_NAMES, _class_folders
+
+    src, dst = Path(source), Path(out)
+    if not src.is_dir():
+        raise EdgetlError(f"not a folder: {src}")
+    if shard_size < 1:
+        raise EdgetlError("--shard-size must be at least 1")
+    if dst.exists() and any(dst.glob("*.tar")):
+        raise EdgetlError(f"{dst} already holds shards: choose an empty folder")
+    subdirs = {p.name.lower(): p for p in src.iterdir() if p.is_dir()}
+    val_dir = next((subdirs[n] for n in VAL_DIR_NAMES if n in subdirs), None)
+    splits = {"train": subdirs["train"]} if "train" in subdirs else {"train": src}
+    if "train" in subdirs and val_dir is not None:
+        splits["val"] = val_dir
+        if "test" in subdirs:
+            splits["test"] = subdirs["test"]
+    by_split = {name: _class_folders(folder) for name, folder in splits.items()}
+    classes = sorted(by_split["train"])
+    if len(classes) < 2:
+        raise EdgetlError(f"{splits['train']} needs at least two class folders")
+    dst.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".shards-", dir=dst))
+    summary: dict[str, Any] = {"classes": classes, "splits": {}}
+    try:
+        for split, by_class in by_split.items():
+            count, used = 0, set()
+            with wds.ShardWriter(str(tmp / f"{split}-%06d.tar"), maxcount=shard_size, verbose=0) as writer:
+                for cls, files in sorted(by_class.items()):
+                    if cls not in classes:
+                        raise EdgetlError(f"{split}/ has a class train/ does not: {cls}")
+                    for f in files:
+                        rel = f.relative_to(splits[split]).with_suffix("").as_posix()
+                        key = re.sub(r"[.\s]", "_", rel)  # a dot would end the key (webdataset's rule)
+                        while key in used:
+                            key += "_"
+                        used.add(key)
+                        ext = f.suffix.lower().lstrip(".").replace("jpeg", "jpg")
+                        writer.write({"__key__": key, ext: f.read_bytes(), "cls": str(classes.index(cls)).encode()})
+                        count += 1
+            summary["splits"][split] = {"samples": count, "pattern": None}
+        (tmp / CLASSES_FILE).write_text("".join(c + "\n" for c in classes))
+        for p in sorted(tmp.iterdir()):
+            os.replace(p, dst / p.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for split in summary["splits"]:
+        n = len(list(dst.glob(f"{split}-*.tar")))
+        summary["splits"][split]["pattern"] = str(dst / f"{split}-{{{0:06d}..{n - 1:06d}}}.tar")
+    return summary

@@ -1,0 +1,121 @@
+"""WebDataset shards: folder -> shards -> the same images and labels; bad shards fail in one line."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_folder
+from typer.testing import CliRunner
+
+from edgetl.cli.main import app
+from edgetl.data import load_dataset
+from edgetl.decoded import decode_split
+from edgetl.errors import EdgetlError
+from edgetl.preprocess import PreprocessSpec, decode_image
+from edgetl.shards import write_shards
+
+runner = CliRunner()
+SPEC = PreprocessSpec(32, 36, "bicubic", (0.5,) * 3, (0.5,) * 3)
+
+
+def _members(root: Path) -> set[tuple[str, str, int]]:
+    """(relative path without extension, class, bytes) of every image of a folder dataset's split."""
+    return {(p.relative_to(root).with_suffix("").as_posix(), p.parent.name, p.stat().st_size) for p in root.rglob("*.png")}
+
+
+def test_folder_to_shards_to_dataset_keeps_every_image_and_label(split_folder: Path, tmp_path: Path) -> None:
+    summary = write_shards(split_folder, tmp_path / "shards", shard_size=7)
+    assert set(summary["splits"]) == {"train", "val", "test"}
+    assert (tmp_path / "shards" / "classes.txt").read_text().split() == ["blue", "green", "red"]
+    ds = load_dataset(summary["splits"]["train"]["pattern"], val_data=summary["splits"]["val"]["pattern"])
+    assert ds.kind == "shards" and ds.classes == ["blue", "green", "red"]
+    for split, ls in (("train", ds.train), ("val", ds.val)):
+        got = {(r.key.split("/", 1)[1], ds.classes[int(lab)], r.size_on_disk()) for r, lab in zip(ls.refs, ls.labels, strict=True)}
+        assert got == _members(split_folder / split)
+    # The bytes read back from a shard are the original file's: same pixels.
+    ref = ds.train.refs[0]
+    original = split_folder / "train" / (ref.key.split("/", 1)[1] + ".png")
+    assert np.array_equal(np.asarray(ref.load()), np.asarray(decode_image(original)))
+
+
+def test_training_on_shards_records_them_and_later_stages_read_them(image_folder: Path, tmp_path: Path) -> None:
+    write_shards(image_folder, tmp_path / "shards", shard_size=10)
+    pattern = str(tmp_path / "shards" / "train-{000000..000002}.tar")
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", pattern, "--backbone", "tiny", "--no-pretrained", "--epochs-head", "2",
+                                 "--epochs-finetune", "1", "--out", str(run)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    record = json.loads((run / "splits.json").read_text())
+    assert record["kind"] == "shards" and record["patterns"]["train"] == pattern
+    folder_ds = load_dataset(image_folder)
+    shard_keys = {row[0].split("/", 1)[1] for rows in record["splits"].values() for row in rows}
+    assert shard_keys == {r.key.rsplit(".", 1)[0] for ls in (folder_ds.train, folder_ds.val) for r in ls.refs}
+    # Export's parity check reads the recorded validation samples back out of the shards.
+    result = runner.invoke(app, ["export", str(run), "--format", "onnx"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "export.json").read_text())["parity"]["onnx"]["n"] == len(record["splits"]["val"])
+
+
+def test_corrupt_sample_inside_a_shard_is_skipped_and_counted(tmp_path: Path) -> None:
+    make_folder(tmp_path / "data", per_class=4)
+    write_shards(tmp_path / "data", tmp_path / "shards", shard_size=100)
+    shard = tmp_path / "shards" / "train-000000.tar"
+    with tarfile.open(shard, "a") as tar:
+        for name, data in (("bad/broken.png", b"\x89PNG not really"), ("bad/broken.cls", b"0")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    ds = load_dataset(str(shard), val_fraction=0.25)
+    everything = [*ds.train.refs, *ds.val.refs]
+    assert any(r.key.endswith("bad/broken") for r in everything)
+    failed = []
+    for ls in (ds.train, ds.val):
+        images, f = decode_split(ls, SPEC)
+        failed += f
+        assert len(images) == len(ls) - len(f)
+    assert [f["file"] for f in failed] == ["train-000000.tar/bad/broken"]
+
+
+def _fails(args: list[str], *needles: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and all(n in lines[0] for n in needles), result.output
+
+
+def test_a_shard_that_is_not_a_tar(tmp_path: Path) -> None:
+    (tmp_path / "train-000000.tar").write_bytes(b"this is not a tar file at all" * 40)
+    _fails(["train", str(tmp_path / "train-000000.tar"), "--out", str(tmp_path / "run")], "not a readable tar shard")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_pattern_that_matches_nothing(tmp_path: Path) -> None:
+    _fails(["train", str(tmp_path / "train-{000000..000009}.tar"), "--out", str(tmp_path / "run")], "matches no file")
+    assert not (tmp_path / "run").exists()
+
+
+def test_samples_without_a_label(tmp_path: Path) -> None:
+    shard = tmp_path / "train-000000.tar"
+    buf = io.BytesIO()
+    from conftest import make_image
+
+    make_image((200, 0, 0), np.random.default_rng(0)).save(buf, format="PNG")
+    with tarfile.open(shard, "w") as tar:
+        for i in range(3):
+            info = tarfile.TarInfo(f"s{i}.png")
+            info.size = len(buf.getvalue())
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+    _fails(["train", str(shard), "--out", str(tmp_path / "run")], "have no label")
+
+
+def test_shards_refuse_an_occupied_output_and_val_data_needs_shards(split_folder: Path, tmp_path: Path) -> None:
+    write_shards(split_folder, tmp_path / "shards")
+    with pytest.raises(EdgetlError, match="already holds shards"):
+        write_shards(split_folder, tmp_path / "shards")
+    _fails(["train", str(split_folder), "--val-data", str(tmp_path / "shards" / "val-000000.tar"), "--out", str(tmp_path / "r")],
+           "--val-data goes with training shards")  # fmt: skip
