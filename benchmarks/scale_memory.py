@@ -115,6 +115,7 @@ def main() -> None:
     ap.add_argument("--workers-compare", action="store_true", help="Lite0 feature extraction with 0 vs 2 DataLoader workers")
     ap.add_argument("--processes-compare", action="store_true", help="1 vs 2 training processes on the smallest size")
     ap.add_argument("--baseline", default=None, help="git revision to compare with on the smallest size")
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
     args = ap.parse_args()
     rows: dict[str, Any] = {}
     small = min(args.sizes)
@@ -148,8 +149,8 @@ def main() -> None:
         lines.append(f"| {name} | {r['train_images']} | {mem} | {fi} | {ft} | {r['wall_seconds']:.0f} |")
     if flat is not None:
         lines += ["", f"Peak RSS {sizes[-1]} / {sizes[0]} images: {flat:.2f}x (goal <= 1.5x)."]
-    save("scale_memory", {"rows": rows, "peak_rss_ratio_largest_over_smallest": flat, "tiny_args": TINY, "lite0_args": LITE0},
-         "\n".join(lines))  # fmt: skip
+    payload = {"rows": rows, "peak_rss_ratio_largest_over_smallest": flat, "tiny_args": TINY, "lite0_args": LITE0}
+    save("scale_memory" + (f"_{args.tag}" if args.tag else ""), payload, "\n".join(lines))
 
 
 if __name__ == "__main__":
