@@ -124,19 +124,18 @@ def load_shard_dataset(train_pattern: str, val_pattern: str | None, val_fraction
     if not train_samples:
         raise EdgetlError(f"no samples in {train_pattern}")
     root = train_paths[0].parent
-    classes, train_names = class_names(train_samples + val_samples, root)
-    names = train_names[: len(train_samples)], train_names[len(train_samples) :]
+    classes, names = class_names(train_samples + val_samples, root)  # one naming for both, so the same indices
     idx = {c: i for i, c in enumerate(classes)}
 
     def as_set(samples: list[ShardSample], cls: list[str]) -> LabelledSet:
         refs = [ImageRef(key=s.key, path=s.shard, index=s.offset, length=s.size) for s in samples]
         return LabelledSet(refs, np.asarray([idx[c] for c in cls], dtype=np.int64))
 
-    train = as_set(train_samples, names[0])
+    train = as_set(train_samples, names[: len(train_samples)])
     if len(np.unique(train.labels)) < 2:
         raise EdgetlError(f"only one class in {train_pattern}: a classifier needs at least two")
     if val_samples:
-        val = as_set(val_samples, names[1])
+        val = as_set(val_samples, names[len(train_samples) :])
         note = f"given shards: {train_pattern} for training, {val_pattern} for validation"
     else:
         counts = np.bincount(train.labels, minlength=len(classes))
@@ -145,9 +144,8 @@ def load_shard_dataset(train_pattern: str, val_pattern: str | None, val_fraction
         keep, held = stratified_split(train.labels, val_fraction, np.random.default_rng(seed))
         train, val = train.subset(keep), train.subset(held)
         note = f"shards {train_pattern}; {val_fraction:.0%} of each class held out for validation (seed {seed})"
-    ds = Dataset(root=root, kind="shards", classes=classes, train=train, val=val, test=None, split_note=note)
-    ds.patterns = {"train": train_pattern, "val": val_pattern}
-    return ds
+    return Dataset(root=root, kind="shards", classes=classes, train=train, val=val, test=None, split_note=note,
+                   patterns={"train": train_pattern, "val": val_pattern})
 
 
 def shard_refs(patterns: dict[str, str | None]) -> dict[str, tuple[Any, str]]:
@@ -211,7 +209,11 @@ def write_shards(source: str | os.PathLike[str], out: str | os.PathLike[str], sh
                             key += "_"
                         used.add(key)
                         ext = f.suffix.lower().lstrip(".").replace("jpeg", "jpg")
-                        writer.write({"__key__": key, ext: f.read_bytes(), "cls": str(classes.index(cls)).encode()})
+                        try:
+                            data = f.read_bytes()
+                        except OSError as exc:
+                            raise EdgetlError(f"cannot read {f}: {exc.strerror or exc}") from None
+                        writer.write({"__key__": key, ext: data, "cls": str(classes.index(cls)).encode()})
                         count += 1
             summary["splits"][split] = {"samples": count, "pattern": None}
         (tmp / CLASSES_FILE).write_text("".join(c + "\n" for c in classes))

@@ -566,11 +566,10 @@ class Trainer:
     def _val_logits(self, model: nn.Module) -> np.ndarray:
         """fp32 validation logits; under torchrun each process scores its shard and all gather the rest."""
         d = self.dist
-        if not d.active:
-            return predict_logits(model, self.val_images, self.spec, self.device, workers=self.workers,
-                                  channels_last=self.cfg.channels_last)  # fmt: skip
-        mine = self.val_images.subset(d.shard(len(self.val_images)))
+        mine = self.val_images.subset(d.shard(len(self.val_images))) if d.active else self.val_images
         logits = predict_logits(model, mine, self.spec, self.device, workers=self.workers, channels_last=self.cfg.channels_last)
+        if not d.active:
+            return logits
         if len(mine) == 0:
             logits = np.zeros((0, len(self.classes)), dtype=np.float32)
         return d.gather_rows(logits.astype(np.float32), len(self.val_images))
@@ -857,14 +856,13 @@ def _resume_plan(folder: RunFolder, epochs_finetune: int | None) -> dict[str, An
                           f"--epochs-finetune N)")  # fmt: skip
     best = checkpoint.read(folder.path) if last is not None and last.get("best_stage") else None
     return {"run_dir": str(folder.path), "manifest": manifest, "cfg": cfg.to_dict(), "last": last, "best": best,
-            "restart": restart}  # fmt: skip
+            "restart": restart, "stage": stage, "epoch": epoch, "bad_epochs": bad_epochs}  # fmt: skip
 
 
 def _resume_from_plan(plan: dict[str, Any], ds: ImageDataset, reporter: Reporter, keep_feature_cache: bool, d: Dist) -> TrainResult:
     run_dir, manifest, last, restart = Path(plan["run_dir"]), plan["manifest"], plan["last"], plan["restart"]
     cfg = TrainConfig.from_dict(plan["cfg"])
-    stage, epoch = (last["stage"], int(last["epoch"])) if last else ("head", 0)
-    bad_epochs = int(last.get("bad_epochs") or 0) if last else 0
+    stage, epoch, bad_epochs = plan["stage"], plan["epoch"], plan["bad_epochs"]
     trainer = Trainer(cfg, ds, run_dir, reporter, keep_feature_cache, d)
     trainer.manifest_base = {**manifest, "resumed": [*manifest.get("resumed", []), time.strftime("%Y-%m-%dT%H:%M:%S%z")]}
     # With last.pt the weights come from it (the ImageNet file need not be here any more); without, from ImageNet.
