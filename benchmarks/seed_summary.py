@@ -28,7 +28,9 @@ def load_runs(preset: str) -> list[dict]:
         if data.get("preset") == preset and "test" in data and "config" in data:
             # Options added after a run was made are missing from its config; their defaults keep the
             # earlier behaviour, so the run counts as having used them.
-            data["config"] = {**asdict(TrainConfig()), **data["config"]}
+            # (TrainConfig.from_dict fills them in as the run behaved, e.g. a fixed recipe before --recipe auto).
+            data["config"] = TrainConfig.from_dict({**asdict(TrainConfig()), "recipe": "finetune", "patience_head": 0,
+                                                    "min_epochs_finetune": 0, **data["config"]}).to_dict()  # fmt: skip
             runs.append({**data, "file": path.name})
     return runs
 

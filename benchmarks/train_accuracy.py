@@ -79,6 +79,7 @@ def main() -> None:
         "test": {k: test[k] for k in ("n", "top1", "top5", "macro_f1", "per_class_accuracy")},
         "val_best": {k: result.metrics["best"][k] for k in ("stage", "epoch", "top1", "n")},
         "stages": stages, "train_wall_seconds": train_seconds, "test_eval_seconds": eval_seconds,
+        "recipe": result.metrics.get("recipe"), "selection": result.metrics.get("selection"),
         "reused_run": bool(args.reuse), "target_test_top1": target, "meets_target": test["top1"] >= target,
     }  # fmt: skip
     md = (
@@ -96,7 +97,18 @@ def main() -> None:
         + f"\nStage 1 images/s counts every epoch's pass over the training set (features cached once: "
         f"{stages['head'].get('feature_cache_seconds', 0):.0f} s of the stage). Total training wall time {train_seconds:.0f} s.\n"
     )
+    recipe = result.metrics.get("recipe")
+    if recipe:
+        head_row = stages["head"]
+        md += (f"\nRecipe ({recipe['mode']}): {recipe['why']}. Stage 1 alone: val top-1 {head_row['best_val_top1']:.2%}; "
+               f"stage 2 time {stages.get('finetune', {}).get('seconds', 0):.0f} s, of which trials of the recipes not kept "
+               f"{_losing_trial_seconds(recipe):.0f} s.\n")  # fmt: skip
     save(f"train_accuracy_{args.preset}{'_' + args.tag if args.tag else ''}", payload, md)
+
+
+def _losing_trial_seconds(recipe: dict) -> float:
+    chosen = recipe.get("chosen") or {}
+    return sum(t["seconds"] for t in recipe.get("trials", []) if t["recipe"] != chosen)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,26 @@ class TrainConfig:
     cache_views: int = 1  # >1: also cache K-1 augmented views of every training image
     hidden: int = 0
     dropout: float = 0.2
+    # Stage 1 stops after this many epochs without a better head (0: runs all epochs); the best head,
+    # not the last, is what stage 2 starts from.
+    patience_head: int = 5
     # stage 2: fine-tune the top
     epochs_finetune: int = 8
+    # auto: short trials of a few fine-tune recipes pick one, or none (see edgetl.recipes);
+    # finetune: --unfreeze blocks at --lr-finetune; head: stage 1 only.
+    recipe: str = "auto"
+    recipe_candidates: str | None = None  # --recipe auto's candidates, UNFREEZE@LR[/DECAY],... (None: built-in set)
     lr_finetune: float | None = None  # None: lr_head / 10
-    unfreeze: str = "3"  # number of top blocks, or "all"
+    unfreeze: str = "3"  # number of top blocks, or "all" (--recipe finetune)
+    head_lr_scale: float = 1.0  # the head's stage-2 learning rate as a multiple of the blocks' top rate
     batch_size: int = 32
     warmup_epochs: float = 1.0
-    patience: int = 3
+    patience: int = 3  # stage 2: epochs without a better checkpoint than stage 2's own best
+    min_epochs_finetune: int = 2  # stage 2 is not stopped early before this many epochs
+    # knowledge distillation from a trained run's checkpoint (its logits on the training images, cached once)
+    teacher: str | None = None
+    distill_alpha: float = 0.5  # weight of the teacher's soft labels; 1 - alpha on the true labels
+    distill_temperature: float = 2.0
     # >0: validate and keep an exponential moving average of the fine-tuned weights (timm's ModelEmaV3,
     # decay warmed up from 0 so short fine-tunes still average over a useful window).
     ema_decay: float = 0.0
@@ -45,7 +58,7 @@ class TrainConfig:
     crop_scale: float = 0.35
     # Where training crops are cut from: "full" keeps training images large enough that the smallest crop
     # still has input_size pixels across; "resized" cuts them from the evaluation-size image (upsampled).
-    crop_source: str = "full"
+    crop_source: str = "resized"
     balance: bool = False
     seed: int = 0
     device: str = "auto"
@@ -76,7 +89,17 @@ class TrainConfig:
             raise EdgetlError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise EdgetlError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        for name in ("epochs_head", "epochs_finetune", "patience"):
+        from edgetl.recipes import RECIPES, parse_candidates
+
+        if self.recipe not in RECIPES:
+            raise EdgetlError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
+        if self.recipe_candidates is not None:
+            parse_candidates(self.recipe_candidates, self.finetune_lr)  # a bad item fails now, not after stage 1
+        if not 0.0 < self.head_lr_scale <= 100.0:
+            raise EdgetlError(f"--head-lr-scale must be in (0, 100], got {self.head_lr_scale}")
+        if not 0.0 < self.distill_alpha <= 1.0 or self.distill_temperature <= 0:
+            raise EdgetlError("--distill-alpha must be in (0, 1] and --distill-temperature above 0")
+        for name in ("epochs_head", "epochs_finetune", "patience", "patience_head", "min_epochs_finetune"):
             if getattr(self, name) < 0:
                 raise EdgetlError(f"--{name.replace('_', '-')} must be >= 0")
         if self.epochs_head < 1:
@@ -105,4 +128,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        values = {k: v for k, v in d.items() if k in known}
+        # Runs recorded before recipes and per-stage early stopping existed resume as they were trained.
+        values.setdefault("recipe", "finetune")
+        values.setdefault("patience_head", 0)
+        values.setdefault("min_epochs_finetune", 0)
+        return cls(**values)

@@ -123,3 +123,30 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object
     decay = [p for p in trainable_parameters(model) if p.ndim >= 2]
     no_decay = [p for p in trainable_parameters(model) if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def layerwise_param_groups(model: EdgeClassifier, lr: float, weight_decay: float, decay: float = 1.0,
+                           head_lr_scale: float = 1.0) -> list[dict[str, object]]:  # fmt: skip
+    """AdamW groups for fine-tuning with layer-wise learning-rate decay (as BEiT and timm's
+    `param_groups_layer_decay`): the head gets `lr * head_lr_scale`, the layers after the last block
+    `lr`, block i from the top `lr * decay**(i + 1)` and the stem `lr * decay**(blocks + 1)`.
+    Only trainable parameters are included; each group carries its own `lr`, so one scheduler scales all."""
+    backbone = model.backbone
+    blocks = _blocks(backbone)
+    depth_of: dict[int, int] = {}  # parameter id -> layers below the top (0: after the last block)
+    for p in backbone.parameters():
+        depth_of[id(p)] = len(blocks) + 1  # stem and anything not inside a block
+    for i, block in enumerate(blocks):
+        for p in block.parameters():
+            depth_of[id(p)] = len(blocks) - i
+    for name in ("conv_head", "bn2", "norm_head"):
+        part = getattr(backbone, name, None)
+        if isinstance(part, nn.Module):
+            for p in part.parameters():
+                depth_of[id(p)] = 0
+    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for p in trainable_parameters(model):
+        rate = lr * head_lr_scale if id(p) not in depth_of else lr * decay ** depth_of[id(p)]
+        groups.setdefault((rate, p.ndim >= 2), []).append(p)
+    return [{"params": ps, "lr": rate, "weight_decay": weight_decay if decayed else 0.0}
+            for (rate, decayed), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))]  # fmt: skip

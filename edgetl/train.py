@@ -16,6 +16,7 @@ before the first epoch, so Ctrl-C at any point leaves a run that `--resume` cont
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import random
@@ -52,6 +53,7 @@ from edgetl.model import (
     build_classifier,
     feature_dim,
     freeze_backbone,
+    layerwise_param_groups,
     param_groups,
     set_train_mode,
     trainable_parameters,
@@ -59,6 +61,7 @@ from edgetl.model import (
 )
 from edgetl.preprocess import PreprocessSpec, preprocess
 from edgetl.progress import Reporter
+from edgetl.recipes import TRIAL_IMAGES, FinetuneRecipe, Score, candidates, choose
 from edgetl.run import RUN_FORMAT, RunFolder, check_new_run_folder, is_run, locked
 from edgetl.shards import is_shard_pattern
 from edgetl.tensorboard_log import TrainLog
@@ -85,13 +88,15 @@ class EvalImages(Dataset):
 
 
 class AugmentedImages(EvalImages):
-    def __init__(self, images: DecodedImages, spec: PreprocessSpec, transform: Any) -> None:
+    def __init__(self, images: DecodedImages, spec: PreprocessSpec, transform: Any, with_index: bool = False) -> None:
         super().__init__(images, spec)
-        self.transform = transform
+        self.transform, self.with_index = transform, with_index
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> Any:
         # Crops are cut from the image as cached for training (large enough for the smallest crop).
-        return self.transform(self.images.get_stored(i)), int(self.images.labels[i])
+        item = self.transform(self.images.get_stored(i)), int(self.images.labels[i])
+        # The index finds the image's cached teacher logits when distilling.
+        return (*item, i) if self.with_index else item
 
 
 def train_transform(spec: PreprocessSpec, policy: str, crop_scale: float = 0.35) -> Any:
@@ -201,6 +206,24 @@ def default_run_dir(name: str | None, dataset_name: str, backbone: str) -> Path:
 
 
 @dataclass
+class _Finetune:
+    """One stage-2 recipe in progress: its optimizer, schedule, weight average and (DDP) forward."""
+
+    recipe: FinetuneRecipe
+    opt: torch.optim.Optimizer
+    sched: Any
+    ema: Any
+    forward: nn.Module
+    first_epoch_steps: int
+    description: str
+
+    @property
+    def scored(self) -> nn.Module:
+        """What validation scores and the best checkpoint keeps: the weight average when there is one."""
+        return self.ema.module if self.ema is not None else self.forward.module if hasattr(self.forward, "module") else self.forward
+
+
+@dataclass
 class TrainResult:
     run_dir: Path
     metrics: dict[str, Any]
@@ -239,8 +262,12 @@ class Trainer:
         self.workers = cfg.workers if cfg.workers is not None else default_workers()
         self.history: list[dict[str, Any]] = []
         self.timings: dict[str, dict[str, float]] = {}
-        self.best_val_loss = math.inf
+        self.best_score: Score | None = None
         self.best: dict[str, Any] = {}
+        self.best_state: dict[str, torch.Tensor] | None = None  # CPU copy of the best model, on every process
+        self.recipe_record: dict[str, Any] | None = None  # what stage 2 tried and chose, and why
+        self.teacher_logits: torch.Tensor | None = None  # --teacher: its logits on the training images
+        self.teacher_record: dict[str, Any] | None = None
         self.skipped: list[dict[str, str]] = []
         self.manifest_base: dict[str, Any] = {}
 
@@ -294,6 +321,34 @@ class Trainer:
         weights = counts.sum() / (len(counts) * np.maximum(counts, 1)) if cfg.balance else np.ones_like(counts)
         self.class_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
 
+    def prepare_teacher(self) -> None:
+        """--teacher: check the teacher run against this one, then run it once over the training images
+        (decoded at its own size) and keep its logits, so distillation costs a lookup per step."""
+        if self.cfg.teacher is None:
+            return
+        from edgetl.distill import load_teacher
+
+        model, spec, info = load_teacher(self.cfg.teacher, self.classes, self.spec, self.dataset.split_record())
+        ls = self.dataset.train.subset(self.train_images.positions)  # exactly the student's training images, in order
+        with self.r.task("decoding train for the teacher", len(ls)) as advance:
+            images, failed = decode_split(ls, spec, None, cache_dir=self.run_dir, name="teacher", progress=advance)
+        try:
+            if failed or len(images) != len(self.train_images):
+                raise EdgetlError(f"--teacher: {len(failed)} training image(s) could not be read again for the teacher")
+            d = self.dist
+            mine = images.subset(d.shard(len(images))) if d.active else images
+            logits = predict_logits(model.to(self.device), mine, spec, self.device, workers=self.workers, reporter=self.r,
+                                    description=f"teacher logits ({info['backbone']})")  # fmt: skip
+            if d.active:
+                logits = d.gather_rows(logits.astype(np.float32).reshape(len(mine), len(self.classes)), len(images))
+        finally:
+            images.close()
+        self.teacher_logits = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)).to(self.device)
+        agree = float((logits.argmax(1) == self.train_images.labels).mean())
+        self.teacher_record = {**info, "train_top1": agree, "alpha": self.cfg.distill_alpha, "temperature": self.cfg.distill_temperature}
+        self.r.log(f"teacher: {info['backbone']} from {info['run']} ({agree:.2%} top-1 on the training images); "
+                   f"alpha {self.cfg.distill_alpha:g}, temperature {self.cfg.distill_temperature:g}")  # fmt: skip
+
     def _decode(self, ls: Any, crop: float | None, split: str, advance: Any) -> tuple[DecodedImages, list[dict[str, str]]]:
         """One process: decode `ls` into a cache in the run folder. Under torchrun: the processes of each
         node decode every L-th image (L = processes on the node) into their own file, and all of them
@@ -314,16 +369,35 @@ class Trainer:
         return joined, [f for e in peers for f in e[5]]
 
     def criterion(self, smoothing: bool = True) -> nn.Module:
-        return nn.CrossEntropyLoss(
-            weight=self.class_weights, label_smoothing=self.cfg.label_smoothing if smoothing else 0.0
-        )
+        return nn.CrossEntropyLoss(weight=self.class_weights, label_smoothing=self.cfg.label_smoothing if smoothing else 0.0)
+
+    def train_loss(self) -> Any:
+        """loss(logits, labels, indices): label-smoothed cross-entropy, mixed with the teacher's soft
+        labels (looked up by training-image index) when distilling."""
+        hard = self.criterion()
+        teacher = self.teacher_logits
+        if teacher is None:
+            return lambda logits, y, idx: hard(logits, y)
+        from edgetl.distill import distillation_loss
+
+        n, alpha, temperature = len(teacher), self.cfg.distill_alpha, self.cfg.distill_temperature
+        return lambda logits, y, idx: distillation_loss(logits, y, teacher[idx.to(teacher.device) % n], hard, alpha, temperature)
+
+    def val_score(self, logits: np.ndarray) -> Score:
+        """What model selection compares (see edgetl.recipes): validation top-1, then cross-entropy."""
+        loss = self.val_loss(logits)
+        # A diverged model (NaN logits) must lose every comparison, and NaN compares false with everything.
+        return Score(float((logits.argmax(1) == self.val_images.labels).mean()), loss if math.isfinite(loss) else math.inf)
 
     def val_loss(self, logits: np.ndarray) -> float:
         """Validation loss for model selection: cross-entropy without label smoothing (class-weighted
         with --balance), so both stages are compared on the same scale."""
         with torch.no_grad():
-            return float(self.criterion(smoothing=False)(torch.from_numpy(logits).to(self.device),
-                                                         torch.from_numpy(self.val_images.labels).to(self.device)))
+            return float(
+                self.criterion(smoothing=False)(
+                    torch.from_numpy(logits).to(self.device), torch.from_numpy(self.val_images.labels).to(self.device)
+                )
+            )
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -341,17 +415,18 @@ class Trainer:
             "edgetl_version": __version__,
         }
 
-    def save_best(self, stage: str, epoch: int, val_loss: float, val_logits: np.ndarray, model: nn.Module | None = None) -> None:
+    def save_best(self, stage: str, epoch: int, score: Score, val_logits: np.ndarray, model: nn.Module | None = None) -> None:
         """Keep `model` (default: the one being trained; with --ema-decay, its weight average) as the best."""
-        self.best_val_loss = val_loss
-        self.best = {"stage": stage, "epoch": epoch, "val_loss": val_loss, "val_logits": val_logits}
+        self.best_score = score
+        self.best = {"stage": stage, "epoch": epoch, "val_loss": score.loss, "val_top1": score.top1, "val_logits": val_logits}
+        self.best_state = {k: v.detach().cpu().clone() for k, v in (model or self.model).state_dict().items()}
         if not self.dist.is_main:
             return
-        state = {k: v.detach().cpu().clone() for k, v in (model or self.model).state_dict().items()}
         checkpoint.save(
             self.run_dir / checkpoint.BEST_NAME,
-            {"state_dict": state, "config": self.resolved_config(), "stage": stage, "epoch": epoch, "val_loss": val_loss},
-        )
+            {"state_dict": self.best_state, "config": self.resolved_config(), "stage": stage, "epoch": epoch,
+             "val_loss": score.loss, "val_top1": score.top1},
+        )  # fmt: skip
 
     def save_last(self, stage: str, epoch: int, opt: torch.optim.Optimizer | None = None, sched: Any = None,
                   bad_epochs: int = 0, ema: Any = None) -> None:  # fmt: skip
@@ -363,7 +438,8 @@ class Trainer:
             self.run_dir / checkpoint.LAST_NAME,
             {
                 "state_dict": state, "config": self.resolved_config(), "stage": stage, "epoch": epoch,
-                "history": self.history, "best_val_loss": self.best_val_loss,
+                "history": self.history, "best_val_loss": self.best_score.loss if self.best_score else math.inf,
+                "best_val_top1": self.best_score.top1 if self.best_score else None, "recipe": self.recipe_record,
                 "best_stage": self.best.get("stage"), "best_epoch": self.best.get("epoch"),
                 "optimizer": opt.state_dict() if opt is not None else None,
                 "scheduler": sched.state_dict() if sched is not None else None, "bad_epochs": bad_epochs,
@@ -387,17 +463,20 @@ class Trainer:
 
     # -- the epoch loop both stages share ------------------------------------------------------
 
-    def _fit_epoch(self, batches: Any, forward: Any, opt: torch.optim.Optimizer, sched: Any, crit: nn.Module,
-                   autocast: bool, ema: Any = None, advance: Any = None) -> tuple[float, float, int]:  # fmt: skip
-        """One pass of optimisation steps over `batches`; returns (mean loss, top-1, images), over all
-        processes under torchrun (a DistributedDataParallel `forward` averages the gradients)."""
+    def _fit_epoch(self, batches: Any, forward: Any, opt: torch.optim.Optimizer, sched: Any, crit: Any,
+                   autocast: bool, ema: Any = None, advance: Any = None,
+                   max_steps: int | None = None) -> tuple[float, float, int]:  # fmt: skip
+        """One pass of optimisation steps over `batches` (x, y[, training-image index]), or its first
+        `max_steps`; returns (mean loss, top-1, images), over all processes under torchrun (a
+        DistributedDataParallel `forward` averages the gradients)."""
         total, count, correct = 0.0, 0, 0
         dtype = self.amp_dtype if autocast and self.amp_dtype is not None else torch.float32
         scaler = self.scaler if dtype == torch.float16 else None
-        for x, y in batches:
+        for batch in itertools.islice(batches, max_steps):
+            x, y = batch[0], batch[1]
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
                 logits = forward(x)
-            loss = crit(logits.float(), y)
+            loss = crit(logits.float(), y, batch[2] if len(batch) > 2 else None)
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -423,17 +502,25 @@ class Trainer:
 
     def _end_epoch(self, stage: str, epoch: int, fit: tuple[float, float, int], val_logits: np.ndarray, scored: nn.Module | None,
                    lr: float, t_ep: float, extra: dict[str, Any] | None = None) -> bool:  # fmt: skip
-        """Validate, keep the best, record the epoch. Returns whether it is the best so far."""
-        val_loss = self.val_loss(val_logits)
-        is_best = val_loss < self.best_val_loss
+        """Validate, keep the best of the run, record the epoch. Returns whether it is the best of its stage
+        (what early stopping counts: each stage is judged against its own trajectory)."""
+        score = self.val_score(val_logits)
+        stage_best = self._stage_best(stage)
+        is_best = score.better(self.best_score)
         if is_best:
-            self.save_best(stage, epoch, val_loss, val_logits, scored)
+            self.save_best(stage, epoch, score, val_logits, scored)
         self.record({
-            "stage": stage, "epoch": epoch, "train_loss": fit[0], "train_top1": fit[1], "val_loss": val_loss,
-            "val_top1": float((val_logits.argmax(1) == self.val_images.labels).mean()), "lr": lr,
-            "seconds": time.perf_counter() - t_ep, "best": is_best, **(extra or {}),
+            "stage": stage, "epoch": epoch, "train_loss": fit[0], "train_top1": fit[1], "val_loss": score.loss,
+            "val_top1": score.top1, "lr": lr, "seconds": time.perf_counter() - t_ep, "best": is_best, **(extra or {}),
         })  # fmt: skip
-        return is_best
+        return score.better(stage_best)
+
+    def _stage_best(self, stage: str) -> Score | None:
+        best = None
+        for row in self.history:
+            if row["stage"] == stage and Score(row["val_top1"], row["val_loss"]).better(best):
+                best = Score(row["val_top1"], row["val_loss"])
+        return best
 
     # -- stage 1 -----------------------------------------------------------------------------
 
@@ -499,13 +586,13 @@ class Trainer:
             steps = len(self._train_loader(cfg.head_batch_size, drop_last=False))
         cache_seconds = time.perf_counter() - t0
         sched = _warmup_cosine(opt, steps * cfg.epochs_head, warmup_steps=steps)  # one epoch of warm-up
-        start = 1
+        start, bad_epochs = 1, 0
         if resume_state is not None and resume_state.get("optimizer") is not None:
             opt.load_state_dict(resume_state["optimizer"])
             sched.load_state_dict(resume_state["scheduler"])
-            start = resume_state["epoch"] + 1
+            start, bad_epochs = resume_state["epoch"] + 1, resume_state["bad_epochs"]
             self.r.log(f"resuming stage 1 at epoch {start}")
-        crit = self.criterion()
+        crit = self.train_loss()
         images_seen = 0
         for epoch in range(start, cfg.epochs_head + 1):
             t_ep = time.perf_counter()
@@ -514,7 +601,7 @@ class Trainer:
                 # Seeded per epoch, so a resumed run draws the same batches as an uninterrupted one.
                 gen = torch.Generator(device="cpu").manual_seed(cfg.seed * 1_000_003 + epoch)
                 order = torch.randperm(len(ytr_t), generator=gen).to(self.device)
-                batches: Any = ((xtr_t[idx], ytr_t[idx]) for idx in order.split(cfg.head_batch_size))
+                batches: Any = ((xtr_t[idx], ytr_t[idx], idx) for idx in order.split(cfg.head_batch_size))
             else:
                 batches = self._backbone_batches(self._train_loader(cfg.head_batch_size, drop_last=False))
             # On cached features every process trains the same head on the same batches (all have every
@@ -524,8 +611,12 @@ class Trainer:
             head.eval()
             with torch.no_grad():
                 val_logits = head(xva_t).float().cpu().numpy() if cfg.cache_features else self._val_logits(self.model)
-            self._end_epoch("head", epoch, fit, val_logits, None, sched.get_last_lr()[0], t_ep)
-            self.save_last("head", epoch, opt, sched)
+            improved = self._end_epoch("head", epoch, fit, val_logits, None, sched.get_last_lr()[0], t_ep)
+            bad_epochs = 0 if improved else bad_epochs + 1
+            self.save_last("head", epoch, opt, sched, bad_epochs)
+            if bad_epochs >= cfg.patience_head > 0 and epoch < cfg.epochs_head:
+                self.r.log(f"stage 1 stops after epoch {epoch}: no better head for {bad_epochs} epochs (--patience-head)")
+                break
         seconds = time.perf_counter() - t0
         self.timings["head"] = {
             "seconds": seconds, "feature_cache_seconds": cache_seconds if cfg.cache_features else 0.0,
@@ -535,7 +626,8 @@ class Trainer:
         self.remove_feature_cache()
 
     def _train_loader(self, batch_size: int, drop_last: bool = True) -> DataLoader:
-        ds = AugmentedImages(self.train_images, self.spec, train_transform(self.spec, self.cfg.augment, self.cfg.crop_scale))
+        ds = AugmentedImages(self.train_images, self.spec, train_transform(self.spec, self.cfg.augment, self.cfg.crop_scale),
+                             with_index=self.teacher_logits is not None)  # fmt: skip
         d = self.dist
         if d.active:
             # One global batch whatever the process count: each process takes batch_size / N of it.
@@ -576,80 +668,183 @@ class Trainer:
 
     def _backbone_batches(self, loader: DataLoader):
         """Stage 1 without the cache: the frozen base runs on every batch of every epoch."""
-        for x, y in loader:
+        for x, y, *idx in loader:
             amp = self.amp_dtype
             with torch.no_grad(), torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 feats = self.model.backbone(self._to_device(x)).float()
-            yield feats, y.to(self.device)
+            yield feats, y.to(self.device), *idx
 
     # -- stage 2 -----------------------------------------------------------------------------
 
-    def stage_finetune(self, resume_state: dict[str, Any] | None = None) -> None:
-        """Fine-tune the top blocks. `resume_state` continues an interrupted stage 2 where it stopped;
-        with `restart_schedule` in it (an extended run), the remaining epochs get a fresh warm-up +
-        cosine schedule from the fine-tune learning rate, keeping the optimizer's moments."""
-        cfg, r = self.cfg, self.r
-        unfrozen = unfreeze_top(self.model, cfg.unfreeze_blocks)
+    def _start_finetune(self, recipe: FinetuneRecipe, steps: int, first_epoch_steps: int) -> _Finetune:
+        """Unfreeze for `recipe` and build its optimizer (layer-wise rates), schedule and weight average.
+        The schedule runs `first_epoch_steps` (a trial's length) then whole epochs of `steps`."""
+        cfg = self.cfg
+        unfrozen = unfreeze_top(self.model, recipe.unfreeze_blocks)
+        groups = layerwise_param_groups(self.model, recipe.lr, cfg.weight_decay, recipe.llrd, cfg.head_lr_scale)
+        for g in groups:
+            g["base_lr"] = g["lr"]  # what an extended run's fresh schedule starts from
+        opt = torch.optim.AdamW(groups, lr=recipe.lr)
+        total = first_epoch_steps + (cfg.epochs_finetune - 1) * steps
+        # A trial ends at the top of the warm-up, so that it shows the recipe at its full learning rate.
+        warmup = min(int(cfg.warmup_epochs * steps), first_epoch_steps)
         n_train = sum(p.numel() for p in trainable_parameters(self.model))
-        r.log(f"fine-tuning {', '.join(unfrozen)} + head ({n_train / 1e6:.2f}M parameters) at lr {cfg.finetune_lr:.1e}"
-              f"{f', {self.amp_dtype} autocast' if self.amp_dtype else ''}{', channels_last' if cfg.channels_last else ''}"
-              f"{f', {self.dist.world_size} processes' if self.dist.active else ''}")  # fmt: skip
-        opt = torch.optim.AdamW(param_groups(self.model, cfg.weight_decay), lr=cfg.finetune_lr)
+        description = (f"{', '.join(unfrozen)} + head ({n_train / 1e6:.2f}M parameters) at lr {recipe.lr:.1e}"
+                       f"{f', layer decay {recipe.llrd:g}' if recipe.llrd != 1 else ''}"
+                       f"{f', head x{cfg.head_lr_scale:g}' if cfg.head_lr_scale != 1 else ''}")  # fmt: skip
+        return _Finetune(recipe, opt, _warmup_cosine(opt, total, warmup), self._weight_average(), self._ddp(self.model),
+                         first_epoch_steps, description)  # fmt: skip
+
+    def _finetune_pass(self, run: _Finetune, crit: Any, label: str, max_steps: int | None = None) -> tuple[tuple[float, float, int], float]:
+        """Train `run` for an epoch (or its first `max_steps`); returns the fit and the seconds it took."""
+        loader = self._train_loader(self.cfg.batch_size)
+        set_train_mode(self.model)
+        t = time.perf_counter()
+        total = len(loader.dataset) if max_steps is None else min(len(loader.dataset), max_steps * self.cfg.batch_size)  # type: ignore[arg-type]
+        with self.r.task(label, total) as advance:
+            batches = ((self._to_device(b[0]), b[1].to(self.device), *b[2:]) for b in loader)
+            fit = self._fit_epoch(batches, run.forward, run.opt, run.sched, crit, autocast=True, ema=run.ema,
+                                  advance=advance, max_steps=max_steps)  # fmt: skip
+        return fit, time.perf_counter() - t
+
+    def _choose_recipe(self, steps: int, crit: Any) -> tuple[_Finetune | None, int]:
+        """Start stage 2 from the best stage-1 head (LP-FT) with the recipe the config asks for; with
+        several candidates (--recipe auto), give each a short trial and continue with the best, or with
+        none when every trial is worse than the head. Returns the run (None: stage 2 ends here) and the
+        fine-tune epochs already done (1 when the winning trial was a whole first epoch, else 0)."""
+        cfg, r = self.cfg, self.r
+        if self.best_state is not None and self.best.get("stage") == "head":
+            self.model.load_state_dict(self.best_state)
+        options = candidates(cfg.recipe, cfg.unfreeze, cfg.finetune_lr, cfg.recipe_candidates)
+        if len(options) == 1:
+            run = self._start_finetune(options[0], steps, steps)
+            self.recipe_record = {"mode": cfg.recipe, "chosen": options[0].to_dict(), "trial_steps": steps, "trials": [],
+                                  "why": f"--recipe {cfg.recipe}" + (" (one candidate)" if cfg.recipe == "auto" else "")}  # fmt: skip
+            r.log(f"fine-tuning {run.description}{self._precision_note()}")
+            return run, 0
+        head_score = self.best_score
+        trial_steps = min(steps, max(1, math.ceil(TRIAL_IMAGES / cfg.batch_size)))
+        start = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        trials: list[dict[str, Any]] = []
+        winner: dict[str, Any] | None = None
+        r.log(
+            f"--recipe auto: {len(options)} fine-tune trials of {trial_steps} steps from the best head "
+            f"({head_score.top1:.2%} top-1, loss {head_score.loss:.4f} on validation)"
+        )  # type: ignore[union-attr]
+        for i, recipe in enumerate(options, 1):
+            self.model.load_state_dict(start)
+            run = self._start_finetune(recipe, steps, trial_steps)
+            fit, seconds = self._finetune_pass(run, crit, f"trial {i}/{len(options)}: {recipe.name}", trial_steps)
+            logits = self._val_logits(run.scored)
+            score = self.val_score(logits)
+            trials.append({"recipe": recipe.to_dict(), **score.to_dict(), "images": fit[2], "seconds": seconds})
+            r.log(f"  trial {i}: {run.description}: val top-1 {score.top1:.2%}, loss {score.loss:.4f} ({seconds:.0f}s)")
+            if winner is None or score.better(winner["score"]):
+                winner = {"recipe": recipe, "score": score, "fit": fit, "logits": logits, "seconds": seconds,
+                          "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                          "opt": run.opt.state_dict(), "sched": run.sched.state_dict(),
+                          "ema": {k: v.detach().clone() for k, v in run.ema.module.state_dict().items()} if run.ema else None}  # fmt: skip
+            del run
+        assert winner is not None and head_score is not None
+        chosen, why = choose(head_score, [(FinetuneRecipe.from_dict(t["recipe"]), Score(t["val_top1"], t["val_loss"])) for t in trials])
+        self.recipe_record = {"mode": cfg.recipe, "chosen": chosen.to_dict() if chosen else None, "why": why,
+                              "head": head_score.to_dict(), "trials": trials, "trial_steps": trial_steps}  # fmt: skip
+        r.log(f"recipe: {why}")
+        if chosen is None:
+            self.model.load_state_dict(start)
+            self.save_last("finetune", 0)
+            return None, 0
+        # The winner goes on from where its trial ended: its steps are the first of its schedule.
+        self.model.load_state_dict(winner["model"])
+        run = self._start_finetune(chosen, steps, trial_steps)
+        run.sched.load_state_dict(winner["sched"])
+        run.opt.load_state_dict(winner["opt"])
+        if run.ema is not None:
+            run.ema.module.load_state_dict(winner["ema"])
+        if trial_steps < steps:  # a partial first epoch: the next whole epoch is epoch 1
+            return run, 0
+        fit = winner["fit"]
+        speed = {"train_images_per_second": fit[2] / winner["seconds"]}
+        improved = self._end_epoch("finetune", 1, fit, winner["logits"], run.scored, run.sched.get_last_lr()[0],
+                                   time.perf_counter() - winner["seconds"], speed)  # fmt: skip
+        self.save_last("finetune", 1, run.opt, run.sched, 0 if improved else 1, run.ema)
+        return run, 1
+
+    def _precision_note(self) -> str:
+        return (f"{f', {self.amp_dtype} autocast' if self.amp_dtype else ''}{', channels_last' if self.cfg.channels_last else ''}"
+                f"{f', {self.dist.world_size} processes' if self.dist.active else ''}")  # fmt: skip
+
+    def stage_finetune(self, resume_state: dict[str, Any] | None = None) -> None:
+        """Fine-tune with the chosen recipe. `resume_state` continues an interrupted stage 2 where it stopped;
+        with `restart_schedule` in it (an extended run), the remaining epochs get a fresh warm-up +
+        cosine schedule from the recipe's learning rates, keeping the optimizer's moments."""
+        cfg, r = self.cfg, self.r
         self._stage = "finetune"
         steps = len(self._train_loader(cfg.batch_size))
-        start, bad_epochs = 1, 0
-        ema = self._weight_average()
-        if resume_state is not None:
-            start = resume_state["epoch"] + 1
-            opt.load_state_dict(resume_state["optimizer"])
-            if ema is not None and resume_state.get("ema_state_dict") is not None:
-                ema.module.load_state_dict(resume_state["ema_state_dict"])
-        if resume_state is not None and resume_state.get("restart_schedule"):
-            remaining = cfg.epochs_finetune - start + 1
-            for g in opt.param_groups:
-                g["initial_lr"] = cfg.finetune_lr
-            sched = _warmup_cosine(opt, steps * remaining, warmup_steps=int(cfg.warmup_epochs * steps))
-            r.log(f"extending fine-tuning: epochs {start}-{cfg.epochs_finetune} on a new warm-up + cosine schedule from "
-                  f"lr {cfg.finetune_lr:.1e} (optimizer moments and the best checkpoint kept)")  # fmt: skip
+        crit = self.train_loss()
+        t0 = time.perf_counter()
+        images, train_seconds, bad_epochs = 0, 0.0, 0
+        if resume_state is None:
+            run, done = self._choose_recipe(steps, crit)
+            start = done + 1  # the winning trial's first epoch counts once, as a trial (trial_seconds)
         else:
-            sched = _warmup_cosine(opt, steps * cfg.epochs_finetune, warmup_steps=int(cfg.warmup_epochs * steps))
-            if resume_state is not None:
-                sched.load_state_dict(resume_state["scheduler"])
-                opt.load_state_dict(resume_state["optimizer"])  # the scheduler's construction reset the current lr
-                bad_epochs = resume_state["bad_epochs"]
-                r.log(f"resuming fine-tuning at epoch {start}")
-        # Validation scores (and the best checkpoint keeps) the weight average when there is one.
-        scored = ema.module if ema is not None else self.model
-        forward = self._ddp(self.model)
-        crit = self.criterion()
-        t0, images, train_seconds = time.perf_counter(), 0, 0.0
-        for epoch in range(start, cfg.epochs_finetune + 1):
-            # Every process holds the same gathered validation logits, so the same count; agreeing on
-            # the decision anyway keeps the processes in step should they ever differ.
-            if self.dist.agree(bad_epochs >= cfg.patience > 0):
-                break
-            loader = self._train_loader(cfg.batch_size)
-            set_train_mode(self.model)
-            t_ep = time.perf_counter()
-            with r.task(f"fine-tune epoch {epoch}/{cfg.epochs_finetune}", len(loader.dataset)) as advance:  # type: ignore[arg-type]
-                batches = ((self._to_device(x), y.to(self.device)) for x, y in loader)
-                fit = self._fit_epoch(batches, forward, opt, sched, crit, autocast=True, ema=ema, advance=advance)
-            epoch_train_seconds = time.perf_counter() - t_ep
-            train_seconds += epoch_train_seconds
-            images += fit[2]
-            val_logits = self._val_logits(scored)
-            is_best = self._end_epoch("finetune", epoch, fit, val_logits, scored, sched.get_last_lr()[0], t_ep,
-                                      {"train_images_per_second": fit[2] / epoch_train_seconds})  # fmt: skip
-            bad_epochs = 0 if is_best else bad_epochs + 1
-            self.save_last("finetune", epoch, opt, sched, bad_epochs, ema)
-            if bad_epochs >= cfg.patience > 0:
-                r.log(f"early stop: validation loss has not improved for {bad_epochs} epochs")
-        if images:
-            self.timings["finetune"] = {
-                "seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
-                "images_per_second": images / train_seconds, "bf16": self.bf16, "channels_last": cfg.channels_last,
-                "autocast": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None, "processes": self.dist.world_size,
-            }  # fmt: skip
+            run, start, bad_epochs = self._resume_finetune(resume_state, steps)
+        if run is not None:
+            for epoch in range(start, cfg.epochs_finetune + 1):
+                # Every process holds the same gathered validation logits, so the same count; agreeing on
+                # the decision anyway keeps the processes in step should they ever differ.
+                if self.dist.agree(self._stop_early(bad_epochs, epoch - 1)):
+                    break
+                t_ep = time.perf_counter()
+                fit, seconds = self._finetune_pass(run, crit, f"fine-tune epoch {epoch}/{cfg.epochs_finetune}")
+                train_seconds += seconds
+                images += fit[2]
+                improved = self._end_epoch("finetune", epoch, fit, self._val_logits(run.scored), run.scored,
+                                           run.sched.get_last_lr()[0], t_ep, {"train_images_per_second": fit[2] / seconds})  # fmt: skip
+                bad_epochs = 0 if improved else bad_epochs + 1
+                self.save_last("finetune", epoch, run.opt, run.sched, bad_epochs, run.ema)
+                if self._stop_early(bad_epochs, epoch) and epoch < cfg.epochs_finetune:
+                    r.log(f"early stop: no better checkpoint in stage 2 for {bad_epochs} epochs")
+        trials = (self.recipe_record or {}).get("trials", [])
+        self.timings["finetune"] = {
+            "seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
+            "trial_seconds": sum(t["seconds"] for t in trials),
+            "images_per_second": images / train_seconds if train_seconds else None, "bf16": self.bf16,
+            "channels_last": cfg.channels_last, "autocast": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None,
+            "processes": self.dist.world_size,
+        }  # fmt: skip
+
+    def _stop_early(self, bad_epochs: int, epochs_done: int) -> bool:
+        return bad_epochs >= self.cfg.patience > 0 and epochs_done >= self.cfg.min_epochs_finetune
+
+    def _resume_finetune(self, state: dict[str, Any], steps: int) -> tuple[_Finetune, int, int]:
+        """The fine-tune run of an interrupted (or extended) stage 2, with its recipe, optimizer and schedule."""
+        cfg, r = self.cfg, self.r
+        record = state.get("recipe") or {  # runs from before recipes: --unfreeze at --lr-finetune
+            "mode": "finetune", "chosen": FinetuneRecipe(cfg.unfreeze, cfg.finetune_lr).to_dict(), "trial_steps": steps,
+            "trials": [], "why": "--recipe finetune"}  # fmt: skip
+        self.recipe_record = record
+        recipe = FinetuneRecipe.from_dict(record["chosen"])
+        start = state["epoch"] + 1
+        bad_epochs = 0
+        if state.get("restart_schedule"):
+            run = self._start_finetune(recipe, steps, steps)
+            run.opt.load_state_dict(state["optimizer"])
+            remaining = cfg.epochs_finetune - start + 1
+            for g in run.opt.param_groups:
+                g["initial_lr"] = g.get("base_lr", recipe.lr)
+            run.sched = _warmup_cosine(run.opt, steps * remaining, warmup_steps=int(cfg.warmup_epochs * steps))
+            r.log(f"extending fine-tuning ({recipe.name}): epochs {start}-{cfg.epochs_finetune} on a new warm-up + cosine "
+                  "schedule (optimizer moments and the best checkpoint kept)")  # fmt: skip
+        else:
+            run = self._start_finetune(recipe, steps, int(record.get("trial_steps") or steps))
+            run.sched.load_state_dict(state["scheduler"])
+            run.opt.load_state_dict(state["optimizer"])  # the scheduler's construction reset the current lr
+            bad_epochs = state["bad_epochs"]
+            r.log(f"resuming fine-tuning ({recipe.name}) at epoch {start}")
+        if run.ema is not None and state.get("ema_state_dict") is not None:
+            run.ema.module.load_state_dict(state["ema_state_dict"])
+        return run, start, bad_epochs
 
     def _weight_average(self) -> Any:
         """timm's EMA of the fine-tuned weights, or None when --ema-decay is 0."""
@@ -687,6 +882,7 @@ class Trainer:
             },
             "skipped_files": self.skipped,
             "weights_source": getattr(self, "weights_source", None),
+            "teacher": self.teacher_record,
             "timings": {**base.get("timings", {}), **self.timings},
             "host": host_record(),
         })  # fmt: skip
@@ -696,7 +892,10 @@ class Trainer:
         for stage in ("head", "finetune"):
             rows = [h for h in self.history if h["stage"] == stage]
             if rows:
-                best_row = min(rows, key=lambda h: h["val_loss"])
+                best_row = rows[0]
+                for h in rows[1:]:
+                    if Score(h["val_top1"], h["val_loss"]).better(Score(best_row["val_top1"], best_row["val_loss"])):
+                        best_row = h
                 # The stage's best row is the one selection would keep: its accuracy, not the best accuracy of any epoch.
                 metrics["stages"][stage] = {
                     "epochs_run": len(rows), "best_epoch": best_row["epoch"], "best_val_loss": best_row["val_loss"],
@@ -711,6 +910,11 @@ class Trainer:
             plot_curves(self.history, self.run_dir / "curves.png")
             plot_confusion(m["confusion_matrix"], self.classes, self.run_dir / "confusion.png",
                            f"validation, {self.cfg.backbone} ({self.best['stage']} epoch {self.best['epoch']})")  # fmt: skip
+        if self.recipe_record is not None:
+            metrics["recipe"] = self.recipe_record
+        if self.teacher_record is not None:
+            metrics["teacher"] = self.teacher_record
+        metrics["selection"] = "highest validation top-1, then lowest validation cross-entropy"
         metrics["interrupted"] = interrupted
         if not self.dist.is_main:
             return metrics
@@ -777,6 +981,7 @@ def train(
             trainer = Trainer(cfg, ds, run_dir, reporter, keep_feature_cache, d)
             trainer.build_model()
             trainer.decode()
+            trainer.prepare_teacher()
             reporter.log(f"run folder: {run_dir}")
             # From here on the run is resumable: the file lists, the config and the starting weights are on disk.
             if d.is_main:
@@ -843,9 +1048,13 @@ def _resume_plan(folder: RunFolder, epochs_finetune: int | None) -> dict[str, An
     last = checkpoint.read(folder.path, checkpoint.LAST_NAME) if (folder.path / checkpoint.LAST_NAME).is_file() else None
     stage, epoch = (last["stage"], int(last["epoch"])) if last else ("head", 0)
     bad_epochs = int(last.get("bad_epochs") or 0) if last else 0
-    finished = _finished(cfg, stage, epoch, bad_epochs)
+    recipe = last.get("recipe") if last else None
+    finished = _finished(cfg, stage, epoch, bad_epochs, recipe)
     restart = False
     if epochs_finetune is not None and epochs_finetune != cfg.epochs_finetune:
+        if stage == "finetune" and recipe is not None and recipe.get("chosen") is None:
+            raise EdgetlError(f"{folder.path}: --recipe auto kept the stage-1 head because every fine-tune trial was worse "
+                              f"({recipe.get('why', '')}); to fine-tune anyway, train again with --recipe finetune")  # fmt: skip
         done = epoch if stage == "finetune" else 0
         if epochs_finetune <= done:
             raise EdgetlError(f"--epochs-finetune {epochs_finetune}: this run has already done {done} fine-tune epoch(s)")
@@ -869,6 +1078,7 @@ def _resume_from_plan(plan: dict[str, Any], ds: ImageDataset, reporter: Reporter
     weights_source = (manifest.get("weights_source") or f"resumed from {checkpoint.LAST_NAME}") if last else None
     trainer.build_model(weights_source=weights_source)
     trainer.decode()
+    trainer.prepare_teacher()
     if last is None:
         reporter.log(f"resuming {run_dir}: no epoch had finished, starting training from the beginning")
         trainer.write_manifest("training")
@@ -877,10 +1087,12 @@ def _resume_from_plan(plan: dict[str, Any], ds: ImageDataset, reporter: Reporter
     if last["config"]["labels"] != trainer.classes:
         raise EdgetlError(f"the data at {ds.root} no longer has the classes this run was trained on")
     trainer.history = list(last.get("history", []))
-    trainer.best_val_loss = float(last.get("best_val_loss", math.inf))
     trainer.model.load_state_dict(last["state_dict"])
     best = plan["best"]
-    if best is not None:
+    best_row = next((h for h in trainer.history if (h["stage"], h["epoch"]) == (last.get("best_stage"), last.get("best_epoch"))), None)
+    if best is not None and best_row is not None:
+        trainer.best_score = Score(float(best_row["val_top1"]), float(best_row["val_loss"]))
+        trainer.best_state = best["state_dict"]
         # Validation logits of the best model are needed for the final metrics; recompute them (fp32).
         model = build_classifier(cfg.backbone, len(trainer.classes), cfg.hidden, cfg.dropout)
         model.load_state_dict(best["state_dict"])
@@ -888,8 +1100,8 @@ def _resume_from_plan(plan: dict[str, Any], ds: ImageDataset, reporter: Reporter
         trainer.best = {"stage": best["stage"], "epoch": best["epoch"], "val_loss": best["val_loss"], "val_logits": logits}
     state = {"optimizer": last.get("optimizer"), "scheduler": last.get("scheduler"), "epoch": epoch,
              "bad_epochs": 0 if restart else bad_epochs, "ema_state_dict": last.get("ema_state_dict"),
-             "restart_schedule": restart}  # fmt: skip
-    if stage == "head" and epoch < cfg.epochs_head:
+             "restart_schedule": restart, "recipe": last.get("recipe")}  # fmt: skip
+    if stage == "head" and not _head_done(cfg, epoch, bad_epochs):
         reporter.log(f"resuming {run_dir} in stage 1 after epoch {epoch}")
         return _run_stages(trainer, "head", state)
     if stage == "head":
@@ -899,10 +1111,16 @@ def _resume_from_plan(plan: dict[str, Any], ds: ImageDataset, reporter: Reporter
     return _run_stages(trainer, "finetune", state)
 
 
-def _finished(cfg: TrainConfig, stage: str, epoch: int, bad_epochs: int) -> bool:
+def _head_done(cfg: TrainConfig, epoch: int, bad_epochs: int) -> bool:
+    return epoch >= cfg.epochs_head or bad_epochs >= cfg.patience_head > 0
+
+
+def _finished(cfg: TrainConfig, stage: str, epoch: int, bad_epochs: int, recipe: dict[str, Any] | None) -> bool:
     if stage == "head":
-        return epoch >= cfg.epochs_head and cfg.epochs_finetune == 0
-    return epoch >= cfg.epochs_finetune or bad_epochs >= cfg.patience > 0
+        return _head_done(cfg, epoch, bad_epochs) and (cfg.epochs_finetune == 0 or cfg.recipe == "head")
+    if recipe is not None and recipe.get("chosen") is None:
+        return True  # --recipe auto kept the head
+    return epoch >= cfg.epochs_finetune or (bad_epochs >= cfg.patience > 0 and epoch >= cfg.min_epochs_finetune)
 
 
 def _run_stages(trainer: Trainer, from_stage: str, resume_state: dict[str, Any] | None) -> TrainResult:
@@ -913,7 +1131,7 @@ def _run_stages(trainer: Trainer, from_stage: str, resume_state: dict[str, Any] 
         if from_stage == "head":
             trainer.stage_head(resume_state)
             resume_state = None
-        if cfg.epochs_finetune > 0:
+        if cfg.epochs_finetune > 0 and cfg.recipe != "head":
             trainer.stage_finetune(resume_state)
         trainer.dist.barrier()  # nobody removes its share of the decoded images while another still reads it
     except BaseException as exc:

@@ -104,18 +104,28 @@ def train(
     name: Annotated[str | None, typer.Option(help="Run name under models/")] = None,
     epochs_head: Annotated[int, typer.Option(help="Stage 1 epochs (frozen base, new head)")] = 30,
     epochs_finetune: Annotated[int, typer.Option(help="Stage 2 epochs; 0 skips fine-tuning")] = 8,
-    unfreeze: Annotated[str, typer.Option(help="Top blocks to unfreeze in stage 2, or 'all'")] = "3",
+    recipe: Annotated[str, typer.Option(help="Stage 2: auto (short trials pick a fine-tune, or none), finetune "
+                                             "(--unfreeze at --lr-finetune), head (stage 1 only)")] = "auto",
+    recipe_candidates: Annotated[str | None, typer.Option(help="--recipe auto's candidates: UNFREEZE@LR[/DECAY],... "
+                                                               "e.g. 3@1e-4,all@3x/0.7 (default 3@1x,all@1x/0.7,all@3x/0.7)")] = None,
+    unfreeze: Annotated[str, typer.Option(help="Top blocks to unfreeze in stage 2, or 'all' (implies --recipe finetune)")] = "3",
     lr_head: Annotated[float, typer.Option(help="Stage 1 learning rate")] = 1e-3,
     lr_finetune: Annotated[float | None, typer.Option(help="Stage 2 learning rate (default: lr-head / 10)")] = None,
+    head_lr_scale: Annotated[float, typer.Option(help="Stage 2 head learning rate as a multiple of the blocks' top rate")] = 1.0,
     batch_size: Annotated[int, typer.Option(help="Stage 2 batch size")] = 32,
-    patience: Annotated[int, typer.Option(help="Early stopping: epochs without a better validation loss")] = 3,
+    patience: Annotated[int, typer.Option(help="Stage 2 early stopping: epochs without a better checkpoint than stage 2's best")] = 3,
+    patience_head: Annotated[int, typer.Option(help="Stage 1 early stopping: epochs without a better head (0: off)")] = 5,
+    min_epochs_finetune: Annotated[int, typer.Option(help="Stage 2 is not stopped early before this many epochs")] = 2,
+    teacher: Annotated[Path | None, typer.Option(help="Distil from this trained run (same labels and normalisation)")] = None,
+    distill_alpha: Annotated[float, typer.Option(help="Weight of the teacher's soft labels (1 - alpha on true labels)")] = 0.5,
+    distill_temperature: Annotated[float, typer.Option(help="Softmax temperature of distillation")] = 2.0,
     ema_decay: Annotated[float, typer.Option(help="Keep and validate a moving average of the fine-tuned weights (0: off)")] = 0.0,
     hidden: Annotated[int, typer.Option(help="Hidden units in the head (0: dropout + linear)")] = 0,
     dropout: Annotated[float, typer.Option(help="Head dropout")] = 0.2,
     label_smoothing: float = 0.1,
     augment: Annotated[str, typer.Option(help="Training augmentation: none, light, trivial")] = "light",
     crop_scale: Annotated[float, typer.Option(help="Smallest area fraction of the random crop (0.35; 0.7-1 for centred images)")] = 0.35,
-    crop_source: Annotated[str, typer.Option(help="Training crops from images kept big enough (full) or eval-size (resized)")] = "full",
+    crop_source: Annotated[str, typer.Option(help="Crops from the eval-size image (resized) or from larger (full)")] = "resized",
     cache_features: Annotated[bool, typer.Option(help="Stage 1 on cached features of the frozen base")] = True,
     cache_views: Annotated[int, typer.Option(help="Cache K views per image (1 plain + K-1 augmented)")] = 1,
     balance: Annotated[bool, typer.Option(help="Class-weighted loss for imbalanced data")] = False,
@@ -165,11 +175,16 @@ def train(
             raise EdgetlError("--allow-data-change goes with --resume (a new run records the data as it is)")
         if data is None:
             raise EdgetlError("missing DATA: the folder of labelled images to train on (or --resume RUN)")
+        if recipe == "auto" and not _given(ctx, "recipe") and (_given(ctx, "unfreeze") or _given(ctx, "lr_finetune")):
+            recipe = "finetune"  # an explicit fine-tune setting is a fixed recipe, not one candidate among others
         cfg = TrainConfig(
             backbone=backbone, input_size=input_size, epochs_head=epochs_head, lr_head=lr_head,
             cache_features=cache_features, cache_views=cache_views, hidden=hidden, dropout=dropout,
             epochs_finetune=epochs_finetune, lr_finetune=lr_finetune, unfreeze=unfreeze, batch_size=batch_size,
-            patience=patience, ema_decay=ema_decay, label_smoothing=label_smoothing, augment=augment, crop_scale=crop_scale,
+            patience=patience, patience_head=patience_head, min_epochs_finetune=min_epochs_finetune, recipe=recipe,
+            recipe_candidates=recipe_candidates, head_lr_scale=head_lr_scale, teacher=str(teacher) if teacher else None,
+            distill_alpha=distill_alpha, distill_temperature=distill_temperature, ema_decay=ema_decay,
+            label_smoothing=label_smoothing, augment=augment, crop_scale=crop_scale,
             crop_source=crop_source,
             balance=balance, seed=seed,
             device=device, precision=precision, channels_last=channels_last, workers=workers,

@@ -1,0 +1,78 @@
+"""Knowledge distillation from a trained edgetl run (`edgetl train DATA --teacher RUN`).
+
+The teacher is another run folder's best checkpoint, typically a bigger backbone fine-tuned on the same
+data. It runs once over the training images, with its own recorded preprocessing (its input size may
+differ from the student's), and its logits are kept like the stage-1 features; every training step of
+both stages then mixes the true labels with the teacher's temperature-softened ones (Hinton et al., 2015).
+
+Refused clearly, before any training: a teacher with other labels or another label order, with other
+pixel preprocessing than the student's (normalisation, interpolation, channel order; the size may
+differ), or one that trained on images that are this run's validation or test images (its soft labels
+would leak them into model selection).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from edgetl import checkpoint
+from edgetl.errors import EdgetlError
+from edgetl.preprocess import PreprocessSpec
+from edgetl.run import RunFolder
+
+# What must match between teacher and student preprocessing; sizes may differ.
+_PIXEL_FIELDS = ("mean", "std", "interpolation", "channel_order", "layout")
+
+
+def distillation_loss(student: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor, hard: Any, alpha: float,
+                      temperature: float) -> torch.Tensor:  # fmt: skip
+    """(1 - alpha) * hard(student, labels) + alpha * T^2 * KL(teacher_T || student_T); T^2 keeps the soft
+    term's gradients on the scale of the hard one's."""
+    t = temperature
+    soft = F.kl_div(F.log_softmax(student / t, dim=1), F.log_softmax(teacher.float() / t, dim=1),
+                    log_target=True, reduction="batchmean") * (t * t)  # fmt: skip
+    return (1 - alpha) * hard(student, labels) + alpha * soft if alpha < 1 else soft
+
+
+def load_teacher(
+    run: str, classes: list[str], student_spec: PreprocessSpec, record: dict[str, Any]
+) -> tuple[Any, PreprocessSpec, dict[str, Any]]:
+    """The teacher's model (fp32, eval mode), its preprocessing and what the run records about it,
+    after checking it against this run's labels, preprocessing and split record."""
+    folder = RunFolder.open(run)
+    ckpt = folder.checkpoint()
+    cfg = ckpt["config"]
+    name = f"--teacher {run}"
+    if list(cfg["labels"]) != list(classes):
+        raise EdgetlError(f"{name} was trained on the labels {cfg['labels']}, this data has {list(classes)}: "
+                          "a teacher must have the same labels in the same order")  # fmt: skip
+    spec = checkpoint.spec_of(ckpt)
+    differ = [f for f in _PIXEL_FIELDS if getattr(spec, f) != getattr(student_spec, f)]
+    if differ:
+        detail = ", ".join(f"{f} {getattr(spec, f)} vs {getattr(student_spec, f)}" for f in differ)
+        raise EdgetlError(f"{name} preprocesses pixels differently from the student ({detail}): "
+                          "its soft labels would be for other inputs; pick a teacher with the same normalisation")  # fmt: skip
+    _check_no_leak(folder, record, name)
+    model = checkpoint.build_model(ckpt)
+    model.load_state_dict(ckpt["state_dict"])
+    model.eval()
+    info = {"run": str(Path(folder.path).resolve()), "checkpoint_sha256": folder.checkpoint_sha256, "backbone": cfg["backbone"],
+            "input_size": spec.input_size, "val_top1": ckpt.get("val_top1")}  # fmt: skip
+    return model, spec, info
+
+
+def _check_no_leak(folder: RunFolder, record: dict[str, Any], name: str) -> None:
+    teacher = folder.split_record()
+    if str(Path(teacher["root"]).resolve()) != str(Path(record["root"]).resolve()):
+        return  # other data: its images cannot be ours by name (a copy would not be noticed)
+    seen = {key for key, *_ in teacher["splits"].get("train", [])}
+    for split in ("val", "test"):
+        leaked = [key for key, *_ in record["splits"].get(split, []) if key in seen]
+        if leaked:
+            raise EdgetlError(f"{name} trained on {len(leaked)} image(s) that are in this run's {split} split "
+                              f"(e.g. {leaked[0]}): its soft labels would leak them; train the teacher with the same "
+                              "split (same --seed and --val-fraction) or on the training images only")  # fmt: skip

@@ -1,0 +1,248 @@
+"""Stage 2 that earns its time: model selection, per-stage early stopping, --recipe auto, distillation."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgetl.config import TrainConfig
+from edgetl.errors import EdgetlError
+from edgetl.model import build_classifier, layerwise_param_groups, unfreeze_top
+from edgetl.progress import Reporter
+from edgetl.recipes import FinetuneRecipe, Score, choose, parse_candidates
+from edgetl.train import Trainer, resume, train
+
+QUIET = Reporter(quiet=True)
+
+
+def tiny_cfg(**kw: object) -> TrainConfig:
+    base = dict(backbone="tiny", pretrained=False, epochs_head=4, epochs_finetune=2, lr_head=1e-2, batch_size=8, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def history(run: Path) -> list[dict]:
+    return torch.load(run / "last.pt", weights_only=True)["history"]
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def test_selection_prefers_accuracy_then_loss() -> None:
+    assert Score(0.9, 0.5).better(Score(0.8, 0.1)), "higher top-1 wins even at a higher loss"
+    assert Score(0.9, 0.3).better(Score(0.9, 0.4)) and not Score(0.9, 0.4).better(Score(0.9, 0.3))
+    assert not Score(0.9, 0.3).better(Score(0.9, 0.3)), "a tie is not an improvement"
+    head = Score(0.9, 0.3)
+    top, full = FinetuneRecipe("3", 1e-4), FinetuneRecipe("all", 1e-4, 0.7)
+    chosen, why = choose(head, [(top, Score(0.85, 0.35)), (full, Score(0.88, 0.32))])
+    assert chosen is None and "head is kept" in why, "every trial worse on top-1 and loss: keep the head"
+    chosen, _ = choose(head, [(top, Score(0.85, 0.25)), (full, Score(0.80, 0.2))])
+    assert chosen == top, "a trial with a lower loss goes on (a fine-tune often starts below the head's top-1)"
+
+
+def test_candidates_are_parsed_and_bad_ones_refused() -> None:
+    got = parse_candidates("3@1e-4, all@3x/0.7", base_lr=2e-4)
+    assert got == [FinetuneRecipe("3", 1e-4), FinetuneRecipe("all", 6e-4, 0.7)]
+    for bad in ("3", "x@1e-4", "3@-1", "all@1e-4/1.5", "3@fast"):
+        with pytest.raises(EdgetlError, match="recipe-candidates"):
+            parse_candidates(bad, 1e-4)
+    with pytest.raises(EdgetlError, match="recipe-candidates"):
+        tiny_cfg(recipe_candidates="3@nope")  # refused when the config is made, not after stage 1
+    with pytest.raises(EdgetlError, match="--recipe"):
+        tiny_cfg(recipe="everything")
+
+
+def test_layerwise_learning_rates_decay_from_the_top() -> None:
+    model = build_classifier("tiny", 3)
+    unfreeze_top(model, None)
+    groups = layerwise_param_groups(model, lr=1e-3, weight_decay=0.01, decay=0.5, head_lr_scale=0.1)
+    rate = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert len(rate) == sum(1 for p in model.parameters() if p.requires_grad), "every trainable parameter, once"
+    blocks = list(model.backbone.blocks)
+    top_block, bottom_block = next(blocks[-1].parameters()), next(blocks[0].parameters())
+    assert rate[id(next(model.backbone.conv_head.parameters()))] == pytest.approx(1e-3)
+    assert rate[id(top_block)] == pytest.approx(1e-3 * 0.5)
+    assert rate[id(bottom_block)] == pytest.approx(1e-3 * 0.5 ** len(blocks))
+    assert rate[id(model.backbone.conv_stem.weight)] == pytest.approx(1e-3 * 0.5 ** (len(blocks) + 1))
+    assert rate[id(model.head[-1].weight)] == pytest.approx(1e-4)
+    assert all(g["weight_decay"] == 0 for g in groups if any(p.ndim < 2 for p in g["params"]))
+
+
+# ----------------------------------------------------------------------------- early stopping and selection
+
+
+def scripted_scores(monkeypatch: pytest.MonkeyPatch, head: list[tuple[float, float]], finetune: list[tuple[float, float]]) -> None:
+    """Validation scores by epoch, whatever the model does: the selection and stopping rules are what is tested."""
+
+    def fake(self: Trainer, logits: object) -> Score:
+        stage = self._stage
+        done = sum(1 for h in self.history if h["stage"] == stage)
+        scores = head if stage == "head" else finetune
+        return Score(*scores[min(done, len(scores) - 1)])
+
+    monkeypatch.setattr(Trainer, "val_score", fake)
+
+
+def test_head_stops_after_its_best_and_stage2_starts_from_the_best_head(
+    image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    scripted_scores(monkeypatch, head=[(0.5, 1.0), (0.8, 0.5), (0.7, 0.6), (0.7, 0.6), (0.9, 0.1)], finetune=[(0.85, 0.4)] * 3)
+    seen: dict[str, dict[str, torch.Tensor]] = {}
+    choose_original, start_original = Trainer._choose_recipe, Trainer._start_finetune
+
+    def spy_choose(self: Trainer, *args: object) -> object:
+        seen["last_head"] = {k: v.clone() for k, v in self.model.head.state_dict().items()}
+        seen["best_head"] = {k[len("head."):]: v.clone() for k, v in self.best_state.items() if k.startswith("head.")}  # type: ignore[union-attr]
+        return choose_original(self, *args)  # type: ignore[arg-type]
+
+    def spy_start(self: Trainer, *args: object) -> object:
+        seen.setdefault("start", {k: v.clone() for k, v in self.model.head.state_dict().items()})
+        return start_original(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Trainer, "_choose_recipe", spy_choose)
+    monkeypatch.setattr(Trainer, "_start_finetune", spy_start)
+    run = tmp_path / "run"
+    cfg = tiny_cfg(epochs_head=10, patience_head=2, recipe="finetune", epochs_finetune=1)
+    result = train(image_folder, cfg, out=str(run), reporter=QUIET)
+    rows = history(run)
+    assert [r["epoch"] for r in rows if r["stage"] == "head"] == [1, 2, 3, 4], "two epochs past the best (epoch 2), then stop"
+    assert result.metrics["best"]["stage"] == "finetune"
+    # LP-FT: stage 2 began from epoch 2's head (the best), not epoch 4's (the last).
+    assert any(not torch.equal(seen["last_head"][k], seen["best_head"][k]) for k in seen["best_head"])
+    assert all(torch.equal(seen["start"][k], seen["best_head"][k]) for k in seen["best_head"])
+    assert result.metrics["stages"]["head"]["best_epoch"] == 2
+
+
+def test_stage2_is_judged_on_its_own_trajectory(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The head is better than any fine-tune epoch, but stage 2 keeps improving: it must not be cut off.
+    improving = [(0.6 + 0.05 * i, 0.8 - 0.1 * i) for i in range(5)]
+    scripted_scores(monkeypatch, head=[(0.95, 0.05)], finetune=improving)
+    run = tmp_path / "a"
+    m = train(image_folder, tiny_cfg(recipe="finetune", epochs_finetune=5, patience=1), out=str(run), reporter=QUIET).metrics
+    assert [r["epoch"] for r in history(run) if r["stage"] == "finetune"] == [1, 2, 3, 4, 5]
+    assert m["best"]["stage"] == "head", "the kept checkpoint is still the best of the run"
+    # Worsening from its first epoch: stopped after the minimum number of epochs, not before.
+    scripted_scores(monkeypatch, head=[(0.95, 0.05)], finetune=[(0.6 - 0.05 * i, 0.8 + 0.1 * i) for i in range(5)])
+    run = tmp_path / "b"
+    train(image_folder, tiny_cfg(recipe="finetune", epochs_finetune=5, patience=1, min_epochs_finetune=3), out=str(run), reporter=QUIET)
+    assert [r["epoch"] for r in history(run) if r["stage"] == "finetune"] == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- --recipe auto
+
+
+def test_auto_recipe_picks_the_better_of_two(image_folder: Path, tmp_path: Path) -> None:
+    # lr 30 wrecks the network in a few steps; 1e-3 fine-tunes it. No scripted scores: real trials.
+    run = tmp_path / "run"
+    m = train(image_folder, tiny_cfg(recipe_candidates="1@30,1@1e-3", epochs_finetune=2), out=str(run), reporter=QUIET).metrics
+    rec = m["recipe"]
+    assert [t["recipe"]["lr"] for t in rec["trials"]] == [30.0, 1e-3]
+    wrecked, sane = rec["trials"]
+    assert Score(sane["val_top1"], sane["val_loss"]).better(Score(wrecked["val_top1"], wrecked["val_loss"]))
+    assert rec["chosen"]["lr"] == 1e-3 and "continuing" in rec["why"]
+    # The winner's trial was its first epoch (a small set): it is recorded once, and training went on from it.
+    assert [r["epoch"] for r in history(run) if r["stage"] == "finetune"] == [1, 2]
+    assert m["stages"]["finetune"]["trial_seconds"] > 0
+    # An interrupted auto run resumes with the recipe it chose, without new trials.
+    resume(run, reporter=QUIET, epochs_finetune=3)
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert last["recipe"]["chosen"]["lr"] == 1e-3 and len(last["recipe"]["trials"]) == 2
+
+
+def test_auto_recipe_keeps_the_head_when_every_trial_is_worse(image_folder: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = tiny_cfg(epochs_head=8, recipe_candidates="all@50,all@80", epochs_finetune=3)
+    m = train(image_folder, cfg, out=str(run), reporter=QUIET).metrics
+    assert m["recipe"]["chosen"] is None and "head is kept" in m["recipe"]["why"]
+    assert not [r for r in history(run) if r["stage"] == "finetune"], "no fine-tune epoch after the trials"
+    assert m["best"]["stage"] == "head"
+    with pytest.raises(EdgetlError, match="finished training"):
+        resume(run, reporter=QUIET)
+
+
+def test_explicit_unfreeze_means_a_fixed_recipe(image_folder: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from edgetl.cli.main import app
+
+    out = tmp_path / "run"
+    res = CliRunner().invoke(app, ["train", str(image_folder), "--backbone", "tiny", "--no-pretrained", "--epochs-head", "2",
+                                   "--epochs-finetune", "1", "--unfreeze", "1", "--out", str(out)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["config"]["recipe"] == "finetune"
+    assert json.loads((out / "metrics.json").read_text())["recipe"]["trials"] == []
+
+
+# ----------------------------------------------------------------------------- the test split
+
+
+def test_training_never_opens_a_test_image(split_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    opened: list[str] = []
+    real_open, real_os_open = builtins.open, os.open
+
+    def spy_open(file: object, *a: object, **k: object) -> object:
+        if isinstance(file, (str, os.PathLike)):
+            opened.append(os.fspath(file))
+        return real_open(file, *a, **k)  # type: ignore[call-overload]
+
+    def spy_os_open(path: object, *a: object, **k: object) -> int:
+        opened.append(os.fspath(path))  # type: ignore[arg-type]
+        return real_os_open(path, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(builtins, "open", spy_open)
+    monkeypatch.setattr(os, "open", spy_os_open)
+    train(split_folder, tiny_cfg(epochs_finetune=1), out=str(tmp_path / "run"), reporter=QUIET)
+    monkeypatch.undo()
+    images = [p for p in opened if p.endswith(".png")]
+    assert any(f"{os.sep}train{os.sep}" in p for p in images), "the spy saw no training image: it is not watching"
+    assert not [p for p in images if f"{os.sep}test{os.sep}" in p]
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+@pytest.fixture
+def teacher_run(image_folder: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "teacher"
+    train(image_folder, tiny_cfg(recipe="finetune", epochs_finetune=1), out=str(run), reporter=QUIET)
+    return run
+
+
+def test_distillation_runs_end_to_end(image_folder: Path, tmp_path: Path, teacher_run: Path) -> None:
+    from edgetl.run import RunFolder
+
+    cfg = tiny_cfg(recipe="finetune", epochs_finetune=1, input_size=48)
+    plain = train(image_folder, cfg, out=str(tmp_path / "plain"), reporter=QUIET)
+    taught = train(image_folder, TrainConfig(**{**cfg.to_dict(), "teacher": str(teacher_run), "distill_alpha": 0.9}),
+                   out=str(tmp_path / "taught"), reporter=QUIET)  # fmt: skip
+    rec = json.loads((taught.run_dir / "manifest.json").read_text())["teacher"]
+    assert rec["checkpoint_sha256"] == RunFolder(teacher_run).checkpoint_sha256 and rec["input_size"] == 64
+    assert taught.metrics["teacher"]["alpha"] == 0.9
+    losses = [r["train_loss"] for r in history(plain.run_dir)], [r["train_loss"] for r in history(taught.run_dir)]
+    assert losses[0] != pytest.approx(losses[1]), "the teacher's soft labels should change the training loss"
+    assert not list(taught.run_dir.glob(".decoded-*")), "the teacher's decode cache was left behind"
+
+
+def test_teacher_with_other_labels_or_preprocessing_or_a_leak_is_refused(image_folder: Path, tmp_path: Path, teacher_run: Path) -> None:
+    from conftest import make_folder
+
+    other = make_folder(tmp_path / "other", per_class=6, classes={"red": (200, 0, 0), "mauve": (90, 60, 90)})
+    with pytest.raises(EdgetlError, match="labels"):
+        train(other, tiny_cfg(teacher=str(teacher_run)), out=str(tmp_path / "a"), reporter=QUIET)
+    assert not (tmp_path / "a").exists(), "a refused teacher leaves no run folder"
+    # Another seed splits the same folder differently: the teacher trained on some of this run's validation images.
+    with pytest.raises(EdgetlError, match="in this run's val split"):
+        train(image_folder, tiny_cfg(teacher=str(teacher_run), seed=1), out=str(tmp_path / "b"), reporter=QUIET)
+    ckpt = torch.load(teacher_run / "checkpoint.pt", weights_only=True)
+    ckpt["config"]["preprocess"]["mean"] = [0.0, 0.0, 0.0]
+    torch.save(ckpt, teacher_run / "checkpoint.pt")
+    with pytest.raises(EdgetlError, match="preprocesses pixels differently"):
+        train(image_folder, tiny_cfg(teacher=str(teacher_run)), out=str(tmp_path / "c"), reporter=QUIET)
+    with pytest.raises(EdgetlError, match=r"not an edgetl run|not found"):
+        train(image_folder, tiny_cfg(teacher=str(tmp_path / "nowhere")), out=str(tmp_path / "d"), reporter=QUIET)
