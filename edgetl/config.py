@@ -56,8 +56,9 @@ class TrainConfig:
     # Smallest area fraction of the random resized crop. 0.35 keeps the object in view on photos;
     # centred, frame-filling images (Fashion-MNIST, product shots) want 0.7-1.0.
     crop_scale: float = 0.35
-    # Where training crops are cut from: "full" keeps training images large enough that the smallest crop
-    # still has input_size pixels across; "resized" cuts them from the evaluation-size image (upsampled).
+    # Where training crops are cut from: "resized" (default) from the evaluation-size image, the smallest crops
+    # upsampled; "full" keeps training images large enough that they are not. On clothing-small both scored
+    # 92.20% on test, "resized" higher on validation (91.79 vs 91.20%) and 1.4x faster in stage 2.
     crop_source: str = "resized"
     balance: bool = False
     seed: int = 0

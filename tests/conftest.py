@@ -88,7 +88,8 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from edgetl.sample import sample_path
     from edgetl.train import train
 
-    cfg = TrainConfig(epochs_head=30, epochs_finetune=1, patience=0, seed=0)
+    # A fixed recipe: the exports and app tests want one known fine-tuned model, not a recipe search.
+    cfg = TrainConfig(epochs_head=30, epochs_finetune=1, patience=0, seed=0, recipe="finetune")
     return train(sample_path(), cfg, out=str(tmp_path_factory.mktemp("real") / "run"), reporter=Reporter(quiet=True)).run_dir
 
 
@@ -101,7 +102,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("tiny")
     data = make_folder(root / "data", per_class=12)
-    cfg = TrainConfig(backbone="tiny", pretrained=False, epochs_head=5, epochs_finetune=1, lr_head=1e-2, patience=0)
+    cfg = TrainConfig(backbone="tiny", pretrained=False, epochs_head=5, epochs_finetune=1, lr_head=1e-2, patience=0, recipe="finetune")
     return train(data, cfg, out=str(root / "run"), reporter=Reporter(quiet=True)).run_dir
 
 
