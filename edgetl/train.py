@@ -685,7 +685,8 @@ class Trainer:
         for g in groups:
             g["base_lr"] = g["lr"]  # what an extended run's fresh schedule starts from
         opt = torch.optim.AdamW(groups, lr=recipe.lr)
-        total = first_epoch_steps + (cfg.epochs_finetune - 1) * steps
+        # A whole-epoch trial is epoch 1; a shorter one comes before epoch 1, as extra steps.
+        total = cfg.epochs_finetune * steps + (first_epoch_steps if first_epoch_steps < steps else 0)
         # A trial ends at the top of the warm-up, so that it shows the recipe at its full learning rate.
         warmup = min(int(cfg.warmup_epochs * steps), first_epoch_steps)
         n_train = sum(p.numel() for p in trainable_parameters(self.model))
@@ -761,6 +762,7 @@ class Trainer:
         run.opt.load_state_dict(winner["opt"])
         if run.ema is not None:
             run.ema.module.load_state_dict(winner["ema"])
+        self._trial_counted = (winner["fit"][2], winner["seconds"])  # the winner's trial is training, not overhead
         if trial_steps < steps:  # a partial first epoch: the next whole epoch is epoch 1
             return run, 0
         fit = winner["fit"]
@@ -785,7 +787,9 @@ class Trainer:
         t0 = time.perf_counter()
         images, train_seconds, bad_epochs = 0, 0.0, 0
         if resume_state is None:
+            self._trial_counted = (0, 0.0)
             run, done = self._choose_recipe(steps, crit)
+            images, train_seconds = self._trial_counted
             start = done + 1  # the winning trial's first epoch counts once, as a trial (trial_seconds)
         else:
             run, start, bad_epochs = self._resume_finetune(resume_state, steps)
@@ -805,10 +809,12 @@ class Trainer:
                 self.save_last("finetune", epoch, run.opt, run.sched, bad_epochs, run.ema)
                 if self._stop_early(bad_epochs, epoch) and epoch < cfg.epochs_finetune:
                     r.log(f"early stop: no better checkpoint in stage 2 for {bad_epochs} epochs")
-        trials = (self.recipe_record or {}).get("trials", [])
+        record = self.recipe_record or {}
+        chosen = record.get("chosen")
         self.timings["finetune"] = {
             "seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
-            "trial_seconds": sum(t["seconds"] for t in trials),
+            # Trials of the recipes not kept: what --recipe auto cost on top of the fine-tune itself.
+            "trial_seconds": sum(t["seconds"] for t in record.get("trials", []) if t["recipe"] != chosen),
             "images_per_second": images / train_seconds if train_seconds else None, "bf16": self.bf16,
             "channels_last": cfg.channels_last, "autocast": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None,
             "processes": self.dist.world_size,

@@ -246,3 +246,17 @@ def test_teacher_with_other_labels_or_preprocessing_or_a_leak_is_refused(image_f
         train(image_folder, tiny_cfg(teacher=str(teacher_run)), out=str(tmp_path / "c"), reporter=QUIET)
     with pytest.raises(EdgetlError, match=r"not an edgetl run|not found"):
         train(image_folder, tiny_cfg(teacher=str(tmp_path / "nowhere")), out=str(tmp_path / "d"), reporter=QUIET)
+
+
+def test_a_short_trial_comes_before_whole_epochs(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgetl.train as train_module
+
+    monkeypatch.setattr(train_module, "TRIAL_IMAGES", 8)  # one step of 8: shorter than an epoch
+    run = tmp_path / "run"
+    cfg = tiny_cfg(recipe_candidates="1@1e-3,1@2e-3", epochs_finetune=2, patience=0)
+    m = train(image_folder, cfg, out=str(run), reporter=QUIET).metrics
+    assert m["recipe"]["trial_steps"] == 1
+    rows = [r for r in history(run) if r["stage"] == "finetune"]
+    assert [r["epoch"] for r in rows] == [1, 2], "both whole epochs run after the trial"
+    assert rows[0]["lr"] > 0, "the schedule must cover the trial's steps and every whole epoch (no epoch at lr 0)"
+    assert m["stages"]["finetune"]["images_per_second"] > 0
