@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict
 
 from common import RESULTS, save, spread
 
@@ -29,8 +28,7 @@ def load_runs(preset: str) -> list[dict]:
             # Options added after a run was made are missing from its config; their defaults keep the
             # earlier behaviour, so the run counts as having used them.
             # (TrainConfig.from_dict fills them in as the run behaved, e.g. a fixed recipe before --recipe auto).
-            data["config"] = TrainConfig.from_dict({**asdict(TrainConfig()), "recipe": "finetune", "patience_head": 0,
-                                                    "min_epochs_finetune": 0, **data["config"]}).to_dict()  # fmt: skip
+            data["config"] = TrainConfig.from_dict(data["config"]).to_dict()
             runs.append({**data, "file": path.name})
     return runs
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from edgetl.backbones import DEFAULT_BACKBONE
 from edgetl.errors import EdgetlError
+from edgetl.recipes import RECIPES, parse_candidates
 
 AUGMENT_POLICIES = ("none", "light", "trivial")
 # Below 16 px a 5-stage network has no spatial extent left; above 1024 px one decoded image is 3 MB and
@@ -90,8 +91,6 @@ class TrainConfig:
             raise EdgetlError(f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise EdgetlError(f"--device must be auto, cpu or cuda, got {self.device!r}")
-        from edgetl.recipes import RECIPES, parse_candidates
-
         if self.recipe not in RECIPES:
             raise EdgetlError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
         if self.recipe_candidates is not None:

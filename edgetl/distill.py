@@ -56,19 +56,17 @@ def load_teacher(
         detail = ", ".join(f"{f} {getattr(spec, f)} vs {getattr(student_spec, f)}" for f in differ)
         raise EdgetlError(f"{name} preprocesses pixels differently from the student ({detail}): "
                           "its soft labels would be for other inputs; pick a teacher with the same normalisation")  # fmt: skip
-    _check_no_leak(folder, record, name)
-    model = checkpoint.build_model(ckpt)
-    model.load_state_dict(ckpt["state_dict"])
-    model.eval()
+    leak_check = _check_no_leak(folder, record, name)
     info = {"run": str(Path(folder.path).resolve()), "checkpoint_sha256": folder.checkpoint_sha256, "backbone": cfg["backbone"],
-            "input_size": spec.input_size, "val_top1": ckpt.get("val_top1")}  # fmt: skip
-    return model, spec, info
+            "input_size": spec.input_size, "val_top1": ckpt.get("val_top1"), "leak_check": leak_check}  # fmt: skip
+    return checkpoint.build_model(ckpt), spec, info
 
 
-def _check_no_leak(folder: RunFolder, record: dict[str, Any], name: str) -> None:
+def _check_no_leak(folder: RunFolder, record: dict[str, Any], name: str) -> str:
+    """Refuse a teacher that trained on this run's val or test images; say what could be checked."""
     teacher = folder.split_record()
     if str(Path(teacher["root"]).resolve()) != str(Path(record["root"]).resolve()):
-        return  # other data: its images cannot be ours by name (a copy would not be noticed)
+        return f"not checked: the teacher trained on other data ({teacher['root']}), whose files cannot be matched by name"
     seen = {key for key, *_ in teacher["splits"].get("train", [])}
     for split in ("val", "test"):
         leaked = [key for key, *_ in record["splits"].get(split, []) if key in seen]
@@ -76,3 +74,4 @@ def _check_no_leak(folder: RunFolder, record: dict[str, Any], name: str) -> None
             raise EdgetlError(f"{name} trained on {len(leaked)} image(s) that are in this run's {split} split "
                               f"(e.g. {leaked[0]}): its soft labels would leak them; train the teacher with the same "
                               "split (same --seed and --val-fraction) or on the training images only")  # fmt: skip
+    return "passed: none of this run's validation or test images is among the teacher's training images"

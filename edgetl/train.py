@@ -213,14 +213,14 @@ class _Finetune:
     opt: torch.optim.Optimizer
     sched: Any
     ema: Any
-    forward: nn.Module
-    first_epoch_steps: int
+    forward: nn.Module  # the model, or its DistributedDataParallel wrapper
+    model: nn.Module
     description: str
 
     @property
     def scored(self) -> nn.Module:
         """What validation scores and the best checkpoint keeps: the weight average when there is one."""
-        return self.ema.module if self.ema is not None else self.forward.module if hasattr(self.forward, "module") else self.forward
+        return self.ema.module if self.ema is not None else self.model
 
 
 @dataclass
@@ -348,6 +348,7 @@ class Trainer:
         self.teacher_record = {**info, "train_top1": agree, "alpha": self.cfg.distill_alpha, "temperature": self.cfg.distill_temperature}
         self.r.log(f"teacher: {info['backbone']} from {info['run']} ({agree:.2%} top-1 on the training images); "
                    f"alpha {self.cfg.distill_alpha:g}, temperature {self.cfg.distill_temperature:g}")  # fmt: skip
+        self.r.log(f"teacher leak check {info['leak_check']}")
 
     def _decode(self, ls: Any, crop: float | None, split: str, advance: Any) -> tuple[DecodedImages, list[dict[str, str]]]:
         """One process: decode `ls` into a cache in the run folder. Under torchrun: the processes of each
@@ -369,7 +370,9 @@ class Trainer:
         return joined, [f for e in peers for f in e[5]]
 
     def criterion(self, smoothing: bool = True) -> nn.Module:
-        return nn.CrossEntropyLoss(weight=self.class_weights, label_smoothing=self.cfg.label_smoothing if smoothing else 0.0)
+        return nn.CrossEntropyLoss(
+            weight=self.class_weights, label_smoothing=self.cfg.label_smoothing if smoothing else 0.0
+        )
 
     def train_loss(self) -> Any:
         """loss(logits, labels, indices): label-smoothed cross-entropy, mixed with the teacher's soft
@@ -393,11 +396,8 @@ class Trainer:
         """Validation loss for model selection: cross-entropy without label smoothing (class-weighted
         with --balance), so both stages are compared on the same scale."""
         with torch.no_grad():
-            return float(
-                self.criterion(smoothing=False)(
-                    torch.from_numpy(logits).to(self.device), torch.from_numpy(self.val_images.labels).to(self.device)
-                )
-            )
+            return float(self.criterion(smoothing=False)(torch.from_numpy(logits).to(self.device),
+                                                         torch.from_numpy(self.val_images.labels).to(self.device)))
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -438,8 +438,7 @@ class Trainer:
             self.run_dir / checkpoint.LAST_NAME,
             {
                 "state_dict": state, "config": self.resolved_config(), "stage": stage, "epoch": epoch,
-                "history": self.history, "best_val_loss": self.best_score.loss if self.best_score else math.inf,
-                "best_val_top1": self.best_score.top1 if self.best_score else None, "recipe": self.recipe_record,
+                "history": self.history, "recipe": self.recipe_record,
                 "best_stage": self.best.get("stage"), "best_epoch": self.best.get("epoch"),
                 "optimizer": opt.state_dict() if opt is not None else None,
                 "scheduler": sched.state_dict() if sched is not None else None, "bad_epochs": bad_epochs,
@@ -694,7 +693,7 @@ class Trainer:
                        f"{f', layer decay {recipe.llrd:g}' if recipe.llrd != 1 else ''}"
                        f"{f', head x{cfg.head_lr_scale:g}' if cfg.head_lr_scale != 1 else ''}")  # fmt: skip
         return _Finetune(recipe, opt, _warmup_cosine(opt, total, warmup), self._weight_average(), self._ddp(self.model),
-                         first_epoch_steps, description)  # fmt: skip
+                         self.model, description)  # fmt: skip
 
     def _finetune_pass(self, run: _Finetune, crit: Any, label: str, max_steps: int | None = None) -> tuple[tuple[float, float, int], float]:
         """Train `run` for an epoch (or its first `max_steps`); returns the fit and the seconds it took."""
@@ -708,11 +707,12 @@ class Trainer:
                                   advance=advance, max_steps=max_steps)  # fmt: skip
         return fit, time.perf_counter() - t
 
-    def _choose_recipe(self, steps: int, crit: Any) -> tuple[_Finetune | None, int]:
+    def _choose_recipe(self, steps: int, crit: Any) -> tuple[_Finetune | None, int, tuple[int, float]]:
         """Start stage 2 from the best stage-1 head (LP-FT) with the recipe the config asks for; with
         several candidates (--recipe auto), give each a short trial and continue with the best, or with
-        none when every trial is worse than the head. Returns the run (None: stage 2 ends here) and the
-        fine-tune epochs already done (1 when the winning trial was a whole first epoch, else 0)."""
+        none when every trial is worse than the head. Returns the run (None: stage 2 ends here), the
+        fine-tune epochs already done (1 when the winning trial was a whole first epoch, else 0), and the
+        images and seconds of the winner's trial (training, not overhead)."""
         cfg, r = self.cfg, self.r
         if self.best_state is not None and self.best.get("stage") == "head":
             self.model.load_state_dict(self.best_state)
@@ -722,16 +722,16 @@ class Trainer:
             self.recipe_record = {"mode": cfg.recipe, "chosen": options[0].to_dict(), "trial_steps": steps, "trials": [],
                                   "why": f"--recipe {cfg.recipe}" + (" (one candidate)" if cfg.recipe == "auto" else "")}  # fmt: skip
             r.log(f"fine-tuning {run.description}{self._precision_note()}")
-            return run, 0
+            return run, 0, (0, 0.0)
         head_score = self.best_score
         trial_steps = min(steps, max(1, math.ceil(TRIAL_IMAGES / cfg.batch_size)))
         start = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         trials: list[dict[str, Any]] = []
+        scored: list[tuple[FinetuneRecipe, Score]] = []
         winner: dict[str, Any] | None = None
-        r.log(
-            f"--recipe auto: {len(options)} fine-tune trials of {trial_steps} steps from the best head "
-            f"({head_score.top1:.2%} top-1, loss {head_score.loss:.4f} on validation)"
-        )  # type: ignore[union-attr]
+        assert head_score is not None  # stage 1 recorded at least one epoch
+        r.log(f"--recipe auto: {len(options)} fine-tune trials of {trial_steps} steps from the best head "
+              f"({head_score.top1:.2%} top-1, loss {head_score.loss:.4f} on validation)")  # fmt: skip
         for i, recipe in enumerate(options, 1):
             self.model.load_state_dict(start)
             run = self._start_finetune(recipe, steps, trial_steps)
@@ -739,22 +739,24 @@ class Trainer:
             logits = self._val_logits(run.scored)
             score = self.val_score(logits)
             trials.append({"recipe": recipe.to_dict(), **score.to_dict(), "images": fit[2], "seconds": seconds})
+            scored.append((recipe, score))
             r.log(f"  trial {i}: {run.description}: val top-1 {score.top1:.2%}, loss {score.loss:.4f} ({seconds:.0f}s)")
+            # Only the best trial's state is kept (choose() picks the same one: the first of the best).
             if winner is None or score.better(winner["score"]):
-                winner = {"recipe": recipe, "score": score, "fit": fit, "logits": logits, "seconds": seconds,
+                winner = {"score": score, "fit": fit, "logits": logits, "seconds": seconds,
                           "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
                           "opt": run.opt.state_dict(), "sched": run.sched.state_dict(),
                           "ema": {k: v.detach().clone() for k, v in run.ema.module.state_dict().items()} if run.ema else None}  # fmt: skip
             del run
-        assert winner is not None and head_score is not None
-        chosen, why = choose(head_score, [(FinetuneRecipe.from_dict(t["recipe"]), Score(t["val_top1"], t["val_loss"])) for t in trials])
+        assert winner is not None
+        chosen, why = choose(head_score, scored)
         self.recipe_record = {"mode": cfg.recipe, "chosen": chosen.to_dict() if chosen else None, "why": why,
                               "head": head_score.to_dict(), "trials": trials, "trial_steps": trial_steps}  # fmt: skip
         r.log(f"recipe: {why}")
         if chosen is None:
             self.model.load_state_dict(start)
             self.save_last("finetune", 0)
-            return None, 0
+            return None, 0, (0, 0.0)
         # The winner goes on from where its trial ended: its steps are the first of its schedule.
         self.model.load_state_dict(winner["model"])
         run = self._start_finetune(chosen, steps, trial_steps)
@@ -762,15 +764,15 @@ class Trainer:
         run.opt.load_state_dict(winner["opt"])
         if run.ema is not None:
             run.ema.module.load_state_dict(winner["ema"])
-        self._trial_counted = (winner["fit"][2], winner["seconds"])  # the winner's trial is training, not overhead
+        counted = (winner["fit"][2], winner["seconds"])
         if trial_steps < steps:  # a partial first epoch: the next whole epoch is epoch 1
-            return run, 0
+            return run, 0, counted
         fit = winner["fit"]
         speed = {"train_images_per_second": fit[2] / winner["seconds"]}
         improved = self._end_epoch("finetune", 1, fit, winner["logits"], run.scored, run.sched.get_last_lr()[0],
                                    time.perf_counter() - winner["seconds"], speed)  # fmt: skip
         self.save_last("finetune", 1, run.opt, run.sched, 0 if improved else 1, run.ema)
-        return run, 1
+        return run, 1, counted
 
     def _precision_note(self) -> str:
         return (f"{f', {self.amp_dtype} autocast' if self.amp_dtype else ''}{', channels_last' if self.cfg.channels_last else ''}"
@@ -787,9 +789,7 @@ class Trainer:
         t0 = time.perf_counter()
         images, train_seconds, bad_epochs = 0, 0.0, 0
         if resume_state is None:
-            self._trial_counted = (0, 0.0)
-            run, done = self._choose_recipe(steps, crit)
-            images, train_seconds = self._trial_counted
+            run, done, (images, train_seconds) = self._choose_recipe(steps, crit)
             start = done + 1  # the winning trial's first epoch counts once, as a trial (trial_seconds)
         else:
             run, start, bad_epochs = self._resume_finetune(resume_state, steps)

@@ -224,6 +224,7 @@ def test_distillation_runs_end_to_end(image_folder: Path, tmp_path: Path, teache
     rec = json.loads((taught.run_dir / "manifest.json").read_text())["teacher"]
     assert rec["checkpoint_sha256"] == RunFolder(teacher_run).checkpoint_sha256 and rec["input_size"] == 64
     assert taught.metrics["teacher"]["alpha"] == 0.9
+    assert rec["leak_check"].startswith("passed"), "same data root and split: the leak check must have run"
     losses = [r["train_loss"] for r in history(plain.run_dir)], [r["train_loss"] for r in history(taught.run_dir)]
     assert losses[0] != pytest.approx(losses[1]), "the teacher's soft labels should change the training loss"
     assert not list(taught.run_dir.glob(".decoded-*")), "the teacher's decode cache was left behind"
