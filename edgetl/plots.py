@@ -1,4 +1,4 @@
-"""Training plots: loss/accuracy curves and the confusion matrix, written atomically as PNG."""
+"""Plots: training curves, the confusion matrix and the shift report of `adapt`, written atomically as PNG."""
 
 from __future__ import annotations
 
@@ -61,4 +61,35 @@ def plot_confusion(cm: list[list[int]], labels: list[str], target: str | os.Path
                             color="white" if norm[i, j] > 0.5 else "black")  # fmt: skip
     fig.tight_layout()
     write_with(target, lambda p: fig.savefig(p, format="png", dpi=110))
+    plt.close(fig)
+
+
+def plot_shift(report: dict[str, Any], classes: list[str], target: str | os.PathLike[str]) -> None:
+    import numpy as np
+
+    """Predicted-class shares before and after against the training prior, and the headline numbers."""
+    plt = _pyplot()
+    fig, (ax_bar, ax_num) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [2.2, 1]})
+    x = np.arange(len(classes))
+    w = 0.28
+    ax_bar.bar(x - w, report["prior"], w, label="training prior", color="#999999")
+    ax_bar.bar(x, report["before"]["predicted_shares"], w, label="target, before", color="#d95f02")
+    ax_bar.bar(x + w, report["after"]["predicted_shares"], w, label="target, after", color="#1b9e77")
+    ax_bar.set_xticks(x, classes, rotation=45, ha="right")
+    ax_bar.set_ylabel("share of images")
+    ax_bar.set_title("predicted classes")
+    ax_bar.legend()
+    rows = [("feature shift", "feature_shift", "{:.3f}"), ("mean confidence", "mean_confidence", "{:.2f}"),
+            ("distance to prior", "prior_distance", "{:.2f}")]  # fmt: skip
+    if "top1" in report["before"]:
+        rows.append(("top-1 (labelled)", "top1", "{:.1%}"))
+    text = [f"{'':18s}{'before':>9s}{'after':>9s}"]
+    for name, key, fmt in rows:
+        text.append(f"{name:18s}{fmt.format(report['before'][key]):>9s}{fmt.format(report['after'][key]):>9s}")
+    text.append("")
+    text.append(f"in-domain feature shift: {report['in_domain_feature_shift']:.3f}")
+    ax_num.axis("off")
+    ax_num.text(0, 1, "\n".join(text), family="monospace", va="top", fontsize=9)
+    fig.tight_layout()
+    write_with(target, lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)

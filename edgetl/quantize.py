@@ -47,6 +47,8 @@ from edgetl.preprocess import PreprocessSpec
 from edgetl.progress import Reporter
 
 CALIB_METHODS = ("minmax", "percentile", "entropy")
+# auto: an adapted run (`edgetl adapt`) calibrates on the target images it was adapted on, any other run on its training split.
+CALIB_SOURCES = ("auto", "train", "target")
 INT8_TARGETS = ("portable", "vnni")
 
 
@@ -61,6 +63,7 @@ class QuantizeOptions:
     max_val_images: int = 1000
     int8_target: str = "portable"  # portable | vnni (see the module docstring)
     allow_data_change: bool = False  # calibrate on the recorded lists although the data folder changed
+    calib_source: str = "auto"  # see CALIB_SOURCES
 
     def __post_init__(self) -> None:
         if self.calib_method not in CALIB_METHODS:
@@ -71,6 +74,8 @@ class QuantizeOptions:
             raise EdgetlError("--max-drop is a number of top-1 points and cannot be negative")
         if self.calib_size < 1:
             raise EdgetlError("--calib-size must be at least 1")
+        if self.calib_source not in CALIB_SOURCES:
+            raise EdgetlError(f"--calib-source must be one of {', '.join(CALIB_SOURCES)}, got {self.calib_source!r}")
         if self.int8_target not in INT8_TARGETS:
             raise EdgetlError(f"--int8-target must be one of {', '.join(INT8_TARGETS)}, got {self.int8_target!r}")
 
@@ -91,9 +96,10 @@ def _check_model_input(path: Path) -> dict[str, str]:
 
 def load_images(run: runfolder.RunFolder, meta: dict[str, str], opts: QuantizeOptions,
                 reporter: Reporter) -> tuple[ParityData, ParityData, dict]:  # fmt: skip
-    """Calibration images (a stratified, seeded sample of the run's recorded training list) and the
-    recorded validation images, both preprocessed exactly as at export (the spec in the model's
-    metadata). Calibration never sees a validation or test image: they come from different lists."""
+    """Calibration images and the recorded validation images, both preprocessed exactly as at export
+    (the spec in the model's metadata). Calibration is a seeded sample of the run's recorded training
+    list (stratified), or for an adapted run of the target images it was adapted on (`target.json`):
+    int8 ranges then fit the images the model will see. It never sees a validation or test image."""
     ds = run.dataset(allow_changed=opts.allow_data_change, reporter=reporter)
     labels = metadata.labels_from(meta)
     if sorted(ds.classes) != sorted(labels):
@@ -102,17 +108,29 @@ def load_images(run: runfolder.RunFolder, meta: dict[str, str], opts: QuantizeOp
     rng = np.random.default_rng(opts.seed)
     n = opts.calib_size
     train, val_set = relabel(ds.train, ds.classes, labels, "train"), relabel(ds.val, ds.classes, labels, "val")
-    calib_set, note = train, None
-    if len(train) < n:
-        note = f"the training split has only {len(train)} images, fewer than --calib-size {n}: calibrating on all of them"
-        reporter.log(f"[yellow]warning:[/] {note}")
+    target_record = run.target_record()
+    source = opts.calib_source if opts.calib_source != "auto" else ("target" if target_record is not None else "train")
+    if source == "target":
+        if target_record is None:
+            raise EdgetlError(f"--calib-source target: {run.path} is not an adapted run (no {runfolder.TARGET})")
+        from edgetl.target import recorded_target
+
+        pool, where = recorded_target(target_record, opts.allow_data_change), f"{target_record['root']} (target images of the adaptation)"
     else:
-        calib_set = train.subset(stratified_sample(train.labels, n, rng))
+        pool, where = train, f"{ds.root} (recorded training split)"
+    calib_set, note = pool, None
+    if len(pool) < n:
+        note = f"the {source} images number only {len(pool)}, fewer than --calib-size {n}: calibrating on all of them"
+        reporter.log(f"[yellow]warning:[/] {note}")
+    elif source == "target":  # unlabelled: a plain seeded sample
+        calib_set = pool.subset(np.sort(rng.choice(len(pool), n, replace=False)))
+    else:
+        calib_set = pool.subset(stratified_sample(pool.labels, n, rng))
     if len(val_set) > opts.max_val_images:
         val_set = val_set.subset(stratified_sample(val_set.labels, opts.max_val_images, rng))
-    calib = prepare(calib_set, spec, f"{ds.root} (recorded training split)", reporter)
+    calib = prepare(calib_set, spec, where, reporter)
     val = prepare(val_set, spec, f"{ds.root} (recorded validation split)", reporter)
-    record = {**calib.describe(), "warning": note, "files": calib.keys}
+    record = {**calib.describe(), "images_from": source, "warning": note, "files": calib.keys}
     return calib, val, record
 
 

@@ -37,6 +37,7 @@ METRICS = "metrics.json"
 HISTORY = "history.csv"
 EXPORT_REPORT = "export.json"
 QUANTIZE_REPORT = "quantize.json"
+TARGET = "target.json"  # an adapted run's target images (see edgetl.target)
 LOCK = ".edgetl.lock"
 
 # Files an export folder may hold, each derived from one checkpoint (directly, or through its parent).
@@ -219,6 +220,15 @@ class RunFolder:
 
     def split_record(self) -> dict[str, Any]:
         return self._split_record
+
+    def target_record(self) -> dict[str, Any] | None:
+        """The target images an adapted run was adapted on (None for a trained run)."""
+        return self.read_json(TARGET) if (self.path / TARGET).is_file() else None
+
+    @property
+    def lineage(self) -> dict[str, Any] | None:
+        """Where an adapted run came from (parent run and checkpoint hash, method, target images)."""
+        return self.manifest.get("lineage") if (self.path / MANIFEST).is_file() else None
 
     @property
     def data_root(self) -> Path:

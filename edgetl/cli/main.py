@@ -85,11 +85,12 @@ def _print_metrics(title: str, m: dict[str, Any]) -> None:
 
 
 # Options shared by `export --quantize int8` and `quantize`.
-CalibSize = Annotated[int, typer.Option(help="Calibration images from the training split")]
+CalibSize = Annotated[int, typer.Option(help="Calibration images (see --calib-source)")]
 CalibMethod = Annotated[str, typer.Option(help="minmax, percentile or entropy")]
 MaxDrop = Annotated[float, typer.Option(help="Accuracy budget: top-1 points int8 may lose on validation")]
 Int8Target = Annotated[str, typer.Option(help="portable (correct on every x86/ARM CPU) or vnni (full 8-bit weights, VNNI CPUs only)")]
 AllowDataChange = Annotated[bool, typer.Option(help="Use the run's recorded file lists although its data folder changed")]
+CalibSource = Annotated[str, typer.Option(help="auto (an adapted run's target images, else the training split), train or target")]
 
 
 @app.command()
@@ -308,6 +309,7 @@ def export(
     calib_method: CalibMethod = "minmax",
     max_drop: MaxDrop = 1.0,
     int8_target: Int8Target = "portable",
+    calib_source: CalibSource = "auto",
     allow_data_change: AllowDataChange = False,
 ) -> None:
     """Export the best checkpoint to ONNX and OpenVINO, with labels and preprocessing inside, and check
@@ -324,7 +326,7 @@ def export(
         from edgetl.quantize import QuantizeOptions
 
         qopts = QuantizeOptions(format=format, calib_size=calib_size, calib_method=calib_method, max_drop=max_drop,
-                                int8_target=int8_target, allow_data_change=allow_data_change)  # fmt: skip
+                                int8_target=int8_target, allow_data_change=allow_data_change, calib_source=calib_source)  # fmt: skip
     print_export_report(export_run(run, opts))
     if quantize is not None:
         # The models just written: in --out when given (that folder's export.json names the run).
@@ -347,13 +349,14 @@ def quantize_cmd(
     calib_method: CalibMethod = "minmax",
     max_drop: MaxDrop = 1.0,
     int8_target: Int8Target = "portable",
+    calib_source: CalibSource = "auto",
     allow_data_change: AllowDataChange = False,
 ) -> None:
     """Static int8 versions of a run's exported models, within an accuracy budget, with a speed check."""
     from edgetl.quantize import QuantizeOptions
 
     _quantize(run, QuantizeOptions(format=format, calib_size=calib_size, calib_method=calib_method, max_drop=max_drop,
-                                   int8_target=int8_target, allow_data_change=allow_data_change))  # fmt: skip
+                                   int8_target=int8_target, allow_data_change=allow_data_change, calib_source=calib_source))  # fmt: skip
 
 
 @app.command()
@@ -438,6 +441,62 @@ def _floats(text: str | None, n: int, name: str) -> tuple[float, ...] | None:
     if len(values) != n:
         raise EdgetlError(f"{name} takes {n} comma-separated numbers, got {text!r}")
     return values
+
+
+@app.command()
+@user_errors
+def adapt(
+    run: Annotated[Path, typer.Argument(help="Trained run folder")],
+    target: Annotated[Path, typer.Argument(help="Unlabelled images of the deployment domain (flat or in subfolders; labels ignored)")],
+    method: Annotated[str, typer.Option(help="adabn (BatchNorm statistics), tent (+ entropy minimisation), im (+ SHOT's "
+                                             "information maximisation), bn-replace (literal AdaBN, for comparison)")] = "adabn",
+    out: Annotated[Path | None, typer.Option(help="New run folder (default: RUN-METHOD beside the run)")] = None,
+    labelled: Annotated[Path | None, typer.Option(help="Labelled target images (class folders): fine-tune on them after adapting")] = None,
+    evaluate: Annotated[Path | None, typer.Option(help="Labelled target images (class folders) to score before and after "
+                                                       "(never adapted on)")] = None,
+    batch_size: Annotated[int, typer.Option(help="Target images per batch (>= 16)")] = 32,
+    lr: Annotated[float, typer.Option(help="Adam learning rate of tent, im and the labelled fine-tune")] = 1e-3,
+    epochs: Annotated[int, typer.Option(help="Passes over the target images (tent, im)")] = 1,
+    bn_depth: Annotated[float, typer.Option(help="Share of BatchNorm layers, from the input, whose statistics are aligned")] = 0.5,
+    labelled_steps: Annotated[int, typer.Option(help="Steps of the labelled fine-tune")] = 100,
+    source_images: Annotated[int, typer.Option(help="Training images the source statistics are measured on")] = 512,
+    seed: int = 0,
+    device: str = "auto",
+    allow_shape_change: Annotated[bool, typer.Option(help="Adapt although the target images' colour or size differ from training")] = False,
+    allow_data_change: AllowDataChange = False,
+) -> None:
+    """Adapt a trained run to unlabelled images of the domain it is deployed in (another camera, light,
+    blur, compression) and write a new run folder that export, quantize, bench and eval take like any run:
+    its checkpoint, the target images used, a shift report (metrics.json, shift.png) and its lineage."""
+    from edgetl.adapt import AdaptOptions, adapt_run
+
+    opts = AdaptOptions(method=method, out=str(out) if out else None, labelled=str(labelled) if labelled else None,
+                        evaluate=str(evaluate) if evaluate else None, batch_size=batch_size, lr=lr, epochs=epochs,
+                        bn_depth=bn_depth, labelled_steps=labelled_steps, source_images=source_images, seed=seed, device=device,
+                        allow_shape_change=allow_shape_change, allow_data_change=allow_data_change)  # fmt: skip
+    _print_shift(adapt_run(run, target, opts))
+
+
+def _print_shift(m: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    from edgetl.progress import make_console
+
+    shift = m["shift"]
+    table = Table(title=f"{m['adaptation']['method']} on {shift['after']['images']} target images", show_edge=False)
+    for col in ("", "before", "after"):
+        table.add_column(col, justify="right" if col else "left")
+    rows = [(f"feature shift (in-domain {shift['in_domain_feature_shift']:.3f})", "feature_shift", "{:.3f}"),
+            ("mean confidence", "mean_confidence", "{:.2f}"), ("predicted classes vs prior (TV)", "prior_distance", "{:.2f}")]  # fmt: skip
+    for name, key, fmt in rows:
+        table.add_row(name, fmt.format(shift["before"][key]), fmt.format(shift["after"][key]))
+    if "top1" in shift["before"]:
+        table.add_row("top-1 on --evaluate images", f"{shift['before']['top1']:.1%}", f"{shift['after']['top1']:.1%}")
+    sv = m["source_val"]
+    table.add_row("top-1 on the run's validation split", f"{sv['before_top1']:.1%}", f"{sv['after_top1']:.1%}")
+    console = make_console()
+    console.print(table)
+    console.print(f"adapted run: {m['run_dir']} (shift report: {m['run_dir']}/shift.png)")
 
 
 @app.command()

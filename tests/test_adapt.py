@@ -1,0 +1,270 @@
+"""edgetl adapt: BatchNorm alignment, the adapted run folder and its lineage, later stages on it, guard rails."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import COLOURS, make_folder
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+from edgetl.bnalign import BatchAlignment, LayerStats, batchnorm_layers, fold, measuring
+from edgetl.cli.main import app
+
+runner = CliRunner()
+
+
+def shifted(src: Path, dst: Path, scale: float = 0.35, offset: float = 120.0, mode: str | None = None) -> Path:
+    """A copy of a folder of images with lower contrast and a brighter level: a change of camera."""
+    for f in src.rglob("*.png"):
+        x = np.asarray(Image.open(f).convert("RGB"), dtype=np.float32)
+        out = dst / f.relative_to(src)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray(np.clip(x * scale + offset, 0, 255).astype(np.uint8))
+        (img.convert(mode) if mode else img).save(out)
+    return dst
+
+
+def _convnet() -> nn.Module:
+    torch.manual_seed(0)
+    # No padding: a convolution of a*x + b is then exactly a*conv(x) + const per channel.
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(8 * 6 * 6, 4))  # fmt: skip
+    for bn in batchnorm_layers(net).values():  # trained-looking statistics that are not the data's
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def _measure(net: nn.Module, x: torch.Tensor) -> LayerStats:
+    with measuring(net) as acc, torch.no_grad():
+        net(x)
+    return LayerStats.of(acc)
+
+
+def _align(net: nn.Module, source: LayerStats, x: torch.Tensor) -> None:
+    with BatchAlignment(net, source) as align, torch.no_grad():
+        for chunk in x.split(32):
+            net(chunk)
+    fold(net, source, align.target_stats())
+
+
+def test_alignment_undoes_a_camera_shift_and_leaves_the_source_domain_alone() -> None:
+    gen = torch.Generator().manual_seed(0)
+    source_x = torch.randn(512, 3, 10, 10, generator=gen) * 0.8 + 0.3
+    net = _convnet()
+    source = _measure(net, source_x)
+    with torch.no_grad():
+        reference = net(source_x)
+    spread = (reference - reference.mean(0)).abs().mean()
+
+    same_domain = torch.randn(512, 3, 10, 10, generator=gen) * 0.8 + 0.3
+    clean = _convnet()
+    _align(clean, source, same_domain)
+    moved = max(float((clean[i].running_mean - net[i].running_mean).abs().max()) for i in (1, 4))
+    assert moved < 0.1  # another sample of the source domain: close to a no-op
+    with torch.no_grad():
+        assert (clean(source_x) - reference).abs().mean() < 0.1 * spread
+
+        camera = _convnet()
+        shifted_x = source_x * 0.3 + 1.5  # the same scenes through another camera
+        error = (net(shifted_x) - reference).abs().mean()
+        assert error > 0.5 * spread  # the shift matters to the trained model
+        _align(camera, source, shifted_x)
+        assert (camera[1].running_mean - net[1].running_mean).abs().max() > 0.2  # statistics really changed
+        # The first layer is linear, so aligning its output restores everything after it.
+        assert (camera(shifted_x) - reference).abs().mean() < 0.25 * error
+
+
+def test_alignment_keeps_layers_beyond_the_depth_and_dead_channels() -> None:
+    net = _convnet()
+    x = torch.randn(64, 3, 10, 10)
+    source = _measure(net, x)
+    source.var["0"] = source.var["1"]  # unused key: harmless
+    source.var["1"][0] = 0.0  # channel 0 of the first BatchNorm carried nothing at the source
+    adapted = _convnet()
+    before = {k: v.clone() for k, v in adapted.state_dict().items()}
+    with BatchAlignment(adapted, source, depth=0.5) as align, torch.no_grad():
+        adapted(x * 2 + 1)
+    assert set(align.target) == {"1"}  # half of the two BatchNorm layers, from the input
+    fold(adapted, source, align.target_stats())
+    after = adapted.state_dict()
+    assert torch.equal(after["4.running_mean"], before["4.running_mean"])
+    assert after["1.running_mean"][0] == before["1.running_mean"][0]
+    assert not torch.equal(after["1.running_mean"][1:], before["1.running_mean"][1:])
+
+
+@pytest.fixture(scope="module")
+def shifted_data(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("shifted")
+    new = make_folder(root / "new", per_class=14, seed=5)  # unseen images of the training domain
+    return {
+        "clean": new,
+        "target": shifted(new, root / "target"),  # unlabelled use: the class folders are ignored
+        "evaluate": shifted(make_folder(root / "eval", per_class=10, seed=6), root / "evaluate"),
+    }
+
+
+@pytest.fixture(scope="module")
+def adapted_run(tiny_run: Path, shifted_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("adapted") / "run"
+    res = runner.invoke(app, ["adapt", str(tiny_run), str(shifted_data["target"]), "--out", str(out), "--bn-depth", "1",
+                              "--evaluate", str(shifted_data["evaluate"]), "--batch-size", "16"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    return out
+
+
+def test_adapting_to_a_shifted_copy_raises_accuracy_on_it(adapted_run: Path, tiny_run: Path) -> None:
+    m = json.loads((adapted_run / "metrics.json").read_text())
+    ev = m["evaluate"]
+    assert ev["after_top1"] >= ev["before_top1"] + 0.15, ev
+    # Without labels too: before, the shift piled the predictions onto fewer classes than the prior.
+    assert m["shift"]["after"]["prior_distance"] < m["shift"]["before"]["prior_distance"] - 0.2
+    assert (adapted_run / "shift.png").stat().st_size > 10_000
+    parent = torch.load(tiny_run / "checkpoint.pt", weights_only=True)["state_dict"]
+    child = torch.load(adapted_run / "checkpoint.pt", weights_only=True)["state_dict"]
+    stats = [k for k in parent if k.endswith("running_mean")]
+    assert any(not torch.allclose(parent[k], child[k], atol=1e-3) for k in stats)
+    weights = [k for k in parent if k.endswith("weight") and "bn" not in k]
+    assert all(torch.equal(parent[k], child[k]) for k in weights)  # adabn changes statistics only
+
+
+def test_adapted_run_records_its_lineage_and_target_images(adapted_run: Path, tiny_run: Path, shifted_data: dict[str, Path]) -> None:
+    from edgetl.fileio import sha256_file
+
+    man = json.loads((adapted_run / "manifest.json").read_text())
+    lin = man["lineage"]
+    assert lin["parent_run"] == str(tiny_run.resolve())
+    assert lin["parent_checkpoint_sha256"] == sha256_file(tiny_run / "checkpoint.pt")
+    assert lin["method"] == "adabn" and lin["target"]["images"] == 42
+    target = json.loads((adapted_run / "target.json").read_text())
+    assert target["count"] == 42 and target["root"] == str(shifted_data["target"].resolve())
+    files = {p.relative_to(shifted_data["target"]).as_posix() for p in shifted_data["target"].rglob("*.png")}
+    assert {k for k, _ in target["files"]} == files
+    assert json.loads((adapted_run / "splits.json").read_text())["splits"] == json.loads((tiny_run / "splits.json").read_text())["splits"]
+    res = runner.invoke(app, ["train", "--resume", str(adapted_run)])
+    assert res.exit_code == 2 and "edgetl adapt" in res.output
+
+
+def test_adapted_run_exports_quantizes_on_target_images_and_evaluates(adapted_run: Path, shifted_data: dict[str, Path]) -> None:
+    res = runner.invoke(app, ["export", str(adapted_run), "--format", "onnx", "--quantize", "int8", "--max-drop", "100"])
+    assert res.exit_code == 0, res.output
+    q = json.loads((adapted_run / "quantize.json").read_text())
+    assert q["calibration"]["images_from"] == "target"
+    target_keys = {k for k, _ in json.loads((adapted_run / "target.json").read_text())["files"]}
+    assert set(q["calibration"]["files"]) <= target_keys
+    res = runner.invoke(app, ["eval", str(adapted_run), str(shifted_data["evaluate"]), "--json", str(adapted_run / "e.json")])
+    assert res.exit_code == 0, res.output
+    m = json.loads((adapted_run / "metrics.json").read_text())
+    assert json.loads((adapted_run / "e.json").read_text())["top1"] == pytest.approx(m["evaluate"]["after_top1"])
+    # The target images changed since: calibration refuses to guess.
+    victim = next(shifted_data["target"].rglob("*.png"))
+    data = victim.read_bytes()
+    try:
+        victim.write_bytes(data + b"\0")
+        res = runner.invoke(app, ["quantize", str(adapted_run), "--format", "onnx"])
+        assert res.exit_code == 2 and "changed" in res.output
+    finally:
+        victim.write_bytes(data)
+
+
+def test_adapting_on_images_of_the_training_domain_is_close_to_a_no_op(tiny_run: Path, shifted_data: dict[str, Path],
+                                                                      tmp_path: Path) -> None:  # fmt: skip
+    res = runner.invoke(app, ["adapt", str(tiny_run), str(shifted_data["clean"]), "--out", str(tmp_path / "clean"), "--batch-size", "16"])
+    assert res.exit_code == 0, res.output
+    m = json.loads((tmp_path / "clean" / "metrics.json").read_text())
+    assert abs(m["source_val"]["after_top1"] - m["source_val"]["before_top1"]) <= 0.05
+    shift = m["shift"]
+    assert shift["after"]["prior_distance"] == pytest.approx(shift["before"]["prior_distance"], abs=0.1)
+
+
+def test_quantize_calib_source_target_needs_an_adapted_run(tiny_run: Path, tmp_path: Path) -> None:
+    export = tmp_path / "export"
+    assert runner.invoke(app, ["export", str(tiny_run), "--format", "onnx", "--out", str(export)]).exit_code == 0
+    res = runner.invoke(app, ["quantize", str(export), "--format", "onnx", "--calib-source", "target"])
+    assert res.exit_code == 2 and "not an adapted run" in res.output
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "empty", "few", "grey", "tiny", "same-out", "bad-method"])
+def test_bad_target_folders_exit_2_and_leave_nothing(case: str, tiny_run: Path, shifted_data: dict[str, Path], tmp_path: Path) -> None:
+    target = tmp_path / "t"
+    out = tmp_path / "out"
+    extra: list[str] = []
+    expect = {"missing": "not found", "file": "is a file", "empty": "no images", "few": "at least 32", "grey": "grey",
+              "tiny": "shorter side", "same-out": "new run", "bad-method": "--method"}[case]  # fmt: skip
+    if case == "file":
+        target.write_text("x")
+    elif case == "empty":
+        target.mkdir()
+    elif case == "few":
+        make_folder(target, per_class=3)
+    elif case == "grey":
+        shifted(shifted_data["clean"], target, 1.0, 0.0, mode="L")
+    elif case == "tiny":
+        for f in list(shifted_data["clean"].rglob("*.png")):
+            p = target / f.name
+            p.parent.mkdir(parents=True, exist_ok=True)
+            Image.open(f).resize((6, 5)).save(p)
+    elif case == "same-out":
+        target, out = shifted_data["target"], tiny_run
+    elif case == "bad-method":
+        target, extra = shifted_data["target"], ["--method", "magic"]
+    res = runner.invoke(app, ["adapt", str(tiny_run), str(target), "--out", str(out), *extra])
+    assert res.exit_code == 2, res.output
+    assert expect in res.output and "Traceback" not in res.output
+    if case != "same-out":
+        assert not out.exists()
+
+
+def test_tent_and_im_learn_only_affine_parameters_and_stop_before_collapse(tiny_run: Path, shifted_data: dict[str, Path],
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import edgetl.adapt
+    from edgetl import checkpoint
+    from edgetl.adapt import AdaptOptions, adapt_model, measure_source
+    from edgetl.data import scoring_set
+    from edgetl.decoded import decode_split
+    from edgetl.run import RunFolder
+
+    ckpt = RunFolder.open(tiny_run).checkpoint()
+    model, spec = checkpoint.build_model(ckpt), checkpoint.spec_of(ckpt)
+    dev = torch.device("cpu")
+    src, _ = decode_split(RunFolder.open(tiny_run).dataset().train, spec)
+    source = measure_source(model, src, spec, dev, np.full(len(COLOURS), 1 / len(COLOURS)))
+    target, _ = decode_split(scoring_set(shifted_data["target"])[0], spec)
+    for method in ("tent", "im"):
+        adapted, rec = adapt_model(model, source, target, spec, dev, AdaptOptions(method=method, epochs=2, batch_size=16))
+        assert rec["training"]["steps"] >= 2
+        changed = {k for k, v in adapted.state_dict().items() if not torch.equal(v, model.state_dict()[k])}
+        assert changed and all(k.rsplit(".", 1)[-1] in ("weight", "bias", "running_mean", "running_var") for k in changed)
+        assert all(isinstance(adapted.get_submodule(k.rsplit(".", 1)[0]), nn.modules.batchnorm._BatchNorm) for k in changed)
+    # Predictions that lose their diversity after the first pass (as measured): the pass is undone, so
+    # the affine parameters are exactly the trained ones (only the statistics are adapted).
+    diversity = iter([1.0, 0.1, 1.0, 1.0])
+    monkeypatch.setattr(edgetl.adapt, "_share_entropy", lambda pred, n: next(diversity))
+    adapted, rec = adapt_model(model, source, target, spec, dev, AdaptOptions(method="tent", lr=1e-2, epochs=3, batch_size=16))
+    assert "collapsing" in rec["training"]["stopped"] and len(rec["training"]["passes"]) == 1
+    trained = model.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in adapted.state_dict().items() if not k.endswith(("running_mean", "running_var")))
+
+
+def test_corruptions_are_seeded_and_grow_with_severity() -> None:
+    from edgetl.corruptions import CORRUPTIONS, VALIDATION, corrupt
+
+    rng = np.random.default_rng(0)
+    x = np.clip(rng.normal(120, 50, (64, 64, 3)), 0, 255).astype(np.uint8)
+    x[16:48, 16:48] = (200, 30, 30)  # an edge for the blurs
+    assert len(CORRUPTIONS) >= 8
+    for name in [*CORRUPTIONS, *VALIDATION]:
+        mild, severe = corrupt(x, name, 1, seed=1), corrupt(x, name, 5, seed=1)
+        assert mild.shape == x.shape and mild.dtype == np.uint8
+        assert np.array_equal(mild, corrupt(x, name, 1, seed=1))
+        d1, d5 = np.abs(mild.astype(int) - x).mean(), np.abs(severe.astype(int) - x).mean()
+        # The paper's saturate goes from washed out (1-2) to oversaturated (3-5): not monotone in pixels.
+        assert d1 > 0 and (d1 < d5 or name == "saturate"), (name, d1, d5)
+    with pytest.raises(ValueError):
+        corrupt(x, "gaussian_noise", 6, seed=0)
