@@ -204,8 +204,8 @@ def int8_check(args: Any, folder: RunFolder, clean: np.ndarray, adapt_idx: np.nd
                 acc[key] = float((m.predict(x).argmax(1) == y).mean())
             out[name] = {**acc, "drop_points": 100 * (acc["fp32"] - acc["int8"]), "calibration": q["calibration"]["images_from"],
                          "kept_in_float": q["results"].get("onnxruntime", {}).get("kept_in_float"),
-                         "adapt_seconds": res["seconds"]}  # fmt: skip
-            print("int8", name, {k: v for k, v in out[name].items() if k != "calibration"}, flush=True)
+                         "adapt_seconds": res["seconds"], "shift": res["shift"], "source_val": res["source_val"]}  # fmt: skip
+            print("int8", name, {k: v for k, v in out[name].items() if k not in ("calibration", "shift")}, flush=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return out
