@@ -127,6 +127,7 @@ def _aligned_pass(model: nn.Module, align: BatchAlignment, images: DecodedImages
                   device: torch.device, batch_size: int) -> np.ndarray:  # fmt: skip
     """One pass over the target images with batch alignment on; returns the predicted classes."""
     align.reset()
+    align.recording = True
     preds = [model(x.to(device)).argmax(1).cpu().numpy() for x, _ in _loader(images, spec, _batches(len(images), batch_size))]
     return np.concatenate(preds)
 
@@ -153,6 +154,7 @@ def _entropy_training(model: nn.Module, align: BatchAlignment, images: DecodedIm
     with reporter.task(f"{opts.method}: {opts.epochs} pass(es) over {len(images)} target images", opts.epochs * len(images)) as advance:
         for epoch in range(1, opts.epochs + 1):
             losses = []
+            align.recording = False
             for x, _ in _loader(images, spec, _batches(len(images), opts.batch_size, rng)):
                 p = torch.softmax(model(x.to(device)), 1)
                 entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(1).mean()

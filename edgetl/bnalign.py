@@ -118,6 +118,7 @@ class BatchAlignment:
         if missing:
             raise ValueError(f"source statistics miss {len(missing)} BatchNorm layer(s), e.g. {sorted(missing)[0]}")
         self.target: dict[str, ChannelStats] = {}
+        self.recording = True  # off while Tent trains: its batches need aligning, not measuring
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def reset(self) -> None:
@@ -141,7 +142,8 @@ class BatchAlignment:
 
         def hook(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
             x = args[0]
-            self.target[name].add(x)
+            if self.recording:
+                self.target[name].add(x)
             dims = [d for d in range(x.ndim) if d != 1]
             shape = [1, -1] + [1] * (x.ndim - 2)
             mu = x.mean(dims, keepdim=True)
