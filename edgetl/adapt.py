@@ -2,6 +2,7 @@
 
 Methods (all start from the trained model; see edgetl.bnalign for why statistics are *aligned* to the
 training images' rather than replaced):
+- `tent` (default): see below.
 - `adabn`: BatchNorm statistics re-estimated on the target images (Li et al. 2016, AdaBN).
 - `tent`: AdaBN, plus entropy minimisation of the BatchNorm scale and shift on target batches
   normalised with their own statistics (Wang et al. 2021, Tent).
@@ -51,8 +52,10 @@ from edgetl.shift import FeatureReference, Outputs, describe, run_model
 from edgetl.target import check_shape, list_target_images, require_enough, target_record
 
 METHODS = ("adabn", "tent", "im", "bn-replace")
-# Chosen by benchmarks/adapt_corruptions.py (see benchmarks/results/adapt_corruptions.md).
-DEFAULT_METHOD = "adabn"
+# Chosen by benchmarks/adapt_corruptions.py: side by side on four corruptions at severity 3, tent won
+# back 68% of the lost accuracy against 54% (adabn) and 57% (im), better than adabn on each of them, and
+# left clean images as they were (0.0 points; adabn +0.5). It costs about 2.7x adabn's time.
+DEFAULT_METHOD = "tent"
 SHIFT_PLOT = "shift.png"
 COLLAPSE_GUARD = 0.8
 

@@ -114,7 +114,7 @@ def shifted_data(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> di
 def adapted_run(tiny_run: Path, shifted_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("adapted") / "run"
     res = runner.invoke(app, ["adapt", str(tiny_run), str(shifted_data["target"]), "--out", str(out), "--bn-depth", "1",
-                              "--evaluate", str(shifted_data["evaluate"]), "--batch-size", "16"])  # fmt: skip
+                              "--method", "adabn", "--evaluate", str(shifted_data["evaluate"]), "--batch-size", "16"])  # fmt: skip
     assert res.exit_code == 0, res.output
     return out
 
@@ -175,7 +175,8 @@ def test_adapted_run_exports_quantizes_on_target_images_and_evaluates(adapted_ru
 
 def test_adapting_on_images_of_the_training_domain_is_close_to_a_no_op(tiny_run: Path, shifted_data: dict[str, Path],
                                                                       tmp_path: Path) -> None:  # fmt: skip
-    res = runner.invoke(app, ["adapt", str(tiny_run), str(shifted_data["clean"]), "--out", str(tmp_path / "clean"), "--batch-size", "16"])
+    res = runner.invoke(app, ["adapt", str(tiny_run), str(shifted_data["clean"]), "--out", str(tmp_path / "clean"), "--batch-size", "16",
+                              "--method", "adabn"])  # fmt: skip
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "clean" / "metrics.json").read_text())
     assert abs(m["source_val"]["after_top1"] - m["source_val"]["before_top1"]) <= 0.05
