@@ -1050,8 +1050,8 @@ def resume(
 def _resume_plan(folder: RunFolder, epochs_finetune: int | None) -> dict[str, Any]:
     """What rank 0 reads from the run folder to continue it: the config, the last and best states."""
     manifest = folder.manifest
-    if manifest.get("lineage"):
-        raise EdgetlError(f"{folder.path} was made by `edgetl adapt` from {manifest['lineage'].get('parent_run')}: it has no "
+    if folder.lineage:
+        raise EdgetlError(f"{folder.path} was made by `edgetl adapt` from {folder.lineage.get('parent_run')}: it has no "
                           "training to resume (adapt the parent again, or train a new run)")  # fmt: skip
     cfg = TrainConfig.from_dict(manifest["config"])
     last = checkpoint.read(folder.path, checkpoint.LAST_NAME) if (folder.path / checkpoint.LAST_NAME).is_file() else None
