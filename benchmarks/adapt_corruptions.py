@@ -21,6 +21,7 @@ and the int8 model is scored on the same half.
 from __future__ import annotations
 
 import argparse
+import copy
 import shutil
 import tempfile
 import time
@@ -164,7 +165,7 @@ def labelled_curve(args: Any, model: Any, source: Any, clean: np.ndarray, adapt_
             rng = np.random.default_rng(args.seed)
             pick = np.concatenate([rng.permutation(np.flatnonzero(labels_all[adapt_idx] == c))[:k] for c in range(len(source.prior))])
             lab = as_images(pixels[adapt_idx][pick], labels_all[adapt_idx][pick], spec, crop_scale=0.5)
-            tuned = __import__("copy").deepcopy(adapted)
+            tuned = copy.deepcopy(adapted)
             finetune_labelled(tuned, lab, spec, device, opts)
             row[str(k)] = top1(tuned, scored, spec, device)
             lab.close()

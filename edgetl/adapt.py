@@ -190,15 +190,16 @@ def _entropy_training(model: nn.Module, align: BatchAlignment, images: DecodedIm
 @torch.no_grad()
 def _replace_statistics(model: nn.Module, images: DecodedImages, spec: PreprocessSpec, device: torch.device, batch_size: int) -> None:
     """Literal AdaBN: each BatchNorm's running statistics become the target's (cumulative average over batches)."""
-    layers = batchnorm_layers(model).values()
+    layers = list(batchnorm_layers(model).values())
+    momenta = [bn.momentum for bn in layers]
     for bn in layers:
         bn.reset_running_stats()
         bn.momentum = None
         bn.train()
     for x, _ in _loader(images, spec, _batches(len(images), batch_size)):
         model(x.to(device))
-    for bn in layers:
-        bn.momentum = 0.1
+    for bn, momentum in zip(layers, momenta, strict=True):
+        bn.momentum = momentum
     model.eval()
 
 
@@ -216,8 +217,10 @@ def adapt_model(model: nn.Module, source: Source, target: DecodedImages, spec: P
     with align:
         if opts.method in ("tent", "im"):
             record["training"] = _entropy_training(model, align, target, spec, device, opts, len(source.prior), reporter)
-        # The statistics the model keeps: one more pass with the final parameters.
-        _aligned_pass(model, align, target, spec, device, opts.batch_size)
+        # The statistics the model keeps are those of a pass with its final parameters: tent's last collapse
+        # check was that pass, unless it undid the pass (then the parameters are the ones before it).
+        if opts.method not in ("tent", "im") or record["training"]["stopped"]:
+            _aligned_pass(model, align, target, spec, device, opts.batch_size)
     record["channels_aligned"] = fold(model, source.stats, align.target_stats())
     return model.eval(), record
 
