@@ -63,5 +63,35 @@ def openvino_executed_layers(path: str | os.PathLike[str], precision: str = "f32
     }  # fmt: skip
 
 
+LITERT_COMPUTE = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL", "TRANSPOSE_CONV"}
+
+
+def litert_executed_ops(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Operator counts of a .tflite file with the type each compute op takes in. LiteRT runs the file's
+    operators as written (XNNPACK takes them over one for one), so the file is what executes."""
+    from edgetl.backends.litert import _read_tflite, _schema
+
+    schema = _schema()
+    model = schema.Model.GetRootAs(_read_tflite(path), 0)
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    graph = model.Subgraphs(0)
+    ops: Counter[str] = Counter()
+    int8 = flt = 0
+    for i in range(graph.OperatorsLength()):
+        op = graph.Operators(i)
+        code = model.OperatorCodes(op.OpcodeIndex())
+        name = names.get(max(code.BuiltinCode(), code.DeprecatedBuiltinCode()), "CUSTOM")
+        ops[name] += 1
+        if name in LITERT_COMPUTE:
+            in_type = graph.Tensors(op.Inputs(0)).Type()
+            int8 += in_type in (schema.TensorType.INT8, schema.TensorType.UINT8)
+            flt += in_type in (schema.TensorType.FLOAT32, schema.TensorType.FLOAT16)
+    return {
+        "compute_ops": int8 + flt, "int8_compute_ops": int8, "float_compute_ops": flt,
+        "quantize_dequantize_ops": ops.get("QUANTIZE", 0) + ops.get("DEQUANTIZE", 0),
+        "ops": dict(ops.most_common()),
+    }  # fmt: skip
+
+
 def describe(executed: dict[str, Any]) -> str:
     return f"{executed['int8_compute_ops']}/{executed['compute_ops']} compute ops in int8"

@@ -32,11 +32,11 @@ from edgetl.backends.onnxruntime import OrtModel
 from edgetl.backends.openvino import OpenVinoModel, save_model
 from edgetl.errors import EdgetlError
 from edgetl.fileio import atomic_path, make_temp_dir, write_json, write_text
+from edgetl.formats import parse_formats
 from edgetl.metadata import set_onnx_metadata
 from edgetl.parity import ParityData, compare, run_split_data, scoring_data
 from edgetl.progress import Reporter
 
-FORMATS = ("onnx", "openvino", "all")
 MIN_OPSET = 17
 PARITY_MIN_AGREEMENT = 0.995
 PARITY_MAX_ABS_DIFF = 1e-3
@@ -57,14 +57,17 @@ class ExportOptions:
     allow_data_change: bool = False  # parity on the recorded validation list although the data folder changed
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise EdgetlError(f"unknown format {self.format!r}: choose onnx, openvino or all")
+        parse_formats(self.format)
         if self.batch != "dynamic" and not (self.batch.isdigit() and int(self.batch) > 0):
             raise EdgetlError(f"--batch must be 'dynamic' or a positive number, got {self.batch!r}")
 
     @property
     def fixed_batch(self) -> int | None:
         return None if self.batch == "dynamic" else int(self.batch)
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return parse_formats(self.format)
 
 
 def check_opset(opset: int) -> None:
@@ -78,9 +81,16 @@ def check_opset(opset: int) -> None:
 
 
 def output_paths(out_dir: Path, opts: ExportOptions) -> dict[str, Path]:
-    keys = ["onnx", *(["onnx_uint8"] if opts.embed_preprocess else [])]
-    if opts.format in ("openvino", "all"):
+    """The files an export writes. model.onnx comes with onnx and with litert (the graph LiteRT is
+    converted from, and what `quantize --format litert` converts again); an OpenVINO-only export
+    converts from a temporary ONNX file; ExecuTorch lowers the PyTorch model itself."""
+    formats = opts.formats
+    keys = []
+    if "onnx" in formats or "litert" in formats:
+        keys += ["onnx", *(["onnx_uint8"] if opts.embed_preprocess else [])]
+    if "openvino" in formats:
         keys += ["openvino", *(["openvino_fp16"] if opts.fp16 else [])]
+    keys += [k for k in ("litert", "executorch") if k in formats]
     return {**{k: out_dir / runfolder.MODEL_FILES[k] for k in keys}, "labels": out_dir / "labels.txt"}
 
 
@@ -142,6 +152,11 @@ def _save_openvino(onnx_path: Path, target_xml: Path, meta: dict[str, str], comp
 
 def _mark_failed(path: Path) -> Path:
     """Move a model that failed its parity check aside, so nothing picks it up as good."""
+    if path.suffix == ".pte":  # its metadata sidecar goes with it
+        from edgetl.backends.executorch import sidecar
+
+        if sidecar(path).exists():
+            os.replace(sidecar(path), sidecar(path.with_name(path.stem + ".failed" + path.suffix)))
     if path.suffix == ".xml":
         failed = path.parent.with_name(path.parent.name + ".failed")
         if failed.exists():
@@ -167,6 +182,10 @@ def remove_derived(out_dir: Path, run: runfolder.RunFolder, reexported: set[str]
                 shutil.rmtree(target)
             else:
                 target.unlink()
+                if m.kind == "executorch":
+                    from edgetl.backends.executorch import sidecar
+
+                    sidecar(target).unlink(missing_ok=True)
             if m.key not in reexported:
                 removed.append(str(target))
     if removed:
@@ -197,7 +216,8 @@ def _export_locked(folder: runfolder.RunFolder, out_dir: Path, opts: ExportOptio
     ckpt = folder.checkpoint()
     run_dir = folder.path
     paths = output_paths(out_dir, opts)
-    written = {k for k in paths if k != "labels" and (k != "onnx" or opts.format != "openvino")}
+    _require_extras(opts.formats)
+    written = {k for k in paths if k != "labels"}
     existing = [paths[k] for k in written if paths[k].exists()]
     if existing and not opts.force:
         raise EdgetlError(f"{existing[0]} exists: pass --force to overwrite it (models of the old checkpoint are removed)")
@@ -223,16 +243,17 @@ def _export_locked(folder: runfolder.RunFolder, out_dir: Path, opts: ExportOptio
     example = torch.zeros(opts.fixed_batch or 2, 3, c, c)
 
     t0 = time.perf_counter()
-    onnx_path = paths["onnx"]
     # An OpenVINO-only export still converts from ONNX (one graph for both), into a temporary file.
     tmp_onnx = None
-    if opts.format == "openvino":
+    onnx_path = paths.get("onnx")
+    if onnx_path is None and "openvino" in paths:
         tmp_onnx = make_temp_dir(out_dir, "export") / "model.onnx"
         onnx_path = tmp_onnx
-    reporter.log(f"exporting {ckpt['config']['backbone']} to ONNX (opset {opts.opset}, batch {opts.batch})")
-    _export_onnx(model, example, onnx_path, opts.opset, opts.fixed_batch)
-    set_onnx_metadata(onnx_path, metadata.build(**common, embedded_preprocess=False))
-    report["files"]["onnx"] = _file_record(onnx_path, time.perf_counter() - t0) if tmp_onnx is None else None
+    if onnx_path is not None:
+        reporter.log(f"exporting {ckpt['config']['backbone']} to ONNX (opset {opts.opset}, batch {opts.batch})")
+        _export_onnx(model, example, onnx_path, opts.opset, opts.fixed_batch)
+        set_onnx_metadata(onnx_path, metadata.build(**common, embedded_preprocess=False))
+        report["files"]["onnx"] = _file_record(onnx_path, time.perf_counter() - t0) if tmp_onnx is None else None
     if opts.embed_preprocess:
         t1 = time.perf_counter()
         wrapper = _PixelsToLogits.build(model, spec)
@@ -246,10 +267,23 @@ def _export_locked(folder: runfolder.RunFolder, out_dir: Path, opts: ExportOptio
                 t1 = time.perf_counter()
                 _save_openvino(onnx_path, paths[key], metadata.build(**common, embedded_preprocess=False), compress_to_fp16=fp16)
                 report["files"][key] = _file_record(paths[key], time.perf_counter() - t1, paths[key].with_suffix(".bin"))
+    if "litert" in paths:
+        assert onnx_path is not None
+        t1 = time.perf_counter()
+        reporter.log("converting model.onnx to LiteRT (onnx2tf + TensorFlow, in a child process)")
+        _save_litert(onnx_path, paths["litert"], metadata.build(**common, embedded_preprocess=False, layout="NHWC"))
+        report["files"]["litert"] = {**_file_record(paths["litert"], time.perf_counter() - t1), "converter": "onnx2tf + TFLiteConverter"}
+    if "executorch" in paths:
+        from edgetl import executorch_export
+
+        t1 = time.perf_counter()
+        reporter.log("lowering the PyTorch model to ExecuTorch (XNNPACK delegate, batch 1)")
+        blob, delegation = executorch_export.lower_fp32(model, c)
+        executorch_export.write_program(paths["executorch"], blob, metadata.build(**common, embedded_preprocess=False))
+        report["files"]["executorch"] = {**_file_record(paths["executorch"], time.perf_counter() - t1), "delegation": delegation}
     if tmp_onnx is not None:
         shutil.rmtree(tmp_onnx.parent, ignore_errors=True)
-    else:
-        write_text(paths["labels"], "\n".join(labels) + "\n")
+    write_text(paths["labels"], "\n".join(labels) + "\n")
     report["files"] = {k: v for k, v in report["files"].items() if v is not None}
 
     # Parity gate: every file against the PyTorch model on real images.
@@ -260,7 +294,7 @@ def _export_locked(folder: runfolder.RunFolder, out_dir: Path, opts: ExportOptio
     for key, path in paths.items():
         if key == "labels" or key not in report["files"]:
             continue
-        runner = OrtModel(path) if path.suffix == ".onnx" else OpenVinoModel(path, precision="f32")
+        runner = parity_runner(path)
         inputs = parity.pixels if key == "onnx_uint8" else parity.floats
         logits = runner.predict(inputs)
         result = compare(ref, logits, parity.labels)
@@ -288,6 +322,47 @@ def _export_locked(folder: runfolder.RunFolder, out_dir: Path, opts: ExportOptio
             exit_code=1,
         )
     return report
+
+
+def _require_extras(formats: tuple[str, ...]) -> None:
+    """Before anything is written: the extras the asked formats need are installed (exit 2 otherwise)."""
+    if "litert" in formats:
+        from edgetl.litert_convert import require_extra
+
+        require_extra()
+    if "executorch" in formats:
+        from edgetl.executorch_export import require_extra as require_executorch
+
+        require_executorch()
+
+
+def _save_litert(onnx_path: Path, target: Path, meta: dict[str, str]) -> None:
+    from edgetl.backends.litert import io_names, with_metadata
+    from edgetl.fileio import write_bytes
+    from edgetl.litert_convert import convert
+
+    work = make_temp_dir(target.parent, "litert")
+    try:
+        blob = convert(onnx_path, work)["fp32"].read_bytes()
+        names = io_names(blob)
+        write_bytes(target, with_metadata(blob, {**meta, "input_name": names[0], "output_name": names[1]}))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def parity_runner(path: Path, threads: int | None = None) -> Any:
+    """The runtime each format is checked in: the format's own, on this machine."""
+    if path.suffix == ".onnx":
+        return OrtModel(path, threads=threads)
+    if path.suffix == ".xml":
+        return OpenVinoModel(path, precision="f32", threads=threads)
+    if path.suffix == ".tflite":
+        from edgetl.backends.litert import LiteRtModel
+
+        return LiteRtModel(path, threads=threads)
+    from edgetl.backends.executorch import ExecuTorchModel
+
+    return ExecuTorchModel(path, threads=threads)
 
 
 def _passes(result: dict[str, Any]) -> bool:

@@ -53,6 +53,7 @@ def build(
     embedded_preprocess: bool,
     input_name: str = "input",
     output_name: str = "logits",
+    layout: str | None = None,  # default: NHWC for uint8 input, NCHW for float; LiteRT files take float NHWC
 ) -> dict[str, str]:
     meta = {
         "edgetl_metadata_version": METADATA_VERSION,
@@ -63,7 +64,7 @@ def build(
         "input_size": str(spec.input_size),
         "resize_shorter_side": str(spec.resize_size),
         "interpolation": spec.interpolation,
-        "layout": "NHWC" if embedded_preprocess else "NCHW",
+        "layout": layout or ("NHWC" if embedded_preprocess else "NCHW"),
         "dtype": "uint8" if embedded_preprocess else "float32",
         "channel_order": spec.channel_order,
         "pixel_scale": "255",
@@ -134,13 +135,17 @@ def validate(meta: dict[str, str], where: str, input_name: str | None = None, in
         raise MetadataError(f"{where}: metadata names input {meta['input_name']!r}, the graph's is {input_name!r}")
     if input_shape is not None:
         dims = input_shape[1:]
-        want = [size, size, 3] if in_graph == "true" else [3, size, size]
+        # LiteRT models take float NHWC; ONNX and OpenVINO models float NCHW, or uint8 NHWC with preprocessing inside.
+        layout = meta.get("layout") or ("NHWC" if in_graph == "true" else "NCHW")
+        if layout not in ("NCHW", "NHWC"):
+            raise MetadataError(f"{where}: metadata 'layout' must be NCHW or NHWC, got {layout!r}")
+        want = [size, size, 3] if layout == "NHWC" else [3, size, size]
         want_type = "uint8" if in_graph == "true" else "float"
         fixed = [d for d in dims if isinstance(d, int)]
         if len(input_shape) != 4 or (len(fixed) == 3 and dims != want) or (input_type and want_type not in input_type):
             raise MetadataError(
                 f"{where}: the graph takes {input_type or ''} {input_shape}, but its metadata describes "
-                f"{'uint8 NHWC' if in_graph == 'true' else 'float NCHW'} [N, {', '.join(map(str, want))}]"
+                f"{'uint8' if in_graph == 'true' else 'float'} {layout} [N, {', '.join(map(str, want))}]"
             )
     if output_shape is not None and len(output_shape) == 2 and isinstance(output_shape[1], int) and output_shape[1] != len(labels):
         raise MetadataError(f"{where}: {len(labels)} labels in the metadata, but the model has {output_shape[1]} outputs")

@@ -1,4 +1,5 @@
-"""Static int8 quantization of exported models, held to an accuracy budget and timed. Never imports torch.
+"""Static int8 quantization of exported models, held to an accuracy budget and timed. Imports torch only
+for ExecuTorch (its int8 is made from the PyTorch model with PT2E).
 
 ONNX Runtime: quant_pre_process, then quantize_static in QDQ format with per-channel int8 weights.
 OpenVINO: NNCF post-training quantization of the IR; when that misses the budget,
@@ -11,6 +12,11 @@ int8 is made for the deployment target, not for the machine that quantizes (`--i
   precision and nothing else.
 - `vnni`: full 8-bit weights, exact only on CPUs with VNNI (AVX512-VNNI, AVX-VNNI, AMX) or ARM dot
   products; on an AVX2-only CPU this model can saturate. The target is recorded in the model.
+
+LiteRT: the ONNX model is converted again in a child process, and TensorFlow's TFLiteConverter makes a
+full-integer int8 file from the same calibration images (float input and output kept). ExecuTorch:
+PT2E with the XNNPACKQuantizer on the checkpoint, lowered to XNNPACK. Neither has a per-layer float
+fallback here: over budget, the command fails and writes no int8 file of that format.
 
 Budget (ONNX Runtime): if int8 loses more than --max-drop top-1 points on the validation images,
 every quantized activation is ranked by its signal-to-quantization-noise ratio (onnxruntime's
@@ -54,7 +60,7 @@ INT8_TARGETS = ("portable", "vnni")
 
 @dataclass(frozen=True)
 class QuantizeOptions:
-    format: str = "all"  # onnx | openvino | all
+    format: str = "all"  # onnx | openvino | litert | executorch | all (= onnx, openvino), comma-separated
     calib_size: int = 300
     calib_method: str = "minmax"
     max_drop: float = 1.0  # top-1 points on the validation split
@@ -68,8 +74,9 @@ class QuantizeOptions:
     def __post_init__(self) -> None:
         if self.calib_method not in CALIB_METHODS:
             raise EdgetlError(f"--calib-method must be one of {', '.join(CALIB_METHODS)}, got {self.calib_method!r}")
-        if self.format not in ("onnx", "openvino", "all"):
-            raise EdgetlError(f"unknown format {self.format!r}: choose onnx, openvino or all")
+        from edgetl.formats import parse_formats
+
+        parse_formats(self.format)
         if self.max_drop < 0:
             raise EdgetlError("--max-drop is a number of top-1 points and cannot be negative")
         if self.calib_size < 1:
@@ -379,15 +386,31 @@ def quantize_run(run: str | os.PathLike[str], opts: QuantizeOptions, reporter: R
 
 
 def _quantize_locked(folder: runfolder.RunFolder, run_dir: Path, opts: QuantizeOptions, reporter: Reporter) -> dict[str, Any]:
+    from edgetl.formats import parse_formats
     from edgetl.malloc_tuning import tune_malloc
 
     tune_malloc()
+    formats = parse_formats(opts.format)
     onnx_path = run_dir / runfolder.MODEL_FILES["onnx"]
-    if not onnx_path.exists():
+    if not any((run_dir / runfolder.MODEL_FILES[f]).exists() for f in ("onnx", "openvino", "litert", "executorch")):
         raise EdgetlError(f"no exported model in {run_dir}: run `edgetl export {folder.path}` first")
-    _is_onnx(onnx_path)
-    meta = _check_model_input(onnx_path)
-    parents = [m for m in folder.models(run_dir) if m.key in ("onnx", "openvino") and (m.key == "onnx" or opts.format != "onnx")]
+    if onnx_path.exists():
+        _is_onnx(onnx_path)
+    for fmt in formats:  # every asked format has its fp32 model (LiteRT is converted again from model.onnx)
+        needed = [runfolder.MODEL_FILES[fmt], *([runfolder.MODEL_FILES["onnx"]] if fmt == "litert" else [])]
+        for rel in needed:
+            if not (run_dir / rel).exists():
+                raise EdgetlError(f"no {rel} in {run_dir}: run `edgetl export {folder.path} --format {fmt}` first")
+    if onnx_path.exists():
+        meta = _check_model_input(onnx_path)
+    else:  # an ExecuTorch-only export: the program's sidecar holds the same metadata
+        from edgetl.backends.executorch import read_metadata as read_pte_metadata
+
+        pte = run_dir / runfolder.MODEL_FILES["executorch"]
+        meta = read_pte_metadata(pte)
+        metadata.validate(meta, str(pte))
+    wanted = {*formats, *(["onnx"] if "litert" in formats else [])}
+    parents = [m for m in folder.models(run_dir) if m.key in wanted]
     for m in parents:
         stale = folder.stale_reason(m)
         if stale:
@@ -400,7 +423,7 @@ def _quantize_locked(folder: runfolder.RunFolder, run_dir: Path, opts: QuantizeO
                               "calibration": calib_record, "results": {}, "host": host_record()}  # fmt: skip
     warnings_out: list[str] = []
 
-    if opts.format in ("onnx", "all"):
+    if "onnx" in formats:
         reporter.log(f"onnxruntime static int8 ({opts.calib_method}, {len(calib.floats)} calibration images)")
         target = run_dir / runfolder.MODEL_FILES["onnx_int8"]
         res = quantize_onnx(onnx_path, target, calib, val, meta, opts, reporter)
@@ -422,9 +445,7 @@ def _quantize_locked(folder: runfolder.RunFolder, run_dir: Path, opts: QuantizeO
             shutil.rmtree(res["work"], ignore_errors=True)
 
     xml = run_dir / runfolder.MODEL_FILES["openvino"]
-    if opts.format in ("openvino", "all"):
-        if not xml.exists():
-            raise EdgetlError(f"no OpenVINO model in {run_dir}: run `edgetl export {folder.path} --format openvino` first")
+    if "openvino" in formats:
         reporter.log("openvino int8 with NNCF post-training quantization")
         res = quantize_openvino(xml, calib, val, opts, reporter)
         qmodel = res.pop("model")
@@ -439,6 +460,13 @@ def _quantize_locked(folder: runfolder.RunFolder, run_dir: Path, opts: QuantizeO
             "int8_bytes": target.stat().st_size + target.with_suffix(".bin").stat().st_size,
         }  # fmt: skip
 
+    if "litert" in formats:
+        reporter.log(f"LiteRT full-integer int8 (TFLiteConverter, {len(calib.floats)} calibration images)")
+        report["results"]["litert"] = quantize_litert(run_dir, calib, val, calib_record, opts, reporter)
+    if "executorch" in formats:
+        reporter.log(f"ExecuTorch int8 (PT2E, XNNPACKQuantizer, {len(calib.floats)} calibration images)")
+        report["results"]["executorch"] = quantize_executorch(folder, run_dir, calib, val, calib_record, opts, reporter)
+
     for name, r in report["results"].items():
         r["size_ratio"] = r["int8_bytes"] / r["fp32_bytes"]
         reporter.log(f"{name} int8 executes {describe(r['executed'])}")
@@ -450,6 +478,101 @@ def _quantize_locked(folder: runfolder.RunFolder, run_dir: Path, opts: QuantizeO
         reporter.log(f"[yellow]warning:[/] {w}")
     write_json(run_dir / runfolder.QUANTIZE_REPORT, report)
     return report
+
+
+def _edge_threads() -> int:
+    from edgetl.bench.runner import physical_cores
+
+    return physical_cores()
+
+
+def _top1(runner: Any, val: ParityData) -> float:
+    return float((runner.predict(val.floats).argmax(1) == val.labels).mean())
+
+
+def _over_budget(name: str, fp32_top1: float, top1: float, opts: QuantizeOptions, what: str) -> None:
+    drop = (fp32_top1 - top1) * 100
+    if drop > opts.max_drop:
+        raise EdgetlError(f"{name} int8 cannot meet --max-drop {opts.max_drop} points: drop {drop:.2f} points "
+                          f"(no per-layer float fallback for this format); no {what} was written", exit_code=1)  # fmt: skip
+
+
+def quantize_litert(run_dir: Path, calib: ParityData, val: ParityData, calib_record: dict, opts: QuantizeOptions,
+                    reporter: Reporter) -> dict[str, Any]:  # fmt: skip
+    """Full-integer int8 .tflite from the same calibration images, within the budget, with its latency."""
+    from edgetl.backends.litert import LiteRtModel, io_names, with_metadata
+    from edgetl.backends.litert import read_metadata as read_tflite_metadata
+    from edgetl.executed_ops import litert_executed_ops
+    from edgetl.fileio import make_temp_dir, write_bytes
+    from edgetl.litert_convert import convert
+
+    onnx_path, fp32_path = run_dir / runfolder.MODEL_FILES["onnx"], run_dir / runfolder.MODEL_FILES["litert"]
+    target = run_dir / runfolder.MODEL_FILES["litert_int8"]
+    meta = read_tflite_metadata(fp32_path)
+    work = make_temp_dir(run_dir, "litert-int8")
+    try:
+        candidate = convert(onnx_path, work, calib.floats)["int8"]
+        threads = _edge_threads()
+        fp32_top1, top1 = _top1(LiteRtModel(fp32_path, threads), val), _top1(LiteRtModel(candidate, threads), val)
+        drop = (fp32_top1 - top1) * 100
+        reporter.log(f"LiteRT int8: top-1 {top1:.2%} (drop {drop:+.2f} points)")
+        _over_budget("LiteRT", fp32_top1, top1, opts, "int8 LiteRT model")
+        rec = _record(meta, "litert-tfliteconverter", fp32_path, calib_record, opts, [],
+                      {"method": "TFLiteConverter representative dataset (min/max)", "converted_from": onnx_path.name,
+                       "types": {"activation": "int8", "weight": "int8 per-channel", "io": "float32"}})  # fmt: skip
+        blob = candidate.read_bytes()
+        names = io_names(blob)  # TFLiteConverter names the tensors after the SavedModel signature
+        write_bytes(target, with_metadata(blob, {**meta, "input_name": names[0], "output_name": names[1],
+                                                 "quantization": json.dumps(rec)}))  # fmt: skip
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    x1 = val.floats[:1]
+    lat = time_pair(lambda: LiteRtModel(fp32_path, threads), lambda: LiteRtModel(target, threads), x1, opts.latency_runs)
+    return {"fp32_top1": fp32_top1, "int8_top1": top1, "drop_points": drop, "kept_in_float": [], "latency": lat,
+            "fp32_bytes": fp32_path.stat().st_size, "int8_bytes": target.stat().st_size, "file": str(target),
+            "executed": litert_executed_ops(target), "threads": threads}  # fmt: skip
+
+
+def quantize_executorch(folder: runfolder.RunFolder, run_dir: Path, calib: ParityData, val: ParityData, calib_record: dict,
+                        opts: QuantizeOptions, reporter: Reporter) -> dict[str, Any]:  # fmt: skip
+    """int8 .pte (PT2E, XNNPACKQuantizer) from the run's checkpoint, calibrated on the same images."""
+    import torch
+
+    from edgetl import checkpoint
+    from edgetl.backends.executorch import ExecuTorchModel
+    from edgetl.backends.executorch import read_metadata as read_pte_metadata
+    from edgetl.executorch_export import lower_int8, write_program
+    from edgetl.fileio import make_temp_dir
+
+    fp32_path, target = run_dir / runfolder.MODEL_FILES["executorch"], run_dir / runfolder.MODEL_FILES["executorch_int8"]
+    meta = read_pte_metadata(fp32_path)
+    model = checkpoint.build_model(folder.checkpoint())
+    batches = (torch.from_numpy(calib.floats[i : i + 1]) for i in range(len(calib.floats)))
+    blob, delegation = lower_int8(model, int(meta["input_size"]), batches)
+    work = make_temp_dir(run_dir, "executorch-int8")
+    try:
+        candidate = work / "int8.pte"
+        candidate.write_bytes(blob)
+        threads = _edge_threads()
+        fp32_top1, top1 = _top1(ExecuTorchModel(fp32_path, threads), val), _top1(ExecuTorchModel(candidate, threads), val)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    drop = (fp32_top1 - top1) * 100
+    reporter.log(f"ExecuTorch int8: top-1 {top1:.2%} (drop {drop:+.2f} points)")
+    _over_budget("ExecuTorch", fp32_top1, top1, opts, "int8 ExecuTorch program")
+    rec = _record(meta, "executorch-pt2e-xnnpack", fp32_path, calib_record, opts, [],
+                  {"method": "PT2E observers (min/max)", "delegation": delegation,
+                   "types": {"activation": "int8", "weight": "int8 per-channel symmetric", "io": "float32"}})  # fmt: skip
+    write_program(target, blob, {**meta, "quantization": json.dumps(rec)})
+    x1 = val.floats[:1]
+    lat = time_pair(lambda: ExecuTorchModel(fp32_path, threads), lambda: ExecuTorchModel(target, threads), x1, opts.latency_runs)
+    return {"fp32_top1": fp32_top1, "int8_top1": top1, "drop_points": drop, "kept_in_float": [], "latency": lat,
+            "fp32_bytes": fp32_path.stat().st_size, "int8_bytes": target.stat().st_size, "file": str(target),
+            # XNNPACK takes each dequantize -> op -> quantize pattern as one int8 kernel; what it does not take runs in float.
+            "executed": {"compute_ops": delegation.get("compute_ops_delegated", 0) + delegation.get("compute_ops_not_delegated", 0),
+                         "int8_compute_ops": delegation.get("compute_ops_delegated", 0),
+                         "float_compute_ops": delegation.get("compute_ops_not_delegated", 0), "delegation": delegation},
+            "threads": threads}  # fmt: skip
 
 
 def slow_int8_reason(executed: dict[str, Any]) -> str:

@@ -48,8 +48,13 @@ MODEL_FILES = {
     "openvino": "openvino/model.xml",
     "openvino_fp16": "openvino-fp16/model.xml",
     "openvino_int8": "openvino-int8/model.xml",
+    "litert": "model.tflite",
+    "litert_int8": "model.int8.tflite",
+    "executorch": "model.pte",  # metadata in model.pte.json beside it (see edgetl.backends.executorch)
+    "executorch_int8": "model.int8.pte",
 }
-INT8_CHILDREN = {"onnx": "onnx_int8", "openvino": "openvino_int8"}
+INT8_CHILDREN = {"onnx": "onnx_int8", "openvino": "openvino_int8", "litert": "litert_int8", "executorch": "executorch_int8"}
+MODEL_KINDS = {".onnx": "onnx", ".xml": "openvino", ".tflite": "litert", ".pte": "executorch"}
 ALLOW_DATA_CHANGE_HINT = "pass --allow-data-change to go on with the recorded file lists (missing files are left out, new ones ignored)"
 
 
@@ -130,7 +135,7 @@ class ExportedModel:
 
     @property
     def kind(self) -> str:
-        return "openvino" if self.path.suffix == ".xml" else "onnx"
+        return MODEL_KINDS.get(self.path.suffix, "onnx")
 
 
 def model_checkpoint_hash(path: Path) -> str | None:
@@ -140,6 +145,14 @@ def model_checkpoint_hash(path: Path) -> str | None:
             from edgetl.backends.openvino import read_metadata
 
             return read_metadata(path).get("checkpoint_sha256")
+        if path.suffix == ".tflite":
+            from edgetl.backends.litert import read_metadata as read_tflite_metadata
+
+            return read_tflite_metadata(path).get("checkpoint_sha256")
+        if path.suffix == ".pte":
+            from edgetl.backends.executorch import read_metadata as read_pte_metadata
+
+            return read_pte_metadata(path).get("checkpoint_sha256")
         import onnx
 
         proto = onnx.load(str(path), load_external_data=False)

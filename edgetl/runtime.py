@@ -1,7 +1,7 @@
 """Classify images with an exported edgetl model using only numpy, Pillow and onnxruntime.
 
     from edgetl.runtime import Classifier
-    clf = Classifier("model.onnx")
+    clf = Classifier("model.onnx")          # or "model.tflite" (ai-edge-litert instead of onnxruntime)
     print(clf.predict("photo.jpg").label)
 
 Everything the model needs (labels, resize and crop, interpolation, mean/std, layout) is read from
@@ -16,7 +16,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Union
+from typing import Any, Union
 
 import numpy as np
 from PIL import Image
@@ -40,17 +40,25 @@ class Prediction:
 
 
 class Classifier:
-    """An exported edgetl ONNX model, ready to classify images. Safe to call from several threads
-    (onnxruntime sessions are, and nothing here is mutated after construction)."""
+    """An exported edgetl model, ONNX (onnxruntime) or LiteRT .tflite (the ai-edge-litert interpreter),
+    ready to classify images. ONNX models are safe to call from several threads (onnxruntime sessions
+    are, and nothing here is mutated after construction); a LiteRT interpreter is not: use one
+    Classifier per thread."""
 
     def __init__(self, model_path: str | os.PathLike[str], providers: Sequence[str] | None = None, threads: int | None = None) -> None:
-        from edgetl.backends.onnxruntime import OrtModel
-
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"no model file at {path}")
-        self.model = OrtModel(path, threads=threads, providers=providers)
-        self.session = self.model.session
+        if path.suffix.lower() == ".tflite":
+            from edgetl.backends.litert import LiteRtModel
+
+            self.model: Any = LiteRtModel(path, threads=threads)
+            self.session = None
+        else:
+            from edgetl.backends.onnxruntime import OrtModel
+
+            self.model = OrtModel(path, threads=threads, providers=providers)
+            self.session = self.model.session
         self.metadata = self.model.metadata
         # Checked once here against the graph: a model with untrustworthy metadata fails now with one
         # message (a ValueError), not later on every image.

@@ -18,7 +18,7 @@ class Variant:
 
     target: str
     model: Path
-    kind: str  # "checkpoint" | "onnx" | "openvino"
+    kind: str  # "checkpoint" | "onnx" | "openvino" | "litert" | "executorch"
     precision: str  # fp32 | fp16 | bf16 | int8
     input_dtype: str = "float32"  # or "uint8" for models with preprocessing in the graph
     note: str = ""

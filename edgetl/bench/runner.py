@@ -44,7 +44,7 @@ class BenchOptions:
 @dataclass
 class ModelFile:
     path: Path
-    kind: str  # checkpoint | onnx | openvino
+    kind: str  # checkpoint | onnx | openvino | litert | executorch
     precision: str
     input_dtype: str
     spec: PreprocessSpec
@@ -89,8 +89,17 @@ def describe_model(path: Path, opts: BenchOptions, run_dir: Path | None = None) 
         from edgetl.backends.openvino import read_metadata
 
         meta, kind, graph = read_metadata(path), "openvino", {}
+    elif path.suffix == ".tflite":
+        from edgetl.backends.litert import read_metadata as read_tflite_metadata
+
+        meta, kind, graph = read_tflite_metadata(path), "litert", {}
+    elif path.suffix == ".pte":
+        from edgetl.backends.executorch import read_metadata as read_pte_metadata
+
+        meta, kind, graph = read_pte_metadata(path), "executorch", {}
     else:
-        raise EdgetlError(f"{path} is not a model edgetl can benchmark (.pt checkpoint, .onnx, or OpenVINO .xml)")
+        raise EdgetlError(f"{path} is not a model edgetl can benchmark (.pt checkpoint, .onnx, OpenVINO .xml, LiteRT .tflite "
+                          "or ExecuTorch .pte)")  # fmt: skip
     if "labels" in meta:
         spec, labels = metadata.validate(meta, str(path), **graph), metadata.labels_from(meta)
     elif opts.input_size and opts.mean and opts.std:
@@ -193,6 +202,8 @@ def load_data(files: list[ModelFile], opts: BenchOptions, reporter: Reporter) ->
 
 
 def _fixed_batch(v: Variant) -> int | None:
+    if v.kind == "executorch":  # edgetl lowers ExecuTorch programs for batch 1
+        return 1
     if v.kind != "onnx":
         return None
     import onnx

@@ -84,6 +84,9 @@ def _print_metrics(title: str, m: dict[str, Any]) -> None:
     console.print(f"top-1 [bold]{m['top1']:.2%}[/]{top5}  macro-F1 {m['macro_f1']:.3f}  (n={m['n']})")
 
 
+FORMAT_HELP = ("onnx, openvino, litert (.tflite; edgetl[litert]), executorch (.pte; edgetl[executorch]), or all (onnx and "
+               "openvino); several comma-separated: all,litert,executorch")
+
 # Options shared by `export --quantize int8` and `quantize`.
 CalibSize = Annotated[int, typer.Option(help="Calibration images (see --calib-source)")]
 CalibMethod = Annotated[str, typer.Option(help="minmax, percentile or entropy")]
@@ -295,7 +298,7 @@ def demo(
 @user_errors
 def export(
     run: Annotated[Path, typer.Argument(help="Run folder (or checkpoint file)")],
-    format: Annotated[str, typer.Option("--format", help="onnx, openvino or all")] = "all",
+    format: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "all",
     opset: Annotated[int, typer.Option(help="ONNX opset (>= 17)")] = 18,
     batch: Annotated[str, typer.Option(help="'dynamic' or a fixed batch size")] = "dynamic",
     embed_preprocess: Annotated[bool, typer.Option(help="Also write model.uint8.onnx: uint8 NHWC pixels in")] = False,
@@ -312,8 +315,9 @@ def export(
     calib_source: CalibSource = "auto",
     allow_data_change: AllowDataChange = False,
 ) -> None:
-    """Export the best checkpoint to ONNX and OpenVINO, with labels and preprocessing inside, and check
-    each file against the PyTorch model on real images (fails on disagreement)."""
+    """Export the best checkpoint to ONNX and OpenVINO (and LiteRT / ExecuTorch when asked), with labels and
+    preprocessing inside, and check each file in its own runtime against the PyTorch model on real images
+    (fails on disagreement)."""
     from edgetl.export import ExportOptions, export_run
     from edgetl.report import print_export_report
 
@@ -344,7 +348,7 @@ def _quantize(run: Path, qopts: Any) -> None:
 @user_errors
 def quantize_cmd(
     run: Annotated[Path, typer.Argument(help="Run folder, or an `export --out` folder, with exported models")],
-    format: Annotated[str, typer.Option("--format", help="onnx, openvino or all")] = "all",
+    format: Annotated[str, typer.Option("--format", help=FORMAT_HELP)] = "all",
     calib_size: CalibSize = 300,
     calib_method: CalibMethod = "minmax",
     max_drop: MaxDrop = 1.0,
@@ -362,7 +366,7 @@ def quantize_cmd(
 @app.command()
 @user_errors
 def predict(
-    model: Annotated[Path, typer.Argument(help="An exported edgetl ONNX model")],
+    model: Annotated[Path, typer.Argument(help="An exported edgetl model: .onnx, or .tflite (with the litert extra)")],
     images: Annotated[list[Path], typer.Argument(help="Image files or folders")],
     top_k: Annotated[int, typer.Option(help="How many labels to show per image")] = 3,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per line instead of a table")] = False,

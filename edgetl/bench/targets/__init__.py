@@ -1,3 +1,3 @@
 """Built-in targets. Each module registers one or more targets on import; a new target is a sibling module."""
 
-from edgetl.bench.targets import openvino, ort, torch_targets  # noqa: F401 - imported for registration
+from edgetl.bench.targets import edge, openvino, ort, torch_targets  # noqa: F401 - imported for registration

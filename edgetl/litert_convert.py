@@ -1,0 +1,156 @@
+"""ONNX -> LiteRT (.tflite) conversion through onnx2tf and TensorFlow's TFLiteConverter, in a child process.
+
+Why this route: litert-torch (PyTorch -> LiteRT directly) requires torch < 2.15 and edgetl runs on
+the current torch; onnx2tf converts the ONNX file edgetl already exports and parity-checks (the route
+Ultralytics takes for its TFLite export), turning NCHW into the NHWC layout LiteRT kernels want, and
+TensorFlow's own converter makes the full-integer int8 model from a representative dataset.
+
+Why a child process: TensorFlow is large (about 1 GB resident once imported) and shares C++ runtime
+libraries with torch; converting in `python -m edgetl.litert_convert` keeps it out of the edgetl
+process, frees its memory when done, and turns any crash of the converter into one clear error.
+The child never reaches the network: onnx2tf's sample-image download (used only for its own
+self-check of fixed-batch image models) is replaced with the caller's images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from edgetl.errors import EdgetlError
+
+EXTRA_HINT = "pip install 'edgetl[litert]'"
+NEEDED = ("tensorflow", "onnx2tf", "onnx_graphsurgeon", "ai_edge_litert")
+FLOAT_FILE = "model_float32.tflite"
+INT8_FILE = "model_int8.tflite"
+
+
+def require_extra() -> None:
+    """The litert extra is installed, or one clear message (exit 2) naming what to install."""
+    missing = [m for m in NEEDED if importlib.util.find_spec(m) is None]
+    if missing:
+        raise EdgetlError(f"LiteRT export needs the litert extra ({', '.join(missing)} not installed): {EXTRA_HINT}")
+
+
+def convert(onnx_path: Path, work: Path, calib_nchw: np.ndarray | None = None, timeout_s: float = 3600) -> dict[str, Path]:
+    """Convert `onnx_path` in a child process; returns the fp32 .tflite and, given calibration images
+    (float NCHW, preprocessed as for the model), the full-integer int8 .tflite (float input/output)."""
+    require_extra()
+    work.mkdir(parents=True, exist_ok=True)
+    # onnx2tf rewrites its input file with its own graph optimisations: it gets a copy, never the
+    # parity-checked model.onnx.
+    source = work / "model.onnx"  # onnx2tf names its outputs after the input file: model_float32.tflite
+    shutil.copyfile(onnx_path, source)
+    cmd = [sys.executable, "-m", "edgetl.litert_convert", str(source), str(work)]
+    if calib_nchw is not None:
+        np.save(work / "calib.npy", np.ascontiguousarray(calib_nchw.transpose(0, 2, 3, 1), dtype=np.float32))
+        cmd += ["--calib", str(work / "calib.npy")]
+    log = work / "convert.log"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1", "PYTHONWARNINGS": "ignore"}
+    with open(log, "wb") as out:
+        try:
+            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=timeout_s, check=False)
+        except subprocess.TimeoutExpired:
+            raise EdgetlError(f"LiteRT conversion took longer than {timeout_s:.0f} s and was stopped (log: {log})") from None
+    files = {"fp32": work / "tf" / FLOAT_FILE}
+    if calib_nchw is not None:
+        files["int8"] = work / "tf" / INT8_FILE
+    if proc.returncode != 0 or not all(p.is_file() for p in files.values()):
+        raise EdgetlError(f"LiteRT conversion of {onnx_path.name} failed: {failure_reason(log)}")
+    return files
+
+
+def failure_reason(log: Path) -> str:
+    """The converter's own words: the line naming the failing op when there is one, else the last error line."""
+    try:
+        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "no log"
+    op_lines = [ln for ln in lines if "onnx_op_type" in ln or "op_type" in ln]
+    if op_lines:
+        return op_lines[-1][:400]
+    marked = [ln.removeprefix("edgetl-litert-error:").strip() for ln in lines if ln.startswith("edgetl-litert-error:")]
+    if marked and not marked[-1].startswith("SystemExit"):
+        return marked[-1][:400]
+    for key in ("ERROR", "Error"):
+        hits = [ln for ln in lines if key in ln]
+        if hits:
+            return hits[-1][:400]
+    return (lines[-1][:400] if lines else "the converter exited without output") + f" (log: {log})"
+
+
+# ----------------------------------------------------------------------------- the child process
+
+
+def _offline_onnx2tf(sample: np.ndarray | None) -> None:
+    """onnx2tf downloads 20 MS-COCO images to check fixed-batch image models against ONNX Runtime:
+    give it images instead (the caller's calibration images, else a deterministic pattern)."""
+    module = sys.modules["onnx2tf.onnx2tf"]
+
+    def images() -> np.ndarray:
+        if sample is not None:
+            return sample[:20]
+        return np.random.default_rng(0).random((20, 224, 224, 3), dtype=np.float32)
+
+    module.download_test_image_data = images
+
+
+def _convert_float(onnx_path: str, out_dir: Path, sample: np.ndarray | None) -> None:
+    import onnx2tf
+
+    _offline_onnx2tf(sample)
+    onnx2tf.convert(
+        input_onnx_file_path=onnx_path, output_folder_path=str(out_dir), non_verbose=True,
+        copy_onnx_input_output_names_to_tflite=True,
+    )  # fmt: skip
+
+
+def _convert_int8(saved_model: Path, calib_nhwc: np.ndarray, target: Path) -> None:
+    """Full-integer int8 (every op int8, TFLITE_BUILTINS_INT8 only) with float input and output, so the
+    file takes the same normalised floats as the fp32 one; weights per-channel int8, activations int8
+    with ranges from the representative dataset (TFLiteConverter's documented route)."""
+    import tensorflow as tf
+
+    def representative() -> object:
+        for i in range(len(calib_nhwc)):
+            yield [calib_nhwc[i : i + 1]]
+
+    converter = tf.lite.TFLiteConverter.from_saved_model(str(saved_model))
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.float32
+    converter.inference_output_type = tf.float32
+    target.write_bytes(converter.convert())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m edgetl.litert_convert", description=__doc__.splitlines()[0])
+    parser.add_argument("onnx")
+    parser.add_argument("work")
+    parser.add_argument("--calib", help=".npy of float NHWC calibration images")
+    args = parser.parse_args(argv)
+    out_dir = Path(args.work) / "tf"
+    try:
+        calib = np.load(args.calib) if args.calib else None
+        with contextlib.redirect_stdout(sys.stderr):
+            _convert_float(args.onnx, out_dir, calib)
+            if calib is not None:
+                _convert_int8(out_dir, calib, out_dir / INT8_FILE)
+    except BaseException as exc:  # the parent reads this line; SystemExit from onnx2tf's error() included
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        print(f"edgetl-litert-error: {type(exc).__name__}: {first}", file=sys.stderr, flush=True)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
