@@ -1,0 +1,211 @@
+"""LiteRT (.tflite) and ExecuTorch (.pte) exports: parity in their own runtimes, metadata, int8 under the
+budget, the torch-free runtime on a .tflite, bench targets, and the messages without the extras."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgetl import quantize as quantize_module
+from edgetl.backends.executorch import read_metadata as read_pte_metadata
+from edgetl.backends.executorch import sidecar
+from edgetl.backends.litert import LiteRtLoadError, LiteRtModel, read_metadata, with_metadata
+from edgetl.backends.onnxruntime import read_metadata as read_onnx_metadata
+from edgetl.cli.main import app
+from edgetl.errors import EdgetlError
+from edgetl.export import PARITY_MAX_ABS_DIFF, PARITY_MIN_AGREEMENT, ExportOptions, export_run
+from edgetl.formats import parse_formats
+from edgetl.progress import Reporter
+from edgetl.quantize import QuantizeOptions, quantize_run
+from edgetl.runtime import Classifier
+
+QUIET = Reporter(quiet=True)
+# The file's own contract differs from the ONNX one only where the format does: LiteRT takes NHWC and names its tensors.
+LITERT_OWN_KEYS = {"layout", "input_name", "output_name"}
+
+
+@pytest.fixture(scope="module")
+def edge_export(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("edge")
+    export_run(tiny_run, ExportOptions(format="onnx,litert,executorch", out=str(out)), QUIET)
+    return out
+
+
+@pytest.fixture(scope="module")
+def edge_int8(edge_export: Path) -> dict:
+    """ONNX Runtime, LiteRT and ExecuTorch int8 from one calibration sample (a generous budget: the
+    mechanics are under test here; the budget itself in test_int8_over_budget_...)."""
+    opts = QuantizeOptions(format="onnx,litert,executorch", calib_size=24, max_drop=100.0, latency_runs=12)
+    return quantize_run(edge_export, opts, QUIET)
+
+
+def _parity_passes(report: dict, key: str) -> None:
+    p = report["parity"][key]
+    assert p["gate"] == "pass", p
+    assert p["top1_agreement"] >= PARITY_MIN_AGREEMENT and p["max_abs_diff"] <= PARITY_MAX_ABS_DIFF, p
+
+
+def test_format_names() -> None:
+    assert parse_formats("all") == ("onnx", "openvino")
+    assert parse_formats("executorch, litert,all") == ("onnx", "openvino", "litert", "executorch")
+    with pytest.raises(EdgetlError, match="unknown format 'tflite'"):
+        parse_formats("onnx,tflite")
+
+
+def test_tiny_export_in_both_formats_passes_parity_and_carries_the_metadata(edge_export: Path) -> None:
+    report = json.loads((edge_export / "export.json").read_text())
+    for key in ("onnx", "litert", "executorch"):
+        _parity_passes(report, key)
+    assert report["files"]["executorch"]["delegation"]["xnnpack_subgraphs"] >= 1
+    onnx_meta = read_onnx_metadata(edge_export / "model.onnx")
+    tflite_meta = read_metadata(edge_export / "model.tflite")
+    assert tflite_meta["layout"] == "NHWC" and onnx_meta["layout"] == "NCHW"
+    assert {k: v for k, v in tflite_meta.items() if k not in LITERT_OWN_KEYS} == {
+        k: v for k, v in onnx_meta.items() if k not in LITERT_OWN_KEYS
+    }
+    # The names in the metadata are the file's own tensor names.
+    model = LiteRtModel(edge_export / "model.tflite", threads=1)
+    assert tflite_meta["input_name"] == model.input_name
+    assert read_pte_metadata(edge_export / "model.pte") == onnx_meta
+    assert json.loads(tflite_meta["labels"]) == (edge_export / "labels.txt").read_text().split()
+
+
+@pytest.mark.slow
+def test_lite0_exports_in_both_formats_pass_parity_on_real_images(real_run: Path, tmp_path: Path) -> None:
+    report = export_run(real_run, ExportOptions(format="litert,executorch", out=str(tmp_path), parity_samples=60), QUIET)
+    assert report["parity"]["pytorch"]["n"] == 60
+    for key in ("litert", "executorch"):
+        _parity_passes(report, key)
+    # A LiteRT export brings the ONNX file it was converted from; ExecuTorch needs none.
+    assert {p.name for p in tmp_path.iterdir() if p.suffix in (".onnx", ".tflite", ".pte")} == {"model.onnx", "model.tflite", "model.pte"}
+
+
+def test_int8_in_both_formats_shares_the_calibration_and_runs_in_int8(edge_export: Path, edge_int8: dict) -> None:
+    results = edge_int8["results"]
+    assert set(results) == {"onnxruntime", "litert", "executorch"}
+    calib = {k: v for k, v in edge_int8["calibration"].items() if k != "files"}
+    for name, path in (("litert", "model.int8.tflite"), ("executorch", "model.int8.pte")):
+        r = results[name]
+        assert Path(r["file"]) == edge_export / path and r["int8_bytes"] < r["fp32_bytes"]
+        assert r["executed"]["int8_compute_ops"] == r["executed"]["compute_ops"] > 0
+        assert r["latency"]["int8"]["median_ms"] > 0
+    q_tflite = json.loads(read_metadata(edge_export / "model.int8.tflite")["quantization"])
+    q_pte = json.loads(read_pte_metadata(edge_export / "model.int8.pte")["quantization"])
+    q_onnx = json.loads(read_onnx_metadata(edge_export / "model.int8.onnx")["quantization"])
+    assert q_tflite["calibration"] == q_pte["calibration"] == q_onnx["calibration"] == calib
+    assert q_tflite["backend"] == "litert-tfliteconverter" and q_pte["backend"] == "executorch-pt2e-xnnpack"
+    # The int8 .tflite is full-integer: every compute op takes int8, the float input is quantized once.
+    ops = results["litert"]["executed"]["ops"]
+    assert ops.get("QUANTIZE") == 1 and ops.get("DEQUANTIZE") == 1
+
+
+def test_classifier_on_a_tflite_without_torch_agrees_with_the_onnx_model(edge_export: Path, tiny_run: Path) -> None:
+    root = Path(json.loads((tiny_run / "manifest.json").read_text())["dataset"]["root"])
+    images = sorted(str(p) for p in root.rglob("*.png"))[:12]
+    blocked = ("torch", "torchvision", "timm", "tensorflow", "onnx", "onnxruntime", "openvino", "executorch", "typer", "rich")
+    code = f"""
+import sys, json, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in {blocked!r}:
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+from edgetl.runtime import Classifier
+clf = Classifier({str(edge_export / "model.tflite")!r}, threads=1)
+print(json.dumps([p.label for p in clf.predict({images!r})]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    labels = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert labels == [p.label for p in Classifier(edge_export / "model.onnx").predict(images)]  # type: ignore[union-attr]
+
+
+def test_predict_cli_on_a_tflite(edge_export: Path, tiny_run: Path) -> None:
+    root = Path(json.loads((tiny_run / "manifest.json").read_text())["dataset"]["root"])
+    rows = {}
+    for name in ("model.tflite", "model.onnx"):
+        result = CliRunner().invoke(app, ["predict", str(edge_export / name), str(root / "red"), "--json"])
+        assert result.exit_code == 0, result.output
+        rows[name] = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert len(rows["model.tflite"]) == len(list((root / "red").iterdir())) > 0
+    assert [r["label"] for r in rows["model.tflite"]] == [r["label"] for r in rows["model.onnx"]]
+    for a, b in zip(rows["model.tflite"], rows["model.onnx"], strict=True):
+        assert a["probability"] == pytest.approx(b["probability"], abs=1e-4)
+
+
+def test_tflite_metadata_round_trip_and_bad_files(edge_export: Path, tmp_path: Path) -> None:
+    blob = (edge_export / "model.tflite").read_bytes()
+    path = tmp_path / "m.tflite"
+    path.write_bytes(with_metadata(blob, {"labels": '["a"]', "checkpoint_sha256": "x"}))
+    assert read_metadata(path) == {"labels": '["a"]', "checkpoint_sha256": "x"}
+    # The weights are untouched: the same logits as the original file.
+    size = int(read_metadata(edge_export / "model.tflite")["input_size"])
+    x = np.random.default_rng(0).normal(size=(2, 3, size, size)).astype(np.float32)
+    np.testing.assert_array_equal(LiteRtModel(path, 1)(x), LiteRtModel(edge_export / "model.tflite", 1)(x))
+    fake = tmp_path / "fake.tflite"
+    fake.write_text("not a model")
+    with pytest.raises(LiteRtLoadError, match="not a LiteRT"):
+        read_metadata(fake)
+    with pytest.raises(ValueError, match="not a LiteRT"):
+        Classifier(fake)
+    result = CliRunner().invoke(app, ["predict", str(fake), str(tmp_path)])
+    assert result.exit_code == 2 and "not a LiteRT" in result.output
+
+
+def test_bench_has_litert_and_executorch_rows(edge_export: Path, edge_int8: dict, tmp_path: Path) -> None:
+    from edgetl.bench.runner import BenchOptions, bench
+
+    opts = BenchOptions(targets=("ort-cpu", "litert-cpu", "executorch-cpu"), batches=(1,), min_time=0.3, warmup=2, out=str(tmp_path),
+                        threads=1)  # fmt: skip
+    report = bench([edge_export], opts, QUIET)
+    rows = {r["variant"]: r for r in report["results"]}
+    for name in ("litert-cpu/fp32", "litert-cpu/int8", "executorch-cpu/fp32", "executorch-cpu/int8"):
+        assert name in rows, list(rows)
+        assert rows[name]["latency"]["p50_ms"] > 0 and rows[name]["accuracy"]["n"] > 0
+    # fp32 files agree with the fp32 ONNX model on every validation image.
+    assert rows["litert-cpu/fp32"]["accuracy"]["top1_agreement"] == 1.0
+    assert rows["executorch-cpu/fp32"]["accuracy"]["top1_agreement"] == 1.0
+    assert (tmp_path / "bench.md").read_text().count("litert-cpu") >= 2
+
+
+def test_int8_over_budget_leaves_no_int8_file(edge_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The candidate scores 30 points under its fp32 model: the budget refuses it and nothing is written."""
+    import shutil
+
+    folder = tmp_path / "exp"
+    shutil.copytree(edge_export, folder)
+    for name in ("model.int8.tflite", "model.int8.pte", "model.int8.pte.json"):
+        (folder / name).unlink(missing_ok=True)
+    real_top1 = quantize_module._top1
+
+    def worse_int8(runner: object, val: object) -> float:
+        top1 = real_top1(runner, val)  # type: ignore[arg-type]
+        fp32 = str(getattr(runner, "path", "")).endswith(("model.tflite", "model.pte"))
+        return top1 if fp32 else top1 - 0.3
+
+    monkeypatch.setattr(quantize_module, "_top1", worse_int8)
+    for fmt, name in (("litert", "model.int8.tflite"), ("executorch", "model.int8.pte")):
+        with pytest.raises(EdgetlError, match=r"cannot meet --max-drop 1\.0") as err:
+            quantize_run(folder, QuantizeOptions(format=fmt, calib_size=8, max_drop=1.0, latency_runs=6), QUIET)
+        assert err.value.exit_code == 1
+        assert not (folder / name).exists() and not sidecar(folder / name).exists()
+    assert not [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")]
+
+
+def test_without_the_extras_the_message_names_them(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_find_spec = importlib.util.find_spec
+    missing = {"onnx2tf", "executorch"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real_find_spec(name, *a))
+    for fmt, extra in (("litert", "edgetl[litert]"), ("executorch", "edgetl[executorch]")):
+        out = tmp_path / fmt
+        result = CliRunner().invoke(app, ["export", str(tiny_run), "--format", fmt, "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        assert extra in result.output and "Traceback" not in result.output
+        assert not out.exists() or not [p for p in out.iterdir() if p.suffix in (".onnx", ".tflite", ".pte")]
