@@ -14,8 +14,19 @@ from typing import Any
 FLUSH_SECONDS = 5
 
 
+def _without_tensorflow() -> None:
+    """TensorBoard writes event files through the real TensorFlow whenever it is installed (the litert
+    extra installs it): about 1 GB resident and seconds of import in every training process, for
+    nothing. The empty `tensorboard.compat.notf` module is TensorBoard's own switch to its stub."""
+    import sys
+    import types
+
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+
+
 class TrainLog:
     def __init__(self, run_dir: Path) -> None:
+        _without_tensorflow()
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(run_dir), flush_secs=FLUSH_SECONDS)
