@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from edgetl.errors import EdgetlError
 EXTRA_HINT = "pip install 'edgetl[litert]'"
 NEEDED = ("tensorflow", "onnx2tf", "onnx_graphsurgeon", "ai_edge_litert")
 FLOAT_FILE = "model_float32.tflite"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 INT8_FILE = "model_int8.tflite"
 
 
@@ -69,22 +71,26 @@ def convert(onnx_path: Path, work: Path, calib_nchw: np.ndarray | None = None, t
 
 
 def failure_reason(log: Path) -> str:
-    """The converter's own words: the line naming the failing op when there is one, else the last error line."""
+    """The converter's own words, naming the operator when it can: an ONNX operator onnx2tf has no
+    converter for, else the ONNX node whose conversion failed and the error, else the last error line."""
     try:
-        lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+        text = ANSI.sub("", log.read_text(errors="replace"))
     except OSError:
         return "no log"
-    op_lines = [ln for ln in lines if "onnx_op_type" in ln or "op_type" in ln]
-    if op_lines:
-        return op_lines[-1][:400]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        missing = re.search(r"(\S+) OP is not yet implemented", ln)
+        if missing:
+            return f"onnx2tf has no converter for the ONNX operator {missing.group(1)!r}"
     marked = [ln.removeprefix("edgetl-litert-error:").strip() for ln in lines if ln.startswith("edgetl-litert-error:")]
-    if marked and not marked[-1].startswith("SystemExit"):
-        return marked[-1][:400]
-    for key in ("ERROR", "Error"):
-        hits = [ln for ln in lines if key in ln]
-        if hits:
-            return hits[-1][:400]
-    return (lines[-1][:400] if lines else "the converter exited without output") + f" (log: {log})"
+    error = marked[-1] if marked and not marked[-1].startswith("SystemExit") else None
+    nodes = [ln.split("onnx_op_name:", 1)[1].strip() for ln in lines if "onnx_op_name:" in ln]
+    if nodes:
+        return f"converting the ONNX node {nodes[-1]!r} failed" + (f": {error[:300]}" if error else "")
+    if error:
+        return error[:400]
+    errors = [ln for ln in lines if "ERROR" in ln or "Error" in ln]
+    return (errors[-1] if errors else lines[-1] if lines else "the converter exited without output")[:400]
 
 
 # ----------------------------------------------------------------------------- the child process

@@ -7,7 +7,8 @@
 Everything the model needs (labels, resize and crop, interpolation, mean/std, layout) is read from
 its metadata, and the pixels are prepared by edgetl.preprocess: the same code training used for
 evaluation, so the app sees what the trained model saw. Importing this module never imports torch
-(a test checks sys.modules); `pip install edgetl[runtime]` pulls only what it needs.
+(a test runs it with torch blocked); an app installs edgetl with --no-deps plus numpy, Pillow and
+onnxruntime (or ai-edge-litert for a .tflite), as the README says.
 """
 
 from __future__ import annotations

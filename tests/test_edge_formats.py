@@ -209,3 +209,19 @@ def test_without_the_extras_the_message_names_them(tiny_run: Path, tmp_path: Pat
         assert result.exit_code == 2, result.output
         assert extra in result.output and "Traceback" not in result.output
         assert not out.exists() or not [p for p in out.iterdir() if p.suffix in (".onnx", ".tflite", ".pte")]
+
+
+def test_litert_conversion_names_the_operator_it_lacks(tmp_path: Path) -> None:
+    """A graph with an operator onnx2tf has no converter for: the error names it, in one line."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgetl.litert_convert import convert
+
+    node = helper.make_node("EdgetlMadeUpOp", ["input"], ["logits"], domain="ai.edgetl.test")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 8, 8])])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("ai.edgetl.test", 1)])
+    onnx.save(model, tmp_path / "model.onnx")
+    with pytest.raises(EdgetlError, match="no converter for the ONNX operator 'EdgetlMadeUpOp'"):
+        convert(tmp_path / "model.onnx", tmp_path / "work")
