@@ -80,13 +80,14 @@ def check_opset(opset: int) -> None:
         raise EdgetlError(f"opset {opset} is newer than this onnx package supports ({newest})")
 
 
-def output_paths(out_dir: Path, opts: ExportOptions) -> dict[str, Path]:
+def output_paths(out_dir: Path, opts: ExportOptions, reuse_onnx: bool = False) -> dict[str, Path]:
     """The files an export writes. model.onnx comes with onnx and with litert (the graph LiteRT is
-    converted from, and what `quantize --format litert` converts again); an OpenVINO-only export
-    converts from a temporary ONNX file; ExecuTorch lowers the PyTorch model itself."""
+    converted from, and what `quantize --format litert` converts again) unless a current one is
+    reused; an OpenVINO-only export converts from a temporary ONNX file; ExecuTorch lowers the
+    PyTorch model itself."""
     formats = opts.formats
     keys = []
-    if "onnx" in formats or "litert" in formats:
+    if "onnx" in formats or ("litert" in formats and not reuse_onnx):
         keys += ["onnx", *(["onnx_uint8"] if opts.embed_preprocess else [])]
     if "openvino" in formats:
         keys += ["openvino", *(["openvino_fp16"] if opts.fp16 else [])]
@@ -215,8 +216,13 @@ def _export_locked(folder: runfolder.RunFolder, out_dir: Path, opts: ExportOptio
     check_opset(opts.opset)
     ckpt = folder.checkpoint()
     run_dir = folder.path
-    paths = output_paths(out_dir, opts)
     _require_extras(opts.formats)
+    # LiteRT alone converts the run's current model.onnx when there is one (exported from this
+    # checkpoint): asking for LiteRT after a default export needs no --force and keeps the ONNX int8.
+    current_onnx = out_dir / runfolder.MODEL_FILES["onnx"]
+    reuse_onnx = ("litert" in opts.formats and "onnx" not in opts.formats and current_onnx.is_file()
+                  and runfolder.model_checkpoint_hash(current_onnx) == folder.checkpoint_sha256)  # fmt: skip
+    paths = output_paths(out_dir, opts, reuse_onnx)
     written = {k for k in paths if k != "labels"}
     existing = [paths[k] for k in written if paths[k].exists()]
     if existing and not opts.force:
@@ -246,10 +252,14 @@ def _export_locked(folder: runfolder.RunFolder, out_dir: Path, opts: ExportOptio
     # An OpenVINO-only export still converts from ONNX (one graph for both), into a temporary file.
     tmp_onnx = None
     onnx_path = paths.get("onnx")
-    if onnx_path is None and "openvino" in paths:
+    if reuse_onnx:
+        onnx_path = current_onnx
+        report["reused"] = {"onnx": str(current_onnx)}
+        reporter.log(f"converting the current {current_onnx} (exported from this checkpoint)")
+    elif onnx_path is None and "openvino" in paths:
         tmp_onnx = make_temp_dir(out_dir, "export") / "model.onnx"
         onnx_path = tmp_onnx
-    if onnx_path is not None:
+    if onnx_path is not None and not reuse_onnx:
         reporter.log(f"exporting {ckpt['config']['backbone']} to ONNX (opset {opts.opset}, batch {opts.batch})")
         _export_onnx(model, example, onnx_path, opts.opset, opts.fixed_batch)
         set_onnx_metadata(onnx_path, metadata.build(**common, embedded_preprocess=False))

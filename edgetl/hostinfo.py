@@ -11,7 +11,7 @@ from typing import Any
 
 _LIBRARIES = (
     "edgetl", "torch", "torchvision", "timm", "numpy", "pillow", "onnx", "onnxruntime", "onnxruntime-gpu",
-    "openvino", "nncf",
+    "openvino", "nncf", "ai-edge-litert", "tensorflow", "onnx2tf", "executorch", "torchao",
 )  # fmt: skip
 
 

@@ -129,26 +129,70 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
+# Where a label may go relative to its point (offset points), tried in this order until one collides with nothing.
+LABEL_OFFSETS = [(6, 4), (6, -10), (-6, 4), (-6, -10), (6, 14), (6, -20), (-6, 14), (-6, -20), (6, 24), (6, -30), (-6, 24), (-6, -30)]
+
+
+def place_labels(ax: Any, points: list[tuple[float, float]], labels: list[str], fontsize: float = 7) -> list[Any]:
+    """Annotate each point with its label where it overlaps no other label and no marker: the first
+    free offset of LABEL_OFFSETS, most accurate points first; a thin leader line when it had to move."""
+    fig = ax.figure
+    fig.canvas.draw()  # the data -> pixel transform is final only after a draw
+    renderer = fig.canvas.get_renderer()
+    marker_boxes = []
+    for x, y in points:
+        px, py = ax.transData.transform((x, y))
+        marker_boxes.append((px - 5, py - 5, px + 5, py + 5))
+    placed: list[tuple[float, float, float, float]] = []
+    texts = []
+    for i in sorted(range(len(points)), key=lambda i: (-points[i][1], points[i][0])):
+        x, y = points[i]
+        text = None
+        for k, (dx, dy) in enumerate(LABEL_OFFSETS):
+            if text is not None:
+                text.remove()
+            text = ax.annotate(labels[i], (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
+                               ha="left" if dx > 0 else "right", va="bottom",
+                               arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5} if k >= 4 else None)  # fmt: skip
+            bb = text.get_window_extent(renderer)
+            box = (bb.x0, bb.y0, bb.x1, bb.y1)
+            if not any(_overlap(box, o) for o in placed) and not any(_overlap(box, m) for j, m in enumerate(marker_boxes) if j != i):
+                break
+        placed.append(box)
+        texts.append(text)
+    return texts
+
+
+def _overlap(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
 def plot_bench(report: dict[str, Any], target: Any) -> None:
     from edgetl.fileio import write_with
     from edgetl.plots import _pyplot
 
     rows = [r for r in bench_rows(report) if r["p50_ms"] is not None]
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(9, 5.5))
     has_acc = all(r["top1"] is not None for r in rows)
     pts = [(r["p50_ms"], r["top1"] if has_acc else 0.0) for r in rows]
     front = set(pareto_front(pts)) if has_acc else set()
-    for i, (r, (x, y)) in enumerate(zip(rows, pts, strict=True)):
-        ax.scatter([x], [y], marker="*" if i in front else "o", s=120 if i in front else 50)
-        ax.annotate(r["variant"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
+    others = [p for i, p in enumerate(pts) if i not in front]
+    ax.scatter([p[0] for p in others], [p[1] for p in others], s=40, color="tab:blue", label="variant")
     if front:
         fp = sorted(pts[i] for i in front)
-        ax.plot([p[0] for p in fp], [p[1] for p in fp], "--", color="gray", label="Pareto front")
-        ax.legend()
+        # The front as a staircase: nothing above-left of it exists among these variants.
+        ax.step([p[0] for p in fp], [p[1] for p in fp], where="post", ls="--", color="tab:orange", marker="*", ms=12,
+                label="Pareto front (no variant both faster and more accurate)")  # fmt: skip
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    xpad, ypad = (max(xs) - min(xs)) * 0.25 + 0.5, (max(ys) - min(ys)) * 0.3 + 0.005
+    ax.set_xlim(max(0.0, min(xs) - xpad), max(xs) + xpad)
+    ax.set_ylim(min(ys) - ypad, max(ys) + ypad)
     ax.set(xlabel="batch-1 latency p50 (ms)", ylabel="top-1" if has_acc else "(no accuracy data)", title="accuracy x latency")
     ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
+    place_labels(ax, pts, [r["variant"] for r in rows])
     write_with(target, lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)
 

@@ -184,3 +184,23 @@ def test_a_worker_that_dies_is_a_clear_error_not_a_hang(bench_run: Path, tmp_pat
     with pytest.raises(EdgetlError, match="worker for ort-cpu/fp32 failed during time"):
         w.time(np.zeros((1, 3, 64, 64), np.float32), 0.1)
     w.close()
+
+
+def test_plot_labels_of_nearby_points_do_not_collide() -> None:
+    """Four fp32 variants within 0.2 ms and 0.3 points of each other (what used to print as one smear):
+    every label gets a box of its own."""
+    from edgetl.plots import _pyplot
+    from edgetl.report import _overlap, place_labels
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    pts = [(3.80, 0.906), (3.85, 0.906), (3.90, 0.903), (3.95, 0.906), (2.6, 0.909), (2.7, 0.897), (17.0, 0.906)]
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts])
+    ax.set_xlim(0, 20)
+    ax.set_ylim(0.88, 0.92)
+    texts = place_labels(ax, pts, [f"runtime-{i}/fp32 (a long note)" for i in range(len(pts))])
+    renderer = fig.canvas.get_renderer()
+    boxes = [(b.x0, b.y0, b.x1, b.y1) for b in (t.get_window_extent(renderer) for t in texts)]
+    assert len(boxes) == len(pts)
+    assert not [(i, j) for i in range(len(boxes)) for j in range(i + 1, len(boxes)) if _overlap(boxes[i], boxes[j])]
+    plt.close(fig)

@@ -32,10 +32,20 @@ LITERT_OWN_KEYS = {"layout", "input_name", "output_name"}
 
 
 @pytest.fixture(scope="module")
-def edge_export(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def edge_exports(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    """A default-style ONNX export first, then LiteRT and ExecuTorch into the same folder without
+    --force: LiteRT converts the ONNX file already there (it belongs to the current checkpoint)."""
     out = tmp_path_factory.mktemp("edge")
-    export_run(tiny_run, ExportOptions(format="onnx,litert,executorch", out=str(out)), QUIET)
-    return out
+    first = export_run(tiny_run, ExportOptions(format="onnx", out=str(out)), QUIET)
+    onnx_bytes = (out / "model.onnx").read_bytes()
+    second = export_run(tiny_run, ExportOptions(format="litert,executorch", out=str(out)), QUIET)
+    assert (out / "model.onnx").read_bytes() == onnx_bytes
+    return out, first, second
+
+
+@pytest.fixture(scope="module")
+def edge_export(edge_exports: tuple[Path, dict, dict]) -> Path:
+    return edge_exports[0]
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +69,12 @@ def test_format_names() -> None:
         parse_formats("onnx,tflite")
 
 
-def test_tiny_export_in_both_formats_passes_parity_and_carries_the_metadata(edge_export: Path) -> None:
-    report = json.loads((edge_export / "export.json").read_text())
-    for key in ("onnx", "litert", "executorch"):
+def test_tiny_export_in_both_formats_passes_parity_and_carries_the_metadata(edge_exports: tuple[Path, dict, dict]) -> None:
+    edge_export, first, report = edge_exports
+    _parity_passes(first, "onnx")
+    for key in ("litert", "executorch"):
         _parity_passes(report, key)
+    assert report["reused"] == {"onnx": str(edge_export / "model.onnx")} and "onnx" not in report["files"]
     assert report["files"]["executorch"]["delegation"]["xnnpack_subgraphs"] >= 1
     onnx_meta = read_onnx_metadata(edge_export / "model.onnx")
     tflite_meta = read_metadata(edge_export / "model.tflite")
