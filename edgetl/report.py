@@ -129,13 +129,18 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return front
 
 
-# Where a label may go relative to its point (offset points), tried in this order until one collides with nothing.
-LABEL_OFFSETS = [(6, 4), (6, -10), (-6, 4), (-6, -10), (6, 14), (6, -20), (-6, 14), (-6, -20), (6, 24), (6, -30), (-6, 24), (-6, -30)]
+# Where a label may go relative to its point (offset points), tried in this order until one collides with nothing:
+# beside the point first, then further up or down (with a leader line).
+LABEL_OFFSETS = [(6, 4), (6, -10), (-6, 4), (-6, -10)] + [(dx, dy) for step in range(1, 7) for dy in (14 * step, -10 - 14 * step)
+                                                           for dx in (6, -6)]  # fmt: skip
 
 
 def place_labels(ax: Any, points: list[tuple[float, float]], labels: list[str], fontsize: float = 7) -> list[Any]:
     """Annotate each point with its label where it overlaps no other label and no marker: the first
-    free offset of LABEL_OFFSETS, most accurate points first; a thin leader line when it had to move."""
+    free offset of LABEL_OFFSETS (else the least crowded one), most accurate points first; a thin
+    leader line when the label had to move away from its point."""
+    from matplotlib.text import Text
+
     fig = ax.figure
     fig.canvas.draw()  # the data -> pixel transform is final only after a draw
     renderer = fig.canvas.get_renderer()
@@ -147,19 +152,26 @@ def place_labels(ax: Any, points: list[tuple[float, float]], labels: list[str], 
     texts = []
     for i in sorted(range(len(points)), key=lambda i: (-points[i][1], points[i][0])):
         x, y = points[i]
-        text = None
+        others = placed + [m for j, m in enumerate(marker_boxes) if j != i]
+        best: tuple[int, int, tuple[float, float, float, float]] | None = None
         for k, (dx, dy) in enumerate(LABEL_OFFSETS):
-            if text is not None:
-                text.remove()
-            text = ax.annotate(labels[i], (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
-                               ha="left" if dx > 0 else "right", va="bottom",
-                               arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5} if k >= 4 else None)  # fmt: skip
-            bb = text.get_window_extent(renderer)
+            probe = ax.annotate(labels[i], (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
+                                ha="left" if dx > 0 else "right", va="bottom")  # fmt: skip
+            bb = Text.get_window_extent(probe, renderer)  # the text alone, not an arrow
+            probe.remove()
             box = (bb.x0, bb.y0, bb.x1, bb.y1)
-            if not any(_overlap(box, o) for o in placed) and not any(_overlap(box, m) for j, m in enumerate(marker_boxes) if j != i):
+            hits = sum(_overlap(box, o) for o in others)
+            if best is None or hits < best[0]:
+                best = (hits, k, box)
+            if hits == 0:
                 break
+        assert best is not None
+        _, k, box = best
+        dx, dy = LABEL_OFFSETS[k]
+        texts.append(ax.annotate(labels[i], (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=fontsize,
+                                 ha="left" if dx > 0 else "right", va="bottom",
+                                 arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.5} if k >= 4 else None))  # fmt: skip
         placed.append(box)
-        texts.append(text)
     return texts
 
 

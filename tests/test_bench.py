@@ -194,13 +194,16 @@ def test_plot_labels_of_nearby_points_do_not_collide() -> None:
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
-    pts = [(3.80, 0.906), (3.85, 0.906), (3.90, 0.903), (3.95, 0.906), (2.6, 0.909), (2.7, 0.897), (17.0, 0.906)]
+    from matplotlib.text import Text
+
+    # What bench.png showed for Lite0 on clothing-small: four fp32 rows within 0.4 ms at one accuracy.
+    pts = [(3.41, 0.9382), (3.64, 0.9382), (3.68, 0.9382), (3.78, 0.9382), (2.27, 0.9382), (2.71, 0.9409), (1.78, 0.9462), (3.53, 0.9274)]
     ax.scatter([p[0] for p in pts], [p[1] for p in pts])
-    ax.set_xlim(0, 20)
-    ax.set_ylim(0.88, 0.92)
-    texts = place_labels(ax, pts, [f"runtime-{i}/fp32 (a long note)" for i in range(len(pts))])
+    ax.set_xlim(0.8, 4.8)
+    ax.set_ylim(0.917, 0.957)
+    texts = place_labels(ax, pts, [f"executorch-cpu/fp32 #{i}" for i in range(len(pts))])
     renderer = fig.canvas.get_renderer()
-    boxes = [(b.x0, b.y0, b.x1, b.y1) for b in (t.get_window_extent(renderer) for t in texts)]
+    boxes = [(b.x0, b.y0, b.x1, b.y1) for b in (Text.get_window_extent(t, renderer) for t in texts)]
     assert len(boxes) == len(pts)
     assert not [(i, j) for i in range(len(boxes)) for j in range(i + 1, len(boxes)) if _overlap(boxes[i], boxes[j])]
     plt.close(fig)
