@@ -73,23 +73,74 @@ def lower_fp32(model: Any, input_size: int) -> tuple[bytes, dict[str, Any]]:
         return _lower(_export(model.eval(), torch.zeros(1, 3, input_size, input_size)))
 
 
+def conv_relu6_quantizer(config: Any) -> Any:
+    """A PT2E quantizer for the convolution -> ReLU6 pairs of EfficientNet-Lite and MobileNet, run before
+    XNNPACKQuantizer (which leaves nodes already annotated alone).
+
+    XNNPACKQuantizer fuses convolution with ReLU but not with ReLU6 (aten.hardtanh 0..6): it observes
+    the convolution's output *before* the clamp, so the int8 range spans negative and large values
+    the clamp then throws away, and the clamp runs as a separate quantized op between its own
+    dequantize/quantize pair. Annotated like its conv+ReLU pattern instead (input and weights at the
+    convolution, the output after the clamp), the range is the clamped one and ExecuTorch's
+    FuseActivationPass folds the clamp into XNNPACK's convolution as its output min/max, as LiteRT's
+    converter does with its fused ReLU6."""
+    import torch
+    from torchao.quantization.pt2e.quantizer import (
+        QuantizationAnnotation,
+        Quantizer,
+        get_bias_qspec,
+        get_input_act_qspec,
+        get_output_act_qspec,
+        get_weight_qspec,
+    )
+
+    key = "quantization_annotation"
+    convs = (torch.ops.aten.conv2d.default, torch.ops.aten.convolution.default)
+    clamps = (torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default)
+
+    class ConvReLU6(Quantizer):
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            for clamp in model.graph.nodes:
+                if clamp.op != "call_function" or clamp.target not in clamps or tuple(clamp.args[1:3]) != (0.0, 6.0):
+                    continue
+                conv = clamp.args[0]
+                if not isinstance(conv, torch.fx.Node) or conv.target not in convs or len(conv.users) != 1:
+                    continue
+                if key in conv.meta or key in clamp.meta:
+                    continue
+                inputs = {conv.args[0]: get_input_act_qspec(config), conv.args[1]: get_weight_qspec(config)}
+                if len(conv.args) > 2 and isinstance(conv.args[2], torch.fx.Node):
+                    inputs[conv.args[2]] = get_bias_qspec(config)
+                conv.meta[key] = QuantizationAnnotation(input_qspec_map=inputs, _annotated=True)
+                clamp.meta[key] = QuantizationAnnotation(output_qspec=get_output_act_qspec(config), _annotated=True)
+            return model
+
+        def validate(self, model: torch.fx.GraphModule) -> None:
+            pass
+
+    return ConvReLU6()
+
+
 def lower_int8(model: Any, input_size: int, calibration: Iterable[Any]) -> tuple[bytes, dict[str, Any]]:
     """Static int8: per-channel symmetric int8 weights, int8 activations with ranges observed on the
     calibration batches (float NCHW tensors of batch 1)."""
     import torch
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import ComposableQuantizer
 
     require_extra()
     example = torch.zeros(1, 3, input_size, input_size)
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    config = get_symmetric_quantization_config(is_per_channel=True)
+    quantizer = ComposableQuantizer([conv_relu6_quantizer(config), XNNPACKQuantizer().set_global(config)])
     with torch.no_grad():
         prepared = prepare_pt2e(_export(model.eval(), example).module(), quantizer)
         for batch in calibration:
             prepared(batch)
         converted = convert_pt2e(prepared)
         blob, delegation = _lower(_export(converted, example))
-    return blob, {**delegation, "quantizer": "XNNPACKQuantizer, get_symmetric_quantization_config(is_per_channel=True)"}
+    return blob, {**delegation, "quantizer": "conv+ReLU6 annotation, then XNNPACKQuantizer, "
+                                             "get_symmetric_quantization_config(is_per_channel=True)"}
 
 
 def write_program(target: Path, blob: bytes, meta: dict[str, str]) -> None:

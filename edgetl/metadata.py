@@ -136,7 +136,7 @@ def validate(meta: dict[str, str], where: str, input_name: str | None = None, in
     if input_shape is not None:
         dims = input_shape[1:]
         # LiteRT models take float NHWC; ONNX and OpenVINO models float NCHW, or uint8 NHWC with preprocessing inside.
-        layout = meta.get("layout") or ("NHWC" if in_graph == "true" else "NCHW")
+        layout = "NHWC" if in_graph == "true" else (meta.get("layout") or "NCHW")  # pixels in the graph are always NHWC
         if layout not in ("NCHW", "NHWC"):
             raise MetadataError(f"{where}: metadata 'layout' must be NCHW or NHWC, got {layout!r}")
         want = [size, size, 3] if layout == "NHWC" else [3, size, size]
