@@ -23,3 +23,8 @@ python feature_cache.py
 python train_throughput.py
 [ -d "$RUNS/lite2" ] || edgetl train "$CLOTHING" --backbone efficientnet_lite2 --epochs-finetune 2 --out "$RUNS/lite2"
 python export_int8.py "$RUNS/lite2" --label efficientnet_lite2
+# Issue 17 (needs the extras: pip install -e ".[litert,executorch]"): every format side by side on the test split.
+python edge_formats.py "$RUNS/lite0" --label lite0
+[ -d "$RUNS/lite2-head" ] || edgetl train "$CLOTHING" --backbone efficientnet_lite2 --recipe head --out "$RUNS/lite2-head"
+python edge_formats.py "$RUNS/lite2-head" --label lite2-head
+python executorch_relu6.py "$RUNS/lite0" "$RUNS/lite0-edge" --label lite0
