@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gzip
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +117,18 @@ def real_export(real_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     out = tmp_path_factory.mktemp("real_export")
     export_run(real_run, ExportOptions(format="onnx", out=str(out), embed_preprocess=True), Reporter(quiet=True))
     return out
+
+
+def run_with_imports_blocked(blocked: tuple[str, ...], body: str) -> subprocess.CompletedProcess[str]:
+    """Run `body` in a fresh Python where importing any of `blocked` (top-level packages) fails, as in an
+    app that installed only what the runtime needs."""
+    code = f"""
+import sys, importlib.abc
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split('.')[0] in {blocked!r}:
+            raise ImportError('blocked: ' + name)
+sys.meta_path.insert(0, Block())
+{body}
+"""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

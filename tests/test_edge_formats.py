@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_with_imports_blocked
 from typer.testing import CliRunner
 
 from edgetl import quantize as quantize_module
@@ -122,18 +121,12 @@ def test_classifier_on_a_tflite_without_torch_agrees_with_the_onnx_model(edge_ex
     root = Path(json.loads((tiny_run / "manifest.json").read_text())["dataset"]["root"])
     images = sorted(str(p) for p in root.rglob("*.png"))[:12]
     blocked = ("torch", "torchvision", "timm", "tensorflow", "onnx", "onnxruntime", "openvino", "executorch", "typer", "rich")
-    code = f"""
-import sys, json, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split('.')[0] in {blocked!r}:
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+    proc = run_with_imports_blocked(blocked, f"""
+import json
 from edgetl.runtime import Classifier
 clf = Classifier({str(edge_export / "model.tflite")!r}, threads=1)
 print(json.dumps([p.label for p in clf.predict({images!r})]))
-"""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+""")
     assert proc.returncode == 0, proc.stderr[-2000:]
     labels = json.loads(proc.stdout.strip().splitlines()[-1])
     assert labels == [p.label for p in Classifier(edge_export / "model.onnx").predict(images)]  # type: ignore[union-attr]

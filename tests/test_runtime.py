@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_with_imports_blocked
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -34,20 +33,13 @@ BLOCKED = ("torch", "torchvision", "timm", "onnx", "onnxscript", "openvino", "nn
 def test_runtime_works_with_the_training_stack_blocked(tiny_models: Path) -> None:
     """What a minimal install (numpy, Pillow, onnxruntime) gives an app: the runtime classifies with
     every heavier package made unimportable."""
-    code = f"""
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name.split('.')[0] in {BLOCKED!r}:
-            raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
+    proc = run_with_imports_blocked(BLOCKED, f"""
 import numpy as np
 from edgetl.runtime import Classifier
 clf = Classifier({str(tiny_models / "model.onnx")!r})
 pred = clf.predict(np.zeros((30, 40, 3), np.uint8))
 print(pred.label in clf.labels)
-"""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+""")
     assert proc.returncode == 0 and proc.stdout.strip() == "True", proc.stdout + proc.stderr
 
 
