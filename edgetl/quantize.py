@@ -476,8 +476,27 @@ def _quantize_locked(folder: runfolder.RunFolder, run_dir: Path, opts: QuantizeO
     report["warnings"] = warnings_out
     for w in warnings_out:
         reporter.log(f"[yellow]warning:[/] {w}")
+    report["earlier_results"] = _earlier_results(run_dir, folder.checkpoint_sha256, set(report["results"]))
     write_json(run_dir / runfolder.QUANTIZE_REPORT, report)
     return report
+
+
+def _earlier_results(run_dir: Path, checkpoint_sha256: str, redone: set[str]) -> dict[str, Any]:
+    """What an earlier quantize of the same checkpoint recorded for the formats not redone now (their
+    int8 files are still there): `quantize --format litert` after `export --quantize int8` keeps the
+    ONNX Runtime and OpenVINO records instead of replacing quantize.json with its own alone."""
+    try:
+        old = json.loads((run_dir / runfolder.QUANTIZE_REPORT).read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(old, dict) or old.get("checkpoint_sha256") != checkpoint_sha256:
+        return {}
+    kept = {**old.get("earlier_results", {}), **old.get("results", {})}
+    out = {}
+    for name, r in kept.items():
+        if name not in redone and isinstance(r, dict) and Path(str(r.get("file", ""))).exists():
+            out[name] = {**r, "calibration_files_sha256": r.get("calibration_files_sha256", old.get("calibration", {}).get("files_sha256"))}
+    return out
 
 
 def _edge_threads() -> int:

@@ -195,3 +195,21 @@ def test_quantize_never_imports_torch() -> None:
 
     code = "import sys, edgetl.quantize; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_quantize_json_keeps_the_records_of_formats_not_redone(tmp_path: Path) -> None:
+    """`quantize --format litert` after `export --quantize int8`: the ONNX Runtime record stays in
+    quantize.json (its file is still there, same checkpoint); a record of another checkpoint or of a
+    removed file does not."""
+    from edgetl.quantize import _earlier_results
+
+    (tmp_path / "model.int8.onnx").write_bytes(b"x")
+    old = {"checkpoint_sha256": "abc", "calibration": {"files_sha256": "f00"},
+           "results": {"onnxruntime": {"file": str(tmp_path / "model.int8.onnx"), "drop_points": 0.3},
+                       "openvino": {"file": str(tmp_path / "openvino-int8" / "model.xml"), "drop_points": 0.1},
+                       "litert": {"file": str(tmp_path / "model.int8.tflite"), "drop_points": 0.2}}}  # fmt: skip
+    (tmp_path / "quantize.json").write_text(json.dumps(old))
+    kept = _earlier_results(tmp_path, "abc", {"litert"})
+    assert set(kept) == {"onnxruntime"} and kept["onnxruntime"]["drop_points"] == 0.3
+    assert kept["onnxruntime"]["calibration_files_sha256"] == "f00"
+    assert _earlier_results(tmp_path, "other checkpoint", {"litert"}) == {}
