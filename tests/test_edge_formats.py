@@ -230,3 +230,33 @@ def test_litert_conversion_names_the_operator_it_lacks(tmp_path: Path) -> None:
     onnx.save(model, tmp_path / "model.onnx")
     with pytest.raises(EdgetlError, match="no converter for the ONNX operator 'EdgetlMadeUpOp'"):
         convert(tmp_path / "model.onnx", tmp_path / "work")
+
+
+def test_a_file_failing_parity_is_moved_aside(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LiteRT and ExecuTorch files whose logits drift past 1e-3 fail the export (exit 1) and are moved
+    aside with their sidecar, so nothing later takes them for good models."""
+    from edgetl import export as export_module
+
+    real_runner = export_module.parity_runner
+
+    class Drifting:
+        def __init__(self, runner: object) -> None:
+            self.runner, self.precision = runner, "fp32"
+
+        def predict(self, x: np.ndarray) -> np.ndarray:
+            return self.runner.predict(x) + 0.01  # type: ignore[attr-defined]
+
+    def drifting_edge_runner(path: Path, threads: int | None = None) -> object:
+        runner = real_runner(path, threads)
+        return Drifting(runner) if path.suffix in (".tflite", ".pte") else runner
+
+    monkeypatch.setattr(export_module, "parity_runner", drifting_edge_runner)
+    with pytest.raises(EdgetlError, match="parity check failed for litert") as err:
+        export_run(tiny_run, ExportOptions(format="litert,executorch", out=str(tmp_path)), QUIET)
+    assert err.value.exit_code == 1
+    names = {p.name for p in tmp_path.iterdir()}
+    assert {"model.failed.tflite", "model.failed.pte", "model.failed.pte.json", "model.onnx"} <= names
+    assert not names & {"model.tflite", "model.pte", "model.pte.json"}
+    report = json.loads((tmp_path / "export.json").read_text())
+    assert report["parity"]["litert"]["gate"] == report["parity"]["executorch"]["gate"] == "fail"
+    assert report["parity"]["onnx"]["gate"] == "pass"
