@@ -1,0 +1,95 @@
+"""This CPU's measured multiply-add peak, fp32 and int8, and each batch-1 latency as a multiple of the
+arithmetic floor it implies (issue 18, part 1: "p50 as a fraction of the floor").
+
+    python benchmarks/cpu_peak.py [--edge-results results/edge_formats_lite0.json] [--threads 2]
+
+Method: the peak is what the runtimes' best kernels reach on a large square matrix product, not a data
+sheet figure (the clock under load is unknown on a shared VM): fp32 with torch.mm (oneDNN/MKL), int8
+with ONNX Runtime's MatMulInteger (uint8 x int8, MLAS, which uses VNNI where the CPU has it), N = 2048,
+`--threads` threads, the best of 20 timed runs after 5 warm-ups (best, because the floor is what the
+hardware *can* do). The floor of a model is its multiply-adds (timm's count, `edgetl backbones`)
+divided by that peak; a latency's "x floor" is p50 / floor. Real networks sit well above it: depthwise
+convolutions and small late layers cannot use a GEMM's full width.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from common import RESULTS, save
+
+N = 2048
+MACS = {"efficientnet_lite0": 385e6, "efficientnet_lite2": 860e6}  # timm's counts at 224 / 260 px (`edgetl backbones`)
+
+
+def _best_seconds(fn, runs: int = 20, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def fp32_peak(threads: int) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(N, N), torch.randn(N, N)
+    return N**3 / _best_seconds(lambda: torch.mm(a, b))
+
+
+def int8_peak(threads: int) -> float:
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "mm",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [N, N]), helper.make_tensor_value_info("b", TensorProto.INT8, [N, N])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [N, N])],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), opts)
+    rng = np.random.default_rng(0)
+    feed = {"a": rng.integers(0, 255, (N, N), dtype=np.uint8), "b": rng.integers(-127, 127, (N, N), dtype=np.int8)}
+    return N**3 / _best_seconds(lambda: sess.run(None, feed))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--edge-results", nargs="*",
+                    default=[str(RESULTS / "edge_formats_lite0.json"), str(RESULTS / "edge_formats_lite2-head.json")])  # fmt: skip
+    args = ap.parse_args()
+    peaks = {"fp32": fp32_peak(args.threads), "int8": int8_peak(args.threads)}
+    rows, table = [], ""
+    for path in args.edge_results:
+        if not Path(path).is_file():
+            continue
+        bench = json.loads(Path(path).read_text())["bench"]
+        backbone = "efficientnet_lite2" if "lite2" in Path(path).stem else "efficientnet_lite0"
+        for r in sorted(bench["results"], key=lambda r: r["latency"]["p50_ms"]):
+            precision = "int8" if r["precision"] == "int8" else "fp32"
+            floor_ms = MACS[backbone] / peaks[precision] * 1e3
+            row = {"model": backbone, "variant": r["variant"], "p50_ms": r["latency"]["p50_ms"], "floor_ms": floor_ms,
+                   "x_floor": r["latency"]["p50_ms"] / floor_ms}  # fmt: skip
+            rows.append(row)
+            table += f"| {backbone} | {r['variant']} | {row['p50_ms']:.2f} | {floor_ms:.2f} | {row['x_floor']:.1f}x |\n"
+    save("cpu_peak", {"peaks_macs_per_s": peaks, "n": N, "threads": args.threads, "rows": rows},
+         f"# This CPU's multiply-add peak and the arithmetic floor\n\n"
+         f"Measured peak ({args.threads} threads, {N}x{N} matrix product, best of 20): fp32 **{peaks['fp32'] / 1e9:.1f} GMAC/s** "
+         f"(torch.mm), int8 **{peaks['int8'] / 1e9:.1f} GMAC/s** (ONNX Runtime MatMulInteger u8 x s8; "
+         f"{peaks['int8'] / peaks['fp32']:.2f}x fp32). Floor = the model's multiply-adds / peak (Lite0 385 M, Lite2 860 M).\n\n"
+         "| model | variant | p50 ms | floor ms | x floor |\n|---|---|---|---|---|\n" + table)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
