@@ -28,3 +28,4 @@ python edge_formats.py "$RUNS/lite0" --label lite0
 [ -d "$RUNS/lite2-head" ] || edgetl train "$CLOTHING" --backbone efficientnet_lite2 --recipe head --out "$RUNS/lite2-head"
 python edge_formats.py "$RUNS/lite2-head" --label lite2-head
 python executorch_relu6.py "$RUNS/lite0" "$RUNS/lite0-edge" --label lite0
+python cpu_peak.py
