@@ -96,15 +96,20 @@ def failure_reason(log: Path) -> str:
 # ----------------------------------------------------------------------------- the child process
 
 
-def _offline_onnx2tf(sample: np.ndarray | None) -> None:
+def _offline_onnx2tf(onnx_path: str, sample: np.ndarray | None) -> None:
     """onnx2tf downloads 20 MS-COCO images to check fixed-batch image models against ONNX Runtime:
-    give it images instead (the caller's calibration images, else a deterministic pattern)."""
+    give it images instead (the caller's calibration images, else a deterministic pattern of the
+    model's input size)."""
+    import onnx
+
+    dims = [d.dim_value for d in onnx.load(onnx_path, load_external_data=False).graph.input[0].type.tensor_type.shape.dim]
+    height, width = (dims[2], dims[3]) if len(dims) == 4 and dims[2] > 0 and dims[3] > 0 else (224, 224)
     module = sys.modules["onnx2tf.onnx2tf"]
 
     def images() -> np.ndarray:
         if sample is not None:
             return sample[:20]
-        return np.random.default_rng(0).random((20, 224, 224, 3), dtype=np.float32)
+        return np.random.default_rng(0).random((20, height, width, 3), dtype=np.float32)
 
     module.download_test_image_data = images
 
@@ -112,7 +117,7 @@ def _offline_onnx2tf(sample: np.ndarray | None) -> None:
 def _convert_float(onnx_path: str, out_dir: Path, sample: np.ndarray | None) -> None:
     import onnx2tf
 
-    _offline_onnx2tf(sample)
+    _offline_onnx2tf(onnx_path, sample)
     onnx2tf.convert(
         input_onnx_file_path=onnx_path, output_folder_path=str(out_dir), non_verbose=True,
         copy_onnx_input_output_names_to_tflite=True,
