@@ -84,8 +84,8 @@ def _print_metrics(title: str, m: dict[str, Any]) -> None:
     console.print(f"top-1 [bold]{m['top1']:.2%}[/]{top5}  macro-F1 {m['macro_f1']:.3f}  (n={m['n']})")
 
 
-FORMAT_HELP = ("onnx, openvino, litert (.tflite; edgetl[litert]), executorch (.pte; edgetl[executorch]), or all (onnx and "
-               "openvino); several comma-separated: all,litert,executorch")
+FORMAT_HELP = ("onnx, openvino, litert (.tflite; needs the litert extra), executorch (.pte; needs the executorch extra), "
+               "or all (onnx and openvino); several comma-separated: all,litert,executorch")
 
 # Options shared by `export --quantize int8` and `quantize`.
 CalibSize = Annotated[int, typer.Option(help="Calibration images (see --calib-source)")]
