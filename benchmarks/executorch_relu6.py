@@ -26,19 +26,6 @@ from edgetl.quantize import QuantizeOptions, load_images
 from edgetl.run import RunFolder
 
 
-def xnnpack_quantizer_alone(model: torch.nn.Module, size: int, calibration: list[torch.Tensor]) -> tuple[bytes, dict]:
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    example = torch.zeros(1, 3, size, size)
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
-    with torch.no_grad():
-        prepared = prepare_pt2e(ee._export(model.eval(), example).module(), quantizer)
-        for batch in calibration:
-            prepared(batch)
-        return ee._lower(ee._export(convert_pt2e(prepared), example))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run")
@@ -54,9 +41,9 @@ def main() -> None:
     batches = [torch.from_numpy(calib.floats[i : i + 1]) for i in range(len(calib.floats))]
     results: dict[str, dict] = {}
     runners = {"fp32": ExecuTorchModel(fp32_path, threads=2)}
-    for name, lower in (("XNNPACKQuantizer alone", xnnpack_quantizer_alone), ("conv+ReLU6 annotation first", ee.lower_int8)):
+    for name, fuse in (("XNNPACKQuantizer alone", False), ("conv+ReLU6 annotation first", True)):
         t0 = time.perf_counter()
-        blob, info = lower(model, size, batches)
+        blob, info = ee.lower_int8(model, size, batches, fuse_relu6=fuse)
         path = f"{args.export_dir}/.relu6-{len(results)}.pte"
         with open(path, "wb") as f:
             f.write(blob)

@@ -69,10 +69,11 @@ LITERT_COMPUTE = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATM
 def litert_executed_ops(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Operator counts of a .tflite file with the type each compute op takes in. LiteRT runs the file's
     operators as written (XNNPACK takes them over one for one), so the file is what executes."""
-    from edgetl.backends.litert import _read_tflite, _schema
+    from edgetl.backends.litert import read_tflite
+    from edgetl.backends.litert import schema as litert_schema
 
-    schema = _schema()
-    model = schema.Model.GetRootAs(_read_tflite(path), 0)
+    schema = litert_schema()
+    model = schema.Model.GetRootAs(read_tflite(path), 0)
     names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     graph = model.Subgraphs(0)
     ops: Counter[str] = Counter()

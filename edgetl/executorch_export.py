@@ -121,9 +121,10 @@ def conv_relu6_quantizer(config: Any) -> Any:
     return ConvReLU6()
 
 
-def lower_int8(model: Any, input_size: int, calibration: Iterable[Any]) -> tuple[bytes, dict[str, Any]]:
+def lower_int8(model: Any, input_size: int, calibration: Iterable[Any], fuse_relu6: bool = True) -> tuple[bytes, dict[str, Any]]:
     """Static int8: per-channel symmetric int8 weights, int8 activations with ranges observed on the
-    calibration batches (float NCHW tensors of batch 1)."""
+    calibration batches (float NCHW tensors of batch 1). `fuse_relu6=False` is XNNPACKQuantizer alone
+    (kept for the side-by-side benchmark)."""
     import torch
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -132,15 +133,17 @@ def lower_int8(model: Any, input_size: int, calibration: Iterable[Any]) -> tuple
     require_extra()
     example = torch.zeros(1, 3, input_size, input_size)
     config = get_symmetric_quantization_config(is_per_channel=True)
-    quantizer = ComposableQuantizer([conv_relu6_quantizer(config), XNNPACKQuantizer().set_global(config)])
+    quantizers = [conv_relu6_quantizer(config)] if fuse_relu6 else []
+    quantizer = ComposableQuantizer([*quantizers, XNNPACKQuantizer().set_global(config)])
     with torch.no_grad():
         prepared = prepare_pt2e(_export(model.eval(), example).module(), quantizer)
         for batch in calibration:
             prepared(batch)
         converted = convert_pt2e(prepared)
         blob, delegation = _lower(_export(converted, example))
-    return blob, {**delegation, "quantizer": "conv+ReLU6 annotation, then XNNPACKQuantizer, "
-                                             "get_symmetric_quantization_config(is_per_channel=True)"}
+    name = "XNNPACKQuantizer, get_symmetric_quantization_config(is_per_channel=True)"
+    name = f"conv+ReLU6 annotation, then {name}" if fuse_relu6 else name
+    return blob, {**delegation, "quantizer": name}
 
 
 def write_program(target: Path, blob: bytes, meta: dict[str, str]) -> None:

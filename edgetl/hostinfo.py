@@ -72,3 +72,15 @@ def host_record() -> dict[str, Any]:
         "platform": platform.platform(),
         "libraries": library_versions(),
     }
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on: the default thread count of every runtime edgetl drives."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except ImportError:
+        n = None
+    avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(n or avail, avail))

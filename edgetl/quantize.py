@@ -46,7 +46,7 @@ from edgetl.data import relabel, stratified_sample
 from edgetl.errors import EdgetlError
 from edgetl.executed_ops import describe, openvino_executed_layers, ort_executed_ops
 from edgetl.fileio import atomic_path, sha256_file, write_json
-from edgetl.hostinfo import has_vnni, host_record
+from edgetl.hostinfo import has_vnni, host_record, physical_cores
 from edgetl.metadata import set_onnx_metadata
 from edgetl.parity import ParityData, prepare
 from edgetl.preprocess import PreprocessSpec
@@ -499,21 +499,31 @@ def _earlier_results(run_dir: Path, checkpoint_sha256: str, redone: set[str]) ->
     return out
 
 
-def _edge_threads() -> int:
-    from edgetl.bench.runner import physical_cores
-
-    return physical_cores()
-
-
 def _top1(runner: Any, val: ParityData) -> float:
     return float((runner.predict(val.floats).argmax(1) == val.labels).mean())
 
 
-def _over_budget(name: str, fp32_top1: float, top1: float, opts: QuantizeOptions, what: str) -> None:
+def _judge(fmt: str, load: Any, fp32_path: Path, candidate: Path, val: ParityData, opts: QuantizeOptions,
+           reporter: Reporter) -> dict[str, Any]:  # fmt: skip
+    """Score the fp32 file and the int8 candidate in the format's own runtime (`load(path, threads)`);
+    over the budget the command fails (no per-layer float fallback for these formats)."""
+    threads = physical_cores()
+    fp32_top1, top1 = _top1(load(fp32_path, threads), val), _top1(load(candidate, threads), val)
     drop = (fp32_top1 - top1) * 100
+    reporter.log(f"{fmt} int8: top-1 {top1:.2%} (drop {drop:+.2f} points)")
     if drop > opts.max_drop:
-        raise EdgetlError(f"{name} int8 cannot meet --max-drop {opts.max_drop} points: drop {drop:.2f} points "
-                          f"(no per-layer float fallback for this format); no {what} was written", exit_code=1)  # fmt: skip
+        raise EdgetlError(f"{fmt} int8 cannot meet --max-drop {opts.max_drop} points: drop {drop:.2f} points "
+                          f"(no per-layer float fallback for this format); no int8 {fmt} model was written", exit_code=1)  # fmt: skip
+    return {"fp32_top1": fp32_top1, "int8_top1": top1, "drop_points": drop, "kept_in_float": [], "threads": threads}
+
+
+def _timed(load: Any, fp32_path: Path, target: Path, judged: dict[str, Any], val: ParityData, opts: QuantizeOptions,
+           executed: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The written int8 file's result: fp32 and int8 timed side by side at batch 1, sizes, what executes."""
+    threads = judged["threads"]
+    lat = time_pair(lambda: load(fp32_path, threads), lambda: load(target, threads), val.floats[:1], opts.latency_runs)
+    return {**judged, "latency": lat, "fp32_bytes": fp32_path.stat().st_size, "int8_bytes": target.stat().st_size,
+            "file": str(target), "executed": executed}  # fmt: skip
 
 
 def quantize_litert(run_dir: Path, calib: ParityData, val: ParityData, calib_record: dict, opts: QuantizeOptions,
@@ -531,11 +541,7 @@ def quantize_litert(run_dir: Path, calib: ParityData, val: ParityData, calib_rec
     work = make_temp_dir(run_dir, "litert-int8")
     try:
         candidate = convert(onnx_path, work, calib.floats)["int8"]
-        threads = _edge_threads()
-        fp32_top1, top1 = _top1(LiteRtModel(fp32_path, threads), val), _top1(LiteRtModel(candidate, threads), val)
-        drop = (fp32_top1 - top1) * 100
-        reporter.log(f"LiteRT int8: top-1 {top1:.2%} (drop {drop:+.2f} points)")
-        _over_budget("LiteRT", fp32_top1, top1, opts, "int8 LiteRT model")
+        judged = _judge("LiteRT", LiteRtModel, fp32_path, candidate, val, opts, reporter)
         rec = _record(meta, "litert-tfliteconverter", fp32_path, calib_record, opts, [],
                       {"method": "TFLiteConverter representative dataset (min/max)", "converted_from": onnx_path.name,
                        "types": {"activation": "int8", "weight": "int8 per-channel", "io": "float32"}})  # fmt: skip
@@ -545,11 +551,7 @@ def quantize_litert(run_dir: Path, calib: ParityData, val: ParityData, calib_rec
                                                  "quantization": json.dumps(rec)}))  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    x1 = val.floats[:1]
-    lat = time_pair(lambda: LiteRtModel(fp32_path, threads), lambda: LiteRtModel(target, threads), x1, opts.latency_runs)
-    return {"fp32_top1": fp32_top1, "int8_top1": top1, "drop_points": drop, "kept_in_float": [], "latency": lat,
-            "fp32_bytes": fp32_path.stat().st_size, "int8_bytes": target.stat().st_size, "file": str(target),
-            "executed": litert_executed_ops(target), "threads": threads}  # fmt: skip
+    return _timed(LiteRtModel, fp32_path, target, judged, val, opts, litert_executed_ops(target))
 
 
 def quantize_executorch(folder: runfolder.RunFolder, run_dir: Path, calib: ParityData, val: ParityData, calib_record: dict,
@@ -572,26 +574,17 @@ def quantize_executorch(folder: runfolder.RunFolder, run_dir: Path, calib: Parit
     try:
         candidate = work / "int8.pte"
         candidate.write_bytes(blob)
-        threads = _edge_threads()
-        fp32_top1, top1 = _top1(ExecuTorchModel(fp32_path, threads), val), _top1(ExecuTorchModel(candidate, threads), val)
+        judged = _judge("ExecuTorch", ExecuTorchModel, fp32_path, candidate, val, opts, reporter)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    drop = (fp32_top1 - top1) * 100
-    reporter.log(f"ExecuTorch int8: top-1 {top1:.2%} (drop {drop:+.2f} points)")
-    _over_budget("ExecuTorch", fp32_top1, top1, opts, "int8 ExecuTorch program")
     rec = _record(meta, "executorch-pt2e-xnnpack", fp32_path, calib_record, opts, [],
                   {"method": "PT2E observers (min/max)", "delegation": delegation,
                    "types": {"activation": "int8", "weight": "int8 per-channel symmetric", "io": "float32"}})  # fmt: skip
     write_program(target, blob, {**meta, "quantization": json.dumps(rec)})
-    x1 = val.floats[:1]
-    lat = time_pair(lambda: ExecuTorchModel(fp32_path, threads), lambda: ExecuTorchModel(target, threads), x1, opts.latency_runs)
-    return {"fp32_top1": fp32_top1, "int8_top1": top1, "drop_points": drop, "kept_in_float": [], "latency": lat,
-            "fp32_bytes": fp32_path.stat().st_size, "int8_bytes": target.stat().st_size, "file": str(target),
-            # XNNPACK takes each dequantize -> op -> quantize pattern as one int8 kernel; what it does not take runs in float.
-            "executed": {"compute_ops": delegation.get("compute_ops_delegated", 0) + delegation.get("compute_ops_not_delegated", 0),
-                         "int8_compute_ops": delegation.get("compute_ops_delegated", 0),
-                         "float_compute_ops": delegation.get("compute_ops_not_delegated", 0), "delegation": delegation},
-            "threads": threads}  # fmt: skip
+    # XNNPACK takes each dequantize -> op -> quantize pattern as one int8 kernel; what it does not take runs in float.
+    done, left = delegation.get("compute_ops_delegated", 0), delegation.get("compute_ops_not_delegated", 0)
+    executed = {"compute_ops": done + left, "int8_compute_ops": done, "float_compute_ops": left, "delegation": delegation}
+    return _timed(ExecuTorchModel, fp32_path, target, judged, val, opts, executed)
 
 
 def slow_int8_reason(executed: dict[str, Any]) -> str:

@@ -162,6 +162,11 @@ def test_tflite_metadata_round_trip_and_bad_files(edge_export: Path, tmp_path: P
         Classifier(fake)
     result = CliRunner().invoke(app, ["predict", str(fake), str(tmp_path)])
     assert result.exit_code == 2 and "not a LiteRT" in result.output
+    # A file cut short (a copy that did not finish) is one clear error too, not a flatbuffer traceback.
+    cut = tmp_path / "cut.tflite"
+    cut.write_bytes(blob[: len(blob) // 2])
+    result = CliRunner().invoke(app, ["predict", str(cut), str(tmp_path)])
+    assert result.exit_code == 2 and "truncated or corrupt" in result.output and "Traceback" not in result.output
 
 
 def test_bench_has_litert_and_executorch_rows(edge_export: Path, edge_int8: dict, tmp_path: Path) -> None:

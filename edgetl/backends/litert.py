@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from edgetl.errors import EdgetlError
+from edgetl.hostinfo import physical_cores
 
 METADATA_NAME = "edgetl"
 TFLITE_IDENTIFIER = b"TFL3"
@@ -27,7 +28,8 @@ class LiteRtLoadError(EdgetlError, ValueError):
     """A file the LiteRT interpreter cannot load (a ValueError too, like onnxruntime's load error)."""
 
 
-def _schema() -> Any:
+def schema() -> Any:
+    """ai-edge-litert's generated flatbuffer schema of .tflite files (torch- and TensorFlow-free)."""
     try:
         from ai_edge_litert import schema_py_generated
     except ImportError:
@@ -35,7 +37,7 @@ def _schema() -> Any:
     return schema_py_generated
 
 
-def _read_tflite(path: str | os.PathLike[str]) -> bytes:
+def read_tflite(path: str | os.PathLike[str]) -> bytes:
     p = Path(path)
     if not p.is_file():
         raise LiteRtLoadError(f"no model file at {p}")
@@ -47,21 +49,28 @@ def _read_tflite(path: str | os.PathLike[str]) -> bytes:
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The edgetl metadata of a .tflite file ({} when it has none)."""
-    schema = _schema()
-    buf = _read_tflite(path)
-    model = schema.Model.GetRootAs(buf, 0)
-    for i in range(model.MetadataLength()):
-        entry = model.Metadata(i)
-        if entry.Name() == METADATA_NAME.encode():
-            raw = model.Buffers(entry.Buffer()).DataAsNumpy()
-            try:
-                meta = json.loads(bytes(raw).decode())
-            except (ValueError, TypeError):
-                raise LiteRtLoadError(f"{path}: its {METADATA_NAME!r} metadata is not JSON") from None
-            if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
-                raise LiteRtLoadError(f"{path}: its {METADATA_NAME!r} metadata is not a map of strings")
-            return meta
-    return {}
+    return metadata_of(read_tflite(path), str(path))
+
+
+def metadata_of(buf: bytes, path: str) -> dict[str, str]:
+    """The edgetl metadata in the bytes of a .tflite file read from `path` (named in errors)."""
+    try:
+        model = schema().Model.GetRootAs(buf, 0)
+        entries = [model.Metadata(i) for i in range(model.MetadataLength())]
+        raw = next((model.Buffers(e.Buffer()).DataAsNumpy() for e in entries if e.Name() == METADATA_NAME.encode()), None)
+    except EdgetlError:
+        raise
+    except Exception:  # a truncated or corrupt flatbuffer fails somewhere inside the generated reader
+        raise LiteRtLoadError(f"{path} is not a readable LiteRT (.tflite) model (truncated or corrupt)") from None
+    if raw is None:
+        return {}
+    try:
+        meta = json.loads(bytes(raw).decode())
+    except (ValueError, TypeError):
+        raise LiteRtLoadError(f"{path}: its {METADATA_NAME!r} metadata is not JSON") from None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise LiteRtLoadError(f"{path}: its {METADATA_NAME!r} metadata is not a map of strings")
+    return meta
 
 
 def with_metadata(tflite: bytes, meta: dict[str, str]) -> bytes:
@@ -69,14 +78,14 @@ def with_metadata(tflite: bytes, meta: dict[str, str]) -> bytes:
     packed again (what TensorFlow's flatbuffer_utils.write_model does), every other buffer unchanged."""
     import flatbuffers
 
-    schema = _schema()
-    model = schema.ModelT.InitFromPackedBuf(bytearray(tflite), 0)
+    tfl = schema()
+    model = tfl.ModelT.InitFromPackedBuf(bytearray(tflite), 0)
     model.buffers = list(model.buffers or [])
     keep = [m for m in (model.metadata or []) if (m.name.decode() if isinstance(m.name, bytes) else m.name) != METADATA_NAME]
-    buffer = schema.BufferT()
+    buffer = tfl.BufferT()
     buffer.data = np.frombuffer(json.dumps(meta, sort_keys=True).encode(), dtype=np.uint8)
     model.buffers.append(buffer)
-    entry = schema.MetadataT()
+    entry = tfl.MetadataT()
     entry.name = METADATA_NAME
     entry.buffer = len(model.buffers) - 1
     model.metadata = [*keep, entry]
@@ -87,14 +96,8 @@ def with_metadata(tflite: bytes, meta: dict[str, str]) -> bytes:
 
 def io_names(tflite: bytes) -> tuple[str, str]:
     """The names of the first input and output tensors (what an app looks them up by)."""
-    schema = _schema()
-    graph = schema.Model.GetRootAs(tflite, 0).Subgraphs(0)
+    graph = schema().Model.GetRootAs(tflite, 0).Subgraphs(0)
     return graph.Tensors(graph.Inputs(0)).Name().decode(), graph.Tensors(graph.Outputs(0)).Name().decode()
-
-
-def default_threads() -> int:
-    """All the cores this process may use, as ONNX Runtime's default session does."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def interpreter_class() -> Any:
@@ -114,9 +117,10 @@ class LiteRtModel:
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None) -> None:
         self.path = str(path)
-        self.metadata = read_metadata(path)
+        content = read_tflite(path)  # read once: the metadata and the interpreter take the same bytes
+        self.metadata = metadata_of(content, self.path)
         try:
-            self.interpreter = interpreter_class()(model_path=self.path, num_threads=threads or default_threads())
+            self.interpreter = interpreter_class()(model_content=content, num_threads=threads or physical_cores())
             self.interpreter.allocate_tensors()
         except EdgetlError:
             raise

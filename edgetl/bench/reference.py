@@ -35,7 +35,7 @@ def openvino_reference(model: Path, shape: tuple[int, ...], threads: int, precis
     exe = find_benchmark_app()
     if exe is None:
         return {"tool": "benchmark_app", "error": "benchmark_app is not installed here (it ships in the openvino wheel)"}
-    from edgetl.bench.runner import physical_cores
+    from edgetl.hostinfo import physical_cores
 
     # benchmark_app takes a thread count only without a hint: with every core, the LATENCY hint edgetl
     # uses (one stream on all physical cores); with fewer, its equivalent spelled out.

@@ -14,6 +14,7 @@ from edgetl import metadata
 from edgetl.bench.base import TARGETS, Variant
 from edgetl.bench.timing import latency_stats
 from edgetl.errors import EdgetlError
+from edgetl.hostinfo import physical_cores
 from edgetl.metrics import classification_metrics
 from edgetl.preprocess import PreprocessSpec
 from edgetl.progress import Reporter
@@ -54,17 +55,6 @@ class ModelFile:
     @property
     def bytes(self) -> int:
         return self.path.stat().st_size + (self.path.with_suffix(".bin").stat().st_size if self.kind == "openvino" else 0)
-
-
-def physical_cores() -> int:
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-    except ImportError:
-        n = None
-    avail = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(n or avail, avail))
 
 
 # ----------------------------------------------------------------------------- finding models
