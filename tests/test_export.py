@@ -182,7 +182,14 @@ def test_missing_and_corrupt_runs(tmp_path: Path, tiny_run: Path) -> None:
 def test_fixed_batch_export(tiny_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
-    report = export_run(run, ExportOptions(format="onnx", batch="4"), QUIET)
+    # OpenVINO too: its parity check feeds validation images in chunks of the fixed batch (a batch of 32
+    # into a batch-4 IR used to fail inside the CPU plugin).
+    report = export_run(run, ExportOptions(format="onnx,openvino", batch="4"), QUIET)
     assert report["ok"]
     proto = onnx.load(str(run / "model.onnx"))
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_value == 4
+    from edgetl.backends.openvino import OpenVinoModel
+
+    ov_model = OpenVinoModel(run / "openvino" / "model.xml")
+    assert ov_model.fixed_batch == 4
+    assert ov_model.predict(np.zeros((6, 3, 64, 64), np.float32)).shape[0] == 6

@@ -11,7 +11,7 @@ import numpy as np
 from edgetl import metadata
 from edgetl.errors import EdgetlError
 from edgetl.fileio import make_temp_dir, replace_dir
-from edgetl.runners import batches
+from edgetl.runners import run_in_chunks
 
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}  # int8 IRs keep f32 for what is not int8
 
@@ -50,7 +50,9 @@ class OpenVinoModel:
         hint = self.compiled.get_property("INFERENCE_PRECISION_HINT")
         self.precision = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}.get(hint.to_string(), hint.to_string())
         self.request = self.compiled.create_infer_request()
-        self.fixed_batch = None
+        # A model exported with a fixed batch (--batch 1) takes exactly that many rows: predict pads to it.
+        batch_dim = self.compiled.input(0).get_partial_shape()[0]
+        self.fixed_batch = batch_dim.get_length() if batch_dim.is_static else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # The caller's array becomes the request's input tensor without a copy, and the request runs
@@ -63,7 +65,7 @@ class OpenVinoModel:
         return self.request.get_output_tensor(0).data.copy()
 
     def predict(self, x: np.ndarray, batch: int = 32) -> np.ndarray:
-        return np.concatenate([self(b) for b in batches(x, batch)])
+        return run_in_chunks(self, x, self.fixed_batch, batch)
 
 
 def read_metadata(xml: str | os.PathLike[str]) -> dict[str, str]:
