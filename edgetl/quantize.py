@@ -40,7 +40,7 @@ import numpy as np
 from edgetl import __version__, metadata
 from edgetl import run as runfolder
 from edgetl.backends.onnxruntime import OrtModel
-from edgetl.backends.openvino import OpenVinoModel, compile_model, save_model
+from edgetl.backends.openvino import OpenVinoModel, save_model
 from edgetl.bench.timing import interleaved_latency, latency_stats
 from edgetl.data import relabel, stratified_sample
 from edgetl.errors import EdgetlError
@@ -283,8 +283,10 @@ def quantize_openvino(src_xml: Path, calib: ParityData, val: ParityData, opts: Q
     import openvino as ov
 
     model = ov.Core().read_model(str(src_xml))
-    fp32_top1 = float((OpenVinoModel(src_xml).predict(val.floats).argmax(1) == val.labels).mean())
-    calib_ds = nncf.Dataset([calib.floats[i : i + 1] for i in range(len(calib.floats))])
+    fp32 = OpenVinoModel(src_xml)
+    fp32_top1 = float((fp32.predict(val.floats).argmax(1) == val.labels).mean())
+    step = fp32.fixed_batch or 1  # an IR exported with --batch N takes exactly N rows
+    calib_ds = nncf.Dataset(_padded_chunks(calib.floats, step))
     # The deployment target decides the weight range (see the module docstring).
     overflow = nncf.OverflowFix.DISABLE if opts.int8_target == "vnni" else nncf.OverflowFix.ENABLE
     advanced = nncf.AdvancedQuantizationParameters(overflow_fix=overflow)
@@ -294,11 +296,12 @@ def quantize_openvino(src_xml: Path, calib: ParityData, val: ParityData, opts: Q
     mode = "nncf.quantize"
     if (fp32_top1 - top1) * 100 > opts.max_drop:
         reporter.log(f"openvino int8 drop {(fp32_top1 - top1) * 100:.2f} points is over budget: nncf.quantize_with_accuracy_control")
-        val_ds = nncf.Dataset(list(zip([val.floats[i : i + 1] for i in range(len(val.floats))], val.labels.tolist(), strict=True)))
+        labels = [val.labels[i : i + step] for i in range(0, len(val.labels), step)]
+        val_ds = nncf.Dataset(list(zip(_padded_chunks(val.floats, step), labels, strict=True)))
 
         def validate(compiled: Any, items: Any) -> float:
-            hits = [int(np.argmax(compiled(x)[0]) == y) for x, y in items]
-            return float(np.mean(hits))
+            hits = [np.argmax(compiled(x)[0][: len(y)], axis=1) == y for x, y in items]
+            return float(np.concatenate(hits).mean())
 
         quantized = nncf.quantize_with_accuracy_control(
             model, calibration_dataset=calib_ds, validation_dataset=val_ds, validation_fn=validate,
@@ -315,9 +318,17 @@ def quantize_openvino(src_xml: Path, calib: ParityData, val: ParityData, opts: Q
             "kept_in_float": _ov_float_ops(quantized), "overflow_fix": overflow.value}  # fmt: skip
 
 
+def _padded_chunks(x: np.ndarray, step: int) -> list[np.ndarray]:
+    """Rows of `x` in chunks of exactly `step` (the last padded with zeros), as a fixed-batch IR takes them."""
+    out = []
+    for i in range(0, len(x), step):
+        chunk = x[i : i + step]
+        out.append(np.concatenate([chunk, np.zeros((step - len(chunk), *x.shape[1:]), x.dtype)]) if len(chunk) < step else chunk)
+    return out
+
+
 def _ov_top1(model: Any, val: ParityData) -> float:
-    compiled = compile_model(model, "f32", latency_hint=False)
-    out = np.concatenate([compiled(val.floats[i : i + 32])[0] for i in range(0, len(val.floats), 32)])
+    out = OpenVinoModel(model, "f32").predict(val.floats)  # in chunks of a fixed batch where the IR has one
     return float((out.argmax(1) == val.labels).mean())
 
 
@@ -351,8 +362,11 @@ def _has_int8_constant(node: Any) -> bool:
 
 def time_pair(make_fp32: Any, make_int8: Any, x: np.ndarray, runs: int, rounds: int = 6) -> dict[str, Any]:
     """Batch-1 latency of two models, interleaved in rounds so machine drift hits both alike."""
+    # A model exported with a fixed batch N is timed on one image padded to N rows (what an app pays).
+    runners = {name: (m.predict if getattr(m, "fixed_batch", None) not in (None, len(x)) else m)
+               for name, m in (("fp32", make_fp32()), ("int8", make_int8()))}  # fmt: skip
     samples = interleaved_latency(
-        {"fp32": make_fp32(), "int8": make_int8()}, x, min_time=0.0, warmup=10, rounds=rounds,
+        runners, x, min_time=0.0, warmup=10, rounds=rounds,
         runs_per_round=max(1, runs // rounds),
     )  # fmt: skip
     out: dict[str, Any] = {}
@@ -403,12 +417,14 @@ def _quantize_locked(folder: runfolder.RunFolder, run_dir: Path, opts: QuantizeO
                 raise EdgetlError(f"no {rel} in {run_dir}: run `edgetl export {folder.path} --format {fmt}` first")
     if onnx_path.exists():
         meta = _check_model_input(onnx_path)
-    else:  # an ExecuTorch-only export: the program's sidecar holds the same metadata
+    else:  # an OpenVINO- or ExecuTorch-only export: the IR's rt_info or the program's sidecar holds the same metadata
         from edgetl.backends.executorch import read_metadata as read_pte_metadata
+        from edgetl.backends.openvino import read_metadata as read_ir_metadata
 
-        pte = run_dir / runfolder.MODEL_FILES["executorch"]
-        meta = read_pte_metadata(pte)
-        metadata.validate(meta, str(pte))
+        xml = run_dir / runfolder.MODEL_FILES["openvino"]
+        source = xml if xml.exists() else run_dir / runfolder.MODEL_FILES["executorch"]
+        meta = read_ir_metadata(source) if source == xml else read_pte_metadata(source)
+        metadata.validate(meta, str(source))
     wanted = {*formats, *(["onnx"] if "litert" in formats else [])}
     parents = [m for m in folder.models(run_dir) if m.key in wanted]
     for m in parents:

@@ -213,3 +213,20 @@ def test_quantize_json_keeps_the_records_of_formats_not_redone(tmp_path: Path) -
     assert set(kept) == {"onnxruntime"} and kept["onnxruntime"]["drop_points"] == 0.3
     assert kept["onnxruntime"]["calibration_files_sha256"] == "f00"
     assert _earlier_results(tmp_path, "other checkpoint", {"litert"}) == {}
+
+
+def test_fixed_batch_openvino_model_is_calibrated_and_judged_in_its_batch(tiny_run: Path, tmp_path: Path) -> None:
+    # An IR exported with --batch 4 takes exactly 4 rows: NNCF's calibration items, the accuracy-control
+    # validation and the top-1 judge all feed it padded chunks of 4 (batch-1 items and batches of 32 crashed
+    # inside the CPU plugin). A zero budget on random weights forces the accuracy-control path too.
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    export_run(run, ExportOptions(format="openvino", batch="4"), QUIET)
+    try:
+        res = quantize_run(run, QuantizeOptions(format="openvino", calib_size=10, latency_runs=5, max_drop=0.0), QUIET)
+        assert res["results"]["openvino"]["drop_points"] <= 0.0
+        assert (run / "openvino-int8" / "model.xml").is_file()
+    except EdgetlError as exc:  # the budget may be out of reach; the message says so, not a plugin shape error
+        assert "cannot meet --max-drop" in str(exc)
+    chunks = q._padded_chunks(np.arange(10, dtype=np.float32).reshape(10, 1), 4)
+    assert [c.shape for c in chunks] == [(4, 1)] * 3 and chunks[-1][2:].sum() == 0
