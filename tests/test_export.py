@@ -193,3 +193,20 @@ def test_fixed_batch_export(tiny_run: Path, tmp_path: Path) -> None:
     ov_model = OpenVinoModel(run / "openvino" / "model.xml")
     assert ov_model.fixed_batch == 4
     assert ov_model.predict(np.zeros((6, 3, 64, 64), np.float32)).shape[0] == 6
+
+
+def test_openvino_compiles_a_static_batch_per_call_size_with_the_same_logits(tiny_run: Path, tmp_path: Path) -> None:
+    from edgetl.backends.openvino import OpenVinoModel
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    export_run(run, ExportOptions(format="openvino"), QUIET)
+    xml = run / "openvino" / "model.xml"
+    x = np.random.default_rng(0).standard_normal((5, 3, 64, 64)).astype(np.float32)
+    dynamic = OpenVinoModel(xml, static_batches=False)
+    static = OpenVinoModel(xml)
+    assert static.settings["static_batch_compile"] == "True" and dynamic.settings["static_batch_compile"] == "False"
+    for n in (1, 2, 3, 5, 1):
+        np.testing.assert_allclose(static(x[:n]), dynamic(x[:n]), atol=1e-4)
+    assert sorted(static._requests) == [1, 3, 5]  # the three most recent sizes, each compiled for its static shape
+    assert all(r.model_inputs[0].get_partial_shape().is_static for r in static._requests.values())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +17,21 @@ class ModelLoadError(EdgetlError, ValueError):
     """A file onnxruntime cannot load (a ValueError too, for apps that only know the runtime)."""
 
 
+# Latency settings edgetl applies unless told otherwise (benchmarks/runtime_settings.py measured each
+# against ONNX Runtime's defaults; see its results). Keys are SessionOptions attributes or ORT's own
+# session config keys, so any other ORT setting can be passed the same way.
+LATENCY_DEFAULTS: dict[str, str] = {}
+
+_OPT_LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
 def session_options(threads: int | None = None, spinning: bool | None = None, profile: bool = False,
-                    optimized_model: str | None = None) -> Any:  # fmt: skip
-    """SessionOptions with the settings edgetl names: intra-op threads, and whether idle intra-op
-    threads spin (ONNX Runtime's default is to spin, which takes the cores from any other runtime in
-    the same process; see bench)."""
+                    optimized_model: str | None = None, settings: Mapping[str, str] | None = None) -> Any:  # fmt: skip
+    """SessionOptions with the settings edgetl names: intra-op threads, whether idle intra-op threads
+    spin (ONNX Runtime's default is to spin, which takes the cores from any other runtime in the same
+    process; see bench), and `settings`: "graph_optimization_level" (disable|basic|extended|all),
+    "enable_mem_pattern" / "enable_cpu_mem_arena" (true|false), or any ORT session config key
+    ("session.intra_op.allow_spinning", "session.dynamic_block_base", ...)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -29,6 +39,17 @@ def session_options(threads: int | None = None, spinning: bool | None = None, pr
         opts.intra_op_num_threads = threads
     if spinning is not None:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    for key, value in (settings or {}).items():
+        if key == "graph_optimization_level":
+            if value not in _OPT_LEVELS:
+                raise EdgetlError(f"graph_optimization_level must be one of {', '.join(_OPT_LEVELS)}, got {value!r}")
+            opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _OPT_LEVELS[value])
+        elif key in ("enable_mem_pattern", "enable_cpu_mem_arena"):
+            setattr(opts, key, str(value).lower() in ("1", "true", "yes"))
+        elif "." in key:
+            opts.add_session_config_entry(key, str(value))
+        else:
+            raise EdgetlError(f"unknown ONNX Runtime setting {key!r}")
     if profile:
         opts.enable_profiling = True
     if optimized_model:
@@ -59,9 +80,13 @@ class OrtModel:
     """An ONNX model in an ONNX Runtime session: call it on a numpy batch."""
 
     def __init__(self, path: str | os.PathLike[str], threads: int | None = None, spinning: bool | None = None,
-                 providers: Sequence[str] | None = None) -> None:  # fmt: skip
+                 providers: Sequence[str] | None = None, settings: Mapping[str, str] | None = None) -> None:  # fmt: skip
         self.path = str(path)
-        self.session = load_session(path, session_options(threads, spinning), providers)
+        # What this session runs with, beyond ORT's defaults: recorded by bench (bench.json).
+        self.settings = {**LATENCY_DEFAULTS, **(settings or {})}
+        if threads:
+            self.settings["intra_op_num_threads"] = str(threads)
+        self.session = load_session(path, session_options(threads, spinning, settings=self.settings_for_ort()), providers)
         inp = self.session.get_inputs()[0]
         self.input_name = inp.name
         self.input_shape = list(inp.shape)
@@ -71,6 +96,9 @@ class OrtModel:
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         # ORT's CPU provider runs float graphs in fp32; int8 graphs say so in their metadata.
         self.precision = "int8" if "quantization" in self.metadata else "fp32"
+
+    def settings_for_ort(self) -> dict[str, str]:
+        return {k: v for k, v in self.settings.items() if k != "intra_op_num_threads"}
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: x})[0]

@@ -22,6 +22,8 @@ class Variant:
     precision: str  # fp32 | fp16 | bf16 | int8
     input_dtype: str = "float32"  # or "uint8" for models with preprocessing in the graph
     note: str = ""
+    # Runtime settings beyond edgetl's defaults (the runtime's own option names), as (key, value) pairs.
+    settings: tuple[tuple[str, str], ...] = ()
 
     @property
     def name(self) -> str:

@@ -41,7 +41,7 @@ class ProcessWorker:
 
     def __init__(self, v: Variant, shape: tuple[int, ...], threads: int, files: ArrayFiles) -> None:
         spec = {"target": v.target, "model": str(v.model), "kind": v.kind, "precision": v.precision, "input_dtype": v.input_dtype,
-                "shape": list(shape), "threads": threads}  # fmt: skip
+                "shape": list(shape), "threads": threads, "settings": [list(kv) for kv in v.settings]}  # fmt: skip
         self.files, self.name = files, v.name
         # stderr goes to a file, not a pipe: a pipe nobody reads until the end fills up (64 KB of a
         # runtime's warnings) and the worker would block forever in the middle of a timing turn.
@@ -108,7 +108,8 @@ class InProcessWorker:
             t0 = time.perf_counter()
             self.run = TARGETS[v.target].load(v, threads)
             self.info = {"pid": os.getpid(), "load_seconds": time.perf_counter() - t0,
-                         "executed_precision": getattr(self.run, "precision", None) or v.precision}  # fmt: skip
+                         "executed_precision": getattr(self.run, "precision", None) or v.precision,
+                         "settings": getattr(self.run, "settings", None)}  # fmt: skip
         except Exception as exc:  # a target that fails on this model is reported, not fatal
             self.error = f"failed to load {Path(v.model).name}: {type(exc).__name__}: {str(exc)[:160]}"
             self.info = {"error": self.error}

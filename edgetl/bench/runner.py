@@ -291,7 +291,8 @@ def _measure(workers: dict[str, Any], loaded: Any, x1: dict[str, np.ndarray], th
     for name, (w, v, f) in workers.items():
         row: dict[str, Any] = {"variant": name, "target": v.target, "runtime": v.runtime, "precision": v.precision,
                                "executed_precision": w.info.get("executed_precision", v.precision), "model": str(v.model),
-                               "input": v.input_dtype, "bytes": f.bytes, "threads": threads}  # fmt: skip
+                               "input": v.input_dtype, "bytes": f.bytes, "threads": threads,
+                               "runtime_settings": w.info.get("settings")}  # fmt: skip
         if name in samples:
             row["latency"] = latency_stats(samples[name])
         fixed = _fixed_batch(v)

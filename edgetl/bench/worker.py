@@ -52,7 +52,8 @@ def serve(spec: dict[str, Any], stdin: Any, stdout: Any) -> None:
         stdout.write(json.dumps(obj) + "\n")
         stdout.flush()
 
-    v = Variant(spec["target"], spec["model"], spec["kind"], spec["precision"], spec["input_dtype"])
+    v = Variant(spec["target"], spec["model"], spec["kind"], spec["precision"], spec["input_dtype"],
+                settings=tuple(tuple(kv) for kv in spec.get("settings", ())))  # fmt: skip
     x1 = np.zeros(spec["shape"], dtype=np.uint8 if v.input_dtype == "uint8" else np.float32)
     t0 = time.perf_counter()
     try:
@@ -68,7 +69,7 @@ def serve(spec: dict[str, Any], stdin: Any, stdout: Any) -> None:
         run(x1)
     executed = getattr(run, "precision", None) or v.precision
     reply({"ready": True, "pid": os.getpid(), "load_seconds": load_s, "cold_ms": cold_ms, "peak_rss_mb": peak_rss_kb() / 1024,
-           "executed_precision": executed})  # fmt: skip
+           "executed_precision": executed, "settings": getattr(run, "settings", None)})  # fmt: skip
     for line in stdin:
         cmd = json.loads(line)
         op = cmd["cmd"]

@@ -32,7 +32,7 @@ def _load(device: str):
         from edgetl.backends.openvino import OpenVinoModel
 
         # int8 IRs run their non-int8 parts in f32; the precision of a float IR is named, never left to OpenVINO.
-        model = OpenVinoModel(v.model, precision=v.precision, threads=threads, device=device)
+        model = OpenVinoModel(v.model, precision=v.precision, threads=threads, device=device, settings=dict(v.settings))
         if v.precision == "int8":  # the plugin reports the hint (f32): say what runs, int8 layers and f32 for the rest
             model.precision = f"int8+{model.precision}"
         return model

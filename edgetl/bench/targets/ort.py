@@ -26,7 +26,7 @@ def _load(provider: str):
     def load(v: Variant, threads: int) -> Runner:
         from edgetl.backends.onnxruntime import OrtModel
 
-        return OrtModel(v.model, threads=threads, providers=[provider])
+        return OrtModel(v.model, threads=threads, providers=[provider], settings=dict(v.settings))
 
     return load
 
