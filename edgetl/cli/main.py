@@ -540,6 +540,58 @@ def bench(
     print_bench_table(run_bench(paths, opts))
 
 
+@app.command()
+@user_errors
+def tune(
+    data: Annotated[Path, typer.Argument(help="Image folder (class sub-folders or train/val/test), as for train")],
+    max_latency_ms: Annotated[float, typer.Option(help="Batch-1 p50 budget on this machine, in milliseconds")],
+    max_size_mb: Annotated[float | None, typer.Option(help="Model file size budget, in MB")] = None,
+    targets: Annotated[str, typer.Option(help="Comma-separated runtime targets to measure")] = "ort-cpu,openvino-cpu",
+    backbones: Annotated[str | None, typer.Option(help="Comma-separated backbones (default: every one with weights here)")] = None,
+    sizes: Annotated[str | None, typer.Option(help="Comma-separated input sizes (default: per backbone, 160 px to its own)")] = None,
+    precisions: Annotated[str, typer.Option(help="Comma-separated: fp32, bf16 (CPUs with bf16), int8")] = "fp32,bf16,int8",
+    out: Annotated[Path | None, typer.Option(help="Tune folder (default: runs/tune-DATA)")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of every probe and of the final run")] = 0,
+    min_time: Annotated[float, typer.Option(help="Seconds of timed batch-1 runs per variant")] = 4.0,
+    pretrained: Annotated[bool, typer.Option(help="ImageNet weights (--no-pretrained: from scratch)")] = True,
+    final: Annotated[bool, typer.Option(help="Train, export and bench the pick in full")] = True,
+    dry_run: Annotated[bool, typer.Option(help="Show the candidates and the estimated time; run nothing")] = False,
+) -> None:
+    """The most accurate model within a latency (and size) budget: stage-1 probes of backbones x input
+    sizes, each exported, quantized and benchmarked here; then the pick trained in full."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgetl.tune import TuneOptions
+    from edgetl.tune import tune as run_tune
+
+    def items(text: str | None) -> tuple[str, ...] | None:
+        return tuple(t.strip() for t in text.split(",") if t.strip()) if text else None
+
+    size_items = items(sizes)
+    if size_items and not all(s.isdigit() for s in size_items):
+        raise EdgetlError(f"--sizes takes whole numbers of pixels, got {sizes!r}")
+    opts = TuneOptions(
+        max_latency_ms=max_latency_ms, max_size_mb=max_size_mb, targets=items(targets) or (), backbones=items(backbones),
+        sizes=tuple(int(s) for s in size_items) if size_items else None, precisions=items(precisions) or (),
+        out=str(out) if out else None, seed=seed, min_time=min_time, pretrained=pretrained, final=final, dry_run=dry_run,
+    )  # fmt: skip
+    report = run_tune(data, opts)
+    console = Console()
+    if report.get("dry_run"):
+        table = Table(title=f"edgetl tune --dry-run: {report['images']} images, {report['candidates_per_probe']} candidates a probe")
+        for col in ("backbone", "size", "MMACs", "est. minutes"):
+            table.add_column(col)
+        for p in report["probes"]:
+            table.add_row(p["backbone"], str(p["size"]), f"{p['macs'] / 1e6:.0f}", f"{p['estimated_seconds'] / 60:.1f}")
+        console.print(table)
+        for s in report["skipped"]:
+            console.print(f"left out {s['backbone']}: {s['reason']}", markup=False)
+        console.print(f"estimated: {report['estimated_seconds'] / 60:.0f} min for the probes (the final training is extra)")
+        return
+    console.print(Path(report["files"]["markdown"]).read_text(), markup=False)
+
+
 def run() -> None:
     from edgetl.malloc_tuning import tune_malloc
 

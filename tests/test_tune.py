@@ -1,0 +1,107 @@
+"""`edgetl tune` on the tiny backbone: probes as run folders, the candidate table, the pick within the
+budget, the final full run, reuse of finished probes, and the refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import make_folder
+from typer.testing import CliRunner
+
+from edgetl.cli.main import app
+from edgetl.errors import EdgetlError
+from edgetl.progress import Reporter
+from edgetl.tune import TuneOptions, pick, tune
+
+QUIET = Reporter(quiet=True)
+
+
+def _opts(out: Path, **kw: object) -> TuneOptions:
+    base = dict(max_latency_ms=1000.0, targets=("ort-cpu", "openvino-cpu"), backbones=("tiny",), sizes=(48, 64),
+                precisions=("fp32", "int8"), out=str(out), pretrained=False, min_time=0.3)  # fmt: skip
+    return TuneOptions(**{**base, **kw})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, Path]:
+    root = tmp_path_factory.mktemp("tune")
+    data = make_folder(root / "data", per_class=10)
+    report = tune(data, _opts(root / "tune"), QUIET)
+    return report, data, root / "tune"
+
+
+def test_pick_is_the_most_accurate_within_latency_and_size() -> None:
+    rows = [
+        {"p50_ms": 1.0, "mb": 5.0, "top1": 0.80}, {"p50_ms": 3.0, "mb": 5.0, "top1": 0.90},
+        {"p50_ms": 2.0, "mb": 20.0, "top1": 0.95}, {"p50_ms": 9.0, "mb": 5.0, "top1": 0.99},
+        {"p50_ms": 2.5, "mb": 5.0, "top1": 0.90},
+    ]  # fmt: skip
+    assert pick(rows, 5.0) == rows[2]  # size unlimited: 0.95 at 2 ms
+    assert pick(rows, 5.0, max_size_mb=10.0) == rows[4]  # 0.90 twice: the faster one
+    assert pick(rows, 1.5) == rows[0]
+    assert pick(rows, 0.5) is None
+
+
+def test_every_probe_is_a_run_folder_and_every_candidate_is_measured(tuned: tuple[dict, Path, Path]) -> None:
+    report, _, folder = tuned
+    assert [(p["backbone"], p["size"]) for p in report["probes"]] == [("tiny", 48), ("tiny", 64)]
+    for p in report["probes"]:
+        run = Path(p["run_dir"])
+        assert json.loads((run / "manifest.json").read_text())["status"] == "finished"
+        assert (run / "model.onnx").is_file() and (run / "model.int8.onnx").is_file() and (run / "openvino-int8" / "model.xml").is_file()
+        assert json.loads((run / "metrics.json").read_text())["stages"].get("finetune") is None  # stage 1 only
+    rows = report["candidates"]
+    assert {(r["size"], r["target"], r["precision"]) for r in rows} == {
+        (s, t, p) for s in (48, 64) for t in ("ort-cpu", "openvino-cpu") for p in ("fp32", "int8")
+    }
+    for r in rows:
+        assert r["p50_ms"] > 0 and r["mb"] > 0 and 0.0 <= r["top1"] <= 1.0 and r["in_budget"]
+    best = max(r["top1"] for r in rows)
+    assert report["pick"]["top1"] == best
+    saved = json.loads((folder / "tune.json").read_text())
+    assert saved["pick"] == report["pick"] and (folder / "tune.png").stat().st_size > 10_000
+    assert "**pick**" in (folder / "tune.md").read_text()
+
+
+def test_the_pick_is_trained_in_full_and_exported(tuned: tuple[dict, Path, Path]) -> None:
+    report, _, _ = tuned
+    final = report["final"]
+    run = Path(final["run_dir"])
+    assert json.loads((run / "metrics.json").read_text())["stages"]["head"]["best_val_top1"] is not None
+    want = "model.onnx" if report["pick"]["target"] == "ort-cpu" else "openvino/model.xml"
+    assert (run / want).is_file() and final["p50_ms"] > 0 and 0.0 <= final["top1"] <= 1.0
+
+
+def test_a_second_tune_reuses_finished_probes_and_an_impossible_budget_is_one_clear_error(tuned: tuple[dict, Path, Path]) -> None:
+    _, data, folder = tuned
+    with pytest.raises(EdgetlError, match="no candidate fits the budget") as err:
+        tune(data, _opts(folder, max_latency_ms=1e-6, final=False), QUIET)
+    assert err.value.exit_code == 1
+    saved = json.loads((folder / "tune.json").read_text())
+    assert all(p["reused"] for p in saved["probes"]) and saved["pick"] is None
+    assert all(not r["in_budget"] for r in saved["candidates"])
+
+
+def test_dry_run_lists_candidates_and_estimates_without_running(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "data", per_class=3)
+    report = tune(data, _opts(tmp_path / "tune", dry_run=True), QUIET)
+    assert report["dry_run"] and [p["size"] for p in report["probes"]] == [48, 64]
+    assert report["images"] == 9 and report["estimated_seconds"] > 0
+    assert not (tmp_path / "tune").exists()
+
+
+def test_cli_refuses_bad_options_in_one_line(tmp_path: Path) -> None:
+    runner = CliRunner()
+    for args, words in (
+        (["--max-latency-ms", "5", "--sizes", "big"], "--sizes"),
+        (["--max-latency-ms", "0"], "--max-latency-ms"),
+        (["--max-latency-ms", "5", "--targets", "npu"], "unknown"),
+        (["--max-latency-ms", "5", "--backbones", "resnet9000"], "unknown backbone"),
+    ):
+        res = runner.invoke(app, ["tune", str(tmp_path), *args])
+        assert res.exit_code == 2, res.output
+        assert words in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["tune", str(tmp_path / "missing"), "--max-latency-ms", "5"])
+    assert res.exit_code == 2 and "no data" in res.output
