@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edgetl.backbones import find_weights, get_entry, list_backbones
-from edgetl.errors import EdgetlError
+from edgetl.errors import EdgetlError, TrainingInterrupted
 from edgetl.fileio import write_json, write_text
 from edgetl.progress import Reporter
 
@@ -133,9 +133,27 @@ def count_images(data: Path) -> int:
 # ----------------------------------------------------------------------------- probes
 
 
-def _complete_run(run_dir: Path) -> bool:
+def reuse_refusal(run_dir: Path, data: Path, p: Probe, opts: TuneOptions) -> str | None:
+    """Why a probe folder from an earlier tune cannot be reused (None: it can): unfinished, another
+    data folder, data that changed since (the run folder's recorded lists), or other settings."""
+    from edgetl.run import RunFolder
+
     manifest = run_dir / "manifest.json"
-    return manifest.is_file() and json.loads(manifest.read_text()).get("status") == "finished"
+    if not (manifest.is_file() and json.loads(manifest.read_text()).get("status") == "finished" and (run_dir / "bench.json").is_file()):
+        return "unfinished"
+    folder = RunFolder.open(run_dir)
+    if folder.data_root.resolve() != data.resolve():
+        return f"made from {folder.data_root}"
+    changed = folder.check_data()
+    if changed:
+        return f"the data changed since: {changed.summary()}"
+    cfg = folder.manifest.get("config", {})
+    wanted = {"backbone": p.backbone, "input_size": p.size, "seed": opts.seed, "pretrained": opts.pretrained}
+    differs = [k for k, v in wanted.items() if k in cfg and cfg[k] != v]
+    bench_targets = {r["target"] for r in json.loads((run_dir / "bench.json").read_text())["results"]}
+    if differs or not set(opts.targets) <= bench_targets:
+        return "made with other settings (" + ", ".join(differs or ["targets"]) + ")"
+    return None
 
 
 def run_probe(data: str, p: Probe, opts: TuneOptions, folder: Path, reporter: Reporter) -> None:
@@ -149,13 +167,15 @@ def run_probe(data: str, p: Probe, opts: TuneOptions, folder: Path, reporter: Re
     p.run_dir = str(run_dir)
     t0 = time.perf_counter()
     quiet = Reporter(quiet=True)
-    if _complete_run(run_dir) and (run_dir / "bench.json").is_file():
+    refusal = reuse_refusal(run_dir, Path(data), p, opts) if run_dir.exists() else "new"
+    if refusal is None:
         p.reused = True
     else:
         if run_dir.exists():
             import shutil
 
-            shutil.rmtree(run_dir)  # an unfinished probe of an interrupted tune starts again
+            reporter.log(f"probe {p.backbone}@{p.size} is made again: the earlier one is {refusal}")
+            shutil.rmtree(run_dir)
         cfg = TrainConfig(backbone=p.backbone, input_size=p.size, recipe="head", seed=opts.seed, pretrained=opts.pretrained)
         train(data, cfg, out=str(run_dir), reporter=quiet)
         formats = sorted({TARGET_FORMATS[t] for t in opts.targets})
@@ -285,9 +305,11 @@ def tune(data: str | os.PathLike[str], opts: TuneOptions, reporter: Reporter | N
         reporter.log(f"[{i}/{len(probes)}] probing {p.backbone} at {p.size} px")
         try:
             run_probe(str(data_path), p, opts, folder, reporter)
+        except (KeyboardInterrupt, TrainingInterrupted):
+            done = sum(1 for q in probes[: i - 1] if q.error is None)
+            raise EdgetlError(f"interrupted: {done} finished probe(s) are kept in {folder / 'probes'}; run the same "
+                              "`edgetl tune` again to go on from there", exit_code=130) from None  # fmt: skip
         except EdgetlError as exc:
-            if "interrupted" in str(exc).lower():
-                raise
             p.error = str(exc)
             reporter.log(f"[yellow]probe {p.backbone}@{p.size} failed:[/] {exc}")
     tune_seconds = time.perf_counter() - t0

@@ -105,3 +105,36 @@ def test_cli_refuses_bad_options_in_one_line(tmp_path: Path) -> None:
         assert words in res.output and "Traceback" not in res.output
     res = runner.invoke(app, ["tune", str(tmp_path / "missing"), "--max-latency-ms", "5"])
     assert res.exit_code == 2 and "no data" in res.output
+
+
+def test_changed_data_makes_the_probes_again(tuned: tuple[dict, Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    _, data, folder = tuned
+    changed = tmp_path / "data"
+    shutil.copytree(data, changed)
+    out = tmp_path / "tune"
+    shutil.copytree(folder, out)
+    make_folder(changed, per_class=11)  # one more image in every class: the recorded file lists no longer match
+    report = tune(changed, _opts(out, sizes=(48,), final=False), QUIET)
+    assert [p["reused"] for p in report["probes"]] == [False]
+    assert json.loads((Path(report["probes"][0]["run_dir"]) / "splits.json").read_text())["root"] == str(changed.resolve())
+
+
+def test_ctrl_c_keeps_finished_probes_and_says_how_to_go_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import edgetl.train
+
+    data = make_folder(tmp_path / "data", per_class=6)
+    real_train, calls = edgetl.train.train, []
+
+    def train_then_interrupt(*args: object, **kw: object) -> object:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_train(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(edgetl.train, "train", train_then_interrupt)
+    with pytest.raises(EdgetlError, match="1 finished probe") as err:
+        tune(data, _opts(tmp_path / "tune", targets=("ort-cpu",), precisions=("fp32",)), QUIET)
+    assert err.value.exit_code == 130
+    assert (tmp_path / "tune" / "probes" / "tiny-48" / "bench.json").is_file()
