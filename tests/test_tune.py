@@ -138,3 +138,12 @@ def test_ctrl_c_keeps_finished_probes_and_says_how_to_go_on(tmp_path: Path, monk
         tune(data, _opts(tmp_path / "tune", targets=("ort-cpu",), precisions=("fp32",)), QUIET)
     assert err.value.exit_code == 130
     assert (tmp_path / "tune" / "probes" / "tiny-48" / "bench.json").is_file()
+
+
+def test_cli_dry_run_prints_the_probes_and_the_estimate(tmp_path: Path) -> None:
+    data = make_folder(tmp_path / "data", per_class=3)
+    res = CliRunner().invoke(app, ["tune", str(data), "--max-latency-ms", "5", "--backbones", "tiny", "--sizes", "48,64",
+                                   "--no-pretrained", "--dry-run", "--out", str(tmp_path / "t")])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "tiny" in res.output and "48" in res.output and "64" in res.output and "estimated:" in res.output
+    assert not (tmp_path / "t").exists()
