@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--corruptions", nargs="*", default=None)
     ap.add_argument("--severities", nargs="*", type=int, default=[1, 3, 5])
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
-    ap.add_argument("--costly-severities", nargs="*", type=int, default=[3], help="severities at which tent, im and bn-replace run")
+    ap.add_argument("--costly-severities", nargs="*", type=int, default=[3], help="severities at which tent, im, shot and bn-replace run")
     ap.add_argument("--validation", action="store_true")
     ap.add_argument("--int8", action="store_true")
     ap.add_argument("--labelled", action="store_true")
@@ -131,7 +131,7 @@ def main() -> None:
     for name in names:
         for sev in args.severities:
             pixels = np.stack([corrupt(x, name, sev, seed=args.seed * 100003 + i) for i, x in enumerate(clean)])
-            methods = [m for m in args.methods if m not in ("tent", "im", "bn-replace") or sev in args.costly_severities]
+            methods = [m for m in args.methods if m not in ("tent", "im", "shot", "bn-replace") or sev in args.costly_severities]
             r = evaluate_methods(pixels, methods)
             results[f"{name}/{sev}"] = r
             print(name, sev, {k: round(v, 4) for k, v in r.items() if isinstance(v, float) and not k.endswith("seconds")},

@@ -222,8 +222,8 @@ def test_bad_target_folders_exit_2_and_leave_nothing(case: str, tiny_run: Path, 
         assert not out.exists()
 
 
-def test_tent_and_im_learn_only_affine_parameters_and_stop_before_collapse(tiny_run: Path, shifted_data: dict[str, Path],
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+def test_tent_im_and_shot_learn_only_affine_parameters_and_stop_before_collapse(tiny_run: Path, shifted_data: dict[str, Path],
+                                                                                   monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     import edgetl.adapt
     from edgetl import checkpoint
     from edgetl.adapt import AdaptOptions, adapt_model, measure_source
@@ -237,7 +237,7 @@ def test_tent_and_im_learn_only_affine_parameters_and_stop_before_collapse(tiny_
     src, _ = decode_split(RunFolder.open(tiny_run).dataset().train, spec)
     source = measure_source(model, src, spec, dev, np.full(len(COLOURS), 1 / len(COLOURS)))
     target, _ = decode_split(scoring_set(shifted_data["target"])[0], spec)
-    for method in ("tent", "im"):
+    for method in ("tent", "im", "shot"):
         adapted, rec = adapt_model(model, source, target, spec, dev, AdaptOptions(method=method, epochs=2, batch_size=16))
         assert rec["training"]["steps"] >= 2
         changed = {k for k, v in adapted.state_dict().items() if not torch.equal(v, model.state_dict()[k])}
@@ -269,3 +269,18 @@ def test_corruptions_are_seeded_and_grow_with_severity() -> None:
         assert d1 > 0 and (d1 < d5 or name == "saturate"), (name, d1, d5)
     with pytest.raises(ValueError):
         corrupt(x, "gaussian_noise", 6, seed=0)
+
+
+def test_shot_centroid_labels_correct_confident_mistakes_inside_clear_clusters() -> None:
+    from edgetl.adapt import centroid_labels
+
+    rng = np.random.default_rng(0)
+    centres = torch.tensor([[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [0.0, 0.0, 5.0]])
+    truth = np.repeat(np.arange(3), 20)
+    feats = centres[truth] + torch.from_numpy(rng.normal(0, 0.5, (60, 3))).float()
+    probs = torch.nn.functional.one_hot(torch.from_numpy(truth), 3).float() * 0.7 + 0.1  # rows sum to 1
+    wrong = [0, 21, 45, 46]  # confidently predicted as the next class
+    for i in wrong:
+        probs[i] = torch.roll(probs[i], 1)
+    assert (probs.argmax(1).numpy() != truth).sum() == len(wrong)
+    assert (centroid_labels(feats, probs) == truth).all()

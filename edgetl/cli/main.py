@@ -453,14 +453,15 @@ def adapt(
     run: Annotated[Path, typer.Argument(help="Trained run folder")],
     target: Annotated[Path, typer.Argument(help="Unlabelled images of the deployment domain (flat or in subfolders; labels ignored)")],
     method: Annotated[str, typer.Option(help="adabn (BatchNorm statistics), tent (+ entropy minimisation), im (+ SHOT's "
-                                             "information maximisation), bn-replace (literal AdaBN, for comparison)")] = "tent",
+                                             "information maximisation), shot (+ SHOT's centroid pseudo-labels), "
+                                             "bn-replace (literal AdaBN, for comparison)")] = "tent",
     out: Annotated[Path | None, typer.Option(help="New run folder (default: RUN-METHOD beside the run)")] = None,
     labelled: Annotated[Path | None, typer.Option(help="Labelled target images (class folders): fine-tune on them after adapting")] = None,
     evaluate: Annotated[Path | None, typer.Option(help="Labelled target images (class folders) to score before and after "
                                                        "(never adapted on)")] = None,
     batch_size: Annotated[int, typer.Option(help="Target images per batch (>= 16)")] = 32,
-    lr: Annotated[float, typer.Option(help="Adam learning rate of tent, im and the labelled fine-tune")] = 1e-3,
-    epochs: Annotated[int, typer.Option(help="Passes over the target images (tent, im)")] = 1,
+    lr: Annotated[float, typer.Option(help="Adam learning rate of tent, im, shot and the labelled fine-tune")] = 1e-3,
+    epochs: Annotated[int, typer.Option(help="Passes over the target images (tent, im, shot)")] = 1,
     bn_depth: Annotated[float, typer.Option(help="Share of BatchNorm layers, from the input, whose statistics are aligned")] = 0.5,
     labelled_steps: Annotated[int, typer.Option(help="Steps of the labelled fine-tune")] = 100,
     source_images: Annotated[int, typer.Option(help="Training images the source statistics are measured on")] = 512,
