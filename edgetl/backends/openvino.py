@@ -28,8 +28,9 @@ def read_model(path_or_model: Any) -> Any:
         raise EdgetlError(f"{path_or_model} is not an OpenVINO model: {str(exc).splitlines()[0][:160] if str(exc) else ''}") from None
 
 
-# Latency settings edgetl applies on the CPU unless told otherwise (benchmarks/runtime_settings.py
-# measured each against OpenVINO's defaults). Keys are OpenVINO properties, passed as they are.
+# Properties edgetl sets on the CPU beyond the LATENCY hint, threads and precision: none. Pinning and
+# denormal flushing measured no change (benchmarks/runtime_settings.py); the static-batch compile below
+# is what was faster. Keys are OpenVINO properties, passed as they are.
 CPU_LATENCY_DEFAULTS: dict[str, str] = {}
 
 
