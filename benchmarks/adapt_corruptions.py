@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--validation", action="store_true")
     ap.add_argument("--int8", action="store_true")
     ap.add_argument("--labelled", action="store_true")
+    ap.add_argument("--int8-target", default="portable", help="quantize's --int8-target for the --int8 check")
     ap.add_argument("--int8-corruptions", nargs="*", default=["gaussian_noise", "defocus_blur", "fog", "contrast", "jpeg_compression"])
     ap.add_argument("--labelled-k", nargs="*", type=int, default=[1, 3, 10])
     ap.add_argument("--labelled-corruptions", nargs="*", default=["gaussian_noise", "defocus_blur", "contrast"])
@@ -197,7 +198,8 @@ def int8_check(args: Any, folder: RunFolder, clean: np.ndarray, adapt_idx: np.nd
             export_run(work / "run", ExportOptions(format="onnx", parity_samples=64), quiet)
             # No budget (max_drop 100): the plain int8 model is what is measured. quantize's own budget is
             # judged on the run's clean validation split, which a model calibrated on noisy images can miss.
-            q = quantize_run(work / "run", QuantizeOptions(format="onnx", latency_runs=20, max_drop=100.0), quiet)
+            q = quantize_run(work / "run", QuantizeOptions(format="onnx", latency_runs=20, max_drop=100.0, int8_target=args.int8_target),
+                             quiet)  # fmt: skip
             off = (spec.resize_size - spec.input_size) // 2
             x = normalize(pixels[score_idx][:, off : off + spec.input_size, off : off + spec.input_size], spec)
             y = labels_all[score_idx]

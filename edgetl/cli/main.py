@@ -454,7 +454,7 @@ def adapt(
     target: Annotated[Path, typer.Argument(help="Unlabelled images of the deployment domain (flat or in subfolders; labels ignored)")],
     method: Annotated[str, typer.Option(help="adabn (BatchNorm statistics), tent (+ entropy minimisation), im (+ SHOT's "
                                              "information maximisation), shot (+ SHOT's centroid pseudo-labels), "
-                                             "bn-replace (literal AdaBN, for comparison)")] = "tent",
+                                             "bn-replace (literal AdaBN, for comparison)")] = "shot",
     out: Annotated[Path | None, typer.Option(help="New run folder (default: RUN-METHOD beside the run)")] = None,
     labelled: Annotated[Path | None, typer.Option(help="Labelled target images (class folders): fine-tune on them after adapting")] = None,
     evaluate: Annotated[Path | None, typer.Option(help="Labelled target images (class folders) to score before and after "
