@@ -63,8 +63,9 @@ def train_candidate(data: Path, backbone: str, size: int, epochs: int, work: Pat
     if not (manifest.is_file() and json.loads(manifest.read_text()).get("status") == "finished"):
         cfg = TrainConfig(backbone=backbone, input_size=size, recipe="finetune", epochs_finetune=epochs, seed=0)
         train(data, cfg, out=str(run), reporter=Reporter(quiet=True))
-    seconds = time.perf_counter() - t0
     metrics = json.loads((run / "metrics.json").read_text())
+    # The run's own stage times (a run reused from an earlier invocation keeps its real training time).
+    seconds = sum(s.get("seconds", 0.0) for s in metrics["stages"].values()) or time.perf_counter() - t0
     test = evaluate(run, data, split="test", reporter=Reporter(quiet=True))
     best_val = max(s["best_val_top1"] for s in metrics["stages"].values() if s.get("best_val_top1") is not None)
     return {"run": str(run), "val_top1": best_val, "test_top1": test["top1"], "train_seconds": seconds}
