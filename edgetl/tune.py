@@ -289,7 +289,8 @@ def tune(data: str | os.PathLike[str], opts: TuneOptions, reporter: Reporter | N
     data_path = Path(data)
     if not data_path.exists():
         raise EdgetlError(f"no data at {data_path}")
-    folder = Path(opts.out) if opts.out else Path("runs") / f"tune-{data_path.resolve().name}"
+    # Beside training's run folders (models/); a second tune of the same data reuses its finished probes.
+    folder = Path(opts.out) if opts.out else Path("models") / f"tune-{data_path.resolve().name}"
     probes, skipped = plan_probes(opts)
     if opts.dry_run:
         n = count_images(data_path) if data_path.is_dir() else 0

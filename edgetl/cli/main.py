@@ -551,7 +551,7 @@ def tune(
     backbones: Annotated[str | None, typer.Option(help="Comma-separated backbones (default: every one with weights here)")] = None,
     sizes: Annotated[str | None, typer.Option(help="Comma-separated input sizes (default: per backbone, 160 px to its own)")] = None,
     precisions: Annotated[str, typer.Option(help="Comma-separated: fp32, bf16 (CPUs with bf16), int8")] = "fp32,bf16,int8",
-    out: Annotated[Path | None, typer.Option(help="Tune folder (default: runs/tune-DATA)")] = None,
+    out: Annotated[Path | None, typer.Option(help="Tune folder (default: models/tune-DATA)")] = None,
     seed: Annotated[int, typer.Option(help="Seed of every probe and of the final run")] = 0,
     min_time: Annotated[float, typer.Option(help="Seconds of timed batch-1 runs per variant")] = 4.0,
     pretrained: Annotated[bool, typer.Option(help="ImageNet weights (--no-pretrained: from scratch)")] = True,
