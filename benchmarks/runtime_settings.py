@@ -46,10 +46,10 @@ OV_VARIANTS = {
 
 def _image(export_dir: Path) -> Path:
     """One real validation image of the run the export came from."""
+    from edgetl.run import RunFolder
+
     meta = json.loads((export_dir / "export.json").read_text())
-    run = Path(meta.get("run") or export_dir)
-    splits = json.loads((run / "splits.json").read_text())  # the run folder's recorded lists: [path, label, bytes]
-    return Path(splits["root"]) / splits["splits"]["val"][0][0]
+    return Path(RunFolder.open(meta.get("run") or export_dir).dataset().val.refs[0].path)  # the recorded validation list
 
 
 def main() -> None:

@@ -124,10 +124,13 @@ def estimate_seconds(probes: list[Probe], n_images: int) -> dict[str, float]:
     return out
 
 
-def count_images(data: Path) -> int:
-    from edgetl.preprocess import IMAGE_EXTENSIONS
+def count_images(data: Path, seed: int) -> int:
+    """The training + validation images the probes will use, listed by training's own loader (no
+    decoding): a folder edgetl cannot train on fails here, before any probe."""
+    from edgetl.data import load_dataset
 
-    return sum(1 for _root, _dirs, files in os.walk(data) for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS)
+    ds = load_dataset(data, seed=seed)
+    return len(ds.train) + len(ds.val)
 
 
 # ----------------------------------------------------------------------------- probes
@@ -293,7 +296,7 @@ def tune(data: str | os.PathLike[str], opts: TuneOptions, reporter: Reporter | N
     folder = Path(opts.out) if opts.out else Path("models") / f"tune-{data_path.resolve().name}"
     probes, skipped = plan_probes(opts)
     if opts.dry_run:
-        n = count_images(data_path) if data_path.is_dir() else 0
+        n = count_images(data_path, opts.seed)
         est = estimate_seconds(probes, n)
         return {"dry_run": True, "folder": str(folder), "images": n, "skipped": skipped,
                 "probes": [{"backbone": p.backbone, "size": p.size, "macs": p.macs, "estimated_seconds": est[f"{p.backbone}@{p.size}"]}
