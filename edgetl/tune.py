@@ -303,6 +303,7 @@ def tune(data: str | os.PathLike[str], opts: TuneOptions, reporter: Reporter | N
                            for p in probes],
                 "candidates_per_probe": len(opts.targets) * len(opts.precisions),
                 "estimated_seconds": sum(est.values())}  # fmt: skip
+    count_images(data_path, opts.seed)  # bad data is one clear error now, not the same error from every probe
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for i, p in enumerate(probes, 1):
