@@ -13,6 +13,7 @@ Keys in the run's file lists are `<shard file>/<sample key>`.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -62,40 +63,51 @@ class ShardSample:
 def index_shards(paths: list[Path]) -> list[ShardSample]:
     """Every sample of the shards, in order, with where its image lies. Errors: not a tar, a sample
     with an image and no label (or a label and no image), a name used twice."""
-    from webdataset.tariterators import base_plus_ext
-
     out: list[ShardSample] = []
     seen: set[str] = set()
     for path in paths:
-        images: dict[str, tarfile.TarInfo] = {}
-        labels: dict[str, str] = {}
         try:
-            with tarfile.open(path, "r:") as tar:
-                for m in tar:
-                    if not m.isfile():
-                        continue
-                    base, ext = base_plus_ext(m.name)
-                    if base is None or base.split("/")[-1].startswith("_"):
-                        continue  # webdataset skips names without an extension and __meta__ members
-                    ext = ext.lower()
-                    if ext in SHARD_IMAGE_EXTENSIONS:
-                        images[base] = m
-                    elif ext in LABEL_KEYS:
-                        f = tar.extractfile(m)
-                        labels[base] = (f.read() if f is not None else b"").decode("utf-8", "replace").strip()
-        except (tarfile.TarError, OSError) as exc:
-            raise EdgetlError(f"{path} is not a readable tar shard: {exc}") from None
-        unlabelled = [b for b in images if b not in labels or not labels[b]]
-        if unlabelled:
-            raise EdgetlError(f"{path}: {len(unlabelled)} sample(s) have no label ({', '.join(LABEL_KEYS)}), "
-                              f"e.g. {unlabelled[0]}")  # fmt: skip
-        for base, m in images.items():
-            key = f"{path.name}/{base}"
-            if key in seen:
-                raise EdgetlError(f"sample {key} appears twice")
-            seen.add(key)
-            out.append(ShardSample(key, path, m.offset_data, m.size, labels[base]))
+            st = path.stat()
+        except OSError as exc:
+            raise EdgetlError(f"{path} is not a readable tar shard: {exc.strerror or exc}") from None
+        for sample in _index_one(str(path), st.st_size, st.st_mtime_ns):
+            if sample.key in seen:
+                raise EdgetlError(f"sample {sample.key} appears twice")
+            seen.add(sample.key)
+            out.append(sample)
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _index_one(path_name: str, size: int, mtime_ns: int) -> tuple[ShardSample, ...]:
+    """One shard's samples. Cached by (path, size, mtime): a resume checks the recorded lists against
+    the shards and then reads the dataset from them, and a shard rewritten in between is indexed again."""
+    from webdataset.tariterators import base_plus_ext
+
+    path = Path(path_name)
+    images: dict[str, tarfile.TarInfo] = {}
+    labels: dict[str, str] = {}
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                base, ext = base_plus_ext(m.name)
+                if base is None or base.split("/")[-1].startswith("_"):
+                    continue  # webdataset skips names without an extension and __meta__ members
+                ext = ext.lower()
+                if ext in SHARD_IMAGE_EXTENSIONS:
+                    images[base] = m
+                elif ext in LABEL_KEYS:
+                    f = tar.extractfile(m)
+                    labels[base] = (f.read() if f is not None else b"").decode("utf-8", "replace").strip()
+    except (tarfile.TarError, OSError) as exc:
+        raise EdgetlError(f"{path} is not a readable tar shard: {exc}") from None
+    unlabelled = [b for b in images if b not in labels or not labels[b]]
+    if unlabelled:
+        raise EdgetlError(f"{path}: {len(unlabelled)} sample(s) have no label ({', '.join(LABEL_KEYS)}), "
+                          f"e.g. {unlabelled[0]}")  # fmt: skip
+    return tuple(ShardSample(f"{path.name}/{base}", path, m.offset_data, m.size, labels[base]) for base, m in images.items())
 
 
 def class_names(samples: list[ShardSample], folder: Path) -> tuple[list[str], list[str]]:

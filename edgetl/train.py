@@ -330,17 +330,21 @@ class Trainer:
 
         model, spec, info = load_teacher(self.cfg.teacher, self.classes, self.spec, self.dataset.split_record())
         ls = self.dataset.train.subset(self.train_images.positions)  # exactly the student's training images, in order
-        with self.r.task("decoding train for the teacher", len(ls)) as advance:
-            images, failed = decode_split(ls, spec, None, cache_dir=self.run_dir, name="teacher", progress=advance)
+        d = self.dist
+        n = len(ls)
+        # Under torchrun each process decodes and scores only its share (the logits are gathered after).
+        mine = d.shard(n) if d.active else np.arange(n)
+        with self.r.task("decoding train for the teacher", len(mine)) as advance:
+            images, failed = decode_split(ls.subset(mine), spec, None, cache_dir=self.run_dir, name=f"teacher{d.rank}", progress=advance)
         try:
-            if failed or len(images) != len(self.train_images):
-                raise EdgetlError(f"--teacher: {len(failed)} training image(s) could not be read again for the teacher")
-            d = self.dist
-            mine = images.subset(d.shard(len(images))) if d.active else images
-            logits = predict_logits(model.to(self.device), mine, spec, self.device, workers=self.workers, reporter=self.r,
+            # Agreed before the gather: one process raising alone would leave the others waiting in it.
+            if d.agree(bool(failed) or len(images) != len(mine)):
+                raise EdgetlError("--teacher: training image(s) could not be read again for the teacher"
+                                  + (f", e.g. {failed[0]['file']}" if failed else ""))  # fmt: skip
+            logits = predict_logits(model.to(self.device), images, spec, self.device, workers=self.workers, reporter=self.r,
                                     description=f"teacher logits ({info['backbone']})")  # fmt: skip
             if d.active:
-                logits = d.gather_rows(logits.astype(np.float32).reshape(len(mine), len(self.classes)), len(images))
+                logits = d.gather_rows(logits.astype(np.float32).reshape(len(mine), len(self.classes)), n)
         finally:
             images.close()
         self.teacher_logits = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)).to(self.device)

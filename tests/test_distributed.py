@@ -38,7 +38,11 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_two_processes_make_the_same_run_as_one(data: Path, tmp_path: Path) -> None:
-    common = [str(data), *TINY, "--epochs-head", "4", "--epochs-finetune", "3"]
+    # Both distil from one teacher: each process scores its share of the training images with it, and
+    # the gathered logits must be the single process's, in order, for stage 1 to come out identical.
+    teacher = _train([str(data), *TINY, "--epochs-head", "4", "--epochs-finetune", "2", "--out", str(tmp_path / "teacher")])
+    assert teacher.returncode == 0, teacher.stderr
+    common = [str(data), *TINY, "--epochs-head", "4", "--epochs-finetune", "3", "--teacher", str(tmp_path / "teacher")]
     one = _train([*common, "--out", str(tmp_path / "one")])
     two = _train([*common, "--out", str(tmp_path / "two"), "--nproc-per-node", "2"])
     assert one.returncode == 0, one.stderr
@@ -51,6 +55,9 @@ def test_two_processes_make_the_same_run_as_one(data: Path, tmp_path: Path) -> N
     assert s1["splits"] == s2["splits"] and s1["fingerprint"] == s2["fingerprint"]
     m2 = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert m2["processes"] == {"world_size": 2, "per_node": 2, "backend": "gloo"} and m2["status"] == "finished"
+    m1 = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    # A teacher that tells the classes apart (so rows in the wrong order would not agree with the labels).
+    assert m1["teacher"]["train_top1"] == m2["teacher"]["train_top1"] >= 0.6
     h1, h2 = _history(tmp_path / "one"), _history(tmp_path / "two")
     assert [(h["stage"], h["epoch"]) for h in h1] == [(h["stage"], h["epoch"]) for h in h2]
     # Stage 1: sharded features gathered back give exactly the single-process features, so the same head.

@@ -16,6 +16,7 @@ from edgetl.cli.main import app
 from edgetl.data import load_dataset
 from edgetl.decoded import decode_split
 from edgetl.errors import EdgetlError
+from edgetl.evaluate import evaluate
 from edgetl.preprocess import PreprocessSpec, decode_image
 from edgetl.shards import write_shards
 
@@ -59,6 +60,12 @@ def test_training_on_shards_records_them_and_later_stages_read_them(image_folder
     result = runner.invoke(app, ["export", str(run), "--format", "onnx"])
     assert result.exit_code == 0, result.output
     assert json.loads((run / "export.json").read_text())["parity"]["onnx"]["n"] == len(record["splits"]["val"])
+    # Scoring the shards themselves gives what scoring the folder they came from gives.
+    from_shards = evaluate(run, pattern)
+    from_folder = evaluate(run, image_folder)
+    assert from_shards["scored"] == from_folder["scored"] == len(folder_ds.train) + len(folder_ds.val)
+    assert from_shards["top1"] == from_folder["top1"] and from_shards["per_class_accuracy"] == from_folder["per_class_accuracy"]
+    _fails(["eval", str(run), pattern, "--split", "test"], "drop --split test")
 
 
 def test_corrupt_sample_inside_a_shard_is_skipped_and_counted(tmp_path: Path) -> None:
@@ -119,3 +126,28 @@ def test_shards_refuse_an_occupied_output_and_val_data_needs_shards(split_folder
         write_shards(split_folder, tmp_path / "shards")
     _fails(["train", str(split_folder), "--val-data", str(tmp_path / "shards" / "val-000000.tar"), "--out", str(tmp_path / "r")],
            "--val-data goes with training shards")  # fmt: skip
+
+
+def test_a_shard_is_indexed_once_until_it_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from edgetl import shards
+
+    make_folder(tmp_path / "data", per_class=3)
+    write_shards(tmp_path / "data", tmp_path / "shards", shard_size=100)
+    shard = tmp_path / "shards" / "train-000000.tar"
+    opened: list[str] = []
+    real_open = tarfile.open
+    monkeypatch.setattr(tarfile, "open", lambda name, *a, **k: opened.append(str(name)) or real_open(name, *a, **k))
+    first = shards.index_shards([shard])
+    assert shards.index_shards([shard]) == first and opened == [str(shard)]
+    # A rewritten shard (new mtime) is read again, and what it now holds is what is returned.
+    img = next((tmp_path / "data").rglob("*.png")).read_bytes()
+    with real_open(shard, "a") as tar:
+        for name, data in (("extra.png", img), ("extra.cls", b"0")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
+    again = shards.index_shards([shard])
+    assert len(opened) == 2 and len(again) == len(first) + 1 and again[-1].key.endswith("/extra")
