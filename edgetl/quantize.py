@@ -18,7 +18,9 @@ full-integer int8 file from the same calibration images (float input and output 
 PT2E with the XNNPACKQuantizer on the checkpoint, lowered to XNNPACK. Neither has a per-layer float
 fallback here: over budget, the command fails and writes no int8 file of that format.
 
-Budget (ONNX Runtime): if int8 loses more than --max-drop top-1 points on the validation images,
+Budget: the judged drop is top-1 points lost on the validation images, and for an adapted run also
+the share of its target images whose top-1 class int8 changes (edgetl.int8_judge says why).
+ONNX Runtime: if int8 is over --max-drop,
 every quantized activation is ranked by its signal-to-quantization-noise ratio (onnxruntime's
 qdq_loss_debug), and the nodes producing the worst ones are kept in float, 1, 2, 4, ... at a time,
 until the model is within budget. Nothing within budget: the command fails and no int8 file is left.
@@ -47,6 +49,7 @@ from edgetl.errors import EdgetlError
 from edgetl.executed_ops import describe, openvino_executed_layers, ort_executed_ops
 from edgetl.fileio import atomic_path, sha256_file, write_json
 from edgetl.hostinfo import has_vnni, host_record, physical_cores
+from edgetl.int8_judge import JudgeSet, target_check_images
 from edgetl.metadata import set_onnx_metadata
 from edgetl.parity import ParityData, prepare
 from edgetl.preprocess import PreprocessSpec
@@ -231,9 +234,10 @@ def rank_nodes_by_error(float_path: Path, qdq_path: Path, x: np.ndarray, input_n
     return ranked
 
 
-def quantize_onnx(src: Path, dst: Path, calib: ParityData, val: ParityData, meta: dict[str, str], opts: QuantizeOptions,
+def quantize_onnx(src: Path, dst: Path, calib: ParityData, judge: JudgeSet, meta: dict[str, str], opts: QuantizeOptions,
                   reporter: Reporter) -> dict[str, Any]:  # fmt: skip
-    """Quantize, score on validation images, keep the worst nodes in float until within budget."""
+    """Quantize, judge (validation images; target images of an adapted run), keep the worst nodes in
+    float until within budget."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     input_name = meta.get("input_name", "input")
@@ -241,7 +245,7 @@ def quantize_onnx(src: Path, dst: Path, calib: ParityData, val: ParityData, meta
     try:
         pre = work / "pre.onnx"
         quant_pre_process(str(src), str(pre))
-        fp32_top1 = float((OrtModel(src).predict(val.floats).argmax(1) == val.labels).mean())
+        fp32_out = OrtModel(src).predict(judge.x)
         attempts: list[dict[str, Any]] = []
         ranked: list[dict[str, Any]] | None = None
         exclude: list[str] = []
@@ -249,11 +253,10 @@ def quantize_onnx(src: Path, dst: Path, calib: ParityData, val: ParityData, meta
         while True:
             cand = work / f"int8-{k}.onnx"
             _quantize_ort(pre, cand, calib.floats, input_name, opts.calib_method, exclude, opts.int8_target)
-            top1 = float((OrtModel(cand).predict(val.floats).argmax(1) == val.labels).mean())
-            drop = (fp32_top1 - top1) * 100
-            attempts.append({"kept_in_float": list(exclude), "top1": top1, "drop_points": drop})
-            reporter.log(f"onnxruntime int8 with {len(exclude)} node(s) in float: top-1 {top1:.2%} (drop {drop:+.2f} points)")
-            if drop <= opts.max_drop:
+            judged = judge.score(fp32_out, OrtModel(cand).predict(judge.x))
+            attempts.append({"kept_in_float": list(exclude), **{k: v for k, v in judged.items() if k != "fp32_top1"}})
+            reporter.log(f"onnxruntime int8 with {len(exclude)} node(s) in float: {judge.log_line(judged)}")
+            if judged["drop_points"] <= opts.max_drop:
                 break
             if ranked is None:
                 ranked = rank_nodes_by_error(pre, cand, calib.floats[: min(16, len(calib.floats))], input_name, work)
@@ -268,7 +271,7 @@ def quantize_onnx(src: Path, dst: Path, calib: ParityData, val: ParityData, meta
                 )
             exclude = ranked_nodes[:k]
         final = attempts[-1]
-        return {"fp32_top1": fp32_top1, "candidate": str(cand), "attempts": attempts, "kept_in_float": final["kept_in_float"],
+        return {"fp32_top1": judged["fp32_top1"], "candidate": str(cand), "attempts": attempts, "kept_in_float": final["kept_in_float"],
                 "worst_tensors": (ranked or [])[:10], "work": str(work), "types": ort_types(opts.int8_target)}  # fmt: skip
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -278,13 +281,13 @@ def quantize_onnx(src: Path, dst: Path, calib: ParityData, val: ParityData, meta
 # ----------------------------------------------------------------------------- OpenVINO / NNCF
 
 
-def quantize_openvino(src_xml: Path, calib: ParityData, val: ParityData, opts: QuantizeOptions, reporter: Reporter) -> dict[str, Any]:
+def quantize_openvino(src_xml: Path, calib: ParityData, judge: JudgeSet, opts: QuantizeOptions, reporter: Reporter) -> dict[str, Any]:
     import nncf
     import openvino as ov
 
     model = ov.Core().read_model(str(src_xml))
     fp32 = OpenVinoModel(src_xml)
-    fp32_top1 = float((fp32.predict(val.floats).argmax(1) == val.labels).mean())
+    fp32_out = fp32.predict(judge.x)
     step = fp32.fixed_batch or 1  # an IR exported with --batch N takes exactly N rows
     calib_ds = nncf.Dataset(_padded_chunks(calib.floats, step))
     # The deployment target decides the weight range (see the module docstring).
@@ -292,29 +295,38 @@ def quantize_openvino(src_xml: Path, calib: ParityData, val: ParityData, opts: Q
     advanced = nncf.AdvancedQuantizationParameters(overflow_fix=overflow)
     quantized = nncf.quantize(model, calib_ds, subset_size=len(calib.floats), preset=nncf.QuantizationPreset.PERFORMANCE,
                               advanced_parameters=advanced)  # fmt: skip
-    top1 = _ov_top1(quantized, val)
+    judged = judge.score(fp32_out, _ov_predict(quantized, judge.x))
     mode = "nncf.quantize"
-    if (fp32_top1 - top1) * 100 > opts.max_drop:
-        reporter.log(f"openvino int8 drop {(fp32_top1 - top1) * 100:.2f} points is over budget: nncf.quantize_with_accuracy_control")
-        labels = [val.labels[i : i + step] for i in range(0, len(val.labels), step)]
-        val_ds = nncf.Dataset(list(zip(_padded_chunks(val.floats, step), labels, strict=True)))
+    if judged["drop_points"] > opts.max_drop:
+        reporter.log(f"openvino int8: {judge.log_line(judged)} is over budget: nncf.quantize_with_accuracy_control")
+        # Validation images score their labels; target images (adapted runs) score agreement with the fp32
+        # model, counted against the metric so that a changed class costs as much as a lost hit.
+        n_val = len(judge.val.labels)
+        wanted = np.concatenate([judge.val.labels, fp32_out[n_val:].argmax(1)])
+        is_target = np.arange(len(wanted)) >= n_val
+        chunks = _padded_chunks(judge.x, step)
+        items = [(x, wanted[k * step : (k + 1) * step], is_target[k * step : (k + 1) * step]) for k, x in enumerate(chunks)]
+        val_ds = nncf.Dataset(items)
 
         def validate(compiled: Any, items: Any) -> float:
-            hits = [np.argmax(compiled(x)[0][: len(y)], axis=1) == y for x, y in items]
-            return float(np.concatenate(hits).mean())
+            hits, changed = [], []
+            for x, y, tgt in items:
+                same = np.argmax(compiled(x)[0][: len(y)], axis=1) == y
+                hits.append(same[~tgt])
+                changed.append(~same[tgt])
+            return float(np.concatenate(hits).mean()) - float(np.concatenate(changed).mean() if judge.target is not None else 0.0)
 
         quantized = nncf.quantize_with_accuracy_control(
             model, calibration_dataset=calib_ds, validation_dataset=val_ds, validation_fn=validate,
             max_drop=opts.max_drop / 100, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib.floats),
             preset=nncf.QuantizationPreset.PERFORMANCE, advanced_quantization_parameters=advanced,
         )  # fmt: skip
-        top1 = _ov_top1(quantized, val)
+        judged = judge.score(fp32_out, _ov_predict(quantized, judge.x))
         mode = "nncf.quantize_with_accuracy_control"
-    drop = (fp32_top1 - top1) * 100
-    if drop > opts.max_drop:
-        raise EdgetlError(f"openvino int8 cannot meet --max-drop {opts.max_drop} points: best drop {drop:.2f}; "
+    if judged["drop_points"] > opts.max_drop:
+        raise EdgetlError(f"openvino int8 cannot meet --max-drop {opts.max_drop} points: best drop {judged['drop_points']:.2f}; "
                           "no int8 OpenVINO model was written", exit_code=1)  # fmt: skip
-    return {"fp32_top1": fp32_top1, "top1": top1, "drop_points": drop, "mode": mode, "model": quantized,
+    return {**judged, "mode": mode, "model": quantized,
             "kept_in_float": _ov_float_ops(quantized), "overflow_fix": overflow.value}  # fmt: skip
 
 
@@ -327,9 +339,8 @@ def _padded_chunks(x: np.ndarray, step: int) -> list[np.ndarray]:
     return out
 
 
-def _ov_top1(model: Any, val: ParityData) -> float:
-    out = OpenVinoModel(model, "f32").predict(val.floats)  # in chunks of a fixed batch where the IR has one
-    return float((out.argmax(1) == val.labels).mean())
+def _ov_predict(model: Any, x: np.ndarray) -> np.ndarray:
+    return OpenVinoModel(model, "f32").predict(x)  # in chunks of a fixed batch where the IR has one
 
 
 def _ov_float_ops(model: Any) -> list[str]:
@@ -432,17 +443,20 @@ def _quantize_locked(folder: runfolder.RunFolder, run_dir: Path, opts: QuantizeO
         if stale:
             raise EdgetlError(f"refusing to quantize a stale model: {stale}")
     calib, val, calib_record = load_images(folder, meta, opts, reporter)
+    target, target_note = target_check_images(folder, metadata.spec_from(meta), calib.keys, opts.max_val_images, opts.seed,
+                                              opts.allow_data_change, reporter)  # fmt: skip
+    judge = JudgeSet(val, target, target_note)
     x1 = val.floats[:1]
     report: dict[str, Any] = {"run": str(folder.path.resolve()), "folder": str(run_dir), "int8_target": opts.int8_target,
                               "checkpoint_sha256": folder.checkpoint_sha256,
-                              "max_drop_points": opts.max_drop, "validation_images": val.describe(),
+                              "max_drop_points": opts.max_drop, "validation_images": val.describe(), "judged_on": judge.describe(),
                               "calibration": calib_record, "results": {}, "host": host_record()}  # fmt: skip
     warnings_out: list[str] = []
 
     if "onnx" in formats:
         reporter.log(f"onnxruntime static int8 ({opts.calib_method}, {len(calib.floats)} calibration images)")
         target = run_dir / runfolder.MODEL_FILES["onnx_int8"]
-        res = quantize_onnx(onnx_path, target, calib, val, meta, opts, reporter)
+        res = quantize_onnx(onnx_path, target, calib, judge, meta, opts, reporter)
         try:
             qmeta = {**meta, "quantization": json.dumps(_record(meta, "onnxruntime", onnx_path, calib_record, opts,
                                                                 res["kept_in_float"], {"types": res["types"]}))}  # fmt: skip
@@ -452,7 +466,8 @@ def _quantize_locked(folder: runfolder.RunFolder, run_dir: Path, opts: QuantizeO
             lat = time_pair(lambda: OrtModel(onnx_path), lambda: OrtModel(target), x1, opts.latency_runs)
             final = res["attempts"][-1]
             report["results"]["onnxruntime"] = {
-                "fp32_top1": res["fp32_top1"], "int8_top1": final["top1"], "drop_points": final["drop_points"],
+                "fp32_top1": res["fp32_top1"], "int8_top1": final["top1"],
+                **{k: v for k, v in final.items() if k.endswith("_points")},
                 "kept_in_float": res["kept_in_float"], "attempts": res["attempts"], "worst_tensors": res["worst_tensors"],
                 "types": res["types"], "latency": lat, "fp32_bytes": onnx_path.stat().st_size, "int8_bytes": target.stat().st_size,
                 "file": str(target), "executed": ort_executed_ops(target),
@@ -463,7 +478,7 @@ def _quantize_locked(folder: runfolder.RunFolder, run_dir: Path, opts: QuantizeO
     xml = run_dir / runfolder.MODEL_FILES["openvino"]
     if "openvino" in formats:
         reporter.log("openvino int8 with NNCF post-training quantization")
-        res = quantize_openvino(xml, calib, val, opts, reporter)
+        res = quantize_openvino(xml, calib, judge, opts, reporter)
         qmodel = res.pop("model")
         rec = _record(meta, "openvino-nncf", xml.with_suffix(".bin"), calib_record, opts, res["kept_in_float"],
                       {"mode": res["mode"], "overflow_fix": res["overflow_fix"]})  # fmt: skip
@@ -478,10 +493,10 @@ def _quantize_locked(folder: runfolder.RunFolder, run_dir: Path, opts: QuantizeO
 
     if "litert" in formats:
         reporter.log(f"LiteRT full-integer int8 (TFLiteConverter, {len(calib.floats)} calibration images)")
-        report["results"]["litert"] = quantize_litert(run_dir, calib, val, calib_record, opts, reporter)
+        report["results"]["litert"] = quantize_litert(run_dir, calib, judge, calib_record, opts, reporter)
     if "executorch" in formats:
         reporter.log(f"ExecuTorch int8 (PT2E, XNNPACKQuantizer, {len(calib.floats)} calibration images)")
-        report["results"]["executorch"] = quantize_executorch(folder, run_dir, calib, val, calib_record, opts, reporter)
+        report["results"]["executorch"] = quantize_executorch(folder, run_dir, calib, judge, calib_record, opts, reporter)
 
     for name, r in report["results"].items():
         r["size_ratio"] = r["int8_bytes"] / r["fp32_bytes"]
@@ -515,34 +530,30 @@ def _earlier_results(run_dir: Path, checkpoint_sha256: str, redone: set[str]) ->
     return out
 
 
-def _top1(runner: Any, val: ParityData) -> float:
-    return float((runner.predict(val.floats).argmax(1) == val.labels).mean())
-
-
-def _judge(fmt: str, load: Any, fp32_path: Path, candidate: Path, val: ParityData, opts: QuantizeOptions,
+def _judge(fmt: str, load: Any, fp32_path: Path, candidate: Path, judge: JudgeSet, opts: QuantizeOptions,
            reporter: Reporter) -> dict[str, Any]:  # fmt: skip
     """Score the fp32 file and the int8 candidate in the format's own runtime (`load(path, threads)`);
     over the budget the command fails (no per-layer float fallback for these formats)."""
     threads = physical_cores()
-    fp32_top1, top1 = _top1(load(fp32_path, threads), val), _top1(load(candidate, threads), val)
-    drop = (fp32_top1 - top1) * 100
-    reporter.log(f"{fmt} int8: top-1 {top1:.2%} (drop {drop:+.2f} points)")
-    if drop > opts.max_drop:
-        raise EdgetlError(f"{fmt} int8 cannot meet --max-drop {opts.max_drop} points: drop {drop:.2f} points "
+    judged = judge.score(load(fp32_path, threads).predict(judge.x), load(candidate, threads).predict(judge.x))
+    reporter.log(f"{fmt} int8: {judge.log_line(judged)}")
+    if judged["drop_points"] > opts.max_drop:
+        raise EdgetlError(f"{fmt} int8 cannot meet --max-drop {opts.max_drop} points: drop {judged['drop_points']:.2f} points "
                           f"(no per-layer float fallback for this format); no int8 {fmt} model was written", exit_code=1)  # fmt: skip
-    return {"fp32_top1": fp32_top1, "int8_top1": top1, "drop_points": drop, "kept_in_float": [], "threads": threads}
+    top1 = judged.pop("top1")
+    return {**judged, "int8_top1": top1, "kept_in_float": [], "threads": threads}
 
 
-def _timed(load: Any, fp32_path: Path, target: Path, judged: dict[str, Any], val: ParityData, opts: QuantizeOptions,
+def _timed(load: Any, fp32_path: Path, target: Path, judged: dict[str, Any], judge: JudgeSet, opts: QuantizeOptions,
            executed: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """The written int8 file's result: fp32 and int8 timed side by side at batch 1, sizes, what executes."""
     threads = judged["threads"]
-    lat = time_pair(lambda: load(fp32_path, threads), lambda: load(target, threads), val.floats[:1], opts.latency_runs)
+    lat = time_pair(lambda: load(fp32_path, threads), lambda: load(target, threads), judge.val.floats[:1], opts.latency_runs)
     return {**judged, "latency": lat, "fp32_bytes": fp32_path.stat().st_size, "int8_bytes": target.stat().st_size,
             "file": str(target), "executed": executed}  # fmt: skip
 
 
-def quantize_litert(run_dir: Path, calib: ParityData, val: ParityData, calib_record: dict, opts: QuantizeOptions,
+def quantize_litert(run_dir: Path, calib: ParityData, judge: JudgeSet, calib_record: dict, opts: QuantizeOptions,
                     reporter: Reporter) -> dict[str, Any]:  # fmt: skip
     """Full-integer int8 .tflite from the same calibration images, within the budget, with its latency."""
     from edgetl.backends.litert import LiteRtModel, io_names, with_metadata
@@ -557,7 +568,7 @@ def quantize_litert(run_dir: Path, calib: ParityData, val: ParityData, calib_rec
     work = make_temp_dir(run_dir, "litert-int8")
     try:
         candidate = convert(onnx_path, work, calib.floats)["int8"]
-        judged = _judge("LiteRT", LiteRtModel, fp32_path, candidate, val, opts, reporter)
+        judged = _judge("LiteRT", LiteRtModel, fp32_path, candidate, judge, opts, reporter)
         rec = _record(meta, "litert-tfliteconverter", fp32_path, calib_record, opts, [],
                       {"method": "TFLiteConverter representative dataset (min/max)", "converted_from": onnx_path.name,
                        "types": {"activation": "int8", "weight": "int8 per-channel", "io": "float32"}})  # fmt: skip
@@ -567,10 +578,10 @@ def quantize_litert(run_dir: Path, calib: ParityData, val: ParityData, calib_rec
                                                  "quantization": json.dumps(rec)}))  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return _timed(LiteRtModel, fp32_path, target, judged, val, opts, litert_executed_ops(target))
+    return _timed(LiteRtModel, fp32_path, target, judged, judge, opts, litert_executed_ops(target))
 
 
-def quantize_executorch(folder: runfolder.RunFolder, run_dir: Path, calib: ParityData, val: ParityData, calib_record: dict,
+def quantize_executorch(folder: runfolder.RunFolder, run_dir: Path, calib: ParityData, judge: JudgeSet, calib_record: dict,
                         opts: QuantizeOptions, reporter: Reporter) -> dict[str, Any]:  # fmt: skip
     """int8 .pte (PT2E, XNNPACKQuantizer) from the run's checkpoint, calibrated on the same images."""
     import torch
@@ -590,7 +601,7 @@ def quantize_executorch(folder: runfolder.RunFolder, run_dir: Path, calib: Parit
     try:
         candidate = work / "int8.pte"
         candidate.write_bytes(blob)
-        judged = _judge("ExecuTorch", ExecuTorchModel, fp32_path, candidate, val, opts, reporter)
+        judged = _judge("ExecuTorch", ExecuTorchModel, fp32_path, candidate, judge, opts, reporter)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rec = _record(meta, "executorch-pt2e-xnnpack", fp32_path, calib_record, opts, [],
@@ -600,7 +611,7 @@ def quantize_executorch(folder: runfolder.RunFolder, run_dir: Path, calib: Parit
     # XNNPACK takes each dequantize -> op -> quantize pattern as one int8 kernel; what it does not take runs in float.
     done, left = delegation.get("compute_ops_delegated", 0), delegation.get("compute_ops_not_delegated", 0)
     executed = {"compute_ops": done + left, "int8_compute_ops": done, "float_compute_ops": left, "delegation": delegation}
-    return _timed(ExecuTorchModel, fp32_path, target, judged, val, opts, executed)
+    return _timed(ExecuTorchModel, fp32_path, target, judged, judge, opts, executed)
 
 
 def slow_int8_reason(executed: dict[str, Any]) -> str:

@@ -44,16 +44,23 @@ def print_export_report(report: dict[str, Any], console: Console | None = None) 
 def print_quantize_report(report: dict[str, Any], console: Console | None = None) -> None:
     console = console or make_console()
     n = report["validation_images"]["n"]
-    table = Table(title=f"int8 of {report['run']} (accuracy on {n} validation images, batch-1 latency medians)", show_edge=False)
-    for col in ("runtime", "fp32 top-1", "int8 top-1", "drop", "fp32 ms", "int8 ms", "int8/fp32", "size", "kept in float", "runs in int8"):
+    target = report.get("judged_on", {}).get("target")
+    title = f"int8 of {report['run']} (accuracy on {n} validation images"
+    title += f"; top-1 class changed on {target['n']} target images" if target else ""
+    table = Table(title=f"{title}; batch-1 latency medians)", show_edge=False)
+    columns = ["runtime", "fp32 top-1", "int8 top-1", "drop", *(["target changed"] if target else []),
+               "fp32 ms", "int8 ms", "int8/fp32", "size", "kept in float", "runs in int8"]  # fmt: skip
+    for col in columns:
         table.add_column(col, justify="left" if col == "runtime" else "right")
     for name, r in report["results"].items():
         lat = r["latency"]
         fp32_top1 = r["fp32_top1"]
         int8_top1 = r.get("int8_top1", r.get("top1"))
+        changed = [f"{r['target_changed_points']:.2f}%"] if target else []
         table.add_row(
-            name, f"{fp32_top1:.2%}", f"{int8_top1:.2%}", f"{r['drop_points']:+.2f} pt", f"{lat['fp32']['median_ms']:.2f}",
-            f"{lat['int8']['median_ms']:.2f}", f"{lat['int8_over_fp32']:.2f}x", f"{r['size_ratio']:.0%}", str(len(r["kept_in_float"])),
+            name, f"{fp32_top1:.2%}", f"{int8_top1:.2%}", f"{r.get('val_drop_points', r['drop_points']):+.2f} pt", *changed,
+            f"{lat['fp32']['median_ms']:.2f}", f"{lat['int8']['median_ms']:.2f}", f"{lat['int8_over_fp32']:.2f}x", f"{r['size_ratio']:.0%}",
+            str(len(r["kept_in_float"])),
             f"{r['executed']['int8_compute_ops']}/{r['executed']['compute_ops']} ops" if "executed" in r else "-",
         )  # fmt: skip
     console.print(table)

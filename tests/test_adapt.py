@@ -158,6 +158,21 @@ def test_adapted_run_exports_quantizes_on_target_images_and_evaluates(adapted_ru
     assert q["calibration"]["images_from"] == "target"
     target_keys = {k for k, _ in json.loads((adapted_run / "target.json").read_text())["files"]}
     assert set(q["calibration"]["files"]) <= target_keys
+    # int8 was also judged on the target images, by how often it changes the fp32 model's class there.
+    from edgetl import metadata
+    from edgetl.backends.onnxruntime import OrtModel
+    from edgetl.parity import prepare
+    from edgetl.progress import Reporter
+    from edgetl.run import RunFolder
+    from edgetl.target import recorded_target
+
+    judged, ort = q["judged_on"]["target"], q["results"]["onnxruntime"]
+    assert judged["n"] == len(target_keys) and judged["note"].startswith("all")  # every target image calibrated: judged on all
+    spec = metadata.spec_from(OrtModel(adapted_run / "model.onnx").metadata)
+    x = prepare(recorded_target(RunFolder.open(adapted_run).target_record()), spec, "target", Reporter(quiet=True)).floats
+    fp32, int8 = (OrtModel(adapted_run / f).predict(x).argmax(1) for f in ("model.onnx", "model.int8.onnx"))
+    assert ort["target_changed_points"] == pytest.approx(100 * float((fp32 != int8).mean()))
+    assert ort["drop_points"] == max(ort["val_drop_points"], ort["target_changed_points"])
     res = runner.invoke(app, ["eval", str(adapted_run), str(shifted_data["evaluate"]), "--json", str(adapted_run / "e.json")])
     assert res.exit_code == 0, res.output
     m = json.loads((adapted_run / "metrics.json").read_text())
@@ -284,3 +299,23 @@ def test_shot_centroid_labels_correct_confident_mistakes_inside_clear_clusters()
         probs[i] = torch.roll(probs[i], 1)
     assert (probs.argmax(1).numpy() != truth).sum() == len(wrong)
     assert (centroid_labels(feats, probs) == truth).all()
+
+
+def test_int8_judge_takes_the_larger_of_the_validation_drop_and_the_changed_target_classes() -> None:
+    from edgetl.int8_judge import JudgeSet
+    from edgetl.parity import ParityData
+
+    def data(n: int, labels: np.ndarray | None = None) -> ParityData:
+        return ParityData(np.zeros((n, 4, 4, 3), np.uint8), np.zeros((n, 3, 4, 4), np.float32),
+                          np.zeros(n, np.int64) if labels is None else labels, [str(i) for i in range(n)], "t")  # fmt: skip
+
+    onehot = np.eye(3, dtype=np.float32)
+    val = data(4, np.array([0, 1, 2, 0]))
+    fp32 = onehot[[0, 1, 2, 1, 0, 0, 1, 2]]  # 3 of 4 validation hits; then 4 target images
+    int8 = onehot[[0, 1, 2, 1, 0, 2, 2, 2]]  # the same on validation, 2 of 4 target classes changed
+    plain = JudgeSet(val).score(fp32[:4], int8[:4])
+    assert plain["drop_points"] == plain["val_drop_points"] == 0.0 and "target_changed_points" not in plain
+    both = JudgeSet(val, data(4)).score(fp32, int8)
+    assert both["fp32_top1"] == both["top1"] == 0.75 and both["target_changed_points"] == 50.0 and both["drop_points"] == 50.0
+    worse_on_val = JudgeSet(val, data(4)).score(fp32, onehot[[1, 1, 2, 1, 0, 0, 1, 2]])
+    assert worse_on_val["val_drop_points"] == 25.0 == worse_on_val["drop_points"] and worse_on_val["target_changed_points"] == 0.0

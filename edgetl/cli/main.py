@@ -90,7 +90,8 @@ FORMAT_HELP = ("onnx, openvino, litert (.tflite; needs the litert extra), execut
 # Options shared by `export --quantize int8` and `quantize`.
 CalibSize = Annotated[int, typer.Option(help="Calibration images (see --calib-source)")]
 CalibMethod = Annotated[str, typer.Option(help="minmax, percentile or entropy")]
-MaxDrop = Annotated[float, typer.Option(help="Accuracy budget: top-1 points int8 may lose on validation")]
+MaxDrop = Annotated[float, typer.Option(help="Accuracy budget: top-1 points int8 may lose on validation "
+                                               "(adapted runs: and % of target images whose class int8 changes)")]
 Int8Target = Annotated[str, typer.Option(help="portable (correct on every x86/ARM CPU) or vnni (full 8-bit weights, VNNI CPUs only)")]
 AllowDataChange = Annotated[bool, typer.Option(help="Use the run's recorded file lists although its data folder changed")]
 CalibSource = Annotated[str, typer.Option(help="auto (an adapted run's target images, else the training split), train or target")]
@@ -221,7 +222,7 @@ def shards(
 @user_errors
 def eval_cmd(
     run: Annotated[Path, typer.Argument(help="Run folder (or checkpoint file)")],
-    data: Annotated[Path, typer.Argument(help="Folder of labelled images, or a dataset root with splits")],
+    data: Annotated[Path, typer.Argument(help="Labelled image folder, dataset root with splits, or shard pattern (test-{0..9}.tar)")],
     split: Annotated[str | None, typer.Option(help="For datasets with split folders: train, val or test (default: test, else val)")] = None,
     device: str = "auto",
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the metrics to this JSON file")] = None,
