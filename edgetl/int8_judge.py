@@ -8,11 +8,13 @@ calibrated there can hold its accuracy on clean validation images and lose it on
 have no labels, so they are judged by agreement with the fp32 model: the share of target images whose
 top-1 class int8 changes. That is an upper bound on the top-1 points int8 can lose there (a prediction
 fp32 gets right and int8 gets wrong is one int8 changed), so it needs no labels and never flatters.
-The judged drop is the larger of the two.
+The judged drop is the larger of the two. Target images judged on are ones int8 was not calibrated on
+(quantize calibrates on at most half of them when there are enough), as validation images are.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,9 @@ from edgetl import run as runfolder
 from edgetl.parity import ParityData, prepare
 from edgetl.progress import Reporter
 
+# Fewer target images than this left out of calibration: judge on all of them (an in-sample check, noted).
+TARGET_JUDGE_MIN = 32
+
 
 @dataclass
 class JudgeSet:
@@ -29,13 +34,13 @@ class JudgeSet:
     target: ParityData | None = None  # adapted runs: recorded target images (labels unused)
     target_note: str | None = None
 
-    @property
-    def x(self) -> np.ndarray:
-        """Every image a candidate is run on, validation first: one predict call per model."""
-        return self.val.floats if self.target is None else np.concatenate([self.val.floats, self.target.floats])
+    def outputs(self, predict: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """A model's outputs on every judged image, validation first (run per set: no copy of the inputs)."""
+        out = predict(self.val.floats)
+        return out if self.target is None else np.concatenate([out, predict(self.target.floats)])
 
     def score(self, fp32_logits: np.ndarray, int8_logits: np.ndarray) -> dict[str, Any]:
-        """fp32 and int8 outputs on `x` -> top-1s, each measured drop, and the judged drop (points)."""
+        """fp32 and int8 `outputs` -> top-1s, each measured drop, and the judged drop (points)."""
         n = len(self.val.floats)
         fp32_top1 = float((fp32_logits[:n].argmax(1) == self.val.labels).mean())
         top1 = float((int8_logits[:n].argmax(1) == self.val.labels).mean())
@@ -63,7 +68,7 @@ class JudgeSet:
 def target_check_images(run: runfolder.RunFolder, spec: Any, calib_keys: list[str], max_images: int, seed: int,
                         allow_changed: bool, reporter: Reporter) -> tuple[ParityData | None, str | None]:  # fmt: skip
     """An adapted run's recorded target images to judge int8 on: those not used for calibration when
-    at least 32 are left, else all of them (the note says which). None for a run that was not adapted."""
+    at least TARGET_JUDGE_MIN are left, else all of them (the note says which). None for a run that was not adapted."""
     record = run.target_record()
     if record is None:
         return None, None
@@ -72,7 +77,7 @@ def target_check_images(run: runfolder.RunFolder, spec: Any, calib_keys: list[st
     pool = recorded_target(record, allow_changed)
     used = set(calib_keys)
     held = [i for i, r in enumerate(pool.refs) if r.key not in used]
-    if len(held) >= 32:
+    if len(held) >= TARGET_JUDGE_MIN:
         idx, note = np.asarray(held), f"{len(held)} target images not used for calibration"
     else:
         idx, note = np.arange(len(pool)), f"all {len(pool)} target images (too few are left out of calibration to judge on them alone)"

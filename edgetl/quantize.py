@@ -22,8 +22,9 @@ Budget: the judged drop is top-1 points lost on the validation images, and for a
 the share of its target images whose top-1 class int8 changes (edgetl.int8_judge says why).
 ONNX Runtime: if int8 is over --max-drop,
 every quantized activation is ranked by its signal-to-quantization-noise ratio (onnxruntime's
-qdq_loss_debug), and the nodes producing the worst ones are kept in float, 1, 2, 4, ... at a time,
-until the model is within budget. Nothing within budget: the command fails and no int8 file is left.
+qdq_loss_debug), and nodes are kept in float, 1, 2, 4, ... at a time, until the model is within budget:
+at each count first those producing the worst activations, then the earliest convolutions
+(`fallback_plan` says why both). Nothing within budget: the command fails and no int8 file is left.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,7 +51,7 @@ from edgetl.errors import EdgetlError
 from edgetl.executed_ops import describe, openvino_executed_layers, ort_executed_ops
 from edgetl.fileio import atomic_path, sha256_file, write_json
 from edgetl.hostinfo import has_vnni, host_record, physical_cores
-from edgetl.int8_judge import JudgeSet, target_check_images
+from edgetl.int8_judge import TARGET_JUDGE_MIN, JudgeSet, target_check_images
 from edgetl.metadata import set_onnx_metadata
 from edgetl.parity import ParityData, prepare
 from edgetl.preprocess import PreprocessSpec
@@ -129,6 +131,10 @@ def load_images(run: runfolder.RunFolder, meta: dict[str, str], opts: QuantizeOp
     else:
         pool, where = train, f"{ds.root} (recorded training split)"
     calib_set, note = pool, None
+    if source == "target" and len(pool) >= 2 * TARGET_JUDGE_MIN:
+        # At most half of the target images calibrate, so that int8 is judged on target images it was not
+        # calibrated on (edgetl.int8_judge): ranges fitted to the very images they are judged on flatter them.
+        n = min(n, len(pool) // 2)
     if len(pool) < n:
         note = f"the {source} images number only {len(pool)}, fewer than --calib-size {n}: calibrating on all of them"
         reporter.log(f"[yellow]warning:[/] {note}")
@@ -234,6 +240,33 @@ def rank_nodes_by_error(float_path: Path, qdq_path: Path, x: np.ndarray, input_n
     return ranked
 
 
+# Convolutions and matrix products: what ONNX Runtime runs as int8 kernels (activations such as Clip are fused
+# into them; keeping one of those in float alone splits the fusion and made Lite0 worse, not better).
+COMPUTE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+MAX_FLOAT_NODES = 64
+
+
+def compute_nodes_in_order(model_path: Path) -> list[str]:
+    import onnx
+
+    return [n.name for n in onnx.load(str(model_path)).graph.node if n.op_type in COMPUTE_OPS]
+
+
+def fallback_plan(by_sqnr: list[str], in_order: list[str]) -> Iterator[tuple[str, list[str]]]:
+    """Which nodes to keep in float next, 1, 2, 4, ... at a time, from two orders: the worst activations by
+    SQNR (what int8 cannot represent), and the earliest compute nodes (an error there is amplified by
+    every layer after it: an adapted Lite0 whose early BatchNorms were rescaled for blurred images lost
+    6 points in int8 from its stem convolution alone, with every activation's SQNR unremarkable)."""
+    k, tried = 1, set()
+    while k <= MAX_FLOAT_NODES and (k <= len(by_sqnr) or k <= len(in_order)):
+        for name, order in (("worst SQNR", by_sqnr), ("earliest", in_order)):
+            nodes = order[:k]
+            if len(nodes) == k and frozenset(nodes) not in tried:
+                tried.add(frozenset(nodes))
+                yield name, nodes
+        k *= 2
+
+
 def quantize_onnx(src: Path, dst: Path, calib: ParityData, judge: JudgeSet, meta: dict[str, str], opts: QuantizeOptions,
                   reporter: Reporter) -> dict[str, Any]:  # fmt: skip
     """Quantize, judge (validation images; target images of an adapted run), keep the worst nodes in
@@ -245,34 +278,36 @@ def quantize_onnx(src: Path, dst: Path, calib: ParityData, judge: JudgeSet, meta
     try:
         pre = work / "pre.onnx"
         quant_pre_process(str(src), str(pre))
-        fp32_out = OrtModel(src).predict(judge.x)
+        fp32_out = judge.outputs(OrtModel(src).predict)
         attempts: list[dict[str, Any]] = []
-        ranked: list[dict[str, Any]] | None = None
+        ranked: list[dict[str, Any]] = []
+        plan: Iterator[tuple[str, list[str]]] | None = None
         exclude: list[str] = []
-        k = 0
+        chosen_by = "-"
         while True:
-            cand = work / f"int8-{k}.onnx"
+            cand = work / f"int8-{len(attempts)}.onnx"
             _quantize_ort(pre, cand, calib.floats, input_name, opts.calib_method, exclude, opts.int8_target)
-            judged = judge.score(fp32_out, OrtModel(cand).predict(judge.x))
-            attempts.append({"kept_in_float": list(exclude), **{k: v for k, v in judged.items() if k != "fp32_top1"}})
-            reporter.log(f"onnxruntime int8 with {len(exclude)} node(s) in float: {judge.log_line(judged)}")
+            judged = judge.score(fp32_out, judge.outputs(OrtModel(cand).predict))
+            attempts.append({"kept_in_float": list(exclude), "chosen_by": chosen_by,
+                             **{key: v for key, v in judged.items() if key != "fp32_top1"}})  # fmt: skip
+            reporter.log(f"onnxruntime int8 with {len(exclude)} node(s) in float ({chosen_by}): {judge.log_line(judged)}")
             if judged["drop_points"] <= opts.max_drop:
                 break
-            if ranked is None:
+            if plan is None:
                 ranked = rank_nodes_by_error(pre, cand, calib.floats[: min(16, len(calib.floats))], input_name, work)
-                ranked_nodes = list(dict.fromkeys(r["node"] for r in ranked))
-            k = 1 if k == 0 else k * 2
-            if k > len(ranked_nodes) or k > 64:
+                plan = fallback_plan(list(dict.fromkeys(r["node"] for r in ranked)), compute_nodes_in_order(pre))
+            step = next(plan, None)
+            if step is None:
                 best = min(attempts, key=lambda a: a["drop_points"])
                 raise EdgetlError(
                     f"onnxruntime int8 cannot meet --max-drop {opts.max_drop} points: best drop {best['drop_points']:.2f} points "
                     f"with {len(best['kept_in_float'])} node(s) in float; no int8 ONNX model was written",
                     exit_code=1,
                 )
-            exclude = ranked_nodes[:k]
+            chosen_by, exclude = step
         final = attempts[-1]
         return {"fp32_top1": judged["fp32_top1"], "candidate": str(cand), "attempts": attempts, "kept_in_float": final["kept_in_float"],
-                "worst_tensors": (ranked or [])[:10], "work": str(work), "types": ort_types(opts.int8_target)}  # fmt: skip
+                "worst_tensors": ranked[:10], "work": str(work), "types": ort_types(opts.int8_target)}  # fmt: skip
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -287,7 +322,7 @@ def quantize_openvino(src_xml: Path, calib: ParityData, judge: JudgeSet, opts: Q
 
     model = ov.Core().read_model(str(src_xml))
     fp32 = OpenVinoModel(src_xml)
-    fp32_out = fp32.predict(judge.x)
+    fp32_out = judge.outputs(fp32.predict)
     step = fp32.fixed_batch or 1  # an IR exported with --batch N takes exactly N rows
     calib_ds = nncf.Dataset(_padded_chunks(calib.floats, step))
     # The deployment target decides the weight range (see the module docstring).
@@ -295,33 +330,35 @@ def quantize_openvino(src_xml: Path, calib: ParityData, judge: JudgeSet, opts: Q
     advanced = nncf.AdvancedQuantizationParameters(overflow_fix=overflow)
     quantized = nncf.quantize(model, calib_ds, subset_size=len(calib.floats), preset=nncf.QuantizationPreset.PERFORMANCE,
                               advanced_parameters=advanced)  # fmt: skip
-    judged = judge.score(fp32_out, _ov_predict(quantized, judge.x))
+    judged = judge.score(fp32_out, judge.outputs(OpenVinoModel(quantized, "f32").predict))
     mode = "nncf.quantize"
     if judged["drop_points"] > opts.max_drop:
         reporter.log(f"openvino int8: {judge.log_line(judged)} is over budget: nncf.quantize_with_accuracy_control")
         # Validation images score their labels; target images (adapted runs) score agreement with the fp32
         # model, counted against the metric so that a changed class costs as much as a lost hit.
-        n_val = len(judge.val.labels)
-        wanted = np.concatenate([judge.val.labels, fp32_out[n_val:].argmax(1)])
-        is_target = np.arange(len(wanted)) >= n_val
-        chunks = _padded_chunks(judge.x, step)
-        items = [(x, wanted[k * step : (k + 1) * step], is_target[k * step : (k + 1) * step]) for k, x in enumerate(chunks)]
+        sets = [(judge.val.floats, judge.val.labels, False)]
+        if judge.target is not None:
+            sets.append((judge.target.floats, fp32_out[len(judge.val.labels) :].argmax(1), True))
+        items = [(x, y[k * step : (k + 1) * step], tgt) for xs, y, tgt in sets for k, x in enumerate(_padded_chunks(xs, step))]
         val_ds = nncf.Dataset(items)
 
         def validate(compiled: Any, items: Any) -> float:
-            hits, changed = [], []
+            hits: list[np.ndarray] = []
+            changed: list[np.ndarray] = []
             for x, y, tgt in items:
                 same = np.argmax(compiled(x)[0][: len(y)], axis=1) == y
-                hits.append(same[~tgt])
-                changed.append(~same[tgt])
-            return float(np.concatenate(hits).mean()) - float(np.concatenate(changed).mean() if judge.target is not None else 0.0)
+                if tgt:
+                    changed.append(~same)
+                else:
+                    hits.append(same)
+            return float(np.concatenate(hits).mean()) - (float(np.concatenate(changed).mean()) if changed else 0.0)
 
         quantized = nncf.quantize_with_accuracy_control(
             model, calibration_dataset=calib_ds, validation_dataset=val_ds, validation_fn=validate,
             max_drop=opts.max_drop / 100, drop_type=nncf.DropType.ABSOLUTE, subset_size=len(calib.floats),
             preset=nncf.QuantizationPreset.PERFORMANCE, advanced_quantization_parameters=advanced,
         )  # fmt: skip
-        judged = judge.score(fp32_out, _ov_predict(quantized, judge.x))
+        judged = judge.score(fp32_out, judge.outputs(OpenVinoModel(quantized, "f32").predict))
         mode = "nncf.quantize_with_accuracy_control"
     if judged["drop_points"] > opts.max_drop:
         raise EdgetlError(f"openvino int8 cannot meet --max-drop {opts.max_drop} points: best drop {judged['drop_points']:.2f}; "
@@ -337,10 +374,6 @@ def _padded_chunks(x: np.ndarray, step: int) -> list[np.ndarray]:
         chunk = x[i : i + step]
         out.append(np.concatenate([chunk, np.zeros((step - len(chunk), *x.shape[1:]), x.dtype)]) if len(chunk) < step else chunk)
     return out
-
-
-def _ov_predict(model: Any, x: np.ndarray) -> np.ndarray:
-    return OpenVinoModel(model, "f32").predict(x)  # in chunks of a fixed batch where the IR has one
 
 
 def _ov_float_ops(model: Any) -> list[str]:
@@ -535,7 +568,7 @@ def _judge(fmt: str, load: Any, fp32_path: Path, candidate: Path, judge: JudgeSe
     """Score the fp32 file and the int8 candidate in the format's own runtime (`load(path, threads)`);
     over the budget the command fails (no per-layer float fallback for these formats)."""
     threads = physical_cores()
-    judged = judge.score(load(fp32_path, threads).predict(judge.x), load(candidate, threads).predict(judge.x))
+    judged = judge.score(judge.outputs(load(fp32_path, threads).predict), judge.outputs(load(candidate, threads).predict))
     reporter.log(f"{fmt} int8: {judge.log_line(judged)}")
     if judged["drop_points"] > opts.max_drop:
         raise EdgetlError(f"{fmt} int8 cannot meet --max-drop {opts.max_drop} points: drop {judged['drop_points']:.2f} points "

@@ -188,6 +188,40 @@ def test_adapted_run_exports_quantizes_on_target_images_and_evaluates(adapted_ru
         victim.write_bytes(data)
 
 
+def test_int8_of_an_adapted_run_is_judged_on_target_images_it_was_not_calibrated_on(adapted_run: Path, shifted_data: dict[str, Path],
+                                                                                    tmp_path: Path) -> None:  # fmt: skip
+    import shutil
+
+    from edgetl import metadata
+    from edgetl.backends.onnxruntime import OrtModel
+    from edgetl.int8_judge import target_check_images
+    from edgetl.progress import Reporter
+    from edgetl.quantize import QuantizeOptions, load_images
+    from edgetl.run import RunFolder
+
+    # The same adapted run with twice its target images (each copied once): now enough to hold half out.
+    run, target = tmp_path / "run", tmp_path / "target"
+    shutil.copytree(adapted_run, run)
+    shutil.copytree(shifted_data["target"], target)
+    record = json.loads((run / "target.json").read_text())
+    files = [*record["files"]]
+    for key, size in record["files"]:
+        copy = key.replace(".png", "_copy.png")
+        shutil.copy(target / key, target / copy)
+        files.append([copy, size])
+    (run / "target.json").write_text(json.dumps({**record, "root": str(target), "files": files, "count": len(files)}))
+    folder, quiet = RunFolder.open(run), Reporter(quiet=True)
+    if not (run / "model.onnx").exists():  # when this test runs alone
+        from edgetl.export import ExportOptions, export_run
+
+        export_run(run, ExportOptions(format="onnx"), quiet)
+    meta = OrtModel(run / "model.onnx").metadata
+    calib, _, _ = load_images(folder, meta, QuantizeOptions(), quiet)
+    judged, note = target_check_images(folder, metadata.spec_from(meta), calib.keys, 1000, 0, False, quiet)
+    assert len(calib.keys) == len(files) // 2 and len(judged.keys) == len(files) - len(files) // 2
+    assert not set(calib.keys) & set(judged.keys) and note.startswith(f"{len(judged.keys)} target images not used")
+
+
 def test_adapting_on_images_of_the_training_domain_is_close_to_a_no_op(tiny_run: Path, shifted_data: dict[str, Path],
                                                                       tmp_path: Path) -> None:  # fmt: skip
     res = runner.invoke(app, ["adapt", str(tiny_run), str(shifted_data["clean"]), "--out", str(tmp_path / "clean"), "--batch-size", "16",

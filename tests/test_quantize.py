@@ -168,6 +168,32 @@ def test_budget_keeps_the_worst_node_in_float_until_met(exported_run: Path, tmp_
     assert rec["kept_in_float"] == kept
 
 
+def test_budget_tries_the_earliest_convolutions_when_the_worst_activations_do_not_help(
+    exported_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(exported_run, run, ignore=shutil.ignore_patterns("*int8*", "quantize.json"))
+    real_predict = q.OrtModel.predict
+
+    def two_bad_candidates(self: q.OrtModel, x: np.ndarray, batch: int = 32) -> np.ndarray:
+        out = real_predict(self, x, batch)
+        return -out if Path(self.path).name in ("int8-0.onnx", "int8-1.onnx") else out
+
+    monkeypatch.setattr(q.OrtModel, "predict", two_bad_candidates)
+    report = quantize_run(run, QuantizeOptions(format="onnx", calib_size=10, max_drop=0.0, latency_runs=6), QUIET)
+    res = report["results"]["onnxruntime"]
+    assert [a["chosen_by"] for a in res["attempts"]] == ["-", "worst SQNR", "earliest"]
+    first_conv = q.compute_nodes_in_order(run / "model.onnx")[0]
+    assert res["kept_in_float"] == [first_conv] != res["attempts"][1]["kept_in_float"]
+
+
+def test_fallback_plan_alternates_orders_doubles_and_skips_repeats() -> None:
+    plan = list(q.fallback_plan(["c", "a", "x"], ["a", "b", "c", "d", "e"]))
+    assert plan == [("worst SQNR", ["c"]), ("earliest", ["a"]), ("worst SQNR", ["c", "a"]), ("earliest", ["a", "b"]),
+                    ("earliest", ["a", "b", "c", "d"])]  # fmt: skip
+    assert list(q.fallback_plan(["a", "b"], ["b", "a"])) == [("worst SQNR", ["a"]), ("earliest", ["b"]), ("worst SQNR", ["a", "b"])]
+
+
 def test_vnni_target_uses_full_range_weights(exported_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(exported_run, run, ignore=shutil.ignore_patterns("*int8*", "quantize.json"))
