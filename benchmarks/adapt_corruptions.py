@@ -216,6 +216,7 @@ def int8_check(args: Any, folder: RunFolder, clean: np.ndarray, adapt_idx: np.nd
             ort = q["results"]["onnxruntime"]
             out[name] = {**acc, "drop_points": 100 * (acc["fp32"] - acc["int8"]), "calibration": q["calibration"]["images_from"],
                          "source_val_drop_points": ort["val_drop_points"], "target_changed_points": ort["target_changed_points"],
+                         "target_expected_drop_points": ort["target_expected_drop_points"],
                          "judged_drop_points": ort["drop_points"], "kept_in_float": ort["kept_in_float"],
                          "chosen_by": ort["attempts"][-1]["chosen_by"], "attempts": len(ort["attempts"]),
                          "adapt_seconds": res["seconds"], "shift": res["shift"], "source_val": res["source_val"]}  # fmt: skip
@@ -270,18 +271,19 @@ def markdown(p: dict[str, Any], args: Any) -> str:
             lines.append(f"| {name} | {100 * row['0']:.1f} | " + " | ".join(f"{100 * row[str(k)]:.1f}" for k in ks) + " |")
     if "int8" in p:
         lines += ["", f"int8 after adapting ({DEFAULT_METHOD}, severity 3; `edgetl adapt` -> `export --format onnx` -> `quantize "
-                  f"--int8-target {args.int8_target} --max-drop {args.int8_max_drop:g}`, calibrated on the target images and judged on "
-                  "them (share of top-1 classes int8 changes) and on the clean validation split; ONNX Runtime on the scored half):", "",
-                  "| corruption | fp32 | int8 | drop on the scored half (points) | judged: validation drop | judged: target changed "
-                  "| nodes kept in float |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+                  f"--int8-target {args.int8_target} --max-drop {args.int8_max_drop:g}`, calibrated on half of the target images and "
+                  "judged on the other half (expected top-1 drop with fp32's probabilities as labels; share of classes changed) and on "
+                  "the clean validation split; ONNX Runtime on the scored half):", "",
+                  "| corruption | fp32 | int8 | drop on the scored half (points) | judged: validation drop | judged: target drop "
+                  "| target classes changed | nodes kept in float |",
+                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for name, r in p["int8"].items():
             if "refused" in r:
-                lines.append(f"| {name} | | | refused: {r['refused']} | | | |")
+                lines.append(f"| {name} | | | refused: {r['refused']} | | | | |")
                 continue
             kept = f"{len(r['kept_in_float'])} ({r['chosen_by']})" if r.get("kept_in_float") else "0"
-            lines.append(f"| {name} | {100 * r['fp32']:.1f} | {100 * r['int8']:.1f} | {r['drop_points']:+.1f} | "
-                         f"{r['source_val_drop_points']:+.1f} | {r.get('target_changed_points', 0.0):.1f}% | {kept} |")  # fmt: skip
+            judged = f"{r['source_val_drop_points']:+.1f} | {r['target_expected_drop_points']:+.2f} | {r['target_changed_points']:.1f}%"
+            lines.append(f"| {name} | {100 * r['fp32']:.1f} | {100 * r['int8']:.1f} | {r['drop_points']:+.1f} | {judged} | {kept} |")
     lines += ["", f"Wall time {p['seconds'] / 60:.0f} min."]
     return "\n".join(lines)
 

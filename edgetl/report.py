@@ -46,9 +46,9 @@ def print_quantize_report(report: dict[str, Any], console: Console | None = None
     n = report["validation_images"]["n"]
     target = report.get("judged_on", {}).get("target")
     title = f"int8 of {report['run']} (accuracy on {n} validation images"
-    title += f"; top-1 class changed on {target['n']} target images" if target else ""
+    title += f"; expected top-1 drop on {target['n']} target images, fp32's probabilities as labels" if target else ""
     table = Table(title=f"{title}; batch-1 latency medians)", show_edge=False)
-    columns = ["runtime", "fp32 top-1", "int8 top-1", "drop", *(["target changed"] if target else []),
+    columns = ["runtime", "fp32 top-1", "int8 top-1", "drop", *(["target drop", "target changed"] if target else []),
                "fp32 ms", "int8 ms", "int8/fp32", "size", "kept in float", "runs in int8"]  # fmt: skip
     for col in columns:
         table.add_column(col, justify="left" if col == "runtime" else "right")
@@ -56,7 +56,7 @@ def print_quantize_report(report: dict[str, Any], console: Console | None = None
         lat = r["latency"]
         fp32_top1 = r["fp32_top1"]
         int8_top1 = r.get("int8_top1", r.get("top1"))
-        changed = [f"{r['target_changed_points']:.2f}%"] if target else []
+        changed = [f"{r['target_expected_drop_points']:+.2f} pt", f"{r['target_changed_points']:.2f}%"] if target else []
         table.add_row(
             name, f"{fp32_top1:.2%}", f"{int8_top1:.2%}", f"{r.get('val_drop_points', r['drop_points']):+.2f} pt", *changed,
             f"{lat['fp32']['median_ms']:.2f}", f"{lat['int8']['median_ms']:.2f}", f"{lat['int8_over_fp32']:.2f}x", f"{r['size_ratio']:.0%}",

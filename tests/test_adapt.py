@@ -170,9 +170,13 @@ def test_adapted_run_exports_quantizes_on_target_images_and_evaluates(adapted_ru
     assert judged["n"] == len(target_keys) and judged["note"].startswith("all")  # every target image calibrated: judged on all
     spec = metadata.spec_from(OrtModel(adapted_run / "model.onnx").metadata)
     x = prepare(recorded_target(RunFolder.open(adapted_run).target_record()), spec, "target", Reporter(quiet=True)).floats
-    fp32, int8 = (OrtModel(adapted_run / f).predict(x).argmax(1) for f in ("model.onnx", "model.int8.onnx"))
-    assert ort["target_changed_points"] == pytest.approx(100 * float((fp32 != int8).mean()))
-    assert ort["drop_points"] == max(ort["val_drop_points"], ort["target_changed_points"])
+    fp32, int8 = (OrtModel(adapted_run / f).predict(x) for f in ("model.onnx", "model.int8.onnx"))
+    assert ort["target_changed_points"] == pytest.approx(100 * float((fp32.argmax(1) != int8.argmax(1)).mean()))
+    prob = torch.softmax(torch.from_numpy(fp32).double(), 1).numpy()
+    rows = np.arange(len(x))
+    expected = 100 * float((prob[rows, fp32.argmax(1)] - prob[rows, int8.argmax(1)]).mean())
+    assert ort["target_expected_drop_points"] == pytest.approx(expected)
+    assert ort["drop_points"] == max(ort["val_drop_points"], ort["target_expected_drop_points"])
     res = runner.invoke(app, ["eval", str(adapted_run), str(shifted_data["evaluate"]), "--json", str(adapted_run / "e.json")])
     assert res.exit_code == 0, res.output
     m = json.loads((adapted_run / "metrics.json").read_text())
@@ -335,7 +339,7 @@ def test_shot_centroid_labels_correct_confident_mistakes_inside_clear_clusters()
     assert (centroid_labels(feats, probs) == truth).all()
 
 
-def test_int8_judge_takes_the_larger_of_the_validation_drop_and_the_changed_target_classes() -> None:
+def test_int8_judge_takes_the_larger_of_the_validation_drop_and_the_expected_drop_on_target_images() -> None:
     from edgetl.int8_judge import JudgeSet
     from edgetl.parity import ParityData
 
@@ -343,13 +347,17 @@ def test_int8_judge_takes_the_larger_of_the_validation_drop_and_the_changed_targ
         return ParityData(np.zeros((n, 4, 4, 3), np.uint8), np.zeros((n, 3, 4, 4), np.float32),
                           np.zeros(n, np.int64) if labels is None else labels, [str(i) for i in range(n)], "t")  # fmt: skip
 
-    onehot = np.eye(3, dtype=np.float32)
+    sure, tie = np.log([0.98, 0.01, 0.01]), np.log([0.5, 0.49, 0.01])  # fp32 logits: a confident prediction, a near tie
     val = data(4, np.array([0, 1, 2, 0]))
-    fp32 = onehot[[0, 1, 2, 1, 0, 0, 1, 2]]  # 3 of 4 validation hits; then 4 target images
-    int8 = onehot[[0, 1, 2, 1, 0, 2, 2, 2]]  # the same on validation, 2 of 4 target classes changed
+    onehot = np.eye(3)
+    fp32_val, int8_val = onehot[[0, 1, 2, 1]], onehot[[0, 1, 2, 1]]  # 3 of 4 validation hits, the same in int8
+    # Four target images: int8 changes the class of the confident one (costs 0.98 - 0.01) and of the tie (0.5 - 0.49).
+    fp32 = np.concatenate([fp32_val, [sure, tie, sure, tie]])
+    int8 = np.concatenate([int8_val, onehot[[1, 1, 0, 0]]])
     plain = JudgeSet(val).score(fp32[:4], int8[:4])
     assert plain["drop_points"] == plain["val_drop_points"] == 0.0 and "target_changed_points" not in plain
     both = JudgeSet(val, data(4)).score(fp32, int8)
-    assert both["fp32_top1"] == both["top1"] == 0.75 and both["target_changed_points"] == 50.0 and both["drop_points"] == 50.0
-    worse_on_val = JudgeSet(val, data(4)).score(fp32, onehot[[1, 1, 2, 1, 0, 0, 1, 2]])
-    assert worse_on_val["val_drop_points"] == 25.0 == worse_on_val["drop_points"] and worse_on_val["target_changed_points"] == 0.0
+    assert both["fp32_top1"] == both["top1"] == 0.75 and both["target_changed_points"] == 50.0
+    assert both["target_expected_drop_points"] == pytest.approx(100 * (0.97 + 0.01) / 4) == both["drop_points"]
+    worse_on_val = JudgeSet(val, data(4)).score(fp32, np.concatenate([onehot[[1, 1, 2, 1]], int8[4:]]))
+    assert worse_on_val["val_drop_points"] == 25.0 == worse_on_val["drop_points"]

@@ -91,7 +91,7 @@ FORMAT_HELP = ("onnx, openvino, litert (.tflite; needs the litert extra), execut
 CalibSize = Annotated[int, typer.Option(help="Calibration images (see --calib-source)")]
 CalibMethod = Annotated[str, typer.Option(help="minmax, percentile or entropy")]
 MaxDrop = Annotated[float, typer.Option(help="Accuracy budget: top-1 points int8 may lose on validation "
-                                               "(adapted runs: and % of target images whose class int8 changes)")]
+                                               "(adapted runs: and on target images, expected from fp32's probabilities)")]
 Int8Target = Annotated[str, typer.Option(help="portable (correct on every x86/ARM CPU) or vnni (full 8-bit weights, VNNI CPUs only)")]
 AllowDataChange = Annotated[bool, typer.Option(help="Use the run's recorded file lists although its data folder changed")]
 CalibSource = Annotated[str, typer.Option(help="auto (an adapted run's target images, else the training split), train or target")]
