@@ -335,25 +335,8 @@ def quantize_openvino(src_xml: Path, calib: ParityData, judge: JudgeSet, opts: Q
     mode = "nncf.quantize"
     if judged["drop_points"] > opts.max_drop:
         reporter.log(f"openvino int8: {judge.log_line(judged)} is over budget: nncf.quantize_with_accuracy_control")
-        # The metric NNCF holds to the budget: validation top-1, less (adapted runs) the expected top-1 lost on
-        # the target images under the fp32 model's probabilities, as the judge measures it.
-        n_val = len(judge.val.labels)
-        sets = [(judge.val.floats, judge.val.labels[:, None], False)]
-        if judge.target is not None:
-            sets.append((judge.target.floats, fp32_out[n_val:], True))
-        items = [(x, y[k * step : (k + 1) * step], tgt) for xs, y, tgt in sets for k, x in enumerate(_padded_chunks(xs, step))]
-        val_ds = nncf.Dataset(items)
-
-        def validate(compiled: Any, items: Any) -> float:
-            val_out, val_y, tgt_out, tgt_fp32 = [], [], [], []
-            for x, y, tgt in items:
-                out = compiled(x)[0][: len(y)]
-                (tgt_out if tgt else val_out).append(out)
-                (tgt_fp32 if tgt else val_y).append(y)
-            top1 = float((np.concatenate(val_out).argmax(1) == np.concatenate(val_y)[:, 0]).mean())
-            if not tgt_out:
-                return top1
-            return top1 - judge.expected_target_drop(np.concatenate(tgt_fp32), np.concatenate(tgt_out)) / 100
+        val_ds = nncf.Dataset(accuracy_control_items(judge, fp32_out, step))
+        validate = accuracy_control_metric(judge)
 
         quantized = nncf.quantize_with_accuracy_control(
             model, calibration_dataset=calib_ds, validation_dataset=val_ds, validation_fn=validate,
@@ -367,6 +350,45 @@ def quantize_openvino(src_xml: Path, calib: ParityData, judge: JudgeSet, opts: Q
                           "no int8 OpenVINO model was written", exit_code=1)  # fmt: skip
     return {**judged, "mode": mode, "model": quantized,
             "kept_in_float": _ov_float_ops(quantized), "overflow_fix": overflow.value}  # fmt: skip
+
+
+def accuracy_control_items(judge: JudgeSet, fp32_out: np.ndarray, step: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]]:
+    """nncf.quantize_with_accuracy_control's validation items: (input chunk, labels, the fp32 model's outputs,
+    is target), for the validation images and an adapted run's target images (whose labels are unused)."""
+    n_val = len(judge.val.labels)
+    sets = [(judge.val.floats, judge.val.labels, fp32_out[:n_val], False)]
+    if judge.target is not None:
+        sets.append((judge.target.floats, np.full(len(judge.target.floats), -1), fp32_out[n_val:], True))
+    return [(x, y[k * step : (k + 1) * step], ref[k * step : (k + 1) * step], tgt)
+            for xs, y, ref, tgt in sets for k, x in enumerate(_padded_chunks(xs, step))]  # fmt: skip
+
+
+def accuracy_control_metric(judge: JudgeSet) -> Any:
+    """The metric NNCF holds to the budget: minus the judged drop (as a fraction) on the items it is given,
+    i.e. the larger of the validation top-1 lost against the fp32 outputs on the same items and the
+    expected drop on target images, as the judge measures it. A sum would let a validation gain hide a
+    target loss (measured: an adapted Lite0 1.5 points better on validation and 2.3 worse on target
+    images passed as within a 1-point budget). The fp32 model scores 0."""
+
+    def validate(compiled: Any, items: Any) -> float:
+        out: dict[bool, list[np.ndarray]] = {False: [], True: []}
+        ref: dict[bool, list[np.ndarray]] = {False: [], True: []}
+        labels: list[np.ndarray] = []
+        for x, y, fp32, tgt in items:
+            out[tgt].append(compiled(x)[0][: len(y)])
+            ref[tgt].append(fp32)
+            if not tgt:
+                labels.append(y)
+        drops: list[float] = []
+        # NNCF also scores subsets of the items (to rank layers), which may hold one kind only.
+        if out[False]:
+            y = np.concatenate(labels)
+            drops.append(float((np.concatenate(ref[False]).argmax(1) == y).mean() - (np.concatenate(out[False]).argmax(1) == y).mean()))
+        if out[True]:
+            drops.append(judge.expected_target_drop(np.concatenate(ref[True]), np.concatenate(out[True])) / 100)
+        return -max(drops)
+
+    return validate
 
 
 def _padded_chunks(x: np.ndarray, step: int) -> list[np.ndarray]:
