@@ -363,7 +363,7 @@ def test_int8_judge_takes_the_larger_of_the_validation_drop_and_the_expected_dro
     assert worse_on_val["val_drop_points"] == 25.0 == worse_on_val["drop_points"]
 
 
-def test_openvino_accuracy_control_metric_is_minus_the_judged_drop_on_any_subset() -> None:
+def test_openvino_accuracy_control_metric_is_one_minus_the_judged_drop_on_any_subset() -> None:
     from edgetl.int8_judge import JudgeSet
     from edgetl.parity import ParityData
     from edgetl.quantize import accuracy_control_items, accuracy_control_metric
@@ -378,12 +378,12 @@ def test_openvino_accuracy_control_metric_is_minus_the_judged_drop_on_any_subset
     items = accuracy_control_items(judge, fp32_out, step=2)  # chunks of 2, the last of each set padded
     assert [(len(x), len(y), len(ref), t) for x, y, ref, t in items] == [(2, 2, 2, False), (2, 1, 1, False), (2, 2, 2, True)]
     metric = accuracy_control_metric(judge)
-    assert metric(lambda x: [x], items) == 0.0  # the fp32 model itself
+    assert metric(lambda x: [x], items) == 1.0  # the fp32 model itself
     swap = [1, 0, 2]  # a model that swaps classes 0 and 1 everywhere
     target_drop = judge.expected_target_drop(fp32_out[3:], fp32_out[3:, swap]) / 100  # two confident flips: ~1
-    assert metric(lambda x: [x[:, swap]], items) == pytest.approx(-max(2 / 3, target_drop))
-    assert metric(lambda x: [x[:, swap]], items[2:]) == pytest.approx(-target_drop)  # NNCF's subsets: target images only
-    assert metric(lambda x: [x[:, swap]], items[:1]) == pytest.approx(-1.0)  # validation images 0 and 1, both lost
+    assert metric(lambda x: [x[:, swap]], items) == pytest.approx(1 - max(2 / 3, target_drop))
+    assert metric(lambda x: [x[:, swap]], items[2:]) == pytest.approx(1 - target_drop)  # NNCF's subsets: target images only
+    assert metric(lambda x: [x[:, swap]], items[:1]) == pytest.approx(0.0)  # validation images 0 and 1, both lost
     # A validation gain does not hide a target loss: the judged drop is the larger, not the sum.
     better_on_val = JudgeSet(data(eye[[0, 1, 2]], np.array([0, 1, 1])), judge.target)
     gain_items = accuracy_control_items(better_on_val, fp32_out, step=2)
@@ -395,5 +395,5 @@ def test_openvino_accuracy_control_metric_is_minus_the_judged_drop_on_any_subset
         y[:, 1] += 2 * x[:, 2]  # validation image 2 (label 1) now right: 3 of 3 where fp32 has 2 of 3
         return [y]
 
-    assert accuracy_control_metric(better_on_val)(fixes_val_breaks_target, gain_items[:2]) == pytest.approx(1 / 3)
-    assert accuracy_control_metric(better_on_val)(fixes_val_breaks_target, gain_items) == pytest.approx(-target_drop)
+    assert accuracy_control_metric(better_on_val)(fixes_val_breaks_target, gain_items[:2]) == pytest.approx(1 + 1 / 3)
+    assert accuracy_control_metric(better_on_val)(fixes_val_breaks_target, gain_items) == pytest.approx(1 - target_drop)
