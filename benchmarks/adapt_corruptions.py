@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--labelled", action="store_true")
     ap.add_argument("--int8-target", default="portable", help="quantize's --int8-target for the --int8 check")
     ap.add_argument("--int8-max-drop", type=float, default=1.0, help="quantize's --max-drop for the --int8 check (100: no budget)")
+    ap.add_argument("--int8-format", default="onnx", choices=["onnx", "openvino"], help="the format (and runtime) of the --int8 check")
     ap.add_argument("--int8-corruptions", nargs="*", default=["gaussian_noise", "defocus_blur", "fog", "contrast", "jpeg_compression"])
     ap.add_argument("--labelled-k", nargs="*", type=int, default=[1, 3, 10])
     ap.add_argument("--labelled-corruptions", nargs="*", default=["gaussian_noise", "defocus_blur", "contrast"])
@@ -182,9 +183,10 @@ def labelled_curve(args: Any, model: Any, source: Any, clean: np.ndarray, adapt_
 def int8_check(args: Any, folder: RunFolder, clean: np.ndarray, adapt_idx: np.ndarray, score_idx: np.ndarray,
                labels_all: np.ndarray, classes: list[str], spec: Any, names: list[str]) -> dict[str, Any]:  # fmt: skip
     """The real commands end to end: adapt (default method) -> export ONNX -> quantize (calibrated on the
-    target images) -> score fp32 and int8 ONNX on the scored half with onnxruntime."""
+    target images) -> score fp32 and int8 on the scored half in the format's runtime (--int8-format)."""
     from edgetl.adapt import adapt_run
     from edgetl.backends.onnxruntime import OrtModel
+    from edgetl.backends.openvino import OpenVinoModel
     from edgetl.errors import EdgetlError
     from edgetl.export import ExportOptions, export_run
     from edgetl.preprocess import normalize
@@ -198,8 +200,9 @@ def int8_check(args: Any, folder: RunFolder, clean: np.ndarray, adapt_idx: np.nd
             pixels = clean if name == "clean" else np.stack([corrupt(x, name, 3, seed=args.seed * 100003 + i) for i, x in enumerate(clean)])
             write_folder(pixels[adapt_idx], labels_all[adapt_idx], classes, work / "target")
             res = adapt_run(folder.path, work / "target", AdaptOptions(method=DEFAULT_METHOD, out=str(work / "run"), seed=args.seed), quiet)
-            export_run(work / "run", ExportOptions(format="onnx", parity_samples=64), quiet)
-            opts = QuantizeOptions(format="onnx", latency_runs=20, max_drop=args.int8_max_drop, int8_target=args.int8_target)
+            fmt = args.int8_format
+            export_run(work / "run", ExportOptions(format=fmt, parity_samples=64), quiet)
+            opts = QuantizeOptions(format=fmt, latency_runs=20, max_drop=args.int8_max_drop, int8_target=args.int8_target)
             try:
                 q = quantize_run(work / "run", opts, quiet)
             except EdgetlError as exc:  # over budget whatever is kept in float: quantize refuses, as it should
@@ -210,15 +213,16 @@ def int8_check(args: Any, folder: RunFolder, clean: np.ndarray, adapt_idx: np.nd
             x = normalize(pixels[score_idx][:, off : off + spec.input_size, off : off + spec.input_size], spec)
             y = labels_all[score_idx]
             acc = {}
-            for key, file in (("fp32", "model.onnx"), ("int8", "model.int8.onnx")):
-                m = OrtModel(work / "run" / file)
-                acc[key] = float((m.predict(x).argmax(1) == y).mean())
-            ort = q["results"]["onnxruntime"]
+            files = {"onnx": (OrtModel, "model.onnx", "model.int8.onnx", "onnxruntime"),
+                     "openvino": (OpenVinoModel, "openvino/model.xml", "openvino-int8/model.xml", "openvino")}[fmt]  # fmt: skip
+            for key, file in (("fp32", files[1]), ("int8", files[2])):
+                acc[key] = float((files[0](work / "run" / file).predict(x).argmax(1) == y).mean())
+            ort = q["results"][files[3]]
             out[name] = {**acc, "drop_points": 100 * (acc["fp32"] - acc["int8"]), "calibration": q["calibration"]["images_from"],
                          "source_val_drop_points": ort["val_drop_points"], "target_changed_points": ort["target_changed_points"],
                          "target_expected_drop_points": ort["target_expected_drop_points"],
                          "judged_drop_points": ort["drop_points"], "kept_in_float": ort["kept_in_float"],
-                         "chosen_by": ort["attempts"][-1]["chosen_by"], "attempts": len(ort["attempts"]),
+                         "chosen_by": ort["attempts"][-1]["chosen_by"] if "attempts" in ort else ort["mode"],
                          "adapt_seconds": res["seconds"], "shift": res["shift"], "source_val": res["source_val"]}  # fmt: skip
             print("int8", name, {k: v for k, v in out[name].items() if k not in ("calibration", "shift")}, flush=True)
         finally:
@@ -270,10 +274,11 @@ def markdown(p: dict[str, Any], args: Any) -> str:
         for name, row in p["labelled"].items():
             lines.append(f"| {name} | {100 * row['0']:.1f} | " + " | ".join(f"{100 * row[str(k)]:.1f}" for k in ks) + " |")
     if "int8" in p:
-        lines += ["", f"int8 after adapting ({DEFAULT_METHOD}, severity 3; `edgetl adapt` -> `export --format onnx` -> `quantize "
+        fmt = args.int8_format
+        lines += ["", f"int8 after adapting ({DEFAULT_METHOD}, severity 3; `edgetl adapt` -> `export --format {fmt}` -> `quantize "
                   f"--int8-target {args.int8_target} --max-drop {args.int8_max_drop:g}`, calibrated on half of the target images and "
                   "judged on the other half (expected top-1 drop with fp32's probabilities as labels; share of classes changed) and on "
-                  "the clean validation split; ONNX Runtime on the scored half):", "",
+                  f"the clean validation split; {fmt} in its own runtime on the scored half):", "",
                   "| corruption | fp32 | int8 | drop on the scored half (points) | judged: validation drop | judged: target drop "
                   "| target classes changed | nodes kept in float |",
                   "|---|---|---|---|---|---|---|---|"]  # fmt: skip
