@@ -12,7 +12,6 @@ import pytest
 from conftest import run_with_imports_blocked
 from typer.testing import CliRunner
 
-from edgetl import quantize as quantize_module
 from edgetl.backends.executorch import read_metadata as read_pte_metadata
 from edgetl.backends.executorch import sidecar
 from edgetl.backends.litert import LiteRtLoadError, LiteRtModel, read_metadata, with_metadata
@@ -193,14 +192,16 @@ def test_int8_over_budget_leaves_no_int8_file(edge_export: Path, tmp_path: Path,
     shutil.copytree(edge_export, folder)
     for name in ("model.int8.tflite", "model.int8.pte", "model.int8.pte.json"):
         (folder / name).unlink(missing_ok=True)
-    real_top1 = quantize_module._top1
+    from edgetl.int8_judge import JudgeSet
 
-    def worse_int8(runner: object, val: object) -> float:
-        top1 = real_top1(runner, val)  # type: ignore[arg-type]
-        fp32 = str(getattr(runner, "path", "")).endswith(("model.tflite", "model.pte"))
-        return top1 if fp32 else top1 - 0.3
+    real_score = JudgeSet.score
 
-    monkeypatch.setattr(quantize_module, "_top1", worse_int8)
+    def worse_int8(self: JudgeSet, fp32_logits: np.ndarray, int8_logits: np.ndarray) -> dict:
+        judged = real_score(self, fp32_logits, int8_logits)  # the candidate is always the second argument
+        return {**judged, "top1": judged["top1"] - 0.3, "val_drop_points": judged["val_drop_points"] + 30,
+                "drop_points": judged["drop_points"] + 30}  # fmt: skip
+
+    monkeypatch.setattr(JudgeSet, "score", worse_int8)
     for fmt, name in (("litert", "model.int8.tflite"), ("executorch", "model.int8.pte")):
         with pytest.raises(EdgetlError, match=r"cannot meet --max-drop 1\.0") as err:
             quantize_run(folder, QuantizeOptions(format=fmt, calib_size=8, max_drop=1.0, latency_runs=6), QUIET)
