@@ -543,10 +543,10 @@ def scoring_set(root: str | os.PathLike[str], split: str | None = None) -> tuple
     test if there is one, else the validation folder). Returns the set, its class names, a
     description of what was taken from where, and the split's name ("all" for a plain folder).
     A WebDataset shard pattern (`test-{000..009}.tar`) is scored whole, like a plain folder."""
-    from edgetl.shards import is_shard_pattern
+    from edgetl.shards import is_shard_pattern, shard_scoring_set
 
     if is_shard_pattern(str(root)):
-        return _shard_scoring_set(str(root), split)
+        return shard_scoring_set(str(root), split)
     root = Path(root)
     if not root.exists():
         raise EdgetlError(f"data path does not exist: {root}")
@@ -582,25 +582,6 @@ def scoring_set(root: str | os.PathLike[str], split: str | None = None) -> tuple
     ls = _labelled(root, by_class, classes)
     what = "every image" if name == "all" else f"the {folder.name}/ folder"
     return ls, classes, f"{root} ({what}: {len(ls)} images in {len(classes)} classes)", name
-
-
-def _shard_scoring_set(pattern: str, split: str | None) -> tuple[LabelledSet, list[str], str, str]:
-    """Every sample of the shards a pattern names, labelled as training reads shards (classes.txt beside them)."""
-    from edgetl.shards import class_names, expand, index_shards
-
-    if split not in (None, "all"):
-        raise EdgetlError(f"{pattern} is a shard pattern, so every sample in it is scored: drop --split {split} "
-                          "and give the pattern of the split's shards instead")  # fmt: skip
-    paths = expand(pattern)
-    samples = index_shards(paths)
-    if not samples:
-        raise EdgetlError(f"no samples in {pattern}")
-    classes_all, names = class_names(samples, paths[0].parent)
-    classes = sorted(set(names), key=classes_all.index)
-    idx = {c: i for i, c in enumerate(classes)}
-    refs = [ImageRef(key=s.key, path=s.shard, index=s.offset, length=s.size) for s in samples]
-    ls = LabelledSet(refs, np.asarray([idx[n] for n in names], dtype=np.int64))
-    return ls, classes, f"{pattern} (every sample of {len(paths)} shard(s): {len(ls)} images in {len(classes)} classes)", "all"
 
 
 def check_after_skips(classes: list[str], split: str, labels: np.ndarray) -> None:

@@ -131,10 +131,12 @@ def load_images(run: runfolder.RunFolder, meta: dict[str, str], opts: QuantizeOp
     else:
         pool, where = train, f"{ds.root} (recorded training split)"
     calib_set, note = pool, None
-    if source == "target" and len(pool) >= 2 * TARGET_JUDGE_MIN:
+    if source == "target" and len(pool) >= 2 * TARGET_JUDGE_MIN and n > len(pool) // 2:
         # At most half of the target images calibrate, so that int8 is judged on target images it was not
         # calibrated on (edgetl.int8_judge): ranges fitted to the very images they are judged on flatter them.
-        n = min(n, len(pool) // 2)
+        n = len(pool) // 2
+        note = f"calibrating on {n} of the {len(pool)} target images (half): int8 is judged on the others"
+        reporter.log(note)
     if len(pool) < n:
         note = f"the {source} images number only {len(pool)}, fewer than --calib-size {n}: calibrating on all of them"
         reporter.log(f"[yellow]warning:[/] {note}")

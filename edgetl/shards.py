@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from edgetl.data import VAL_DIR_NAMES, Dataset, ImageRef, LabelledSet, _class_folders, stratified_split
 from edgetl.errors import EdgetlError
 from edgetl.preprocess import IMAGE_EXTENSIONS
 
@@ -58,6 +59,10 @@ class ShardSample:
     offset: int
     size: int
     label: str  # the label member's text: an index or a class name
+
+    def ref(self) -> ImageRef:
+        """The sample's image (its bytes at `offset` of the shard)."""
+        return ImageRef(key=self.key, path=self.shard, index=self.offset, length=self.size)
 
 
 def index_shards(paths: list[Path]) -> list[ShardSample]:
@@ -125,10 +130,8 @@ def class_names(samples: list[ShardSample], folder: Path) -> tuple[list[str], li
     return sorted(set(labels)), labels
 
 
-def load_shard_dataset(train_pattern: str, val_pattern: str | None, val_fraction: float, seed: int) -> Any:
+def load_shard_dataset(train_pattern: str, val_pattern: str | None, val_fraction: float, seed: int) -> Dataset:
     """A Dataset of shards: the training pattern, and a validation pattern or a stratified held-out fraction."""
-    from edgetl.data import Dataset, ImageRef, LabelledSet, stratified_split
-
     train_paths = expand(train_pattern)
     val_paths = expand(val_pattern) if val_pattern else []
     train_samples = index_shards(train_paths)
@@ -140,8 +143,7 @@ def load_shard_dataset(train_pattern: str, val_pattern: str | None, val_fraction
     idx = {c: i for i, c in enumerate(classes)}
 
     def as_set(samples: list[ShardSample], cls: list[str]) -> LabelledSet:
-        refs = [ImageRef(key=s.key, path=s.shard, index=s.offset, length=s.size) for s in samples]
-        return LabelledSet(refs, np.asarray([idx[c] for c in cls], dtype=np.int64))
+        return LabelledSet([s.ref() for s in samples], np.asarray([idx[c] for c in cls], dtype=np.int64))
 
     train = as_set(train_samples, names[: len(train_samples)])
     if len(np.unique(train.labels)) < 2:
@@ -160,11 +162,9 @@ def load_shard_dataset(train_pattern: str, val_pattern: str | None, val_fraction
                    patterns={"train": train_pattern, "val": val_pattern})
 
 
-def shard_refs(patterns: dict[str, str | None]) -> dict[str, tuple[Any, str]]:
+def shard_refs(patterns: dict[str, str | None]) -> dict[str, tuple[ImageRef, str]]:
     """key -> (ImageRef, class name) of every sample the recorded patterns name now."""
-    from edgetl.data import ImageRef
-
-    out: dict[str, tuple[Any, str]] = {}
+    out: dict[str, tuple[ImageRef, str]] = {}
     samples: list[ShardSample] = []
     for pattern in patterns.values():
         if pattern:
@@ -173,8 +173,25 @@ def shard_refs(patterns: dict[str, str | None]) -> dict[str, tuple[Any, str]]:
         return out
     _, names = class_names(samples, samples[0].shard.parent)
     for s, name in zip(samples, names, strict=True):
-        out[s.key] = (ImageRef(key=s.key, path=s.shard, index=s.offset, length=s.size), name)
+        out[s.key] = (s.ref(), name)
     return out
+
+
+def shard_scoring_set(pattern: str, split: str | None) -> tuple[LabelledSet, list[str], str, str]:
+    """Every sample of the shards a pattern names, labelled as training reads shards (classes.txt beside
+    them), as edgetl.data.scoring_set returns a set to score: (set, class names, description, "all")."""
+    if split not in (None, "all"):
+        raise EdgetlError(f"{pattern} is a shard pattern, so every sample in it is scored: drop --split {split} "
+                          "and give the pattern of the split's shards instead")  # fmt: skip
+    paths = expand(pattern)
+    samples = index_shards(paths)
+    if not samples:
+        raise EdgetlError(f"no samples in {pattern}")
+    classes_all, names = class_names(samples, paths[0].parent)
+    classes = sorted(set(names), key=classes_all.index)
+    idx = {c: i for i, c in enumerate(classes)}
+    ls = LabelledSet([s.ref() for s in samples], np.asarray([idx[n] for n in names], dtype=np.int64))
+    return ls, classes, f"{pattern} (every sample of {len(paths)} shard(s): {len(ls)} images in {len(classes)} classes)", "all"
 
 
 def write_shards(source: str | os.PathLike[str], out: str | os.PathLike[str], shard_size: int = 1000) -> dict[str, Any]:
@@ -183,8 +200,6 @@ def write_shards(source: str | os.PathLike[str], out: str | os.PathLike[str], sh
     Image bytes are copied as they are (no re-encoding). Written in a temporary folder and moved into
     place at the end, so an interrupted run leaves nothing half-written."""
     import webdataset as wds
-
-    from edgetl.data import VAL_DIR_NAMES, _class_folders
 
     src, dst = Path(source), Path(out)
     if not src.is_dir():

@@ -220,7 +220,8 @@ def test_int8_of_an_adapted_run_is_judged_on_target_images_it_was_not_calibrated
 
         export_run(run, ExportOptions(format="onnx"), quiet)
     meta = OrtModel(run / "model.onnx").metadata
-    calib, _, _ = load_images(folder, meta, QuantizeOptions(), quiet)
+    calib, _, record = load_images(folder, meta, QuantizeOptions(), quiet)
+    assert record["warning"].startswith(f"calibrating on {len(files) // 2} of the {len(files)} target images")
     judged, note = target_check_images(folder, metadata.spec_from(meta), calib.keys, 1000, 0, False, quiet)
     assert len(calib.keys) == len(files) // 2 and len(judged.keys) == len(files) - len(files) // 2
     assert not set(calib.keys) & set(judged.keys) and note.startswith(f"{len(judged.keys)} target images not used")
