@@ -28,6 +28,20 @@ def test_help_does_not_import_the_heavy_stack() -> None:
     assert result.exit_code == 0 and "train" in result.output and "backbones" in result.output
 
 
+
+def test_every_command_help_renders() -> None:
+    """Help texts are rich markup: a literal `[/X]` in one crashed `edgetl train --help` with a traceback."""
+    import typer.main
+
+    names = sorted(typer.main.get_command(app).commands)  # type: ignore[attr-defined]
+    assert {"train", "export", "bench", "adapt", "tune"} <= set(names)
+    for name in names:
+        result = runner.invoke(app, [name, "--help"], terminal_width=200)
+        assert result.exit_code == 0, (name, result.output, result.exception)
+        assert "Usage" in result.output and "Traceback" not in result.output
+    train_help = runner.invoke(app, ["train", "--help"], terminal_width=200).output
+    assert "UNFREEZE@LR[/DECAY]" in train_help
+
 def _assert_user_error(result, fragment: str) -> None:
     assert result.exit_code == 2, result.output
     assert fragment in result.output

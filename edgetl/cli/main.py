@@ -111,7 +111,7 @@ def train(
     epochs_finetune: Annotated[int, typer.Option(help="Stage 2 epochs; 0 skips fine-tuning")] = 8,
     recipe: Annotated[str, typer.Option(help="Stage 2: auto (short trials pick a fine-tune, or none), finetune "
                                              "(--unfreeze at --lr-finetune), head (stage 1 only)")] = "auto",
-    recipe_candidates: Annotated[str | None, typer.Option(help="--recipe auto's candidates: UNFREEZE@LR[/DECAY],... "
+    recipe_candidates: Annotated[str | None, typer.Option(help="--recipe auto's candidates: UNFREEZE@LR\\[/DECAY],... "
                                                                "e.g. 3@1e-4,all@3x/0.7 (default 3@1x,all@1x/0.7,all@3x/0.7)")] = None,
     unfreeze: Annotated[str, typer.Option(help="Top blocks to unfreeze in stage 2, or 'all' (implies --recipe finetune)")] = "3",
     lr_head: Annotated[float, typer.Option(help="Stage 1 learning rate")] = 1e-3,
