@@ -19,32 +19,11 @@ import statistics
 import time
 from pathlib import Path
 
-from common import save
+from common import save, train_and_score
 
 from edgetl.config import TrainConfig
-from edgetl.evaluate import evaluate
-from edgetl.progress import Reporter
-from edgetl.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def best_val(run: Path) -> float:
-    metrics = json.loads((run / "metrics.json").read_text())
-    return float(metrics["best"]["top1"])
-
-
-def train_seconds(run: Path) -> float:
-    metrics = json.loads((run / "metrics.json").read_text())
-    return float(sum(s.get("seconds", 0.0) for s in metrics["stages"].values()))
-
-
-def run_once(data: Path, cfg: TrainConfig, run: Path) -> dict:
-    manifest = run / "manifest.json"
-    if not (manifest.is_file() and json.loads(manifest.read_text()).get("status") == "finished"):
-        train(data, cfg, out=str(run), reporter=Reporter(quiet=True))
-    test = evaluate(run, data, split="test", reporter=Reporter(quiet=True))
-    return {"run": str(run), "val_top1": best_val(run), "test_top1": test["top1"], "train_seconds": train_seconds(run)}
 
 
 def main() -> None:
@@ -63,18 +42,19 @@ def main() -> None:
     data, work = Path(args.data), Path(args.work)
     started = time.time()
     teacher_manifest = json.loads((Path(args.teacher) / "manifest.json").read_text())
+    scored = train_and_score(data, TrainConfig.from_dict(teacher_manifest["config"]), Path(args.teacher))  # finished: scored only
     teacher = {"run": args.teacher, "backbone": teacher_manifest["config"]["backbone"],
-               "input_size": teacher_manifest["config"]["input_size"], "val_top1": best_val(Path(args.teacher)),
-               "test_top1": evaluate(args.teacher, data, split="test", reporter=Reporter(quiet=True))["top1"]}  # fmt: skip
+               "input_size": teacher_manifest["config"]["input_size"], "val_top1": scored["val_top1"],
+               "test_top1": scored["test_top1"]}  # fmt: skip
     print("teacher", teacher, flush=True)
     rows = []
     for seed in args.seeds:
         base = TrainConfig(backbone=args.backbone, recipe=args.recipe, epochs_finetune=args.epochs_finetune, seed=seed)
         taught_cfg = TrainConfig(**{**base.to_dict(), "teacher": str(Path(args.teacher).resolve()), "distill_alpha": args.alpha,
                                     "distill_temperature": args.temperature})  # fmt: skip
-        plain = run_once(data, base, work / f"plain-s{seed}")
+        plain = train_and_score(data, base, work / f"plain-s{seed}")
         print("plain", seed, plain, flush=True)
-        taught = run_once(data, taught_cfg, work / f"taught-s{seed}")
+        taught = train_and_score(data, taught_cfg, work / f"taught-s{seed}")
         print("taught", seed, taught, flush=True)
         rows.append({"seed": seed, "plain": plain, "taught": taught})
     mean = {k: {m: statistics.fmean(r[k][m] for r in rows) for m in ("val_top1", "test_top1")} for k in ("plain", "taught")}

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
-from common import save
+from common import save, train_and_score
 
 from edgetl.progress import Reporter
 from edgetl.tune import TARGET_FORMATS, label, pick
@@ -54,21 +53,9 @@ def spearman(a: list[float], b: list[float]) -> float:
 
 def train_candidate(data: Path, backbone: str, size: int, epochs: int, work: Path) -> dict:
     from edgetl.config import TrainConfig
-    from edgetl.evaluate import evaluate
-    from edgetl.train import train
 
-    run = work / f"{backbone}-{size}"
-    manifest = run / "manifest.json"
-    t0 = time.perf_counter()
-    if not (manifest.is_file() and json.loads(manifest.read_text()).get("status") == "finished"):
-        cfg = TrainConfig(backbone=backbone, input_size=size, recipe="finetune", epochs_finetune=epochs, seed=0)
-        train(data, cfg, out=str(run), reporter=Reporter(quiet=True))
-    metrics = json.loads((run / "metrics.json").read_text())
-    # The run's own stage times (a run reused from an earlier invocation keeps its real training time).
-    seconds = sum(s.get("seconds", 0.0) for s in metrics["stages"].values()) or time.perf_counter() - t0
-    test = evaluate(run, data, split="test", reporter=Reporter(quiet=True))
-    best_val = max(s["best_val_top1"] for s in metrics["stages"].values() if s.get("best_val_top1") is not None)
-    return {"run": str(run), "val_top1": best_val, "test_top1": test["top1"], "train_seconds": seconds}
+    cfg = TrainConfig(backbone=backbone, input_size=size, recipe="finetune", epochs_finetune=epochs, seed=0)
+    return train_and_score(data, cfg, work / f"{backbone}-{size}")
 
 
 def bench_pick(run: Path, data: Path, chosen: dict) -> dict:
