@@ -15,6 +15,7 @@ import argparse
 import json
 
 from common import RESULTS, save, spread
+from train_accuracy import PRESETS
 
 from edgetl.config import TrainConfig
 
@@ -44,12 +45,13 @@ def config_key(config: dict) -> str:
 
 def describe_difference(config: dict, baseline: dict) -> str:
     changed = {k: v for k, v in config.items() if k not in NOT_THE_EXPERIMENT and baseline.get(k) != v}
-    return ", ".join(f"{k}={v}" for k, v in changed.items()) or "preset default"
+    return ", ".join(f"{k}={v}" for k, v in changed.items()) or "preset (today's defaults)"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("preset")
+    ap.add_argument("preset", choices=PRESETS)
+    ap.add_argument("--target", type=float, default=None, help="test top-1 goal judged on the mean (default: the preset's)")
     args = ap.parse_args()
     runs = load_runs(args.preset)
     if not runs:
@@ -58,10 +60,11 @@ def main() -> None:
     groups: dict[str, list[dict]] = {}
     for run in runs:
         groups.setdefault(config_key(run["config"]), []).append(run)
-    # The baseline is the group holding the untagged preset run (train_accuracy_<preset>.json).
-    baseline_key = next((k for k, g in groups.items() if any(r["file"] == f"train_accuracy_{args.preset}.json" for r in g)),
-                        next(iter(groups)))  # fmt: skip
-    baseline = groups[baseline_key][0]["config"]
+    # The baseline is the preset as train_accuracy.py runs it today (older results may hold other defaults).
+    baseline = PRESETS[args.preset][1].to_dict()
+    baseline_key = config_key(baseline)
+    if args.target is not None:
+        target = args.target
 
     rows = []
     for key, group in groups.items():
@@ -79,6 +82,8 @@ def main() -> None:
         })  # fmt: skip
     rows.sort(key=lambda r: (not r["is_preset"], -r["val_top1"]["mean"]))
     preset_row = rows[0]
+    if not preset_row["is_preset"]:
+        raise SystemExit(f"no result with the {args.preset} preset's current config: run train_accuracy.py {args.preset}")
     best_by_val = max(rows, key=lambda r: (r["val_top1"]["n"] > 1, r["val_top1"]["mean"]))
     meets = preset_row["test_top1"]["mean"] >= target
 
