@@ -714,7 +714,7 @@ class Trainer:
     def _choose_recipe(self, steps: int, crit: Any) -> tuple[_Finetune | None, int, tuple[int, float]]:
         """Start stage 2 from the best stage-1 head (LP-FT) with the recipe the config asks for; with
         several candidates (--recipe auto), give each a short trial and continue with the best, or with
-        none when every trial is worse than the head. Returns the run (None: stage 2 ends here), the
+        none when every trial was a whole epoch and worse than the head. Returns the run (None: stage 2 ends here), the
         fine-tune epochs already done (1 when the winning trial was a whole first epoch, else 0), and the
         images and seconds of the winner's trial (training, not overhead)."""
         cfg, r = self.cfg, self.r
@@ -753,7 +753,7 @@ class Trainer:
                           "ema": {k: v.detach().clone() for k, v in run.ema.module.state_dict().items()} if run.ema else None}  # fmt: skip
             del run
         assert winner is not None
-        chosen, why = choose(head_score, scored)
+        chosen, why = choose(head_score, scored, whole_epoch=trial_steps >= steps)
         self.recipe_record = {"mode": cfg.recipe, "chosen": chosen.to_dict() if chosen else None, "why": why,
                               "head": head_score.to_dict(), "trials": trials, "trial_steps": trial_steps}  # fmt: skip
         r.log(f"recipe: {why}")

@@ -43,6 +43,8 @@ def test_selection_prefers_accuracy_then_loss() -> None:
     assert chosen is None and "head is kept" in why, "every trial worse on top-1 and loss: keep the head"
     chosen, _ = choose(head, [(top, Score(0.85, 0.25)), (full, Score(0.80, 0.2))])
     assert chosen == top, "a trial with a lower loss goes on (a fine-tune often starts below the head's top-1)"
+    chosen, why = choose(head, [(top, Score(0.85, 0.35)), (full, Score(0.88, 0.32))], whole_epoch=False)
+    assert chosen == full and "shorter than an epoch" in why, "a partial-epoch trial cannot stop stage 2"
 
 
 def test_candidates_are_parsed_and_bad_ones_refused() -> None:
@@ -164,6 +166,24 @@ def test_auto_recipe_keeps_the_head_when_every_trial_is_worse(image_folder: Path
     with pytest.raises(EdgetlError, match="finished training"):
         resume(run, reporter=QUIET)
 
+
+
+def test_trials_shorter_than_an_epoch_never_skip_stage_2(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A large set's trials are a sliver of an epoch: worse than the head there is not evidence enough to skip
+    fine-tuning (Fashion-MNIST: trials 4-16 points below the head, the fine-tune 6 points above it). Stage 2 goes
+    on, and selection still keeps the head when no epoch beats it."""
+    import edgetl.train as train_module
+
+    monkeypatch.setattr(train_module, "TRIAL_IMAGES", 8)  # one step of 8: shorter than an epoch
+    run = tmp_path / "run"
+    cfg = tiny_cfg(epochs_head=8, recipe_candidates="all@50,all@80", epochs_finetune=2)
+    m = train(image_folder, cfg, out=str(run), reporter=QUIET).metrics
+    trials = m["recipe"]["trials"]
+    head = Score(m["recipe"]["head"]["val_top1"], m["recipe"]["head"]["val_loss"])
+    assert all(t["val_top1"] < head.top1 and t["val_loss"] > head.loss for t in trials), "the wrecking rates did wreck"
+    assert m["recipe"]["chosen"] is not None and "shorter than an epoch" in m["recipe"]["why"]
+    assert [r["epoch"] for r in history(run) if r["stage"] == "finetune"] == [1, 2]
+    assert m["best"]["stage"] == "head", "no fine-tune epoch beat the head, so the head is what is kept"
 
 def test_explicit_unfreeze_means_a_fixed_recipe(image_folder: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
