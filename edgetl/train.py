@@ -150,6 +150,15 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return supported
 
 
+def check_cpu_compiler() -> None:
+    """torch.compile on a CPU builds C++ kernels: without a compiler it would fail at the first step, after
+    stage 1 has run. Fail now, in one line."""
+    import shutil
+
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if c):
+        raise EdgetlError("--compile on a CPU needs a C++ compiler (g++ or clang++; e.g. apt install g++), or drop --compile")
+
+
 def seed_everything(seed: int) -> torch.Generator:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -258,6 +267,8 @@ class Trainer:
         self.bf16 = self.amp_dtype == torch.bfloat16
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        if cfg.compile and self.device.type == "cpu":
+            check_cpu_compiler()
         self.tb: Any = None
         self.workers = cfg.workers if cfg.workers is not None else default_workers()
         self.history: list[dict[str, Any]] = []
@@ -696,8 +707,13 @@ class Trainer:
         description = (f"{', '.join(unfrozen)} + head ({n_train / 1e6:.2f}M parameters) at lr {recipe.lr:.1e}"
                        f"{f', layer decay {recipe.llrd:g}' if recipe.llrd != 1 else ''}"
                        f"{f', head x{cfg.head_lr_scale:g}' if cfg.head_lr_scale != 1 else ''}")  # fmt: skip
-        return _Finetune(recipe, opt, _warmup_cosine(opt, total, warmup), self._weight_average(), self._ddp(self.model),
-                         self.model, description)  # fmt: skip
+        forward = self._ddp(self.model)
+        if cfg.compile:
+            # Compiled lazily at the first step; parameters are shared, so the optimizer, the weight average and
+            # validation (eager, eval mode) all see the same weights.
+            forward = torch.compile(forward)
+        return _Finetune(recipe, opt, _warmup_cosine(opt, total, warmup), self._weight_average(), forward, self.model,
+                         description)  # fmt: skip
 
     def _finetune_pass(self, run: _Finetune, crit: Any, label: str, max_steps: int | None = None) -> tuple[tuple[float, float, int], float]:
         """Train `run` for an epoch (or its first `max_steps`); returns the fit and the seconds it took."""
@@ -780,6 +796,7 @@ class Trainer:
 
     def _precision_note(self) -> str:
         return (f"{f', {self.amp_dtype} autocast' if self.amp_dtype else ''}{', channels_last' if self.cfg.channels_last else ''}"
+                f"{', torch.compile' if self.cfg.compile else ''}"
                 f"{f', {self.dist.world_size} processes' if self.dist.active else ''}")  # fmt: skip
 
     def stage_finetune(self, resume_state: dict[str, Any] | None = None) -> None:
@@ -820,7 +837,8 @@ class Trainer:
             # Trials of the recipes not kept: what --recipe auto cost on top of the fine-tune itself.
             "trial_seconds": sum(t["seconds"] for t in record.get("trials", []) if t["recipe"] != chosen),
             "images_per_second": images / train_seconds if train_seconds else None, "bf16": self.bf16,
-            "channels_last": cfg.channels_last, "autocast": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None,
+            "channels_last": cfg.channels_last, "compiled": cfg.compile,
+            "autocast": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None,
             "processes": self.dist.world_size,
         }  # fmt: skip
 

@@ -145,6 +145,8 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     precision: Annotated[str, typer.Option(help="auto, fp32, bf16 or fp16 (CUDA) autocast for training steps")] = "auto",
     channels_last: bool = True,
+    compile: Annotated[bool, typer.Option(help="Stage 2 through torch.compile: ~1.2x faster steps on CPU after about a minute "
+                                               "of compiling per recipe tried (needs a C++ compiler)")] = False,
     workers: Annotated[int | None, typer.Option(help="Data-loading workers (default: 0 on 2 cores)")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue an interrupted run folder (or extend one with --epochs-finetune)")] = None,
     allow_data_change: Annotated[bool, typer.Option(help="With --resume: use the recorded file lists although the data changed")] = False,
@@ -192,7 +194,7 @@ def train(
             label_smoothing=label_smoothing, augment=augment, crop_scale=crop_scale,
             crop_source=crop_source,
             balance=balance, seed=seed,
-            device=device, precision=precision, channels_last=channels_last, workers=workers,
+            device=device, precision=precision, channels_last=channels_last, compile=compile, workers=workers,
             val_fraction=val_fraction, limit_train=limit_train, limit_val=limit_val, strict=strict,
             pretrained=pretrained, weights=str(weights) if weights else None,
         )  # fmt: skip
