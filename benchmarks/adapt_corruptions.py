@@ -44,6 +44,11 @@ from edgetl.run import RunFolder
 from edgetl.shift import run_model
 
 
+def md_row(cells: list[str]) -> str:
+    """One Markdown table row; with no method columns it has no empty trailing cells."""
+    return "| " + " | ".join(cells) + " |"
+
+
 def square(img: Image.Image, size: int, interpolation: str) -> np.ndarray:
     img = resize_shorter(img, size, interpolation)
     left, top = (img.width - size) // 2, (img.height - size) // 2
@@ -237,8 +242,8 @@ def markdown(p: dict[str, Any], args: Any) -> str:
              "", f"Adapt on {p['adapt_images']} unlabelled corrupted images (half the test split), score top-1 on the other "
              f"{p['scored_images']}. Recovered = share of the accuracy lost to the corruption that the method wins back. "
              f"Options: {p['options'] or 'defaults'}.", "",
-             "| corruption | sev | source | " + " | ".join(methods) + " | " + " | ".join(f"{m} recovered" for m in methods) + " |",
-             "|---|---|---|" + "---|" * (2 * len(methods))]  # fmt: skip
+             md_row(["corruption", "sev", "source", *methods, *(f"{m} recovered" for m in methods)]),
+             md_row(["---"] * (3 + 2 * len(methods)))]  # fmt: skip
     clean = res["clean"]["source"]
     rec: dict[tuple[str, int], list[float]] = {}
     for key, r in res.items():
@@ -253,19 +258,19 @@ def markdown(p: dict[str, Any], args: Any) -> str:
                 recs.append(f"{100 * share:.0f}%")
             else:
                 recs.append("")
-        lines.append(f"| {name} | {sev or '-'} | {100 * r['source']:.1f} | " + " | ".join(cells) + " | " + " | ".join(recs) + " |")
-    lines += ["", "Mean share of the lost accuracy won back (corruptions that lost more than 1 point):", "",
-              "| method | " + " | ".join(f"severity {s}" for s in args.severities) + " |",
-              "|---|" + "---|" * len(args.severities)]  # fmt: skip
+        lines.append(md_row([name, str(sev or "-"), f"{100 * r['source']:.1f}", *cells, *recs]))
+    if methods:
+        lines += ["", "Mean share of the lost accuracy won back (corruptions that lost more than 1 point):", "",
+                  md_row(["method", *(f"severity {s}" for s in args.severities)]), md_row(["---"] * (1 + len(args.severities)))]
     for m in methods:
         cells = [f"{100 * np.mean(rec[(m, s)]):.0f}% (n={len(rec[(m, s)])})" if rec.get((m, s)) else "" for s in args.severities]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean top-1 by severity:", "", "| severity | source | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+    lines += ["", "Mean top-1 by severity:", "", md_row(["severity", "source", *methods]), md_row(["---"] * (2 + len(methods)))]
     for s in args.severities:
         rows = [r for k, r in res.items() if k.endswith(f"/{s}")]
         if rows:
             cells = [f"{100 * np.mean([r[m] for r in rows if m in r]):.1f}" if any(m in r for r in rows) else "" for m in methods]
-            lines.append(f"| {s} | {100 * np.mean([r['source'] for r in rows]):.1f} | " + " | ".join(cells) + " |")
+            lines.append(md_row([str(s), f"{100 * np.mean([r['source'] for r in rows]):.1f}", *cells]))
     if "labelled" in p:
         ks = args.labelled_k
         lines += ["", f"Labelled fine-tune at severity 3 ({DEFAULT_METHOD}, then k labelled target images per class; top-1):", "",
