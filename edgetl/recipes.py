@@ -11,7 +11,7 @@ from the best stage-1 head), keeps going with the best one, and fine-tunes not a
 worse than the head on both top-1 and loss - but only when the trials were whole epochs. A trial cut
 short at TRIAL_IMAGES is a few percent of an epoch of a large set, judged at the top of the warm-up where
 a fine-tune is most disturbed: on Fashion-MNIST (48k images) every 1024-image trial scored 4-16 points
-below the head, and the fine-tune that stopping would have skipped is worth 6. There the best trial goes
+below the head, and the fine-tune that stopping skipped was worth about 6 points. There the best trial goes
 on, and model selection still keeps the head if no fine-tune epoch beats it. Only validation data is used.
 """
 
