@@ -52,6 +52,9 @@ def main() -> None:
     ap.add_argument("--reuse", default=None, help="score an existing run made with this preset's config instead of training")
     args = ap.parse_args()
     data, cfg, target = PRESETS[args.preset]
+    if not data.exists():
+        hint = " (Debian: apt install dataset-fashion-mnist)" if args.preset == "fashion-mnist" else ""
+        raise SystemExit(f"no {args.preset} data at {data}{hint}")
     if args.epochs_finetune is not None:
         cfg = replace(cfg, epochs_finetune=args.epochs_finetune)
     for item in args.set:
