@@ -217,17 +217,18 @@ def int8_check(args: Any, folder: RunFolder, clean: np.ndarray, adapt_idx: np.nd
             off = (spec.resize_size - spec.input_size) // 2
             x = normalize(pixels[score_idx][:, off : off + spec.input_size, off : off + spec.input_size], spec)
             y = labels_all[score_idx]
-            acc = {}
-            files = {"onnx": (OrtModel, "model.onnx", "model.int8.onnx", "onnxruntime"),
-                     "openvino": (OpenVinoModel, "openvino/model.xml", "openvino-int8/model.xml", "openvino")}[fmt]  # fmt: skip
-            for key, file in (("fp32", files[1]), ("int8", files[2])):
-                acc[key] = float((files[0](work / "run" / file).predict(x).argmax(1) == y).mean())
-            ort = q["results"][files[3]]
+            # The format's backend, its fp32 and int8 files, and the key of quantize's result for that runtime.
+            backend, files, runtime = {
+                "onnx": (OrtModel, {"fp32": "model.onnx", "int8": "model.int8.onnx"}, "onnxruntime"),
+                "openvino": (OpenVinoModel, {"fp32": "openvino/model.xml", "int8": "openvino-int8/model.xml"}, "openvino"),
+            }[fmt]  # fmt: skip
+            acc = {key: float((backend(work / "run" / file).predict(x).argmax(1) == y).mean()) for key, file in files.items()}
+            judged = q["results"][runtime]
             out[name] = {**acc, "drop_points": 100 * (acc["fp32"] - acc["int8"]), "calibration": q["calibration"]["images_from"],
-                         "source_val_drop_points": ort["val_drop_points"], "target_changed_points": ort["target_changed_points"],
-                         "target_expected_drop_points": ort["target_expected_drop_points"],
-                         "judged_drop_points": ort["drop_points"], "kept_in_float": ort["kept_in_float"],
-                         "chosen_by": ort["attempts"][-1]["chosen_by"] if "attempts" in ort else ort["mode"],
+                         "source_val_drop_points": judged["val_drop_points"], "target_changed_points": judged["target_changed_points"],
+                         "target_expected_drop_points": judged["target_expected_drop_points"],
+                         "judged_drop_points": judged["drop_points"], "kept_in_float": judged["kept_in_float"],
+                         "chosen_by": judged["attempts"][-1]["chosen_by"] if "attempts" in judged else judged["mode"],
                          "adapt_seconds": res["seconds"], "shift": res["shift"], "source_val": res["source_val"]}  # fmt: skip
             print("int8", name, {k: v for k, v in out[name].items() if k not in ("calibration", "shift")}, flush=True)
         finally:

@@ -39,18 +39,24 @@ def spread(values: list[float]) -> dict[str, float]:
     }  # fmt: skip
 
 
-def train_and_score(data: Path, cfg: Any, run: Path) -> dict[str, Any]:
-    """Train `cfg` on `data` into `run` unless a finished run is already there, then score its test split.
-    Returns the kept checkpoint's validation top-1, the test top-1 and the run's own stage wall times (so a
-    run reused from an earlier invocation reports its real training time)."""
+def score_run(data: Path, run: Path) -> dict[str, Any]:
+    """A finished run's kept-checkpoint validation top-1, its test top-1 on `data`, and its own stage wall times
+    (so a run reused from an earlier invocation reports its real training time)."""
     from edgetl.evaluate import evaluate
+    from edgetl.progress import Reporter
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    test = evaluate(run, data, split="test", reporter=Reporter(quiet=True))
+    return {"run": str(run), "val_top1": float(metrics["best"]["top1"]), "test_top1": test["top1"],
+            "train_seconds": float(sum(s.get("seconds", 0.0) for s in metrics["stages"].values()))}  # fmt: skip
+
+
+def train_and_score(data: Path, cfg: Any, run: Path) -> dict[str, Any]:
+    """Train `cfg` on `data` into `run` unless a finished run is already there, then `score_run` it."""
     from edgetl.progress import Reporter
     from edgetl.train import train
 
     manifest = run / "manifest.json"
     if not (manifest.is_file() and json.loads(manifest.read_text()).get("status") == "finished"):
         train(data, cfg, out=str(run), reporter=Reporter(quiet=True))
-    metrics = json.loads((run / "metrics.json").read_text())
-    test = evaluate(run, data, split="test", reporter=Reporter(quiet=True))
-    return {"run": str(run), "val_top1": float(metrics["best"]["top1"]), "test_top1": test["top1"],
-            "train_seconds": float(sum(s.get("seconds", 0.0) for s in metrics["stages"].values()))}  # fmt: skip
+    return score_run(data, run)

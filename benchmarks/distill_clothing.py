@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import save, train_and_score
+from common import save, score_run, train_and_score
 
 from edgetl.config import TrainConfig
 
@@ -42,7 +42,7 @@ def main() -> None:
     data, work = Path(args.data), Path(args.work)
     started = time.time()
     teacher_manifest = json.loads((Path(args.teacher) / "manifest.json").read_text())
-    scored = train_and_score(data, TrainConfig.from_dict(teacher_manifest["config"]), Path(args.teacher))  # finished: scored only
+    scored = score_run(data, Path(args.teacher))  # the teacher is trained already: scored, never trained here
     teacher = {"run": args.teacher, "backbone": teacher_manifest["config"]["backbone"],
                "input_size": teacher_manifest["config"]["input_size"], "val_top1": scored["val_top1"],
                "test_top1": scored["test_top1"]}  # fmt: skip
