@@ -50,6 +50,10 @@ class TrainConfig:
     # >0: validate and keep an exponential moving average of the fine-tuned weights (timm's ModelEmaV3,
     # decay warmed up from 0 so short fine-tunes still average over a useful window).
     ema_decay: float = 0.0
+    # Stage 2 only (stage 1 trains on cached features of whole images): timm's Mixup with these Beta(alpha)
+    # parameters (0: off). With both >0 each batch is mixed one way or the other, half and half.
+    mixup: float = 0.0
+    cutmix: float = 0.0
     # both stages
     label_smoothing: float = 0.1
     weight_decay: float = 0.01
@@ -87,6 +91,14 @@ class TrainConfig:
             raise EdgetlError(f"--crop-scale is the smallest crop area fraction, in (0, 1]; got {self.crop_scale}")
         if self.crop_source not in ("full", "resized"):
             raise EdgetlError(f"--crop-source must be full or resized, got {self.crop_source!r}")
+        for name in ("mixup", "cutmix"):
+            if not 0.0 <= getattr(self, name) <= 10.0:
+                raise EdgetlError(f"--{name} is a Beta distribution's alpha in [0, 10] (0: off), got {getattr(self, name)}")
+        if self.mixes and self.teacher is not None:
+            # The cached teacher logits are of whole, unmixed images; a mixed image has no teacher label.
+            raise EdgetlError("--mixup/--cutmix cannot be combined with --teacher: the teacher's cached logits are of unmixed images")
+        if self.mixes and self.batch_size % 2:
+            raise EdgetlError(f"--mixup/--cutmix pair the images of a batch: --batch-size must be even, got {self.batch_size}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise EdgetlError(f"--ema-decay must be in [0, 1) (0 turns the weight average off), got {self.ema_decay}")
         if self.unfreeze != "all" and not (self.unfreeze.isdigit()):
@@ -117,6 +129,11 @@ class TrainConfig:
                 raise EdgetlError(f"--{name.replace('_', '-')} must be at least 1")
         if self.batch_size < 1 or self.head_batch_size < 1 or self.cache_views < 1:
             raise EdgetlError("batch sizes and --cache-views must be at least 1")
+
+    @property
+    def mixes(self) -> bool:
+        """Whether stage 2 mixes its batches (--mixup / --cutmix)."""
+        return self.mixup > 0 or self.cutmix > 0
 
     @property
     def finetune_lr(self) -> float:

@@ -479,18 +479,22 @@ class Trainer:
 
     def _fit_epoch(self, batches: Any, forward: Any, opt: torch.optim.Optimizer, sched: Any, crit: Any,
                    autocast: bool, ema: Any = None, advance: Any = None,
-                   max_steps: int | None = None) -> tuple[float, float, int]:  # fmt: skip
+                   max_steps: int | None = None, mix: Any = None) -> tuple[float, float, int]:  # fmt: skip
         """One pass of optimisation steps over `batches` (x, y[, training-image index]), or its first
         `max_steps`; returns (mean loss, top-1, images), over all processes under torchrun (a
-        DistributedDataParallel `forward` averages the gradients)."""
+        DistributedDataParallel `forward` averages the gradients). `mix` (timm's Mixup) turns each batch
+        into mixed images and soft targets; top-1 is then against each image's own (dominant) label."""
         total, count, correct = 0.0, 0, 0
         dtype = self.amp_dtype if autocast and self.amp_dtype is not None else torch.float32
         scaler = self.scaler if dtype == torch.float16 else None
         for batch in itertools.islice(batches, max_steps):
             x, y = batch[0], batch[1]
+            # Mixup's targets are class probabilities; CrossEntropyLoss takes them (and still applies
+            # label smoothing and class weights), so one criterion serves both.
+            x, target = mix(x, y) if mix is not None else (x, y)
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
                 logits = forward(x)
-            loss = crit(logits.float(), y, batch[2] if len(batch) > 2 else None)
+            loss = crit(logits.float(), target, batch[2] if len(batch) > 2 else None)
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -706,7 +710,8 @@ class Trainer:
         n_train = sum(p.numel() for p in trainable_parameters(self.model))
         description = (f"{', '.join(unfrozen)} + head ({n_train / 1e6:.2f}M parameters) at lr {recipe.lr:.1e}"
                        f"{f', layer decay {recipe.llrd:g}' if recipe.llrd != 1 else ''}"
-                       f"{f', head x{cfg.head_lr_scale:g}' if cfg.head_lr_scale != 1 else ''}")  # fmt: skip
+                       f"{f', head x{cfg.head_lr_scale:g}' if cfg.head_lr_scale != 1 else ''}"
+                       f"{f', mixup {cfg.mixup:g} / cutmix {cfg.cutmix:g}' if cfg.mixes else ''}")  # fmt: skip
         forward = self._ddp(self.model)
         if cfg.compile:
             # Compiled lazily at the first step; parameters are shared, so the optimizer, the weight average and
@@ -724,8 +729,22 @@ class Trainer:
         with self.r.task(label, total) as advance:
             batches = ((self._to_device(b[0]), b[1].to(self.device), *b[2:]) for b in loader)
             fit = self._fit_epoch(batches, run.forward, run.opt, run.sched, crit, autocast=True, ema=run.ema,
-                                  advance=advance, max_steps=max_steps)  # fmt: skip
+                                  advance=advance, max_steps=max_steps, mix=self._mixer())  # fmt: skip
         return fit, time.perf_counter() - t
+
+    def _mixer(self) -> Any:
+        """timm's Mixup for --mixup / --cutmix (None when both are 0). It draws from numpy's generator,
+        which seed_everything seeds, so a mixed run repeats. Label smoothing stays in the criterion."""
+        cfg = self.cfg
+        if not cfg.mixes:
+            return None
+        per_process = cfg.batch_size // self.dist.world_size if self.dist.active else cfg.batch_size
+        if per_process % 2:
+            raise EdgetlError(f"--mixup/--cutmix need an even batch in each process: {cfg.batch_size} over "
+                              f"{self.dist.world_size} processes is {per_process}")  # fmt: skip
+        from timm.data import Mixup
+
+        return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=0.0, num_classes=len(self.classes))
 
     def _choose_recipe(self, steps: int, crit: Any) -> tuple[_Finetune | None, int, tuple[int, float]]:
         """Start stage 2 from the best stage-1 head (LP-FT) with the recipe the config asks for; with

@@ -311,3 +311,56 @@ def test_compile_without_a_cpp_compiler_is_refused_before_training(monkeypatch: 
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(EdgetlError, match="needs a C\\+\\+ compiler"):
         check_cpu_compiler()
+
+
+def test_mixup_and_cutmix_mix_stage_2_batches(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--mixup/--cutmix: every stage-2 batch goes through timm's Mixup and the loss is taken on its soft
+    targets (same seed, same batches: the unmixed run's loss differs); stage 1 is not mixed."""
+    from timm.data import Mixup
+
+    calls: list[tuple[int, torch.Tensor]] = []
+    real_call = Mixup.__call__
+
+    def spy(self: Mixup, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mixed, soft = real_call(self, x, target)
+        calls.append((len(x), soft))
+        return mixed, soft
+
+    monkeypatch.setattr(Mixup, "__call__", spy)
+    # The loss must be taken on the soft targets, not on the images' own labels.
+    loss_targets: list[torch.Tensor] = []
+    real_loss = Trainer.train_loss
+
+    def loss_spy(self: Trainer) -> object:
+        loss = real_loss(self)
+        return lambda logits, y, idx: (loss_targets.append(y), loss(logits, y, idx))[1]
+
+    monkeypatch.setattr(Trainer, "train_loss", loss_spy)
+    cfg = tiny_cfg(recipe="finetune", unfreeze="all", epochs_head=1, epochs_finetune=1, mixup=0.4, cutmix=1.0)
+    m = train(image_folder, cfg, out=str(tmp_path / "mixed"), reporter=QUIET).metrics
+    assert m["stages"]["finetune"]["epochs_run"] == 1
+    steps = len(calls)
+    assert steps >= 2, "stage 2 did not mix its batches"
+    # Soft targets: probabilities over the classes, and at least one batch really mixes two labels.
+    assert all(soft.shape == (n, 3) and torch.allclose(soft.sum(1), torch.ones(n)) for n, soft in calls)
+    assert any(((soft > 0) & (soft < 1)).any() for _, soft in calls)
+    soft_targets = [t for t in loss_targets if t.ndim == 2]
+    assert len(soft_targets) == steps, "a stage-2 loss was taken on the unmixed labels"
+    assert all(any(t is soft for _, soft in calls) for t in soft_targets)
+    plain = train(image_folder, replace(cfg, mixup=0.0, cutmix=0.0), out=str(tmp_path / "plain"), reporter=QUIET)
+    assert len(calls) == steps, "an unmixed run called Mixup"
+    rows = {name: next(r for r in history(tmp_path / name) if r["stage"] == "finetune") for name in ("mixed", "plain")}
+    assert rows["mixed"]["train_loss"] != pytest.approx(rows["plain"]["train_loss"], rel=1e-3)
+    head = [(r["train_loss"], r["val_loss"]) for name in ("mixed", "plain") for r in history(tmp_path / name) if r["stage"] == "head"]
+    assert head[0] == pytest.approx(head[1]), "stage 1 must not be mixed"
+    assert plain.metrics["stages"]["finetune"]["epochs_run"] == 1
+    assert json.loads((tmp_path / "mixed" / "manifest.json").read_text())["config"]["cutmix"] == 1.0
+
+
+def test_bad_mixing_options_are_refused() -> None:
+    with pytest.raises(EdgetlError, match="--mixup is a Beta"):
+        tiny_cfg(mixup=-1.0)
+    with pytest.raises(EdgetlError, match="--batch-size must be even"):
+        tiny_cfg(cutmix=1.0, batch_size=7)
+    with pytest.raises(EdgetlError, match="cannot be combined with --teacher"):
+        tiny_cfg(mixup=0.2, teacher="some-run")
