@@ -207,3 +207,29 @@ def test_plot_labels_of_nearby_points_do_not_collide() -> None:
     assert len(boxes) == len(pts)
     assert not [(i, j) for i in range(len(boxes)) for j in range(i + 1, len(boxes)) if _overlap(boxes[i], boxes[j])]
     plt.close(fig)
+
+
+def test_two_runs_side_by_side_keep_every_row_apart(bench_run: Path, tmp_path: Path) -> None:
+    """Two run folders in one bench (a tuned pick beside its probe): every model gets its own row and worker,
+    named after its run, and its agreement and speed ratio are against its own run's fp32 models."""
+    other = tmp_path / "other"
+    shutil.copytree(bench_run, other)
+    rep = bench([bench_run, other], BenchOptions(targets=("torch-cpu", "openvino-cpu"), batches=(1,), min_time=0.1, warmup=1,
+                                                 out=str(tmp_path / "out")), QUIET)  # fmt: skip
+    names = [r["variant"] for r in rep["results"]]
+    assert sorted(names) == sorted(f"{v} [{run}]" for v in ("torch-cpu/fp32", "openvino-cpu/fp32") for run in (bench_run.name, "other"))
+    assert len({r["process"]["pid"] for r in rep["results"]}) == 4, "a worker was replaced by another run's"
+    for r in rep["results"]:
+        run = r["variant"].split(" [")[1].rstrip("]")
+        assert r["accuracy"]["agreement_with"] == f"torch-cpu/fp32 [{run}]"
+        assert r["ratio_to_fp32_same_target"] == pytest.approx(1.0)  # each fp32 row is its own run's reference
+
+
+def test_runs_validated_on_different_images_are_not_scored_together(bench_run: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(bench_run, other)
+    record = json.loads((other / "splits.json").read_text())
+    record["splits"]["train"].append(record["splits"]["val"].pop())  # the other run trained on one of these images
+    (other / "splits.json").write_text(json.dumps(record))
+    with pytest.raises(EdgetlError, match="recorded different validation images"):
+        bench([bench_run, other], BenchOptions(targets=("openvino-cpu",), batches=(1,), min_time=0.1, out=str(tmp_path / "out")), QUIET)

@@ -173,6 +173,10 @@ def load_data(files: list[ModelFile], opts: BenchOptions, reporter: Reporter) ->
     from edgetl.run import RunFolder
 
     spec, labels = files[0].spec, next((f.labels for f in files if f.labels), None)
+    orders = {tuple(f.labels) for f in files if f.labels}
+    if len(orders) > 1:
+        # One set of labelled images is scored against every model: the class indices must mean the same.
+        raise EdgetlError("the models given have different labels (or label orders): benchmark them separately")
     if opts.data:
         if labels is None:
             from edgetl.data import scoring_set
@@ -186,9 +190,41 @@ def load_data(files: list[ModelFile], opts: BenchOptions, reporter: Reporter) ->
         folder = RunFolder(run_dir)
         if not folder.data_root.exists():
             return None
+        _check_same_validation(folder, [f.run_dir for f in files if f.run_dir])
         data = run_split_data(folder, "val", labels, spec, reporter, opts.max_images, allow_changed=opts.allow_data_change)
     reporter.log(f"accuracy on {data.source}: {len(data.labels)} images")
     return data, labels
+
+
+def _check_same_validation(first: Any, run_dirs: list[Path]) -> None:
+    """Models of several runs are scored on the first run's recorded validation images; that is fair only
+    when every run recorded the same ones (another run may have trained on them)."""
+    from edgetl.run import RunFolder
+
+    def val_images(folder: Any) -> tuple[Any, ...]:
+        rec = folder.split_record()
+        return rec["root"], rec.get("fingerprint"), tuple(tuple(item[:2]) for item in rec["splits"].get("val", []))
+
+    mine = val_images(first)
+    for d in dict.fromkeys(run_dirs):
+        if d != first.path and val_images(RunFolder(d)) != mine:
+            raise EdgetlError(f"{first.path} and {d} recorded different validation images (or data): scoring both on one "
+                              "run's would score the other on images it may have trained on; benchmark them separately "
+                              "or give --data a folder neither trained on")  # fmt: skip
+
+
+def variant_names(variants: list[tuple[Variant, ModelFile]]) -> list[str]:
+    """A row name per variant, unique: the target/precision, plus the model's run folder (or file) when
+    several models give the same one (two runs benchmarked side by side)."""
+    plain = [v.name for v, _ in variants]
+    counts = {n: plain.count(n) for n in plain}
+
+    def source(v: Variant, f: ModelFile) -> str:
+        return f.run_dir.name if f.run_dir is not None else v.model.name
+
+    named = [f"{n} [{source(v, f)}]" if counts[n] > 1 else n for n, (v, f) in zip(plain, variants, strict=True)]
+    # Two run folders of the same name in different places: fall back to the model's full path.
+    return [f"{plain[i]} [{v.model}]" if named.count(n) > 1 else n for i, (n, (v, _)) in enumerate(zip(named, variants, strict=True))]
 
 
 def _fixed_batch(v: Variant) -> int | None:
@@ -233,14 +269,14 @@ def bench(paths: list[str | os.PathLike[str]], opts: BenchOptions, reporter: Rep
         workers: dict[str, tuple[Any, Variant, ModelFile]] = {}
         try:
             # One at a time, so no load (and no cold start) competes with another for the cores.
-            for v, f in variants:
-                reporter.log(f"loading {v.name}: {v.model}" + (" (own process)" if opts.isolation == "process" else ""))
+            for name, (v, f) in zip(variant_names(variants), variants, strict=True):
+                reporter.log(f"loading {name}: {v.model}" + (" (own process)" if opts.isolation == "process" else ""))
                 w = make(v, x1[v.input_dtype].shape, threads, arrays)
                 if w.error:
-                    skipped.append({"target": v.name, "reason": w.error})
+                    skipped.append({"target": name, "reason": w.error})
                     w.close()
                     continue
-                workers[v.name] = (w, v, f)
+                workers[name] = (w, v, f)
             if not workers:
                 raise EdgetlError("every variant failed to load: " + "; ".join(s["reason"] for s in skipped))
             results = _measure(workers, loaded, x1, threads, opts, reporter, interleaved_rounds)
@@ -270,6 +306,15 @@ def bench(paths: list[str | os.PathLike[str]], opts: BenchOptions, reporter: Rep
     return report
 
 
+def _source(f: ModelFile) -> str:
+    """Which run a model belongs to ("" for model files given by path: compared with each other, as before)."""
+    return str(f.run_dir) if f.run_dir is not None else ""
+
+
+def _same_source(a: ModelFile, b: ModelFile) -> bool:
+    return _source(a) == _source(b)
+
+
 def _measure(workers: dict[str, Any], loaded: Any, x1: dict[str, np.ndarray], threads: int, opts: BenchOptions, reporter: Reporter,
              interleaved_rounds: Any) -> list[dict[str, Any]]:  # fmt: skip
     c = x1["float32"].shape[-1]
@@ -280,7 +325,12 @@ def _measure(workers: dict[str, Any], loaded: Any, x1: dict[str, np.ndarray], th
         data, labels = loaded
         for name, (w, v, _) in workers.items():
             preds[name] = w.predict(data.pixels if v.input_dtype == "uint8" else data.floats, _fixed_batch(v))
-        ref_name = next((n for n in preds if n.startswith("torch-cpu/fp32")), next((n for n in preds if n == "ort-cpu/fp32"), None))
+
+    def agreement_reference(f: ModelFile) -> str | None:
+        """The fp32 PyTorch model (or fp32 ONNX model) of the same run: agreement across runs means nothing."""
+        mine = [(n, v) for n, (_, v, g) in workers.items() if n in preds and _same_source(g, f) and v.precision == "fp32"]
+        return next((n for n, v in mine if v.target == "torch-cpu"),
+                    next((n for n, v in mine if v.target == "ort-cpu" and v.input_dtype == "float32"), None))  # fmt: skip
 
     # Latency at batch 1: each variant on its own input type (float or uint8 pixels) of the same image.
     timed = {n: w for n, (w, v, _) in workers.items() if _fixed_batch(v) in (None, 1)}
@@ -289,7 +339,8 @@ def _measure(workers: dict[str, Any], loaded: Any, x1: dict[str, np.ndarray], th
 
     results = []
     for name, (w, v, f) in workers.items():
-        row: dict[str, Any] = {"variant": name, "target": v.target, "runtime": v.runtime, "precision": v.precision,
+        row: dict[str, Any] = {"variant": name, "source": _source(f), "target": v.target, "runtime": v.runtime,
+                               "precision": v.precision,
                                "executed_precision": w.info.get("executed_precision", v.precision), "model": str(v.model),
                                "input": v.input_dtype, "bytes": f.bytes, "threads": threads,
                                "runtime_settings": w.info.get("settings")}  # fmt: skip
@@ -306,6 +357,7 @@ def _measure(workers: dict[str, Any], loaded: Any, x1: dict[str, np.ndarray], th
         if loaded is not None:
             m = classification_metrics(preds[name], data.labels, labels)
             row["accuracy"] = {"n": m["n"], "top1": m["top1"], "top5": m["top5"], "macro_f1": m["macro_f1"]}
+            ref_name = agreement_reference(f)
             if ref_name:
                 row["accuracy"]["agreement_with"] = ref_name
                 row["accuracy"]["top1_agreement"] = float((preds[name].argmax(1) == preds[ref_name].argmax(1)).mean())
@@ -315,10 +367,11 @@ def _measure(workers: dict[str, Any], loaded: Any, x1: dict[str, np.ndarray], th
             row["process"] = {"pid": w.info["pid"], "load_seconds": w.info["load_seconds"]}
         results.append(row)
 
-    # Speed relative to the fp32 model of the same runtime (eager for torch.compile), from the same interleaved rounds.
+    # Speed relative to the fp32 model of the same runtime (eager for torch.compile) and the same run, from the
+    # same interleaved rounds.
     for row in results:
         ref = next((r for r in results if r["target"] == row["runtime"] and r["precision"] == "fp32" and r["input"] == "float32"
-                    and "latency" in r), None)  # fmt: skip
+                    and r["source"] == row["source"] and "latency" in r), None)  # fmt: skip
         if ref and "latency" in row:
             row["ratio_to_fp32_same_target"] = row["latency"]["p50_ms"] / ref["latency"]["p50_ms"]
     return results
