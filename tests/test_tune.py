@@ -72,6 +72,10 @@ def test_the_pick_is_trained_in_full_and_exported(tuned: tuple[dict, Path, Path]
     assert json.loads((run / "metrics.json").read_text())["stages"]["head"]["best_val_top1"] is not None
     want = "model.onnx" if report["pick"]["target"] == "ort-cpu" else "openvino/model.xml"
     assert (run / want).is_file() and final["p50_ms"] > 0 and 0.0 <= final["top1"] <= 1.0
+    # Timed beside the probe it was picked from, in the same rounds, and judged against the budget again.
+    assert final["probe_p50_ms_same_rounds"] > 0 and final["in_budget"] is (final["p50_ms"] <= report["options"]["max_latency_ms"])
+    sources = {r["source"] for r in json.loads((run / "bench.json").read_text())["results"]}
+    assert sources == {str(run), str(run.parent / "probes" / f"{report['pick']['backbone']}-{report['pick']['size']}")}
 
 
 def test_a_second_tune_reuses_finished_probes_and_an_impossible_budget_is_one_clear_error(tuned: tuple[dict, Path, Path]) -> None:
