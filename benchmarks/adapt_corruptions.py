@@ -152,7 +152,7 @@ def main() -> None:
     if args.int8:
         extra["int8"] = int8_check(args, folder, clean, adapt_idx, score_idx, test.labels, labels, spec, args.int8_corruptions)
     payload = {"run": str(folder.path), "checkpoint_sha256": folder.checkpoint_sha256, "validation_corruptions": args.validation,
-               "adapt_images": len(adapt_idx), "scored_images": len(score_idx), "options": overrides,
+               "adapt_images": len(adapt_idx), "scored_images": len(score_idx), "options": overrides, "args": vars(args),
                "results": results, **extra, "seconds": time.time() - started}  # fmt: skip
     name = "adapt_corruptions" + ("_validation" if args.validation else "") + (f"_{args.tag}" if args.tag else "")
     save(name, payload, markdown(payload, args))
