@@ -384,7 +384,9 @@ def train_pick(data: str, chosen: dict[str, Any], opts: TuneOptions, folder: Pat
                      and r["input"] == "float32" and "latency" in r), None)  # fmt: skip
 
     row, probe_row = measured(run_dir), measured(probe_dir)
-    assert row is not None, "bench measured no row of the final run's picked precision"
+    if row is None:
+        raise EdgetlError(f"the final run's {chosen['target']} {chosen['precision']} model was not measured "
+                          f"(bench skipped it: {rep['skipped']}); see {run_dir / 'bench.md'}")  # fmt: skip
     final = {"run_dir": str(run_dir), "top1": (row.get("accuracy") or {}).get("top1"), "p50_ms": row["latency"]["p50_ms"],
              "mb": row["bytes"] / 1e6, "seconds": time.perf_counter() - t0,
              "probe_p50_ms_same_rounds": probe_row["latency"]["p50_ms"] if probe_row else None}  # fmt: skip
