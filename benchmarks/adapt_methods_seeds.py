@@ -1,0 +1,89 @@
+"""Adaptation methods over seeds: the share of the accuracy lost to corruption (severity 3) that each
+method wins back, per seed and on average, from `adapt_corruptions.py` result files (issue 16: the
+default method wins back at least half, averaged over corruption types, and never loses more than 0.5
+point on clean images).
+
+    python benchmarks/adapt_methods_seeds.py shot shot-seed1 methods tent-rest - adabn-tent-seed1   # result tags
+
+Two summaries per method and seed: the mean of the per-corruption shares (the issue's measure; only
+corruptions that cost more than 1 point count, as in adapt_corruptions.md), and the pooled share (points
+won back over points lost, summed over those corruptions), which a corruption that lost 1-2 points (a few
+images) cannot swing by tens of percent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import statistics
+from pathlib import Path
+
+from common import RESULTS, save
+
+MIN_LOST = 0.01  # a corruption counts when it cost more than 1 point (as adapt_corruptions.md)
+
+
+def seed_of(path: Path) -> int:
+    payload = json.loads(path.read_text())
+    if "args" in payload:
+        return int(payload["args"]["seed"])
+    command = re.search(r"Command: `([^`]*)`", path.with_suffix(".md").read_text())
+    argv = shlex.split(command.group(1)) if command else []
+    return int(argv[argv.index("--seed") + 1]) if "--seed" in argv else 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("tags", nargs="+", help="result tags: results/adapt_corruptions_<tag>.json (- for the untagged file)")
+    ap.add_argument("--severity", type=int, default=3)
+    args = ap.parse_args()
+    # (method, seed) -> corruption -> (clean top-1, source top-1, method top-1); files of one seed (the same split
+    # and corruption noise) add corruptions to each other, the first file's result of a corruption counts.
+    scores: dict[tuple[str, int], dict[str, tuple[float, float, float]]] = {}
+    files: dict[tuple[str, int], list[str]] = {}
+    for tag in args.tags:
+        path = RESULTS / ("adapt_corruptions.json" if tag in ("", "-") else f"adapt_corruptions_{tag}.json")
+        seed, res = seed_of(path), json.loads(path.read_text())["results"]
+        clean = res["clean"]["source"]
+        for key, r in res.items():
+            for m in (k for k in r if k != "source" and not k.endswith("_seconds")):
+                if key == "clean" or key.endswith(f"/{args.severity}"):
+                    scores.setdefault((m, seed), {}).setdefault(key, (clean, r["source"], r[m]))
+                    files.setdefault((m, seed), []).append(path.name) if path.name not in files.get((m, seed), []) else None
+    per: dict[tuple[str, int], dict[str, object]] = {}
+    for (m, seed), by_key in scores.items():
+        shares, won, lost_sum = [], 0.0, 0.0
+        for key, (clean, source, mine) in by_key.items():
+            lost = clean - source
+            if key != "clean" and lost > MIN_LOST:
+                shares.append((mine - source) / lost)
+                won, lost_sum = won + mine - source, lost_sum + lost
+        if shares and "clean" in by_key:
+            clean, source, mine = by_key["clean"]
+            per[(m, seed)] = {"files": files[(m, seed)], "mean_share": statistics.fmean(shares), "n": len(shares),
+                              "pooled_share": won / lost_sum, "clean_points": 100 * (mine - source)}  # fmt: skip
+    methods = list(dict.fromkeys(m for m, _ in per))
+    seeds = sorted({s for _, s in per})
+    lines = [f"# Adaptation methods over seeds (severity {args.severity})", "",
+             "Share of the accuracy lost to corruption that each method wins back: mean over corruption types (n: types "
+             "that cost more than 1 point) / pooled (points won over points lost). Clean: top-1 change on uncorrupted "
+             "images, points. Target for the default (shot): mean share >= 50%, clean >= -0.5.", "",
+             "| method | " + " | ".join(f"seed {s}: mean (n) / pooled / clean" for s in seeds) + " | mean over seeds: share / pooled |",
+             "|---|" + "---|" * (len(seeds) + 1)]  # fmt: skip
+    summary = {}
+    for m in methods:
+        rows = [per.get((m, s)) for s in seeds]
+        cells = [f"{100 * r['mean_share']:.0f}% ({r['n']}) / {100 * r['pooled_share']:.0f}% / {r['clean_points']:+.1f}" if r else "-"
+                 for r in rows]  # fmt: skip
+        got = [r for r in rows if r]
+        both = (statistics.fmean(r["mean_share"] for r in got), statistics.fmean(r["pooled_share"] for r in got))
+        summary[m] = {"per_seed": {s: per.get((m, s)) for s in seeds}, "mean_share": both[0], "pooled_share": both[1], "seeds": len(got)}
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {100 * both[0]:.0f}% / {100 * both[1]:.0f}% ({len(got)} seeds) |")
+    lines += ["", "Files: " + ", ".join(sorted({f for r in per.values() for f in r["files"]}))]  # type: ignore[attr-defined]
+    save("adapt_methods_seeds", {"severity": args.severity, "methods": summary}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
