@@ -269,6 +269,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         if cfg.compile and self.device.type == "cpu":
             check_cpu_compiler()
+        self._mixer()  # an odd batch per process under --mixup/--cutmix is refused now, not after stage 1
         self.tb: Any = None
         self.workers = cfg.workers if cfg.workers is not None else default_workers()
         self.history: list[dict[str, Any]] = []

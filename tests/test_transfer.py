@@ -364,3 +364,15 @@ def test_bad_mixing_options_are_refused() -> None:
         tiny_cfg(cutmix=1.0, batch_size=7)
     with pytest.raises(EdgetlError, match="cannot be combined with --teacher"):
         tiny_cfg(mixup=0.2, teacher="some-run")
+
+
+def test_an_odd_batch_per_process_under_mixup_is_refused_before_training(tmp_path: Path) -> None:
+    """6 images a step over 2 processes is 3 each: Mixup pairs images within a process's batch."""
+    from types import SimpleNamespace
+
+    from edgetl.distributed import Dist
+
+    dataset = SimpleNamespace(root=tmp_path, classes=["a", "b"])
+    with pytest.raises(EdgetlError, match="even batch in each process: 6 over 2 processes is 3"):
+        Trainer(tiny_cfg(mixup=0.2, batch_size=6), dataset, tmp_path / "run", QUIET, dist=Dist(world_size=2))  # type: ignore[arg-type]
+    Trainer(tiny_cfg(mixup=0.2, batch_size=8), dataset, tmp_path / "run", QUIET, dist=Dist(world_size=2))  # type: ignore[arg-type]
