@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import save
+from common import save, share_won_back
 from PIL import Image
 
 from edgetl import checkpoint
@@ -252,20 +252,17 @@ def markdown(p: dict[str, Any], args: Any) -> str:
         cells = [f"{100 * r[m]:.1f}" if m in r else "" for m in methods]
         recs = []
         for m in methods:
-            lost = clean - r["source"]
-            if m in r and key != "clean" and lost > 0.01:
-                share = (r[m] - r["source"]) / lost
+            share = share_won_back(clean, r["source"], r[m]) if m in r and key != "clean" else None
+            if share is not None:
                 rec.setdefault((m, sev), []).append(share)
-                recs.append(f"{100 * share:.0f}%")
-            else:
-                recs.append("")
+            recs.append("" if share is None else f"{100 * share:.0f}%")
         lines.append(md_row([name, str(sev or "-"), f"{100 * r['source']:.1f}", *cells, *recs]))
     if methods:
         lines += ["", "Mean share of the lost accuracy won back (corruptions that lost more than 1 point):", "",
                   md_row(["method", *(f"severity {s}" for s in args.severities)]), md_row(["---"] * (1 + len(args.severities)))]
     for m in methods:
         cells = [f"{100 * np.mean(rec[(m, s)]):.0f}% (n={len(rec[(m, s)])})" if rec.get((m, s)) else "" for s in args.severities]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append(md_row([m, *cells]))
     lines += ["", "Mean top-1 by severity:", "", md_row(["severity", "source", *methods]), md_row(["---"] * (2 + len(methods)))]
     for s in args.severities:
         rows = [r for k, r in res.items() if k.endswith(f"/{s}")]

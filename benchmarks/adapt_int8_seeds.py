@@ -14,30 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import shlex
 import statistics
 from pathlib import Path
 
-from common import RESULTS, save
+from common import RESULTS, recorded_args, save
 
 TARGET_POINTS = 0.5
 
 
-def recorded_args(path: Path) -> dict[str, object]:
-    payload = json.loads(path.read_text())
-    if "args" in payload:
-        a = payload["args"]
-        return {"seed": a["seed"], "format": a["int8_format"], "max_drop": a["int8_max_drop"]}
-    command = re.search(r"Command: `([^`]*)`", path.with_suffix(".md").read_text())
-    if command is None:
-        raise SystemExit(f"{path}: no recorded arguments and no command line in its Markdown")
-    argv = shlex.split(command.group(1))
-
-    def value(flag: str, default: str) -> str:
-        return argv[argv.index(flag) + 1] if flag in argv else default
-
-    return {"seed": int(value("--seed", "0")), "format": value("--int8-format", "onnx"), "max_drop": float(value("--int8-max-drop", "1.0"))}
+def run_settings(path: Path) -> dict[str, object]:
+    a = recorded_args(path)
+    return {"seed": int(a.get("seed", 0)), "format": str(a.get("int8_format", "onnx")), "max_drop": float(a.get("int8_max_drop", 1.0))}
 
 
 def main() -> None:
@@ -47,7 +34,7 @@ def main() -> None:
     drops: dict[tuple[str, str], dict[int, float]] = {}
     used = []
     for path in sorted(RESULTS.glob(args.pattern)):
-        a = recorded_args(path)
+        a = run_settings(path)
         if a["max_drop"] != 1.0:
             continue
         used.append({"file": path.name, **a})

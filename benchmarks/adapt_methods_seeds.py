@@ -15,23 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
-import shlex
 import statistics
-from pathlib import Path
 
-from common import RESULTS, save
-
-MIN_LOST = 0.01  # a corruption counts when it cost more than 1 point (as adapt_corruptions.md)
-
-
-def seed_of(path: Path) -> int:
-    payload = json.loads(path.read_text())
-    if "args" in payload:
-        return int(payload["args"]["seed"])
-    command = re.search(r"Command: `([^`]*)`", path.with_suffix(".md").read_text())
-    argv = shlex.split(command.group(1)) if command else []
-    return int(argv[argv.index("--seed") + 1]) if "--seed" in argv else 0
+from common import RESULTS, recorded_args, save, share_won_back
 
 
 def main() -> None:
@@ -45,7 +31,9 @@ def main() -> None:
     files: dict[tuple[str, int], list[str]] = {}
     for tag in args.tags:
         path = RESULTS / ("adapt_corruptions.json" if tag in ("", "-") else f"adapt_corruptions_{tag}.json")
-        seed, res = seed_of(path), json.loads(path.read_text())["results"]
+        if not path.is_file():
+            raise SystemExit(f"no result file {path} (tags name results/adapt_corruptions_<tag>.json)")
+        seed, res = int(recorded_args(path).get("seed", 0)), json.loads(path.read_text())["results"]
         clean = res["clean"]["source"]
         for key, r in res.items():
             for m in (k for k in r if k != "source" and not k.endswith("_seconds")):
@@ -56,10 +44,10 @@ def main() -> None:
     for (m, seed), by_key in scores.items():
         shares, won, lost_sum = [], 0.0, 0.0
         for key, (clean, source, mine) in by_key.items():
-            lost = clean - source
-            if key != "clean" and lost > MIN_LOST:
-                shares.append((mine - source) / lost)
-                won, lost_sum = won + mine - source, lost_sum + lost
+            share = share_won_back(clean, source, mine) if key != "clean" else None
+            if share is not None:
+                shares.append(share)
+                won, lost_sum = won + mine - source, lost_sum + clean - source
         if shares and "clean" in by_key:
             clean, source, mine = by_key["clean"]
             per[(m, seed)] = {"files": files[(m, seed)], "mean_share": statistics.fmean(shares), "n": len(shares),

@@ -60,3 +60,33 @@ def train_and_score(data: Path, cfg: Any, run: Path) -> dict[str, Any]:
     if not (manifest.is_file() and json.loads(manifest.read_text()).get("status") == "finished"):
         train(data, cfg, out=str(run), reporter=Reporter(quiet=True))
     return score_run(data, run)
+
+
+def recorded_args(path: Path) -> dict[str, Any]:
+    """The command-line arguments a result file was made with: its JSON's `args`, or, for files written before
+    those were recorded, the `--flag value` pairs of the command line at the end of its Markdown (dashes as
+    underscores; only flags followed by one value)."""
+    import re
+    import shlex
+
+    payload = json.loads(path.read_text())
+    if "args" in payload:
+        return dict(payload["args"])
+    command = re.search(r"Command: `([^`]*)`", path.with_suffix(".md").read_text())
+    if command is None:
+        raise SystemExit(f"{path}: no recorded arguments and no command line in its Markdown")
+    argv = shlex.split(command.group(1))
+    return {a[2:].replace("-", "_"): argv[i + 1] for i, a in enumerate(argv[:-1])
+            if a.startswith("--") and not argv[i + 1].startswith("--")}  # fmt: skip
+
+
+# A corruption counts in "share of the lost accuracy won back" when it cost more than 1 point of top-1:
+# below that, one image more or less swings the share by tens of percent.
+MIN_LOST = 0.01
+
+
+def share_won_back(clean: float, corrupted: float, adapted: float) -> float | None:
+    """The share of the top-1 lost to a corruption (clean -> corrupted) that adapting won back; None when the
+    corruption cost MIN_LOST or less."""
+    lost = clean - corrupted
+    return (adapted - corrupted) / lost if lost > MIN_LOST else None

@@ -269,7 +269,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
         if cfg.compile and self.device.type == "cpu":
             check_cpu_compiler()
-        self._mixer()  # an odd batch per process under --mixup/--cutmix is refused now, not after stage 1
+        # Built (and an odd batch per process refused) now, not after stage 1; None without --mixup/--cutmix.
+        self.mixer = self._make_mixer()
         self.tb: Any = None
         self.workers = cfg.workers if cfg.workers is not None else default_workers()
         self.history: list[dict[str, Any]] = []
@@ -730,10 +731,10 @@ class Trainer:
         with self.r.task(label, total) as advance:
             batches = ((self._to_device(b[0]), b[1].to(self.device), *b[2:]) for b in loader)
             fit = self._fit_epoch(batches, run.forward, run.opt, run.sched, crit, autocast=True, ema=run.ema,
-                                  advance=advance, max_steps=max_steps, mix=self._mixer())  # fmt: skip
+                                  advance=advance, max_steps=max_steps, mix=self.mixer)  # fmt: skip
         return fit, time.perf_counter() - t
 
-    def _mixer(self) -> Any:
+    def _make_mixer(self) -> Any:
         """timm's Mixup for --mixup / --cutmix (None when both are 0). It draws from numpy's generator,
         which seed_everything seeds, so a mixed run repeats. Label smoothing stays in the criterion."""
         cfg = self.cfg
