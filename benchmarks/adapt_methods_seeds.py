@@ -33,12 +33,16 @@ def main() -> None:
         path = RESULTS / ("adapt_corruptions.json" if tag in ("", "-") else f"adapt_corruptions_{tag}.json")
         if not path.is_file():
             raise SystemExit(f"no result file {path} (tags name results/adapt_corruptions_<tag>.json)")
-        seed, res = int(recorded_args(path).get("seed", 0)), json.loads(path.read_text())["results"]
+        payload = json.loads(path.read_text())
+        seed, res = int(recorded_args(path).get("seed", 0)), payload["results"]
+        # A method run with non-default options (--set) is another entry: "shot (epochs=3)" is not "shot".
+        options = ", ".join(f"{k}={v}" for k, v in sorted(payload.get("options", {}).items()))
         clean = res["clean"]["source"]
         for key, r in res.items():
-            for m in (k for k in r if k != "source" and not k.endswith("_seconds")):
+            for method in (k for k in r if k != "source" and not k.endswith(("_seconds", "_stopped"))):
+                m = f"{method} ({options})" if options else method
                 if key == "clean" or key.endswith(f"/{args.severity}"):
-                    scores.setdefault((m, seed), {}).setdefault(key, (clean, r["source"], r[m]))
+                    scores.setdefault((m, seed), {}).setdefault(key, (clean, r["source"], r[method]))
                     files.setdefault((m, seed), []).append(path.name) if path.name not in files.get((m, seed), []) else None
     per: dict[tuple[str, int], dict[str, object]] = {}
     for (m, seed), by_key in scores.items():

@@ -53,6 +53,13 @@ from edgetl.target import check_shape, list_target_images, require_enough, targe
 
 METHODS = ("adabn", "tent", "im", "shot", "bn-replace")
 TRAINED_METHODS = ("tent", "im", "shot")
+# What tent, im and shot learn: the BatchNorm scale and shift (Tent's choice), or the whole feature
+# extractor with the head frozen (SHOT's: the head is the source hypothesis the features are pulled to).
+TRAIN_SCOPES = ("affine", "extractor")
+# Under --train extractor, the convolution and other non-BatchNorm weights learn at this share of --lr:
+# Adam moves every weight by about lr per step whatever its scale, and a convolution weight is
+# typically ~0.05 against a BatchNorm scale's ~1 (SHOT likewise trains its backbone at 0.1x its lr).
+EXTRACTOR_LR_SCALE = 0.1
 # SHOT (Liang et al. 2020): weight of the cross-entropy on the centroid pseudo-labels beside information maximisation.
 SHOT_BETA = 0.3
 # Chosen by benchmarks/adapt_corruptions.py on the issue's measure, the mean share of the lost accuracy
@@ -74,6 +81,7 @@ class AdaptOptions:
     batch_size: int = 32
     lr: float = 1e-3  # Adam, for tent / im / the labelled fine-tune
     epochs: int = 1  # passes over the target images for tent / im
+    train: str = "affine"  # what tent / im / shot learn: one of TRAIN_SCOPES
     # Share of the BatchNorm layers, from the input, that are aligned. Not all: corruptions (noise, blur,
     # contrast, fog, compression) shift low-level statistics, while those of the deep layers depend on which
     # classes the target images show and, measured on a few hundred images, mostly add noise. On
@@ -89,6 +97,8 @@ class AdaptOptions:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise EdgetlError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.train not in TRAIN_SCOPES:
+            raise EdgetlError(f"--train must be one of {', '.join(TRAIN_SCOPES)}, got {self.train!r}")
         if self.batch_size < 16:
             raise EdgetlError("--batch-size must be at least 16: batch statistics of fewer images are too noisy to adapt on")
         if not 0 < self.bn_depth <= 1:
@@ -173,16 +183,27 @@ def _share_entropy(pred: np.ndarray, num_classes: int) -> float:
     return float(-(p[p > 0] * np.log(p[p > 0])).sum())
 
 
+def trained_parameter_groups(model: nn.Module, scope: str, lr: float) -> list[dict[str, Any]]:
+    """Optimizer parameter groups for `scope` (see TRAIN_SCOPES); the head is never trained here."""
+    affine = list(affine_parameters(model))
+    groups: list[dict[str, Any]] = [{"params": affine, "lr": lr}]
+    if scope == "extractor":
+        seen = {id(p) for p in affine}
+        rest = [p for p in model.backbone.parameters() if id(p) not in seen]
+        groups.append({"params": rest, "lr": lr * EXTRACTOR_LR_SCALE})
+    return groups
+
+
 def _entropy_training(model: nn.Module, align: BatchAlignment, images: DecodedImages, spec: PreprocessSpec,
                       device: torch.device, opts: AdaptOptions, num_classes: int, reporter: Reporter) -> dict[str, Any]:  # fmt: skip
-    """Tent, IM or SHOT's objective: learn the BatchNorm affine parameters on target batches (SHOT trains
-    the whole extractor; on a few hundred images edgetl keeps to the parameters tent trains); go back
-    one pass on collapse."""
-    params = list(affine_parameters(model))
+    """Tent, IM or SHOT's objective on target batches, learning the BatchNorm affine parameters or the
+    whole feature extractor (`opts.train`); go back one pass on collapse."""
+    groups = trained_parameter_groups(model, opts.train, opts.lr)
+    params = [p for g in groups for p in g["params"]]
     model.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=opts.lr)
+    opt = torch.optim.Adam(groups)
     rng = np.random.default_rng(opts.seed)
     start = _share_entropy(_aligned_pass(model, align, images, spec, device, opts.batch_size), num_classes)
     saved = [p.detach().clone() for p in params]
@@ -225,7 +246,8 @@ def _entropy_training(model: nn.Module, align: BatchAlignment, images: DecodedIm
                 break
             saved = [p.detach().clone() for p in params]
     model.requires_grad_(False)
-    return {"optimizer": "Adam", "lr": opts.lr, "batch_size": opts.batch_size, "passes": log, "steps": steps,
+    return {"optimizer": "Adam", "lr": opts.lr, "trained": opts.train, "parameters": sum(p.numel() for p in params),
+            "batch_size": opts.batch_size, "passes": log, "steps": steps,
             "start_class_share_entropy": start, "stopped": stopped}  # fmt: skip
 
 

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from edgetl.bnalign import BatchAlignment, LayerStats, batchnorm_layers, fold, measuring
 from edgetl.cli.main import app
+from edgetl.errors import EdgetlError
 
 runner = CliRunner()
 
@@ -305,6 +306,36 @@ def test_tent_im_and_shot_learn_only_affine_parameters_and_stop_before_collapse(
     assert "collapsing" in rec["training"]["stopped"] and len(rec["training"]["passes"]) == 1
     trained = model.state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in adapted.state_dict().items() if not k.endswith(("running_mean", "running_var")))
+
+
+def test_shot_with_train_extractor_learns_convolutions_but_never_the_head(tiny_run: Path, shifted_data: dict[str, Path]) -> None:
+    from edgetl import checkpoint
+    from edgetl.adapt import EXTRACTOR_LR_SCALE, AdaptOptions, adapt_model, measure_source, trained_parameter_groups
+    from edgetl.data import scoring_set
+    from edgetl.decoded import decode_split
+    from edgetl.run import RunFolder
+
+    ckpt = RunFolder.open(tiny_run).checkpoint()
+    model, spec = checkpoint.build_model(ckpt), checkpoint.spec_of(ckpt)
+    groups = trained_parameter_groups(model, "extractor", 1e-3)
+    assert [g["lr"] for g in groups] == [1e-3, 1e-3 * EXTRACTOR_LR_SCALE]
+    head = {id(p) for p in model.head.parameters()}
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert len(grouped) == len(set(grouped)) and not head & set(grouped)
+    assert set(grouped) == {id(p) for p in model.backbone.parameters()}  # every extractor weight, each once
+    dev = torch.device("cpu")
+    src, _ = decode_split(RunFolder.open(tiny_run).dataset().train, spec)
+    source = measure_source(model, src, spec, dev, np.full(len(COLOURS), 1 / len(COLOURS)))
+    target, _ = decode_split(scoring_set(shifted_data["target"])[0], spec)
+    adapted, rec = adapt_model(model, source, target, spec, dev, AdaptOptions(method="shot", train="extractor", epochs=2, batch_size=16))
+    assert rec["training"]["trained"] == "extractor" and rec["training"]["parameters"] > 0
+    before = model.state_dict()
+    changed = {k for k, v in adapted.state_dict().items() if not torch.equal(v, before[k])}
+    convs = {k for k in changed if isinstance(adapted.get_submodule(k.rsplit(".", 1)[0]), nn.Conv2d)}
+    assert convs, "no convolution learned"
+    assert not any(k.startswith("head.") for k in changed)
+    with pytest.raises(EdgetlError, match="--train"):
+        AdaptOptions(train="everything")
 
 
 def test_corruptions_are_seeded_and_grow_with_severity() -> None:

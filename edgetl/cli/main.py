@@ -468,6 +468,8 @@ def adapt(
     batch_size: Annotated[int, typer.Option(help="Target images per batch (>= 16)")] = 32,
     lr: Annotated[float, typer.Option(help="Adam learning rate of tent, im, shot and the labelled fine-tune")] = 1e-3,
     epochs: Annotated[int, typer.Option(help="Passes over the target images (tent, im, shot)")] = 1,
+    train: Annotated[str, typer.Option(help="What tent, im and shot learn: affine (BatchNorm scale and shift) or extractor "
+                                            "(the whole feature extractor, head frozen, as in SHOT)")] = "affine",
     bn_depth: Annotated[float, typer.Option(help="Share of BatchNorm layers, from the input, whose statistics are aligned")] = 0.5,
     labelled_steps: Annotated[int, typer.Option(help="Steps of the labelled fine-tune")] = 100,
     source_images: Annotated[int, typer.Option(help="Training images the source statistics are measured on")] = 512,
@@ -483,8 +485,8 @@ def adapt(
 
     opts = AdaptOptions(method=method, out=str(out) if out else None, labelled=str(labelled) if labelled else None,
                         evaluate=str(evaluate) if evaluate else None, batch_size=batch_size, lr=lr, epochs=epochs,
-                        bn_depth=bn_depth, labelled_steps=labelled_steps, source_images=source_images, seed=seed, device=device,
-                        allow_shape_change=allow_shape_change, allow_data_change=allow_data_change)  # fmt: skip
+                        train=train, bn_depth=bn_depth, labelled_steps=labelled_steps, source_images=source_images, seed=seed,
+                        device=device, allow_shape_change=allow_shape_change, allow_data_change=allow_data_change)  # fmt: skip
     _print_shift(adapt_run(run, target, opts))
 
 
