@@ -24,6 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("tags", nargs="+", help="result tags: results/adapt_corruptions_<tag>.json (- for the untagged file)")
     ap.add_argument("--severity", type=int, default=3)
+    ap.add_argument("--name", default="adapt_methods_seeds", help="result file name (e.g. for a summary of --validation runs)")
     args = ap.parse_args()
     # (method, seed) -> corruption -> (clean top-1, source top-1, method top-1); files of one seed (the same split
     # and corruption noise) add corruptions to each other, the first file's result of a corruption counts.
@@ -74,7 +75,7 @@ def main() -> None:
         summary[m] = {"per_seed": {s: per.get((m, s)) for s in seeds}, "mean_share": both[0], "pooled_share": both[1], "seeds": len(got)}
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {100 * both[0]:.0f}% / {100 * both[1]:.0f}% ({len(got)} seeds) |")
     lines += ["", "Files: " + ", ".join(sorted({f for r in per.values() for f in r["files"]}))]  # type: ignore[attr-defined]
-    save("adapt_methods_seeds", {"severity": args.severity, "methods": summary}, "\n".join(lines))
+    save(args.name, {"severity": args.severity, "methods": summary}, "\n".join(lines))
 
 
 if __name__ == "__main__":
