@@ -7,9 +7,10 @@ Lite0 at 224 px, and how well the probe's ranking matched trained accuracy (issu
         --epochs-finetune 2
 
 For every `--train` candidate (backbone@size), one training through the whole pipeline: stage 1 as in
-the probe, then `--recipe finetune` (top 3 blocks) for `--epochs-finetune` epochs, seed 0. On 2 CPU
-cores a default training (`--recipe auto`, up to 8 epochs) of one Lite0 takes about an hour, so the
-check trains every candidate the same shorter way: the ranking compared is the one between candidates
+the probe, then `--recipe finetune` (top 3 blocks) for `--epochs-finetune` epochs, seed 0; or, with
+`--epochs-finetune 0`, edgetl's default training (`--recipe auto`, what the tune's final step runs), with
+`--reuse backbone@size=RUN` for candidates already trained that way (checked against the run's recorded
+config). Every candidate is trained the same way: the ranking compared is the one between candidates
 trained alike. Each trained run is scored on the test split (`edgetl eval`), and the picks are
 exported in their runtime's format (+ int8 when picked) and benchmarked on the test images (`edgetl
 bench --data DATA/test`): the picked variant's own test top-1 and p50. Rank correlation: Spearman's
@@ -22,7 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import save, train_and_score
+from common import save, score_run, train_and_score
 
 from edgetl.progress import Reporter
 from edgetl.tune import TARGET_FORMATS, label, pick
@@ -51,11 +52,40 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / var if var else float("nan")
 
 
-def train_candidate(data: Path, backbone: str, size: int, epochs: int, work: Path) -> dict:
+def candidate_config(backbone: str, size: int, epochs: int):
+    """The training of a candidate: the short fine-tune (`epochs` > 0), or edgetl's default training (0)."""
     from edgetl.config import TrainConfig
 
-    cfg = TrainConfig(backbone=backbone, input_size=size, recipe="finetune", epochs_finetune=epochs, seed=0)
-    return train_and_score(data, cfg, work / f"{backbone}-{size}")
+    if epochs == 0:
+        return TrainConfig(backbone=backbone, input_size=size, seed=0)
+    return TrainConfig(backbone=backbone, input_size=size, recipe="finetune", epochs_finetune=epochs, seed=0)
+
+
+# What a reused run must share with the candidate's training for its accuracy to stand in for it.
+REUSE_FIELDS = ("backbone", "recipe", "seed", "epochs_head", "epochs_finetune", "lr_finetune", "mixup", "cutmix", "teacher")
+
+
+def reused_run(run: Path, backbone: str, size: int, epochs: int) -> Path:
+    """`run`, after checking that it was trained as `candidate_config` would train the candidate."""
+    from edgetl import checkpoint
+    from edgetl.run import RunFolder
+
+    folder = RunFolder.open(run)
+    recorded, wanted = folder.manifest["config"], vars(candidate_config(backbone, size, epochs))
+    # A field a run does not record came later than the run, which trained as that field's default does.
+    differ = [f"{k}: {recorded[k]!r} != {wanted[k]!r}" for k in REUSE_FIELDS if k in recorded and recorded[k] != wanted[k]]
+    got_size = checkpoint.spec_of(folder.checkpoint()).input_size
+    if got_size != size:
+        differ.append(f"input size {got_size} != {size}")
+    if differ:
+        raise SystemExit(f"--reuse {run}: not trained as this candidate would be ({'; '.join(differ)})")
+    return run
+
+
+def train_candidate(data: Path, backbone: str, size: int, epochs: int, work: Path, reuse: dict[tuple[str, int], Path]) -> dict:
+    if (backbone, size) in reuse:
+        return score_run(data, reused_run(reuse[(backbone, size)], backbone, size, epochs))
+    return train_and_score(data, candidate_config(backbone, size, epochs), work / f"{backbone}-{size}")
 
 
 def bench_pick(run: Path, data: Path, chosen: dict) -> dict:
@@ -80,9 +110,17 @@ def main() -> None:
     ap.add_argument("data", type=Path)
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--train", required=True, help="backbone@size,... (at least 5 for the rank correlation)")
-    ap.add_argument("--epochs-finetune", type=int, default=2)
+    ap.add_argument("--epochs-finetune", type=int, default=2, help="0: edgetl's default training (--recipe auto)")
+    ap.add_argument("--reuse", nargs="*", default=[], metavar="BACKBONE@SIZE=RUN",
+                    help="score these finished runs instead of training the candidate (checked to be trained the same way)")
     ap.add_argument("--budgets", default="2,5")
+    ap.add_argument("--tag", default="", help="suffix of the results file name")
     args = ap.parse_args()
+    reuse = {}
+    for item in args.reuse:
+        key, run = item.split("=", 1)
+        reuse[(key.split("@")[0], int(key.split("@")[1]))] = Path(run)
+    training = f"fine-tune {args.epochs_finetune} epochs" if args.epochs_finetune else "default training"
     report = json.loads((args.tune_dir / "tune.json").read_text())
     rows = report["candidates"]
     probes = {(p["backbone"], p["size"]): p for p in report["probes"]}
@@ -96,7 +134,7 @@ def main() -> None:
     trained = {}
     for backbone, size in wanted:
         print(f"training {backbone}@{size}", flush=True)
-        trained[(backbone, size)] = train_candidate(args.data, backbone, size, args.epochs_finetune, args.work)
+        trained[(backbone, size)] = train_candidate(args.data, backbone, size, args.epochs_finetune, args.work, reuse)
     keys = [k for k in wanted if k in probes]
     proxy = [probes[k]["probe_top1"] for k in keys]
     test = [trained[k]["test_top1"] for k in keys]
@@ -108,7 +146,7 @@ def main() -> None:
             run = Path(trained[(chosen["backbone"], chosen["size"])]["run"])
             picked[str(budget)] = {"pick": chosen, "label": label(chosen), **bench_pick(run, args.data, chosen)}
     ref = trained[("efficientnet_lite0", 224)]
-    lines = [f"# edgetl tune on clothing-small: picks and the proxy's ranking (fine-tune {args.epochs_finetune} epochs, seed 0)", "",
+    lines = [f"# edgetl tune on clothing-small: picks and the proxy's ranking ({training}, seed 0)", "",
              f"Tune wall time (probes, exports, int8, bench; no final training): **{report['tune_seconds'] / 60:.1f} min** "
              f"for {len(report['probes'])} probes, {len(rows)} candidates (goal: under 30 min).", "",
              "| budget | pick | tune p50 ms | pick's p50 ms (test bench) | pick's test top-1 | Lite0@224 fp32 test top-1 (same training) |",
@@ -124,9 +162,11 @@ def main() -> None:
         t = trained[k]
         lines.append(f"| {k[0]}@{k[1]} | {probes[k]['probe_top1']:.2%} | {t['val_top1']:.2%} | {t['test_top1']:.2%} | "
                      f"{t['train_seconds'] / 60:.1f} |")  # fmt: skip
-    save("tune_clothing", {"tune_dir": str(args.tune_dir), "epochs_finetune": args.epochs_finetune, "tune_seconds": report["tune_seconds"],
-                           "picks": picked, "trained": {f"{k[0]}@{k[1]}": v for k, v in trained.items()},
-                           "spearman_test": rho_test, "spearman_val": rho_val, "candidates": rows}, "\n".join(lines))  # fmt: skip
+    save("tune_clothing" + (f"_{args.tag}" if args.tag else ""),
+         {"tune_dir": str(args.tune_dir), "epochs_finetune": args.epochs_finetune, "tune_seconds": report["tune_seconds"],
+          "picks": picked, "trained": {f"{k[0]}@{k[1]}": v for k, v in trained.items()},
+          "reused": {f"{k[0]}@{k[1]}": str(v) for k, v in reuse.items()},
+          "spearman_test": rho_test, "spearman_val": rho_val, "candidates": rows}, "\n".join(lines))  # fmt: skip
 
 
 if __name__ == "__main__":
