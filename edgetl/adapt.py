@@ -67,10 +67,9 @@ EXTRACTOR_LR_SCALE = 0.1
 # SHOT (Liang et al. 2020): weight of the cross-entropy on the centroid pseudo-labels beside information maximisation.
 SHOT_BETA = 0.3
 # Chosen by benchmarks/adapt_corruptions.py on the measure, the mean share of the lost accuracy
-# won back over the ten corruptions that cost accuracy at severity 3: shot 52%, tent 48%, adabn 40% (one
-# seed; mean top-1 over all eleven is the same for shot and tent, 89.4%). On clean images shot gained 0.5
-# point, tent 0.0. shot wins on the blurs and pixelation, tent on the noises and fog. Both cost about
-# 2.7x adabn's time.
+# won back over the corruptions that cost accuracy at severity 3: over three seeds shot 44%, tent 39%
+# (adabn 33% over two; benchmarks/results/adapt_methods_seeds.md). shot wins on the blurs and pixelation,
+# tent on some noises. Both cost about 2.7x adabn's time.
 DEFAULT_METHOD = "shot"
 SHIFT_PLOT = "shift.png"
 COLLAPSE_GUARD = 0.8
