@@ -1,0 +1,122 @@
+"""Can a label-free shift measure tell "nothing to adapt to" from a real corruption? (issue 16)
+
+    python benchmarks/adapt_shift_gate.py --run RUN --seeds 0 1 2 --results 0=shot 1=shot-seed1 2=shot-tent-seed2 \\
+        --validation-results 0=validation_sweep-base
+
+shot lost 1.1 points on clean images at seed 2 (adapt_methods_seeds.md): adapting on images that show no
+shift only adds noise. A gate would adapt only when the target images are measurably shifted. This
+measures, for the images `adapt_corruptions.py` adapts on (the same split, corruption noise and severity,
+per seed), the feature shift of edgetl's shift report (edgetl.shift: Fréchet distance of diagonal
+Gaussians of the pooled features, against the run's training images) divided by an in-domain band: the
+largest feature shift of `--subsets` random subsets of the validation split of the same size as the
+target (the distance is biased upwards at small sizes, so the band is measured at the target's size).
+Beside each ratio: what shot did on the scored half in the given `adapt_corruptions.py` result files.
+A gate's threshold is to be chosen on the clean images and the validation corruptions, and checked on the
+test corruptions: it must gate out clean images and keep every corruption shot helps on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import numpy as np
+import torch
+from adapt_corruptions import as_images, square
+from common import RESULTS, save
+
+from edgetl import checkpoint
+from edgetl.corruptions import CORRUPTIONS, VALIDATION, corrupt
+from edgetl.data import relabel, stratified_sample, stratified_split
+from edgetl.decoded import decode_split
+from edgetl.run import RunFolder
+from edgetl.shift import FeatureReference, run_model
+
+
+def tagged(pairs: list[str]) -> dict[int, dict[str, Any]]:
+    """seed=tag pairs -> that adapt_corruptions result file's results, by seed."""
+    out = {}
+    for pair in pairs:
+        seed, tag = pair.split("=", 1)
+        out[int(seed)] = json.loads((RESULTS / f"adapt_corruptions_{tag}.json").read_text())["results"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--severity", type=int, default=3)
+    ap.add_argument("--validation-severities", nargs="*", type=int, default=[3, 5])
+    ap.add_argument("--subsets", type=int, default=20)
+    ap.add_argument("--results", nargs="*", default=[], metavar="SEED=TAG", help="test-corruption result files of shot, by seed")
+    ap.add_argument("--validation-results", nargs="*", default=[], metavar="SEED=TAG")
+    ap.add_argument("--method", default="shot")
+    args = ap.parse_args()
+    test_results, val_results = tagged(args.results), tagged(args.validation_results)
+    device = torch.device("cpu")
+    folder = RunFolder.open(args.run)
+    ckpt = folder.checkpoint()
+    model = checkpoint.build_model(ckpt).eval()
+    spec, labels = checkpoint.spec_of(ckpt), list(ckpt["config"]["labels"])
+    ds = folder.dataset()
+    test = relabel(ds.test, ds.classes, labels, "test")
+    train = relabel(ds.train, ds.classes, labels, "train")
+    val = relabel(ds.val, ds.classes, labels, "val")
+    val_images, _ = decode_split(val, spec, name="val")
+    val_features = run_model(model, val_images, spec, device).features
+    clean = np.stack([square(r.load(), spec.resize_size, spec.interpolation) for r in test.refs])
+    conditions = [("clean", None, test_results), *((n, args.severity, test_results) for n in CORRUPTIONS),
+                  *((n, s, val_results) for n in VALIDATION for s in args.validation_severities)]  # fmt: skip
+    rows = []
+    for seed in args.seeds:
+        rng = np.random.default_rng(seed)  # as adapt_corruptions.py draws: the source sample first, then the split
+        src_ls = train.subset(stratified_sample(train.labels, min(512, len(train)), rng))
+        src_images, _ = decode_split(src_ls, spec, name="source")
+        reference = FeatureReference.of(run_model(model, src_images, spec, device).features)
+        src_images.close()
+        adapt_idx, _ = stratified_split(test.labels, 0.5, np.random.default_rng(seed))
+        sub = np.random.default_rng(1000 + seed)
+        band = [reference.distance(val_features[sub.choice(len(val_features), len(adapt_idx), replace=False)])
+                for _ in range(args.subsets)]  # fmt: skip
+        for name, sev, results in conditions:
+            if name == "clean":
+                pixels = clean[adapt_idx]
+            else:
+                pixels = np.stack([corrupt(clean[i], name, sev, seed=seed * 100003 + int(i)) for i in adapt_idx])
+            images = as_images(pixels, test.labels[adapt_idx], spec)
+            shift = reference.distance(run_model(model, images, spec, device).features)
+            images.close()
+            key = "clean" if name == "clean" else f"{name}/{sev}"
+            r = results.get(seed, {}).get(key, {})
+            clean_r = results.get(seed, {}).get("clean", {})
+            row = {"seed": seed, "condition": key, "validation_corruption": name in VALIDATION, "feature_shift": shift,
+                   "band_mean": float(np.mean(band)), "band_max": float(np.max(band)), "ratio": shift / float(np.max(band))}  # fmt: skip
+            if args.method in r:
+                row["method_points"] = 100 * (r[args.method] - r["source"])
+                if name != "clean" and clean_r:
+                    lost = clean_r["source"] - r["source"]
+                    row["lost_points"] = 100 * lost
+            rows.append(row)
+            print(seed, key, f"shift {shift:.4f} band max {max(band):.4f} ratio {row['ratio']:.2f}", row.get("method_points"), flush=True)
+    lines = ["# A shift gate for `edgetl adapt`: feature shift of the target images over the in-domain band", "",
+             f"Ratio = the adapt half's feature shift / the largest of {args.subsets} same-size validation subsets' "
+             f"(edgetl.shift). {args.method}: top-1 change on the scored half (points), from the result files; lost: "
+             "points the corruption cost the source model.", "",
+             "| condition | " + " | ".join(f"seed {s}: ratio / {args.method} / lost" for s in args.seeds) + " |",
+             "|---|" + "---|" * len(args.seeds)]  # fmt: skip
+    for key in dict.fromkeys(r["condition"] for r in rows):
+        cells = []
+        for s in args.seeds:
+            r = next((x for x in rows if x["seed"] == s and x["condition"] == key), None)
+            pts = f"{r['method_points']:+.1f}" if r and "method_points" in r else "-"
+            lost = f"{r['lost_points']:.1f}" if r and "lost_points" in r else "-"
+            cells.append(f"{r['ratio']:.2f} / {pts} / {lost}" if r else "-")
+        tag = " (validation)" if any(x["validation_corruption"] for x in rows if x["condition"] == key) else ""
+        lines.append(f"| {key}{tag} | " + " | ".join(cells) + " |")
+    save("adapt_shift_gate", {"run": str(folder.path), "args": vars(args), "rows": rows}, "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
