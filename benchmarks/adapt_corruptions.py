@@ -26,6 +26,7 @@ import copy
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,28 @@ from edgetl.preprocess import resize_shorter
 from edgetl.progress import Reporter
 from edgetl.run import RunFolder
 from edgetl.shift import run_model
+
+
+@dataclass
+class LoadedRun:
+    """A trained run's model and recorded splits, relabelled to the model's label order."""
+
+    folder: RunFolder
+    model: Any
+    spec: Any
+    labels: list[str]
+    train: LabelledSet
+    val: LabelledSet
+    test: LabelledSet
+
+
+def load_run(path: str) -> LoadedRun:
+    folder = RunFolder.open(path)
+    ckpt = folder.checkpoint()
+    labels = list(ckpt["config"]["labels"])
+    ds = folder.dataset()
+    splits = [relabel(split, ds.classes, labels, name) for split, name in ((ds.train, "train"), (ds.val, "val"), (ds.test, "test"))]
+    return LoadedRun(folder, checkpoint.build_model(ckpt).eval(), checkpoint.spec_of(ckpt), labels, *splits)
 
 
 def md_row(cells: list[str]) -> str:
@@ -100,13 +123,8 @@ def main() -> None:
     table = VALIDATION if args.validation else CORRUPTIONS
     names = args.corruptions or list(table)
     device = torch.device("cpu")
-    folder = RunFolder.open(args.run)
-    ckpt = folder.checkpoint()
-    model = checkpoint.build_model(ckpt).eval()
-    spec, labels = checkpoint.spec_of(ckpt), list(ckpt["config"]["labels"])
-    ds = folder.dataset()
-    test = relabel(ds.test, ds.classes, labels, "test")
-    train = relabel(ds.train, ds.classes, labels, "train")
+    loaded = load_run(args.run)
+    folder, model, spec, labels, train, test = loaded.folder, loaded.model, loaded.spec, loaded.labels, loaded.train, loaded.test
     rng = np.random.default_rng(args.seed)
     started = time.time()
 

@@ -23,14 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from adapt_corruptions import as_images, square
+from adapt_corruptions import as_images, load_run, square
 from common import RESULTS, save
 
-from edgetl import checkpoint
 from edgetl.corruptions import CORRUPTIONS, VALIDATION, corrupt
-from edgetl.data import relabel, stratified_sample, stratified_split
+from edgetl.data import stratified_sample, stratified_split
 from edgetl.decoded import decode_split
-from edgetl.run import RunFolder
 from edgetl.shift import FeatureReference, run_model
 
 
@@ -56,14 +54,8 @@ def main() -> None:
     args = ap.parse_args()
     test_results, val_results = tagged(args.results), tagged(args.validation_results)
     device = torch.device("cpu")
-    folder = RunFolder.open(args.run)
-    ckpt = folder.checkpoint()
-    model = checkpoint.build_model(ckpt).eval()
-    spec, labels = checkpoint.spec_of(ckpt), list(ckpt["config"]["labels"])
-    ds = folder.dataset()
-    test = relabel(ds.test, ds.classes, labels, "test")
-    train = relabel(ds.train, ds.classes, labels, "train")
-    val = relabel(ds.val, ds.classes, labels, "val")
+    loaded = load_run(args.run)
+    folder, model, spec, train, val, test = loaded.folder, loaded.model, loaded.spec, loaded.train, loaded.val, loaded.test
     val_images, _ = decode_split(val, spec, name="val")
     val_features = run_model(model, val_images, spec, device).features
     clean = np.stack([square(r.load(), spec.resize_size, spec.interpolation) for r in test.refs])
