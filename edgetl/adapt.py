@@ -102,6 +102,8 @@ class AdaptOptions:
             raise EdgetlError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if self.train not in TRAIN_SCOPES:
             raise EdgetlError(f"--train must be one of {', '.join(TRAIN_SCOPES)}, got {self.train!r}")
+        if self.train != "affine" and self.method not in TRAINED_METHODS:
+            raise EdgetlError(f"--train {self.train} applies to {', '.join(TRAINED_METHODS)}; {self.method} learns no weights")
         if self.batch_size < 16:
             raise EdgetlError("--batch-size must be at least 16: batch statistics of fewer images are too noisy to adapt on")
         if not 0 < self.bn_depth <= 1:

@@ -336,6 +336,8 @@ def test_shot_with_train_extractor_learns_convolutions_but_never_the_head(tiny_r
     assert not any(k.startswith("head.") for k in changed)
     with pytest.raises(EdgetlError, match="--train"):
         AdaptOptions(train="everything")
+    with pytest.raises(EdgetlError, match="adabn learns no weights"):
+        AdaptOptions(method="adabn", train="extractor")
 
 
 def test_corruptions_are_seeded_and_grow_with_severity() -> None:
