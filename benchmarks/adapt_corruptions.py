@@ -67,6 +67,23 @@ def load_run(path: str) -> LoadedRun:
     return LoadedRun(folder, checkpoint.build_model(ckpt).eval(), checkpoint.spec_of(ckpt), labels, *splits)
 
 
+def source_sample(train: LabelledSet, seed: int) -> LabelledSet:
+    """The training images the source statistics are measured on (up to 512, stratified), as `edgetl adapt` draws them."""
+    return train.subset(stratified_sample(train.labels, min(512, len(train)), np.random.default_rng(seed)))
+
+
+def adapt_score_halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the test images adapted on and of those scored: stratified halves."""
+    return stratified_split(labels, 0.5, np.random.default_rng(seed))
+
+
+def corrupted(clean: np.ndarray, name: str, severity: int, seed: int, indices: Any = None) -> np.ndarray:
+    """Corrupted copies of the images `clean` (or of those at `indices`): image i's noise depends only on
+    (seed, i), so a subset gets the same pixels as the whole set."""
+    idx = range(len(clean)) if indices is None else indices
+    return np.stack([corrupt(clean[i], name, severity, seed=seed * 100003 + int(i)) for i in idx])
+
+
 def md_row(cells: list[str]) -> str:
     """One Markdown table row; with no method columns it has no empty trailing cells."""
     return "| " + " | ".join(cells) + " |"
@@ -125,16 +142,14 @@ def main() -> None:
     device = torch.device("cpu")
     loaded = load_run(args.run)
     folder, model, spec, labels, train, test = loaded.folder, loaded.model, loaded.spec, loaded.labels, loaded.train, loaded.test
-    rng = np.random.default_rng(args.seed)
     started = time.time()
 
     # Source statistics from the recorded training images, as `edgetl adapt` measures them.
-    src_ls = train.subset(stratified_sample(train.labels, min(512, len(train)), rng))
-    src_images, _ = decode_split(src_ls, spec, name="source")
+    src_images, _ = decode_split(source_sample(train, args.seed), spec, name="source")
     prior = np.bincount(train.labels, minlength=len(labels)) / len(train)
     source = measure_source(model, src_images, spec, device, prior)
     clean = np.stack([square(r.load(), spec.resize_size, spec.interpolation) for r in test.refs])
-    adapt_idx, score_idx = stratified_split(test.labels, 0.5, np.random.default_rng(args.seed))
+    adapt_idx, score_idx = adapt_score_halves(test.labels, args.seed)
     y_adapt, y_score = test.labels[adapt_idx], test.labels[score_idx]
     print(f"{len(adapt_idx)} images to adapt on, {len(score_idx)} to score; source stats in {time.time() - started:.0f}s")
 
@@ -157,7 +172,7 @@ def main() -> None:
     print("clean", {k: round(v, 4) for k, v in results["clean"].items() if isinstance(v, float)})
     for name in names:
         for sev in args.severities:
-            pixels = np.stack([corrupt(x, name, sev, seed=args.seed * 100003 + i) for i, x in enumerate(clean)])
+            pixels = corrupted(clean, name, sev, args.seed)
             methods = [m for m in args.methods if m not in ("tent", "im", "shot", "bn-replace") or sev in args.costly_severities]
             r = evaluate_methods(pixels, methods)
             results[f"{name}/{sev}"] = r
@@ -182,7 +197,7 @@ def labelled_curve(args: Any, model: Any, source: Any, clean: np.ndarray, adapt_
     class drawn from the adaptation half."""
     out: dict[str, Any] = {}
     for name in args.labelled_corruptions:
-        pixels = np.stack([corrupt(x, name, 3, seed=args.seed * 100003 + i) for i, x in enumerate(clean)])
+        pixels = corrupted(clean, name, 3, args.seed)
         target = as_images(pixels[adapt_idx], labels_all[adapt_idx], spec)
         scored = as_images(pixels[score_idx], labels_all[score_idx], spec)
         opts = AdaptOptions(method=DEFAULT_METHOD, seed=args.seed, **overrides)
@@ -220,7 +235,7 @@ def int8_check(args: Any, folder: RunFolder, clean: np.ndarray, adapt_idx: np.nd
     for name in ["clean", *names]:
         work = Path(tempfile.mkdtemp(prefix="edgetl-adapt-int8-"))
         try:
-            pixels = clean if name == "clean" else np.stack([corrupt(x, name, 3, seed=args.seed * 100003 + i) for i, x in enumerate(clean)])
+            pixels = clean if name == "clean" else corrupted(clean, name, 3, args.seed)
             write_folder(pixels[adapt_idx], labels_all[adapt_idx], classes, work / "target")
             res = adapt_run(folder.path, work / "target", AdaptOptions(method=DEFAULT_METHOD, out=str(work / "run"), seed=args.seed), quiet)
             fmt = args.int8_format

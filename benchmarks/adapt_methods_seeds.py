@@ -17,7 +17,7 @@ import argparse
 import json
 import statistics
 
-from common import RESULTS, recorded_args, save, share_won_back
+from common import adapt_result_path, recorded_args, save, share_won_back
 
 
 def main() -> None:
@@ -29,11 +29,9 @@ def main() -> None:
     # (method, seed) -> corruption -> (clean top-1, source top-1, method top-1); files of one seed (the same split
     # and corruption noise) add corruptions to each other, the first file's result of a corruption counts.
     scores: dict[tuple[str, int], dict[str, tuple[float, float, float]]] = {}
-    files: dict[tuple[str, int], list[str]] = {}
+    files: dict[tuple[str, int], set[str]] = {}
     for tag in args.tags:
-        path = RESULTS / ("adapt_corruptions.json" if tag in ("", "-") else f"adapt_corruptions_{tag}.json")
-        if not path.is_file():
-            raise SystemExit(f"no result file {path} (tags name results/adapt_corruptions_<tag>.json)")
+        path = adapt_result_path(tag)
         payload = json.loads(path.read_text())
         seed, res = int(recorded_args(path).get("seed", 0)), payload["results"]
         # A method run with non-default options (--set) is another entry: "shot (epochs=3)" is not "shot".
@@ -44,7 +42,7 @@ def main() -> None:
                 m = f"{method} ({options})" if options else method
                 if key == "clean" or key.endswith(f"/{args.severity}"):
                     scores.setdefault((m, seed), {}).setdefault(key, (clean, r["source"], r[method]))
-                    files.setdefault((m, seed), []).append(path.name) if path.name not in files.get((m, seed), []) else None
+                    files.setdefault((m, seed), set()).add(path.name)
     per: dict[tuple[str, int], dict[str, object]] = {}
     for (m, seed), by_key in scores.items():
         shares, won, lost_sum = [], 0.0, 0.0
@@ -55,7 +53,7 @@ def main() -> None:
                 won, lost_sum = won + mine - source, lost_sum + clean - source
         if shares and "clean" in by_key:
             clean, source, mine = by_key["clean"]
-            per[(m, seed)] = {"files": files[(m, seed)], "mean_share": statistics.fmean(shares), "n": len(shares),
+            per[(m, seed)] = {"files": sorted(files[(m, seed)]), "mean_share": statistics.fmean(shares), "n": len(shares),
                               "pooled_share": won / lost_sum, "clean_points": 100 * (mine - source)}  # fmt: skip
     methods = list(dict.fromkeys(m for m, _ in per))
     seeds = sorted({s for _, s in per})

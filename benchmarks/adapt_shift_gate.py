@@ -23,21 +23,22 @@ from typing import Any
 
 import numpy as np
 import torch
-from adapt_corruptions import as_images, load_run, square
-from common import RESULTS, save
+from adapt_corruptions import adapt_score_halves, as_images, corrupted, load_run, source_sample, square
+from common import adapt_result_path, save
 
-from edgetl.corruptions import CORRUPTIONS, VALIDATION, corrupt
-from edgetl.data import stratified_sample, stratified_split
+from edgetl.corruptions import CORRUPTIONS, VALIDATION
 from edgetl.decoded import decode_split
 from edgetl.shift import FeatureReference, run_model
 
 
 def tagged(pairs: list[str]) -> dict[int, dict[str, Any]]:
-    """seed=tag pairs -> that adapt_corruptions result file's results, by seed."""
+    """SEED=TAG pairs -> that adapt_corruptions result file's results, by seed."""
     out = {}
     for pair in pairs:
-        seed, tag = pair.split("=", 1)
-        out[int(seed)] = json.loads((RESULTS / f"adapt_corruptions_{tag}.json").read_text())["results"]
+        seed, sep, tag = pair.partition("=")
+        if not sep or not seed.isdigit():
+            raise SystemExit(f"expected SEED=TAG (e.g. 1=shot-seed1), got {pair!r}")
+        out[int(seed)] = json.loads(adapt_result_path(tag).read_text())["results"]
     return out
 
 
@@ -63,20 +64,15 @@ def main() -> None:
                   *((n, s, val_results) for n in VALIDATION for s in args.validation_severities)]  # fmt: skip
     rows = []
     for seed in args.seeds:
-        rng = np.random.default_rng(seed)  # as adapt_corruptions.py draws: the source sample first, then the split
-        src_ls = train.subset(stratified_sample(train.labels, min(512, len(train)), rng))
-        src_images, _ = decode_split(src_ls, spec, name="source")
+        src_images, _ = decode_split(source_sample(train, seed), spec, name="source")
         reference = FeatureReference.of(run_model(model, src_images, spec, device).features)
         src_images.close()
-        adapt_idx, _ = stratified_split(test.labels, 0.5, np.random.default_rng(seed))
+        adapt_idx, _ = adapt_score_halves(test.labels, seed)
         sub = np.random.default_rng(1000 + seed)
         band = [reference.distance(val_features[sub.choice(len(val_features), len(adapt_idx), replace=False)])
                 for _ in range(args.subsets)]  # fmt: skip
         for name, sev, results in conditions:
-            if name == "clean":
-                pixels = clean[adapt_idx]
-            else:
-                pixels = np.stack([corrupt(clean[i], name, sev, seed=seed * 100003 + int(i)) for i in adapt_idx])
+            pixels = clean[adapt_idx] if name == "clean" else corrupted(clean, name, sev, seed, adapt_idx)
             images = as_images(pixels, test.labels[adapt_idx], spec)
             shift = reference.distance(run_model(model, images, spec, device).features)
             images.close()

@@ -62,6 +62,14 @@ def train_and_score(data: Path, cfg: Any, run: Path) -> dict[str, Any]:
     return score_run(data, run)
 
 
+def adapt_result_path(tag: str) -> Path:
+    """results/adapt_corruptions_<tag>.json (`-` or "" for the untagged file); a missing one ends the script in one line."""
+    path = RESULTS / ("adapt_corruptions.json" if tag in ("", "-") else f"adapt_corruptions_{tag}.json")
+    if not path.is_file():
+        raise SystemExit(f"no result file {path} (tags name results/adapt_corruptions_<tag>.json)")
+    return path
+
+
 def recorded_args(path: Path) -> dict[str, Any]:
     """The command-line arguments a result file was made with: its JSON's `args`, or, for files written before
     those were recorded, the `--flag value` pairs of the command line at the end of its Markdown (dashes as

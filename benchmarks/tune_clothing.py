@@ -25,6 +25,7 @@ from pathlib import Path
 
 from common import save, score_run, train_and_score
 
+from edgetl.config import TrainConfig
 from edgetl.progress import Reporter
 from edgetl.tune import TARGET_FORMATS, label, pick
 
@@ -52,10 +53,16 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / var if var else float("nan")
 
 
+def candidate(text: str) -> tuple[str, int]:
+    """"efficientnet_lite1@192" -> ("efficientnet_lite1", 192); anything else ends the script in one line."""
+    backbone, sep, size = text.partition("@")
+    if not sep or not backbone or not size.isdigit():
+        raise SystemExit(f"a candidate is BACKBONE@SIZE (e.g. efficientnet_lite1@192), got {text!r}")
+    return backbone, int(size)
+
+
 def candidate_config(backbone: str, size: int, epochs: int):
     """The training of a candidate: the short fine-tune (`epochs` > 0), or edgetl's default training (0)."""
-    from edgetl.config import TrainConfig
-
     if epochs == 0:
         return TrainConfig(backbone=backbone, input_size=size, seed=0)
     return TrainConfig(backbone=backbone, input_size=size, recipe="finetune", epochs_finetune=epochs, seed=0)
@@ -68,9 +75,13 @@ REUSE_FIELDS = ("backbone", "recipe", "seed", "epochs_head", "epochs_finetune", 
 def reused_run(run: Path, backbone: str, size: int, epochs: int) -> Path:
     """`run`, after checking that it was trained as `candidate_config` would train the candidate."""
     from edgetl import checkpoint
+    from edgetl.errors import EdgetlError
     from edgetl.run import RunFolder
 
-    folder = RunFolder.open(run)
+    try:
+        folder = RunFolder.open(run)
+    except EdgetlError as exc:
+        raise SystemExit(f"--reuse: {exc}") from None
     recorded, wanted = folder.manifest["config"], vars(candidate_config(backbone, size, epochs))
     # A field a run does not record came later than the run, which trained as that field's default does.
     differ = [f"{k}: {recorded[k]!r} != {wanted[k]!r}" for k in REUSE_FIELDS if k in recorded and recorded[k] != wanted[k]]
@@ -92,11 +103,17 @@ def bench_pick(run: Path, data: Path, chosen: dict) -> dict:
     from edgetl.bench.runner import BenchOptions, bench
     from edgetl.export import ExportOptions, export_run
     from edgetl.quantize import QuantizeOptions, quantize_run
+    from edgetl.run import INT8_CHILDREN, RunFolder, exported_models
 
     fmt = TARGET_FORMATS[chosen["target"]]
     quiet = Reporter(quiet=True)
-    export_run(run, ExportOptions(format=fmt, force=True), quiet)
-    if chosen["precision"] == "int8":
+    # A run reused from elsewhere (the tune's own final run) keeps the models it already has from its checkpoint.
+    sha = RunFolder.open(run).checkpoint_sha256
+    current = {m.key for m in exported_models(run) if m.checkpoint_sha256 == sha}
+    if fmt not in current:
+        export_run(run, ExportOptions(format=fmt, force=True), quiet)
+        current.discard(INT8_CHILDREN[fmt])  # an int8 model of the replaced export is not the new one's
+    if chosen["precision"] == "int8" and INT8_CHILDREN[fmt] not in current:
         quantize_run(run, QuantizeOptions(format=fmt), quiet)
     rep = bench([run], BenchOptions(data=str(data / "test"), targets=(chosen["target"],), batches=(1,), min_time=8.0,
                                     out=str(run / "bench-test")), quiet)  # fmt: skip
@@ -118,14 +135,16 @@ def main() -> None:
     args = ap.parse_args()
     reuse = {}
     for item in args.reuse:
-        key, run = item.split("=", 1)
-        reuse[(key.split("@")[0], int(key.split("@")[1]))] = Path(run)
+        key, sep, run = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--reuse takes BACKBONE@SIZE=RUN, got {item!r}")
+        reuse[candidate(key)] = Path(run)
     training = f"fine-tune {args.epochs_finetune} epochs" if args.epochs_finetune else "default training"
     report = json.loads((args.tune_dir / "tune.json").read_text())
     rows = report["candidates"]
     probes = {(p["backbone"], p["size"]): p for p in report["probes"]}
     picks = {float(b): pick(rows, float(b)) for b in args.budgets.split(",")}
-    wanted = [(t.split("@")[0], int(t.split("@")[1])) for t in args.train.split(",")]
+    wanted = [candidate(t) for t in args.train.split(",")]
     for chosen in picks.values():
         if chosen and (chosen["backbone"], chosen["size"]) not in wanted:
             wanted.append((chosen["backbone"], chosen["size"]))
