@@ -7,9 +7,10 @@ options a library offers that edgetl does not use by default.
 Each configuration runs in its own process (the malloc setting is process-wide), alternating
 A, B, C, A, B, C, ... so drift on this shared machine hits all alike; ratios of medians are reported.
   plain:    fp32, eager, contiguous (NCHW) tensors, glibc malloc defaults
-  edgetl:   channels_last + malloc tuning (+ bf16 autocast where the CPU has native bf16), what `edgetl train` does
+  edgetl:   channels_last + malloc tuning (+ bf16 autocast where `--precision auto` picks it: AMX), what `edgetl train` does
   compile:  edgetl + torch.compile of the model (inductor; its compile time is reported apart, not in images/s)
   workers1: edgetl + one DataLoader worker process decoding and augmenting beside the training steps
+  bf16:     edgetl with bf16 autocast wherever the CPU has bf16 instructions (`--precision bf16`): what bf16 brings here
 The step is the real one: efficientnet_lite0, the top blocks (or all) + head trainable, BatchNorm frozen,
 AdamW, batch 32, with augmentation from decoded clothing-small images.
 Writes benchmarks/results/train_throughput[_TAG].{json,md}.
@@ -27,11 +28,13 @@ from pathlib import Path
 
 from common import save, spread
 
+from edgetl.hostinfo import has_amx_bf16, has_bf16
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared/datasets/clothing-small"
 
 
-CONFIGS = ("plain", "edgetl", "compile", "workers1")
+CONFIGS = ("plain", "edgetl", "compile", "workers1", "bf16")
 
 
 def worker(config: str, seconds: float, unfreeze: str, input_size: int | None) -> None:
@@ -46,7 +49,7 @@ def worker(config: str, seconds: float, unfreeze: str, input_size: int | None) -
     from edgetl.hostinfo import has_bf16
     from edgetl.malloc_tuning import tune_malloc
     from edgetl.model import build_classifier, param_groups, set_train_mode, unfreeze_top
-    from edgetl.train import AugmentedImages, train_transform
+    from edgetl.train import AugmentedImages, train_transform, use_bf16
 
     fast = config != "plain"
     if fast:
@@ -58,7 +61,7 @@ def worker(config: str, seconds: float, unfreeze: str, input_size: int | None) -
     model = build_classifier("efficientnet_lite0", len(ds.classes))
     load_pretrained(model.backbone, "efficientnet_lite0", None, lambda _m: None)
     unfreeze_top(model, None if unfreeze == "all" else int(unfreeze))
-    bf16 = fast and has_bf16()
+    bf16 = has_bf16() if config == "bf16" else fast and use_bf16("auto", torch.device("cpu"))
     if fast:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4)
@@ -111,7 +114,7 @@ def main() -> None:
         return
     results: dict[str, list[float]] = {c: [] for c in args.configs}
     warmups: dict[str, list[float]] = {c: [] for c in args.configs}
-    bf16 = False
+    bf16: dict[str, bool] = {}
     for _ in range(args.rounds):
         for config in results:
             env = {**os.environ, "EDGETL_NO_MALLOC_TUNING": "1" if config == "plain" else ""}
@@ -122,7 +125,7 @@ def main() -> None:
             rec = json.loads(out.stdout.strip().splitlines()[-1])
             results[config].append(rec["images_per_second"])
             warmups[config].append(rec["warmup_seconds"])
-            bf16 = bf16 or rec["bf16"]
+            bf16[config] = rec["bf16"]
             print(rec, flush=True)
     stats = {k: spread(v) for k, v in results.items()}
     base = "plain" if "plain" in stats else args.configs[0]
@@ -138,7 +141,8 @@ def main() -> None:
         + "".join(f"| {k} | {v['median']:.1f} | {v['min']:.1f} | {v['max']:.1f} | {ratios[k]:.2f}x | "
                   f"{statistics.median(warmups[k]):.1f} |\n" for k, v in stats.items())
         + f"\n{args.rounds} interleaved rounds of {args.seconds:g} s per config, each in its own process. "
-        f"bf16 autocast {'used' if bf16 else 'not used: this CPU has no native bf16'}.\n"
+        f"bf16 autocast in: {', '.join(k for k, v in bf16.items() if v) or 'none'} (the CPU has bf16 instructions: {has_bf16()}; "
+        f"AMX: {has_amx_bf16()}).\n"
     )  # fmt: skip
     save(f"train_throughput{'_' + args.tag if args.tag else ''}", payload, md)
 

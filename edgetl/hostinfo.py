@@ -46,6 +46,11 @@ def has_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+def has_amx_bf16() -> bool:
+    """bf16 matrix tiles (Sapphire Rapids and later): where bf16 training on a CPU is faster than fp32."""
+    return "amx_bf16" in cpu_flags()
+
+
 def library_versions() -> dict[str, str]:
     out = {"python": sys.version.split()[0]}
     for name in _LIBRARIES:

@@ -242,3 +242,24 @@ def test_uncached_stage1_leaves_batchnorm_statistics_untouched(image_folder: Pat
     after = {k: v for k, v in built["m"].backbone.state_dict().items() if "running" in k}
     assert after and all(torch.equal(after[k], built["stats"][k]) for k in after)
     assert any(isinstance(m, nn.BatchNorm2d) for m in built["m"].backbone.modules())
+
+
+@pytest.mark.parametrize(("flags", "auto", "asked"), [
+    (set(), False, None),  # no bf16 instructions: fp32, and --precision bf16 is refused
+    ({"avx512_bf16"}, False, True),  # AVX-512 bf16 alone trains 2x slower in bf16: fp32 unless asked
+    ({"avx512_bf16", "amx_bf16"}, True, True),  # AMX tiles: bf16 is the fast path
+])  # fmt: skip
+def test_precision_auto_trains_in_bf16_on_a_cpu_only_where_it_is_faster(flags: set[str], auto: bool, asked: bool | None,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    import edgetl.hostinfo
+    from edgetl.train import autocast_dtype, use_bf16
+
+    monkeypatch.setattr(edgetl.hostinfo, "cpu_flags", lambda: frozenset(flags))
+    cpu = torch.device("cpu")
+    assert use_bf16("auto", cpu) is auto and use_bf16("fp32", cpu) is False
+    assert autocast_dtype("auto", cpu) == (torch.bfloat16 if auto else None)
+    if asked is None:
+        with pytest.raises(EdgetlError, match="no native bf16"):
+            use_bf16("bf16", cpu)
+    else:
+        assert use_bf16("bf16", cpu) is asked
