@@ -9,7 +9,9 @@ and 5 (seeded). The test images are split in two halves, stratified and seeded: 
 unlabelled corrupted images of one half and are scored on the other half. Reported per corruption and
 severity: the source model, each method, and the share of the accuracy lost to the corruption that the
 method wins back ((method - source) / (clean - source)). Clean images are adapted on too (a method
-must not hurt there).
+must not hurt there). Each method runs as `edgetl adapt` does, behind the shift gate (edgetl.shift.shift_gate,
+the in-domain band from the run's validation split): where the gate keeps the model as trained, the
+method's ungated result is also measured and reported beside it (`--set gate=0`: no gate at all).
 
 --int8: for clean images and some corruptions at severity 3, the default method's adapted run is written with
 `edgetl adapt` (target folder on disk), exported to ONNX and quantized as `edgetl quantize` does it
@@ -35,7 +37,7 @@ from common import save, share_won_back
 from PIL import Image
 
 from edgetl import checkpoint
-from edgetl.adapt import DEFAULT_METHOD, METHODS, AdaptOptions, adapt_model, finetune_labelled, measure_source
+from edgetl.adapt import DEFAULT_METHOD, METHODS, AdaptOptions, adapt_model, finetune_labelled, gated_adapt, measure_source
 from edgetl.corruptions import CORRUPTIONS, VALIDATION, corrupt
 from edgetl.data import ImageRef, LabelledSet, relabel, stratified_sample, stratified_split
 from edgetl.decoded import DecodedImages, decode_split
@@ -151,17 +153,26 @@ def main() -> None:
     clean = np.stack([square(r.load(), spec.resize_size, spec.interpolation) for r in test.refs])
     adapt_idx, score_idx = adapt_score_halves(test.labels, args.seed)
     y_adapt, y_score = test.labels[adapt_idx], test.labels[score_idx]
+    val_images, _ = decode_split(loaded.val, spec, name="val")  # the shift gate's in-domain band, as `edgetl adapt` measures it
+    val_features = run_model(model, val_images, spec, device).features
+    val_images.close()
     print(f"{len(adapt_idx)} images to adapt on, {len(score_idx)} to score; source stats in {time.time() - started:.0f}s")
 
-    def evaluate_methods(pixels: np.ndarray, methods: list[str]) -> dict[str, float]:
+    def evaluate_methods(pixels: np.ndarray, methods: list[str]) -> dict[str, Any]:
         target = as_images(pixels[adapt_idx], y_adapt, spec)
         scored = as_images(pixels[score_idx], y_score, spec)
-        out = {"source": top1(model, scored, spec, device)}
+        out: dict[str, Any] = {"source": top1(model, scored, spec, device)}
+        target_features = run_model(model, target, spec, device).features
         for method in methods:
             t0 = time.perf_counter()
-            adapted, rec = adapt_model(model, source, target, spec, device, AdaptOptions(method=method, seed=args.seed, **overrides))
+            opts = AdaptOptions(method=method, seed=args.seed, **overrides)
+            adapted, rec = gated_adapt(model, source, target, target_features, val_features, spec, device, opts)
             out[method] = top1(adapted, scored, spec, device)
             out[f"{method}_seconds"] = time.perf_counter() - t0
+            out[f"{method}_gate_ratio"] = rec["gate"]["ratio"]
+            if not rec["adapted"]:  # what the method would have done without the gate
+                ungated, _ = adapt_model(model, source, target, spec, device, opts)
+                out[f"{method}_ungated"] = top1(ungated, scored, spec, device)
             if rec.get("training", {}).get("stopped"):
                 out[f"{method}_stopped"] = rec["training"]["stopped"]
         target.close()
@@ -269,27 +280,41 @@ def int8_check(args: Any, folder: RunFolder, clean: np.ndarray, adapt_idx: np.nd
     return out
 
 
+def method_cell(r: dict[str, Any], method: str) -> str:
+    """A method's top-1 on one condition; where the shift gate kept the model as trained, also its ungated top-1."""
+    if method not in r:
+        return ""
+    ungated = r.get(f"{method}_ungated")
+    return f"{100 * r[method]:.1f}" + ("" if ungated is None else f" (gate shut; ungated {100 * ungated:.1f})")
+
+
+def gate_cell(r: dict[str, Any], methods: list[str]) -> str:
+    ratios = {r[f"{m}_gate_ratio"] for m in methods if r.get(f"{m}_gate_ratio") is not None}
+    return "/".join(f"{x:.2f}x" for x in sorted(ratios))
+
+
 def markdown(p: dict[str, Any], args: Any) -> str:
     res = p["results"]
     methods = [m for m in args.methods]
     lines = [f"# Adaptation on corrupted clothing-small test images{' (validation corruptions)' if p['validation_corruptions'] else ''}",
              "", f"Adapt on {p['adapt_images']} unlabelled corrupted images (half the test split), score top-1 on the other "
              f"{p['scored_images']}. Recovered = share of the accuracy lost to the corruption that the method wins back. "
-             f"Options: {p['options'] or 'defaults'}.", "",
-             md_row(["corruption", "sev", "source", *methods, *(f"{m} recovered" for m in methods)]),
-             md_row(["---"] * (3 + 2 * len(methods)))]  # fmt: skip
+             f"Options: {p['options'] or 'defaults'}; shift gate at {AdaptOptions(**p['options']).gate:g}x the in-domain band "
+             "(0: none; the ratio column is the target's feature shift over it).", "",
+             md_row(["corruption", "sev", "source", "shift gate ratio", *methods, *(f"{m} recovered" for m in methods)]),
+             md_row(["---"] * (4 + 2 * len(methods)))]  # fmt: skip
     clean = res["clean"]["source"]
     rec: dict[tuple[str, int], list[float]] = {}
     for key, r in res.items():
         name, sev = (key, 0) if key == "clean" else (key.split("/")[0], int(key.split("/")[1]))
-        cells = [f"{100 * r[m]:.1f}" if m in r else "" for m in methods]
+        cells = [method_cell(r, m) for m in methods]
         recs = []
         for m in methods:
             share = share_won_back(clean, r["source"], r[m]) if m in r and key != "clean" else None
             if share is not None:
                 rec.setdefault((m, sev), []).append(share)
             recs.append("" if share is None else f"{100 * share:.0f}%")
-        lines.append(md_row([name, str(sev or "-"), f"{100 * r['source']:.1f}", *cells, *recs]))
+        lines.append(md_row([name, str(sev or "-"), f"{100 * r['source']:.1f}", gate_cell(r, methods), *cells, *recs]))
     if methods:
         lines += ["", "Mean share of the lost accuracy won back (corruptions that lost more than 1 point):", "",
                   md_row(["method", *(f"severity {s}" for s in args.severities)]), md_row(["---"] * (1 + len(args.severities)))]

@@ -38,10 +38,15 @@ def main() -> None:
         options = ", ".join(f"{k}={v}" for k, v in sorted(payload.get("options", {}).items()))
         clean = res["clean"]["source"]
         for key, r in res.items():
-            for method in (k for k in r if k != "source" and not k.endswith(("_seconds", "_stopped"))):
-                m = f"{method} ({options})" if options else method
-                if key == "clean" or key.endswith(f"/{args.severity}"):
-                    scores.setdefault((m, seed), {}).setdefault(key, (clean, r["source"], r[method]))
+            if not (key == "clean" or key.endswith(f"/{args.severity}")):
+                continue
+            for method in (k for k in r if k != "source" and not k.endswith(("_seconds", "_stopped", "_gate_ratio", "_ungated"))):
+                entries = {method: r[method]}
+                if f"{method}_gate_ratio" in r:  # run behind the shift gate: also what the method does without it
+                    entries[f"{method}, no gate"] = r.get(f"{method}_ungated", r[method])
+                for name, top1 in entries.items():
+                    m = f"{name} ({options})" if options else name
+                    scores.setdefault((m, seed), {}).setdefault(key, (clean, r["source"], top1))
                     files.setdefault((m, seed), set()).add(path.name)
     per: dict[tuple[str, int], dict[str, object]] = {}
     for (m, seed), by_key in scores.items():

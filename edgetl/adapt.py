@@ -16,6 +16,10 @@ ones keep the statistics they were trained with (see AdaptOptions.bn_depth). Ten
 and go back one pass when the predicted classes collapse (the entropy of the share of images per
 class falls below `COLLAPSE_GUARD` of where it started).
 
+A shift gate comes first (edgetl.shift.shift_gate, `--gate`): target images no further from the
+training images than same-size sets of validation images are not adapted to (the new run holds the
+model as trained, and says so), since adapting on images that show no shift only adds noise.
+
 With labelled target images (`--labelled`), the adapted model's BatchNorm affine parameters and head
 are then fine-tuned on them with cross-entropy (statistics fixed, as deployed).
 
@@ -50,7 +54,7 @@ from edgetl.hostinfo import host_record
 from edgetl.preprocess import PreprocessSpec
 from edgetl.progress import Reporter
 from edgetl.run import RUN_FORMAT, TARGET, RunFolder, check_new_run_folder, locked
-from edgetl.shift import FeatureReference, Outputs, describe, run_model
+from edgetl.shift import GATE_RATIO, FeatureReference, Outputs, describe, run_model, shift_gate
 from edgetl.target import check_shape, list_target_images, require_enough, target_record
 
 METHODS = ("adabn", "tent", "im", "shot", "bn-replace")
@@ -92,6 +96,9 @@ class AdaptOptions:
     bn_depth: float = 0.5
     labelled_steps: int = 100
     source_images: int = 512  # training images the source statistics are measured on
+    # Adapt only when the target's feature shift is at least this many times the in-domain band
+    # (edgetl.shift.shift_gate); 0 adapts always.
+    gate: float = GATE_RATIO
     seed: int = 0
     device: str = "auto"
     allow_shape_change: bool = False
@@ -108,6 +115,8 @@ class AdaptOptions:
             raise EdgetlError("--batch-size must be at least 16: batch statistics of fewer images are too noisy to adapt on")
         if not 0 < self.bn_depth <= 1:
             raise EdgetlError(f"--bn-depth is a share of the BatchNorm layers, in (0, 1], got {self.bn_depth}")
+        if self.gate < 0:
+            raise EdgetlError(f"--gate is a ratio of feature shifts (0: always adapt), got {self.gate}")
         for name in ("lr", "epochs", "labelled_steps", "source_images"):
             if getattr(self, name) <= 0:
                 raise EdgetlError(f"--{name.replace('_', '-')} must be positive")
@@ -294,6 +303,18 @@ def adapt_model(model: nn.Module, source: Source, target: DecodedImages, spec: P
     return model.eval(), record
 
 
+def gated_adapt(model: nn.Module, source: Source, target: DecodedImages, target_features: np.ndarray, in_domain_features: np.ndarray,
+                spec: PreprocessSpec, device: torch.device, opts: AdaptOptions,
+                reporter: Reporter | None = None) -> tuple[nn.Module, dict[str, Any]]:  # fmt: skip
+    """adapt_model behind the shift gate: when the target images are no further from the training images
+    than same-size sets of in-domain (validation) images, a copy of the model as trained, and the record says why."""
+    gate = shift_gate(source.features, target_features, in_domain_features, opts.gate, opts.seed)
+    if gate["open"]:
+        adapted, record = adapt_model(model, source, target, spec, device, opts, reporter)
+        return adapted, {**record, "adapted": True, "gate": gate}
+    return copy.deepcopy(model).to(device).eval(), {"method": opts.method, "target_images": len(target), "adapted": False, "gate": gate}
+
+
 def finetune_labelled(model: nn.Module, images: DecodedImages, spec: PreprocessSpec, device: torch.device,
                       opts: AdaptOptions, reporter: Reporter | None = None) -> dict[str, Any]:  # fmt: skip
     """Cross-entropy on labelled target images, in place: BatchNorm affine parameters and the head learn,
@@ -453,9 +474,16 @@ def _adapt(parent: RunFolder, ckpt: dict[str, Any], sets: _Sets, prior: np.ndarr
     scored = {"val": (sets.val, sets.val.labels), "target": (sets.target, None)}
     if sets.evaluate is not None:
         scored["evaluate"] = (sets.evaluate, sets.evaluate.labels)
-    before = {k: describe(run_model(model, imgs, spec, device), source.features, prior, y) for k, (imgs, y) in scored.items()}
+    before_out = {k: run_model(model, imgs, spec, device) for k, (imgs, _) in scored.items()}
+    before = {k: describe(before_out[k], source.features, prior, scored[k][1]) for k in scored}
     reporter.log(f"adapting with {opts.method} on {len(sets.target)} target images")
-    adapted, record = adapt_model(model, source, sets.target, spec, device, opts, reporter)
+    adapted, record = gated_adapt(model, source, sets.target, before_out["target"].features, before_out["val"].features,
+                                  spec, device, opts, reporter)  # fmt: skip
+    if not record["adapted"]:
+        reporter.log(f"[yellow]not adapted:[/] {record['gate']['reason']} - the target images look like the training domain, where "
+                     "adapting only adds noise; the new run holds the model as trained (--gate 0 adapts anyway)")  # fmt: skip
+    elif record["gate"]["ratio"] is None:
+        reporter.log(f"[yellow]shift gate:[/] {record['gate']['reason']}")
     if sets.labelled is not None:
         record["labelled"] = finetune_labelled(adapted, sets.labelled, spec, device, opts, reporter)
     after_out: dict[str, Outputs] = {k: run_model(adapted, imgs, spec, device) for k, (imgs, _) in scored.items()}
@@ -487,6 +515,7 @@ def _write_run(out: Path, parent: RunFolder, parent_sha: str, ckpt: dict[str, An
     from edgetl.run import CHECKPOINT, MANIFEST, METRICS, SPLITS
 
     lineage = {"parent_run": str(parent.path.resolve()), "parent_checkpoint_sha256": parent_sha, "method": opts.method,
+               "adapted": metrics["adaptation"]["adapted"],
                "target": {"root": str(target_root.resolve()), "images": len(sets.target)},
                "labelled": opts.labelled and {"root": str(Path(opts.labelled).resolve()), "images": len(sets.labelled or [])}}  # fmt: skip
     best = metrics["best"]

@@ -231,12 +231,67 @@ def test_int8_of_an_adapted_run_is_judged_on_target_images_it_was_not_calibrated
 def test_adapting_on_images_of_the_training_domain_is_close_to_a_no_op(tiny_run: Path, shifted_data: dict[str, Path],
                                                                       tmp_path: Path) -> None:  # fmt: skip
     res = runner.invoke(app, ["adapt", str(tiny_run), str(shifted_data["clean"]), "--out", str(tmp_path / "clean"), "--batch-size", "16",
-                              "--method", "adabn"])  # fmt: skip
+                              "--method", "adabn", "--gate", "0"])  # fmt: skip
     assert res.exit_code == 0, res.output
     m = json.loads((tmp_path / "clean" / "metrics.json").read_text())
+    assert m["adaptation"]["adapted"]  # with the gate off, adapting itself is close to a no-op
     assert abs(m["source_val"]["after_top1"] - m["source_val"]["before_top1"]) <= 0.05
     shift = m["shift"]
     assert shift["after"]["prior_distance"] == pytest.approx(shift["before"]["prior_distance"], abs=0.1)
+
+
+def test_shift_gate_compares_the_target_with_same_size_in_domain_subsets() -> None:
+    from edgetl.shift import GATE_RATIO, FeatureReference, shift_gate
+
+    rng = np.random.default_rng(0)
+    dims = 64
+    reference = FeatureReference.of(rng.normal(0, 1, (2000, dims)))
+    in_domain = rng.normal(0, 1, (60, dims))
+    same = rng.normal(0, 1, (40, dims))
+    moved = rng.normal(0.8, 1.3, (40, dims))
+    closed, opened = shift_gate(reference, same, in_domain), shift_gate(reference, moved, in_domain)
+    assert not closed["open"] and closed["ratio"] < GATE_RATIO and closed["subset_images"] == 40
+    assert opened["open"] and opened["ratio"] >= GATE_RATIO
+    # A target larger than the subsets is measured at their size: a large in-domain target stays in the band
+    # although its full-size distance is smaller than every small subset's (the bias the band corrects for).
+    large = shift_gate(reference, rng.normal(0, 1, (1000, dims)), in_domain)
+    assert large["subset_images"] == 48 and not large["open"] and large["target_shift"] > 0.5 * large["band_median"]
+    few = shift_gate(reference, moved, in_domain[:10])
+    assert few["open"] and few["ratio"] is None and "too few" in few["reason"]
+    assert shift_gate(reference, same, in_domain, threshold=0)["open"]
+
+
+def test_shift_gate_keeps_the_model_on_images_of_the_training_domain_and_adapts_to_shifted_ones(
+        shifted_data: dict[str, Path], tmp_path: Path) -> None:  # fmt: skip
+    from edgetl.config import TrainConfig
+    from edgetl.progress import Reporter
+    from edgetl.train import train
+
+    data = tmp_path / "data"
+    make_folder(data / "train", per_class=12)
+    make_folder(data / "validation", per_class=15, seed=1)  # 45 images: enough for the in-domain band
+    cfg = TrainConfig(backbone="tiny", pretrained=False, epochs_head=5, epochs_finetune=1, lr_head=1e-2, patience=0, recipe="finetune")
+    run = train(data, cfg, out=str(tmp_path / "run"), reporter=Reporter(quiet=True)).run_dir
+    parent = torch.load(run / "checkpoint.pt", weights_only=True)["state_dict"]
+
+    def adapt(target: str, *extra: str) -> tuple[dict, dict, str]:
+        out = tmp_path / f"{target}{len(extra)}"
+        res = runner.invoke(app, ["adapt", str(run), str(shifted_data[target]), "--out", str(out), "--batch-size", "16",
+                                  "--method", "adabn", *extra])  # fmt: skip
+        assert res.exit_code == 0, res.output
+        child = torch.load(out / "checkpoint.pt", weights_only=True)["state_dict"]
+        changed = {k for k in parent if not torch.equal(parent[k], child[k])}
+        return json.loads((out / "metrics.json").read_text())["adaptation"], {"changed": changed}, res.output
+
+    record, model, output = adapt("clean")
+    assert not record["adapted"] and record["gate"]["ratio"] < record["gate"]["threshold"] == 3.0
+    assert not model["changed"] and "not adapted" in output and "--gate 0" in output
+    record, model, _ = adapt("target")
+    assert record["adapted"] and record["gate"]["ratio"] >= 3.0 and model["changed"]
+    record, model, _ = adapt("clean", "--gate", "0")
+    assert record["adapted"] and model["changed"]
+    res = runner.invoke(app, ["adapt", str(run), str(shifted_data["clean"]), "--gate", "-1", "--out", str(tmp_path / "neg")])
+    assert res.exit_code == 2 and "--gate" in res.output
 
 
 def test_quantize_calib_source_target_needs_an_adapted_run(tiny_run: Path, tmp_path: Path) -> None:

@@ -473,6 +473,8 @@ def adapt(
     bn_depth: Annotated[float, typer.Option(help="Share of BatchNorm layers, from the input, whose statistics are aligned")] = 0.5,
     labelled_steps: Annotated[int, typer.Option(help="Steps of the labelled fine-tune")] = 100,
     source_images: Annotated[int, typer.Option(help="Training images the source statistics are measured on")] = 512,
+    gate: Annotated[float, typer.Option(help="Adapt only when the target images' feature shift is at least this many times "
+                                             "that of same-size sets of validation images (0: always adapt)")] = 3.0,
     seed: int = 0,
     device: str = "auto",
     allow_shape_change: Annotated[bool, typer.Option(help="Adapt although the target images' colour or size differ from training")] = False,
@@ -485,8 +487,8 @@ def adapt(
 
     opts = AdaptOptions(method=method, out=str(out) if out else None, labelled=str(labelled) if labelled else None,
                         evaluate=str(evaluate) if evaluate else None, batch_size=batch_size, lr=lr, epochs=epochs,
-                        train=train, bn_depth=bn_depth, labelled_steps=labelled_steps, source_images=source_images, seed=seed,
-                        device=device, allow_shape_change=allow_shape_change, allow_data_change=allow_data_change)  # fmt: skip
+                        train=train, bn_depth=bn_depth, labelled_steps=labelled_steps, source_images=source_images, gate=gate,
+                        seed=seed, device=device, allow_shape_change=allow_shape_change, allow_data_change=allow_data_change)  # fmt: skip
     _print_shift(adapt_run(run, target, opts))
 
 
@@ -496,7 +498,8 @@ def _print_shift(m: dict[str, Any]) -> None:
     from edgetl.progress import make_console
 
     shift = m["shift"]
-    table = Table(title=f"{m['adaptation']['method']} on {shift['after']['images']} target images", show_edge=False)
+    done = m["adaptation"]["method"] if m["adaptation"]["adapted"] else "not adapted (shift gate)"
+    table = Table(title=f"{done} on {shift['after']['images']} target images", show_edge=False)
     for col in ("", "before", "after"):
         table.add_column(col, justify="right" if col else "left")
     rows = [(f"feature shift (in-domain {shift['in_domain_feature_shift']:.3f})", "feature_shift", "{:.3f}"),
