@@ -1,7 +1,10 @@
 """This CPU's measured multiply-add peak, fp32 and int8, and each batch-1 latency as a multiple of the
 arithmetic floor it implies (issue 18, part 1: "p50 as a fraction of the floor").
 
-    python benchmarks/cpu_peak.py [--edge-results results/edge_formats_lite0.json] [--threads 2]
+    python benchmarks/cpu_peak.py [--edge-results results/edge_formats_lite0.json] [--threads 2] [--tag TAG]
+
+`--edge-results` takes edge_formats.py result files or an `edgetl bench --out DIR` folder's bench.json
+(a path with "lite2" in it is Lite2, anything else Lite0). bf16 rows are measured against the fp32 floor.
 
 Method: the peak is what the runtimes' best kernels reach on a large square matrix product, not a data
 sheet figure (the clock under load is unknown on a shared VM): fp32 with torch.mm (oneDNN/MKL), int8
@@ -68,22 +71,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--edge-results", nargs="*",
                     default=[str(RESULTS / "edge_formats_lite0.json"), str(RESULTS / "edge_formats_lite2-head.json")])  # fmt: skip
+    ap.add_argument("--tag", default="", help="suffix of the results file name (another machine's peak)")
     args = ap.parse_args()
     peaks = {"fp32": fp32_peak(args.threads), "int8": int8_peak(args.threads)}
     rows, table = [], ""
     for path in args.edge_results:
         if not Path(path).is_file():
             continue
-        bench = json.loads(Path(path).read_text())["bench"]
-        backbone = "efficientnet_lite2" if "lite2" in Path(path).stem else "efficientnet_lite0"
-        for r in sorted(bench["results"], key=lambda r: r["latency"]["p50_ms"]):
+        report = json.loads(Path(path).read_text())
+        bench = report.get("bench", report)  # edge_formats.py wraps the bench report; bench.json is one
+        backbone = "efficientnet_lite2" if "lite2" in str(path) else "efficientnet_lite0"
+        for r in sorted((r for r in bench["results"] if "latency" in r), key=lambda r: r["latency"]["p50_ms"]):
             precision = "int8" if r["precision"] == "int8" else "fp32"
             floor_ms = MACS[backbone] / peaks[precision] * 1e3
             row = {"model": backbone, "variant": r["variant"], "p50_ms": r["latency"]["p50_ms"], "floor_ms": floor_ms,
                    "x_floor": r["latency"]["p50_ms"] / floor_ms}  # fmt: skip
             rows.append(row)
             table += f"| {backbone} | {r['variant']} | {row['p50_ms']:.2f} | {floor_ms:.2f} | {row['x_floor']:.1f}x |\n"
-    save("cpu_peak", {"peaks_macs_per_s": peaks, "n": N, "threads": args.threads, "rows": rows},
+    payload = {"edge_results": args.edge_results, "peaks_macs_per_s": peaks, "n": N, "threads": args.threads, "rows": rows}
+    save("cpu_peak" + (f"_{args.tag}" if args.tag else ""), payload,
          f"# This CPU's multiply-add peak and the arithmetic floor\n\n"
          f"Measured peak ({args.threads} threads, {N}x{N} matrix product, best of 20): fp32 **{peaks['fp32'] / 1e9:.1f} GMAC/s** "
          f"(torch.mm), int8 **{peaks['int8'] / 1e9:.1f} GMAC/s** (ONNX Runtime MatMulInteger u8 x s8; "

@@ -53,6 +53,21 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / var if var else float("nan")
 
 
+def proxy_rank(proxy: dict[tuple[str, int], float], trained: dict[tuple[str, int], dict]) -> tuple[float, float, list[str]]:
+    """Spearman's rho of the proxy against trained test and validation top-1 over the candidates in `proxy`,
+    and their table (markdown lines)."""
+    keys = list(proxy)
+    rho_test = spearman([proxy[k] for k in keys], [trained[k]["test_top1"] for k in keys])
+    rho_val = spearman([proxy[k] for k in keys], [trained[k]["val_top1"] for k in keys])
+    lines = [f"Proxy vs trained, {len(keys)} candidates: Spearman rho **{rho_test:.2f}** (test top-1), {rho_val:.2f} (validation).", "",
+             "| candidate | probe val top-1 (proxy) | trained val top-1 | trained test top-1 | training min |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for k in keys:
+        t = trained[k]
+        lines.append(f"| {k[0]}@{k[1]} | {proxy[k]:.2%} | {t['val_top1']:.2%} | {t['test_top1']:.2%} | {t['train_seconds'] / 60:.1f} |")
+    return rho_test, rho_val, lines
+
+
 def candidate(text: str) -> tuple[str, int]:
     """"efficientnet_lite1@192" -> ("efficientnet_lite1", 192); anything else ends the script in one line."""
     backbone, sep, size = text.partition("@")
@@ -154,11 +169,7 @@ def main() -> None:
     for backbone, size in wanted:
         print(f"training {backbone}@{size}", flush=True)
         trained[(backbone, size)] = train_candidate(args.data, backbone, size, args.epochs_finetune, args.work, reuse)
-    keys = [k for k in wanted if k in probes]
-    proxy = [probes[k]["probe_top1"] for k in keys]
-    test = [trained[k]["test_top1"] for k in keys]
-    val = [trained[k]["val_top1"] for k in keys]
-    rho_test, rho_val = spearman(proxy, test), spearman(proxy, val)
+    rho_test, rho_val, rank_lines = proxy_rank({k: probes[k]["probe_top1"] for k in wanted if k in probes}, trained)
     picked = {}
     for budget, chosen in picks.items():
         if chosen:
@@ -173,14 +184,7 @@ def main() -> None:
     for budget, p in picked.items():
         lines.append(f"| {float(budget):g} ms | {p['label']} | {p['pick']['p50_ms']:.2f} | {p['p50_ms']:.2f} | {p['test_top1']:.2%} | "
                      f"{ref['test_top1']:.2%} |")  # fmt: skip
-    lines += ["", f"Proxy vs trained, {len(keys)} candidates: Spearman rho **{rho_test:.2f}** (test top-1), "
-              f"{rho_val:.2f} (validation).", "",
-              "| candidate | probe val top-1 (proxy) | trained val top-1 | trained test top-1 | training min |",
-              "|---|---|---|---|---|"]  # fmt: skip
-    for k in keys:
-        t = trained[k]
-        lines.append(f"| {k[0]}@{k[1]} | {probes[k]['probe_top1']:.2%} | {t['val_top1']:.2%} | {t['test_top1']:.2%} | "
-                     f"{t['train_seconds'] / 60:.1f} |")  # fmt: skip
+    lines += ["", *rank_lines]
     save("tune_clothing" + (f"_{args.tag}" if args.tag else ""),
          {"tune_dir": str(args.tune_dir), "epochs_finetune": args.epochs_finetune, "tune_seconds": report["tune_seconds"],
           "picks": picked, "trained": {f"{k[0]}@{k[1]}": v for k, v in trained.items()},

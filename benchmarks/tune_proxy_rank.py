@@ -1,0 +1,82 @@
+"""The tune's proxy against fully trained accuracy, adding candidates trained since (issue 18, part 2).
+
+    python benchmarks/train_accuracy.py clothing --set backbone=efficientnet_lite1 --set input_size=240 \\
+        --tag lite1-240 --out RUN
+    python benchmarks/tune_proxy_rank.py --base tune_clothing_default-training \\
+        --add efficientnet_lite1@240=train_accuracy_clothing_lite1-240 --tag default-training-5
+
+`tune_clothing.py --epochs-finetune 0` trains every candidate with edgetl's default training in one go;
+a candidate trained later by `train_accuracy.py` (one training, recorded config and test/validation
+top-1) joins the base result's candidates here, after its recorded config is checked to be the one
+`tune_clothing.py` would have trained it with. The proxy is the base result's: the probe's validation
+top-1 (fp32, ONNX Runtime) recorded for every candidate of the tune, trained or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from common import RESULTS, save
+from tune_clothing import REUSE_FIELDS, candidate, candidate_config, proxy_rank
+
+
+def probe_top1(rows: list[dict]) -> dict[tuple[str, int], float]:
+    """The probe's validation top-1 of every tuned backbone@size: its fp32 ONNX Runtime candidate's top-1."""
+    return {(r["backbone"], r["size"]): r["top1"] for r in rows if r["target"] == "ort-cpu" and r["precision"] == "fp32"}
+
+
+def load(name: str) -> dict:
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"no result file {path}")
+    return json.loads(path.read_text())
+
+
+def trained_later(key: tuple[str, int], result: dict) -> dict:
+    """A train_accuracy.py result as a trained candidate, if it trained as tune_clothing.py would have."""
+    from edgetl.backbones import preprocess_spec
+
+    recorded, wanted = result["config"], vars(candidate_config(*key, 0))
+    # A field a result does not record came later than its run, which trained as that field's default does.
+    differ = [f"{k}: {recorded[k]!r} != {wanted[k]!r}" for k in REUSE_FIELDS if k in recorded and recorded[k] != wanted[k]]
+    size = preprocess_spec(recorded["backbone"], recorded["input_size"]).input_size
+    if size != key[1]:
+        differ.append(f"input size {size} != {key[1]}")
+    if differ:
+        raise SystemExit(f"{result['benchmark']}: not trained as candidate {key[0]}@{key[1]} would be ({'; '.join(differ)})")
+    return {"run": result["run_dir"], "val_top1": result["val_best"]["top1"], "test_top1": result["test"]["top1"],
+            "train_seconds": result["train_wall_seconds"], "from": result["benchmark"]}  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True, help="a tune_clothing.py result (name without .json)")
+    ap.add_argument("--add", nargs="+", required=True, metavar="BACKBONE@SIZE=RESULT", help="train_accuracy.py results to add")
+    ap.add_argument("--tag", required=True)
+    args = ap.parse_args()
+    base = load(args.base)
+    if base["epochs_finetune"] != 0:
+        raise SystemExit(f"{args.base} trained its candidates for {base['epochs_finetune']} epochs, not with the default training")
+    proxy = probe_top1(base["candidates"])
+    trained = {candidate(k): v for k, v in base["trained"].items()}
+    for item in args.add:
+        key_text, sep, name = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--add takes BACKBONE@SIZE=RESULT, got {item!r}")
+        key = candidate(key_text)
+        if key not in proxy:
+            raise SystemExit(f"{key_text} was not a candidate of the tune in {args.base}")
+        trained[key] = trained_later(key, load(name))
+    keys = sorted(k for k in trained if k in proxy)
+    rho_test, rho_val, rank_lines = proxy_rank({k: proxy[k] for k in keys}, trained)
+    lines = ["# edgetl tune's proxy against default training (seed 0)", "",
+             f"Base: `{args.base}.md`; added, trained later by `train_accuracy.py`: {', '.join(f'`{a}`' for a in args.add)}.", "",
+             *rank_lines]  # fmt: skip
+    save(f"tune_clothing_{args.tag}", {"base": args.base, "added": args.add, "spearman_test": rho_test, "spearman_val": rho_val,
+                                       "trained": {f"{k[0]}@{k[1]}": trained[k] for k in keys},
+                                       "proxy": {f"{k[0]}@{k[1]}": proxy[k] for k in keys}}, "\n".join(lines))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
