@@ -480,8 +480,9 @@ def _adapt(parent: RunFolder, ckpt: dict[str, Any], sets: _Sets, prior: np.ndarr
     adapted, record = gated_adapt(model, source, sets.target, before_out["target"].features, before_out["val"].features,
                                   spec, device, opts, reporter)  # fmt: skip
     if not record["adapted"]:
+        kept = "then fine-tuned on the labelled images" if sets.labelled is not None else "holds the model as trained"
         reporter.log(f"[yellow]not adapted:[/] {record['gate']['reason']} - the target images look like the training domain, where "
-                     "adapting only adds noise; the new run holds the model as trained (--gate 0 adapts anyway)")  # fmt: skip
+                     f"adapting only adds noise; the new run {kept} (--gate 0 adapts anyway)")  # fmt: skip
     elif record["gate"]["ratio"] is None:
         reporter.log(f"[yellow]shift gate:[/] {record['gate']['reason']}")
     if sets.labelled is not None:

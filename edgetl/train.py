@@ -144,7 +144,7 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     """bf16 autocast when asked, or on `auto` where it is faster: a CUDA device with bf16, a CPU with AMX.
 
     A CPU with AVX-512 bf16 instructions but no AMX tiles trains *slower* in bf16: Lite0's fine-tune step ran
-    at 14.9 images/s with bf16 autocast against 29.0 in fp32 on such a Xeon (avx512_bf16, no amx;
+    at 14.9 images/s with bf16 autocast against 29.2 in fp32 on such a Xeon (avx512_bf16, no amx;
     benchmarks/results/train_throughput_bf16.md), so `auto` keeps fp32 there and `--precision bf16` is on request."""
     if precision in ("fp32", "fp16"):
         return False
