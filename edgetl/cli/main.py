@@ -512,7 +512,8 @@ def _print_shift(m: dict[str, Any]) -> None:
     table.add_row("top-1 on the run's validation split", f"{sv['before_top1']:.1%}", f"{sv['after_top1']:.1%}")
     console = make_console()
     console.print(table)
-    console.print(f"adapted run: {m['run_dir']} (shift report: {m['run_dir']}/shift.png)")
+    kind = "adapted run" if m["adaptation"]["adapted"] else "new run (the model as trained)"
+    console.print(f"{kind}: {m['run_dir']} (shift report: {m['run_dir']}/shift.png)")
 
 
 @app.command()
