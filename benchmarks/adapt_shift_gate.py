@@ -13,6 +13,10 @@ target (the distance is biased upwards at small sizes, so the band is measured a
 Beside each ratio: what shot did on the scored half in the given `adapt_corruptions.py` result files.
 A gate's threshold is to be chosen on the clean images and the validation corruptions, and checked on the
 test corruptions: it must gate out clean images and keep every corruption shot helps on.
+
+The ratio is now edgetl.shift.shift_gate's, the gate `edgetl adapt` runs (built from this analysis). The stored
+results/adapt_shift_gate.md was made before it existed, with the same measure but its own draw of the
+validation subsets (seeded 1000 + seed): a rerun gives the same clean/corruption ranges, not the same digits.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from common import adapt_result_path, save
 
 from edgetl.corruptions import CORRUPTIONS, VALIDATION
 from edgetl.decoded import decode_split
-from edgetl.shift import FeatureReference, run_model
+from edgetl.shift import FeatureReference, run_model, shift_gate
 
 
 def tagged(pairs: list[str]) -> dict[int, dict[str, Any]]:
@@ -68,26 +72,25 @@ def main() -> None:
         reference = FeatureReference.of(run_model(model, src_images, spec, device).features)
         src_images.close()
         adapt_idx, _ = adapt_score_halves(test.labels, seed)
-        sub = np.random.default_rng(1000 + seed)
-        band = [reference.distance(val_features[sub.choice(len(val_features), len(adapt_idx), replace=False)])
-                for _ in range(args.subsets)]  # fmt: skip
         for name, sev, results in conditions:
             pixels = clean[adapt_idx] if name == "clean" else corrupted(clean, name, sev, seed, adapt_idx)
             images = as_images(pixels, test.labels[adapt_idx], spec)
-            shift = reference.distance(run_model(model, images, spec, device).features)
+            gate = shift_gate(reference, run_model(model, images, spec, device).features, val_features, seed=seed, subsets=args.subsets)
             images.close()
             key = "clean" if name == "clean" else f"{name}/{sev}"
             r = results.get(seed, {}).get(key, {})
             clean_r = results.get(seed, {}).get("clean", {})
-            row = {"seed": seed, "condition": key, "validation_corruption": name in VALIDATION, "feature_shift": shift,
-                   "band_mean": float(np.mean(band)), "band_max": float(np.max(band)), "ratio": shift / float(np.max(band))}  # fmt: skip
+            row = {"seed": seed, "condition": key, "validation_corruption": name in VALIDATION, "feature_shift": gate["target_shift"],
+                   "band_median": gate["band_median"], "band_max": gate["band_max"], "ratio": gate["ratio"],
+                   "open": gate["open"]}  # fmt: skip
             if args.method in r:
                 row["method_points"] = 100 * (r[args.method] - r["source"])
                 if name != "clean" and clean_r:
                     lost = clean_r["source"] - r["source"]
                     row["lost_points"] = 100 * lost
             rows.append(row)
-            print(seed, key, f"shift {shift:.4f} band max {max(band):.4f} ratio {row['ratio']:.2f}", row.get("method_points"), flush=True)
+            print(seed, key, f"shift {gate['target_shift']:.4f} band max {gate['band_max']:.4f} ratio {gate['ratio']:.2f}",
+                  row.get("method_points"), flush=True)  # fmt: skip
     lines = ["# A shift gate for `edgetl adapt`: feature shift of the target images over the in-domain band", "",
              f"Ratio = the adapt half's feature shift / the largest of {args.subsets} same-size validation subsets' "
              f"(edgetl.shift). {args.method}: top-1 change on the scored half (points), from the result files; lost: "

@@ -46,7 +46,6 @@ def worker(config: str, seconds: float, unfreeze: str, input_size: int | None) -
     from edgetl.backbones import load_pretrained, preprocess_spec
     from edgetl.data import load_dataset
     from edgetl.decoded import decode_split
-    from edgetl.hostinfo import has_bf16
     from edgetl.malloc_tuning import tune_malloc
     from edgetl.model import build_classifier, param_groups, set_train_mode, unfreeze_top
     from edgetl.train import AugmentedImages, train_transform, use_bf16

@@ -87,6 +87,16 @@ def candidate_config(backbone: str, size: int, epochs: int):
 REUSE_FIELDS = ("backbone", "recipe", "seed", "epochs_head", "epochs_finetune", "lr_finetune", "mixup", "cutmix", "teacher")
 
 
+def training_differences(recorded: dict, input_size: int, backbone: str, size: int, epochs: int) -> list[str]:
+    """How a recorded training (its config and the input size it ran at) differs from `candidate_config`'s."""
+    wanted = vars(candidate_config(backbone, size, epochs))
+    # A field a run does not record came later than the run, which trained as that field's default does.
+    differ = [f"{k}: {recorded[k]!r} != {wanted[k]!r}" for k in REUSE_FIELDS if k in recorded and recorded[k] != wanted[k]]
+    if input_size != size:
+        differ.append(f"input size {input_size} != {size}")
+    return differ
+
+
 def reused_run(run: Path, backbone: str, size: int, epochs: int) -> Path:
     """`run`, after checking that it was trained as `candidate_config` would train the candidate."""
     from edgetl import checkpoint
@@ -97,12 +107,8 @@ def reused_run(run: Path, backbone: str, size: int, epochs: int) -> Path:
         folder = RunFolder.open(run)
     except EdgetlError as exc:
         raise SystemExit(f"--reuse: {exc}") from None
-    recorded, wanted = folder.manifest["config"], vars(candidate_config(backbone, size, epochs))
-    # A field a run does not record came later than the run, which trained as that field's default does.
-    differ = [f"{k}: {recorded[k]!r} != {wanted[k]!r}" for k in REUSE_FIELDS if k in recorded and recorded[k] != wanted[k]]
     got_size = checkpoint.spec_of(folder.checkpoint()).input_size
-    if got_size != size:
-        differ.append(f"input size {got_size} != {size}")
+    differ = training_differences(folder.manifest["config"], got_size, backbone, size, epochs)
     if differ:
         raise SystemExit(f"--reuse {run}: not trained as this candidate would be ({'; '.join(differ)})")
     return run

@@ -18,7 +18,7 @@ import argparse
 import json
 
 from common import RESULTS, save
-from tune_clothing import REUSE_FIELDS, candidate, candidate_config, proxy_rank
+from tune_clothing import candidate, proxy_rank, training_differences
 
 
 def probe_top1(rows: list[dict]) -> dict[tuple[str, int], float]:
@@ -33,20 +33,19 @@ def load(name: str) -> dict:
     return json.loads(path.read_text())
 
 
-def trained_later(key: tuple[str, int], result: dict) -> dict:
+def trained_later(key: tuple[str, int], result: dict, name: str) -> dict:
     """A train_accuracy.py result as a trained candidate, if it trained as tune_clothing.py would have."""
     from edgetl.backbones import preprocess_spec
 
-    recorded, wanted = result["config"], vars(candidate_config(*key, 0))
-    # A field a result does not record came later than its run, which trained as that field's default does.
-    differ = [f"{k}: {recorded[k]!r} != {wanted[k]!r}" for k in REUSE_FIELDS if k in recorded and recorded[k] != wanted[k]]
+    if not {"config", "val_best", "test", "train_wall_seconds"} <= result.keys():
+        raise SystemExit(f"{name} is not a train_accuracy.py result (no recorded config, validation and test top-1)")
+    recorded = result["config"]
     size = preprocess_spec(recorded["backbone"], recorded["input_size"]).input_size
-    if size != key[1]:
-        differ.append(f"input size {size} != {key[1]}")
+    differ = training_differences(recorded, size, *key, 0)
     if differ:
-        raise SystemExit(f"{result['benchmark']}: not trained as candidate {key[0]}@{key[1]} would be ({'; '.join(differ)})")
+        raise SystemExit(f"{name}: not trained as candidate {key[0]}@{key[1]} would be ({'; '.join(differ)})")
     return {"run": result["run_dir"], "val_top1": result["val_best"]["top1"], "test_top1": result["test"]["top1"],
-            "train_seconds": result["train_wall_seconds"], "from": result["benchmark"]}  # fmt: skip
+            "train_seconds": result["train_wall_seconds"], "from": name}  # fmt: skip
 
 
 def main() -> None:
@@ -67,7 +66,7 @@ def main() -> None:
         key = candidate(key_text)
         if key not in proxy:
             raise SystemExit(f"{key_text} was not a candidate of the tune in {args.base}")
-        trained[key] = trained_later(key, load(name))
+        trained[key] = trained_later(key, load(name), name)
     keys = sorted(k for k in trained if k in proxy)
     rho_test, rho_val, rank_lines = proxy_rank({k: proxy[k] for k in keys}, trained)
     lines = ["# edgetl tune's proxy against default training (seed 0)", "",

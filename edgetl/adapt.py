@@ -487,7 +487,9 @@ def _adapt(parent: RunFolder, ckpt: dict[str, Any], sets: _Sets, prior: np.ndarr
         reporter.log(f"[yellow]shift gate:[/] {record['gate']['reason']}")
     if sets.labelled is not None:
         record["labelled"] = finetune_labelled(adapted, sets.labelled, spec, device, opts, reporter)
-    after_out: dict[str, Outputs] = {k: run_model(adapted, imgs, spec, device) for k, (imgs, _) in scored.items()}
+    after_out: dict[str, Outputs] = before_out  # the gate kept the model as trained: its outputs are known
+    if record["adapted"] or sets.labelled is not None:
+        after_out = {k: run_model(adapted, imgs, spec, device) for k, (imgs, _) in scored.items()}
     after = {k: describe(after_out[k], source.features, prior, scored[k][1]) for k in scored}
     from edgetl.metrics import classification_metrics, cross_entropy
 
