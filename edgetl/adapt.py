@@ -115,7 +115,7 @@ class AdaptOptions:
             raise EdgetlError("--batch-size must be at least 16: batch statistics of fewer images are too noisy to adapt on")
         if not 0 < self.bn_depth <= 1:
             raise EdgetlError(f"--bn-depth is a share of the BatchNorm layers, in (0, 1], got {self.bn_depth}")
-        if self.gate < 0:
+        if not self.gate >= 0:  # also refuses nan, which would shut the gate on everything
             raise EdgetlError(f"--gate is a ratio of feature shifts (0: always adapt), got {self.gate}")
         for name in ("lr", "epochs", "labelled_steps", "source_images"):
             if getattr(self, name) <= 0:

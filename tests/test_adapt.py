@@ -293,8 +293,9 @@ def test_shift_gate_keeps_the_model_on_images_of_the_training_domain_and_adapts_
     assert record["adapted"] and record["gate"]["ratio"] >= 3.0 and model["changed"]
     record, model, _ = adapt("clean", "--gate", "0")
     assert record["adapted"] and model["changed"]
-    res = runner.invoke(app, ["adapt", str(run), str(shifted_data["clean"]), "--gate", "-1", "--out", str(tmp_path / "neg")])
-    assert res.exit_code == 2 and "--gate" in res.output
+    for bad in ("-1", "nan"):  # nan would shut the gate on everything
+        res = runner.invoke(app, ["adapt", str(run), str(shifted_data["clean"]), "--gate", bad, "--out", str(tmp_path / "neg")])
+        assert res.exit_code == 2 and "--gate" in res.output
 
 
 def test_quantize_calib_source_target_needs_an_adapted_run(tiny_run: Path, tmp_path: Path) -> None:
