@@ -29,6 +29,26 @@ def test_help_does_not_import_the_heavy_stack() -> None:
 
 
 
+@pytest.mark.parametrize("command,options", [("train", "edgetl.config:TrainConfig"), ("adapt", "edgetl.adapt:AdaptOptions")])
+def test_command_defaults_are_the_library_defaults(command: str, options: str) -> None:
+    """The CLI spells its defaults out (importing the modules behind them would make `edgetl --help` load
+    torch); a default changed on one side only would make the command and the library behave differently
+    (the shift gate's 3.0, the fine-tune's epochs...)."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    from edgetl.cli import main
+
+    module, name = options.split(":")
+    library = {f.name: f.default for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
+    parameters = inspect.signature(getattr(main, command)).parameters.items()
+    spelled = {name: p.default for name, p in parameters if p.default is not inspect.Parameter.empty}
+    shared = sorted(set(library) & set(spelled))
+    assert len(shared) >= 10, shared  # the comparison would be empty if either side were renamed
+    assert {name: spelled[name] for name in shared} == {name: library[name] for name in shared}
+
+
 def test_every_command_help_renders() -> None:
     """Help texts are rich markup: a literal `[/X]` in one crashed `edgetl train --help` with a traceback."""
     import typer.main
