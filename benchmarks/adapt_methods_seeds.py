@@ -19,6 +19,9 @@ import statistics
 
 from common import adapt_result_path, recorded_args, save, share_won_back
 
+# Keys of an adapt_corruptions result that are not a method's top-1 (_gate_ratio: the shift gate's first form).
+NOT_METHODS = ("_seconds", "_stopped", "_gate_ratio", "_gate_excess", "_ungated")
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -40,9 +43,9 @@ def main() -> None:
         for key, r in res.items():
             if not (key == "clean" or key.endswith(f"/{args.severity}")):
                 continue
-            for method in (k for k in r if k != "source" and not k.endswith(("_seconds", "_stopped", "_gate_ratio", "_ungated"))):
+            for method in (k for k in r if k != "source" and not k.endswith(NOT_METHODS)):
                 entries = {method: r[method]}
-                if f"{method}_gate_ratio" in r:  # run behind the shift gate: also what the method does without it
+                if f"{method}_gate_excess" in r or f"{method}_gate_ratio" in r:  # behind the shift gate (_ratio: its first form)
                     entries[f"{method}, no gate"] = r.get(f"{method}_ungated", r[method])
                 for name, top1 in entries.items():
                     m = f"{name} ({options})" if options else name

@@ -7,16 +7,24 @@ shot lost 1.1 points on clean images at seed 2 (adapt_methods_seeds.md): adaptin
 shift only adds noise. A gate would adapt only when the target images are measurably shifted. This
 measures, for the images `adapt_corruptions.py` adapts on (the same split, corruption noise and severity,
 per seed), the feature shift of edgetl's shift report (edgetl.shift: Fréchet distance of diagonal
-Gaussians of the pooled features, against the run's training images) divided by an in-domain band: the
-largest feature shift of `--subsets` random subsets of the validation split of the same size as the
-target (the distance is biased upwards at small sizes, so the band is measured at the target's size).
-Beside each ratio: what shot did on the scored half in the given `adapt_corruptions.py` result files.
-A gate's threshold is to be chosen on the clean images and the validation corruptions, and checked on the
-test corruptions: it must gate out clean images and keep every corruption shot helps on.
+Gaussians of the pooled features, against the run's training images) against in-domain images: random
+subsets of the validation split of the same size as the target (the distance is biased upwards at small
+sizes, so both sides are measured at one size). Beside each score: what shot did on the scored half in the
+given `adapt_corruptions.py` result files. A gate's threshold is to be chosen on the clean images and the
+validation corruptions, and checked on the test corruptions: it must gate out clean images and keep every
+corruption shot helps on.
 
-The ratio is now edgetl.shift.shift_gate's, the gate `edgetl adapt` runs (built from this analysis). The stored
-results/adapt_shift_gate.md was made before it existed, with the same measure but its own draw of the
-validation subsets (seeded 1000 + seed): a rerun gives the same clean/corruption ranges, not the same digits.
+The stored results/adapt_shift_gate.md is this analysis's first form, the ratio to the largest subset's shift,
+which the first gate used. It is not size-free: on fewer target images it shrinks towards 1 for every
+condition (results/adapt_shift_gate_sizes.md, made with that ratio), so the gate now scores the excess over the
+subsets' median instead, in units of the in-domain shift at GATE_IMAGES (edgetl.shift.shift_gate), and this
+script reports that (results/adapt_shift_gate_excess.md).
+
+`--target-sizes 32 64 128` also gates random subsets of each condition's adapt half at those sizes (`--draws`
+per size and seed; the full half is the 186 the threshold was chosen at): how often the gate still opens on a
+corruption, and stays shut on clean images, when a user has fewer target images.
+
+    python benchmarks/adapt_shift_gate.py --run RUN --seeds 0 1 2 --target-sizes 32 64 128 --tag excess
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from common import adapt_result_path, save
 
 from edgetl.corruptions import CORRUPTIONS, VALIDATION
 from edgetl.decoded import decode_split
-from edgetl.shift import FeatureReference, run_model, shift_gate
+from edgetl.shift import GATE_IMAGES, GATE_THRESHOLD, FeatureReference, run_model, shift_gate
 
 
 def tagged(pairs: list[str]) -> dict[int, dict[str, Any]]:
@@ -56,6 +64,9 @@ def main() -> None:
     ap.add_argument("--results", nargs="*", default=[], metavar="SEED=TAG", help="test-corruption result files of shot, by seed")
     ap.add_argument("--validation-results", nargs="*", default=[], metavar="SEED=TAG")
     ap.add_argument("--method", default="shot")
+    ap.add_argument("--target-sizes", nargs="*", type=int, default=[], help="also gate random subsets of the adapt half of these sizes")
+    ap.add_argument("--draws", type=int, default=10, help="random subsets per target size, condition and seed")
+    ap.add_argument("--tag", default="", help="suffix of the result file name")
     args = ap.parse_args()
     test_results, val_results = tagged(args.results), tagged(args.validation_results)
     device = torch.device("cpu")
@@ -66,7 +77,7 @@ def main() -> None:
     clean = np.stack([square(r.load(), spec.resize_size, spec.interpolation) for r in test.refs])
     conditions = [("clean", None, test_results), *((n, args.severity, test_results) for n in CORRUPTIONS),
                   *((n, s, val_results) for n in VALIDATION for s in args.validation_severities)]  # fmt: skip
-    rows = []
+    rows, sized = [], []
     for seed in args.seeds:
         src_images, _ = decode_split(source_sample(train, seed), spec, name="source")
         reference = FeatureReference.of(run_model(model, src_images, spec, device).features)
@@ -75,13 +86,20 @@ def main() -> None:
         for name, sev, results in conditions:
             pixels = clean[adapt_idx] if name == "clean" else corrupted(clean, name, sev, seed, adapt_idx)
             images = as_images(pixels, test.labels[adapt_idx], spec)
-            gate = shift_gate(reference, run_model(model, images, spec, device).features, val_features, seed=seed, subsets=args.subsets)
+            features = run_model(model, images, spec, device).features
+            gate = shift_gate(reference, features, val_features, seed=seed, subsets=args.subsets)
             images.close()
             key = "clean" if name == "clean" else f"{name}/{sev}"
+            draw_rng = np.random.default_rng(2000 + seed)
+            for size in args.target_sizes:
+                for draw in range(args.draws):
+                    subset = features[draw_rng.choice(len(features), size, replace=False)]
+                    small = shift_gate(reference, subset, val_features, seed=seed * args.draws + draw, subsets=args.subsets)
+                    sized.append({"seed": seed, "condition": key, "images": size, "excess": small["excess"], "open": small["open"]})
             r = results.get(seed, {}).get(key, {})
             clean_r = results.get(seed, {}).get("clean", {})
             row = {"seed": seed, "condition": key, "validation_corruption": name in VALIDATION, "feature_shift": gate["target_shift"],
-                   "band_median": gate["band_median"], "band_max": gate["band_max"], "ratio": gate["ratio"],
+                   "band_median": gate["band_median"], "band_max": gate["band_max"], "excess": gate["excess"],
                    "open": gate["open"]}  # fmt: skip
             if args.method in r:
                 row["method_points"] = 100 * (r[args.method] - r["source"])
@@ -89,13 +107,14 @@ def main() -> None:
                     lost = clean_r["source"] - r["source"]
                     row["lost_points"] = 100 * lost
             rows.append(row)
-            print(seed, key, f"shift {gate['target_shift']:.4f} band max {gate['band_max']:.4f} ratio {gate['ratio']:.2f}",
+            print(seed, key, f"shift {gate['target_shift']:.4f} band median {gate['band_median']:.4f} excess {gate['excess']:.2f}",
                   row.get("method_points"), flush=True)  # fmt: skip
-    lines = ["# A shift gate for `edgetl adapt`: feature shift of the target images over the in-domain band", "",
-             f"Ratio = the adapt half's feature shift / the largest of {args.subsets} same-size validation subsets' "
-             f"(edgetl.shift). {args.method}: top-1 change on the scored half (points), from the result files; lost: "
+    lines = ["# The shift gate of `edgetl adapt`: the target images' excess feature shift over validation images", "",
+             f"Excess = (the adapt half's feature shift - the median of {args.subsets} same-size validation subsets') / the "
+             f"in-domain shift at {GATE_IMAGES} images (edgetl.shift.shift_gate; opens at {GATE_THRESHOLD:g}). "
+             f"{args.method}: top-1 change on the scored half (points), from the result files; lost: "
              "points the corruption cost the source model.", "",
-             "| condition | " + " | ".join(f"seed {s}: ratio / {args.method} / lost" for s in args.seeds) + " |",
+             "| condition | " + " | ".join(f"seed {s}: excess / {args.method} / lost" for s in args.seeds) + " |",
              "|---|" + "---|" * len(args.seeds)]  # fmt: skip
     for key in dict.fromkeys(r["condition"] for r in rows):
         cells = []
@@ -103,10 +122,31 @@ def main() -> None:
             r = next((x for x in rows if x["seed"] == s and x["condition"] == key), None)
             pts = f"{r['method_points']:+.1f}" if r and "method_points" in r else "-"
             lost = f"{r['lost_points']:.1f}" if r and "lost_points" in r else "-"
-            cells.append(f"{r['ratio']:.2f} / {pts} / {lost}" if r else "-")
+            cells.append(f"{r['excess']:.2f} / {pts} / {lost}" if r else "-")
         tag = " (validation)" if any(x["validation_corruption"] for x in rows if x["condition"] == key) else ""
         lines.append(f"| {key}{tag} | " + " | ".join(cells) + " |")
-    save("adapt_shift_gate", {"run": str(folder.path), "args": vars(args), "rows": rows}, "\n".join(lines))
+    if sized:
+        lines += size_table(rows, sized, args)
+    name = f"adapt_shift_gate_{args.tag}" if args.tag else "adapt_shift_gate"
+    save(name, {"run": str(folder.path), "args": vars(args), "rows": rows, "sized": sized}, "\n".join(lines))
+
+
+def size_table(rows: list[dict[str, Any]], sized: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """Per condition and target size: the median excess over seeds and draws, and how often the gate opened."""
+    sizes = [*args.target_sizes, "all"]
+    lines = ["", f"## The gate on fewer target images: median excess (min-max) and share of gates open, {args.draws} random "
+             f"subsets of the adapt half per size and seed, seeds {' '.join(map(str, args.seeds))}; all: the whole half", "",
+             "| condition | " + " | ".join(f"{s} images" if s != "all" else "all (186)" for s in sizes) + " |",
+             "|---|" + "---|" * len(sizes)]  # fmt: skip
+    for key in dict.fromkeys(r["condition"] for r in rows):
+        cells = []
+        for size in sizes:
+            got = [x for x in (rows if size == "all" else sized) if x["condition"] == key and (size == "all" or x["images"] == size)]
+            scores = [x["excess"] for x in got]
+            opened = sum(x["open"] for x in got)
+            cells.append(f"{np.median(scores):.2f} ({min(scores):.2f}-{max(scores):.2f}), open {opened}/{len(got)}")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return lines
 
 
 if __name__ == "__main__":

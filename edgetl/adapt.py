@@ -54,7 +54,7 @@ from edgetl.hostinfo import host_record
 from edgetl.preprocess import PreprocessSpec
 from edgetl.progress import Reporter
 from edgetl.run import RUN_FORMAT, TARGET, RunFolder, check_new_run_folder, locked
-from edgetl.shift import GATE_RATIO, FeatureReference, Outputs, describe, run_model, shift_gate
+from edgetl.shift import GATE_THRESHOLD, FeatureReference, Outputs, describe, run_model, shift_gate
 from edgetl.target import check_shape, list_target_images, require_enough, target_record
 
 METHODS = ("adabn", "tent", "im", "shot", "bn-replace")
@@ -96,9 +96,9 @@ class AdaptOptions:
     bn_depth: float = 0.5
     labelled_steps: int = 100
     source_images: int = 512  # training images the source statistics are measured on
-    # Adapt only when the target's feature shift is at least this many times the in-domain band
-    # (edgetl.shift.shift_gate); 0 adapts always.
-    gate: float = GATE_RATIO
+    # Adapt only when the target's feature shift exceeds same-size validation images' by at least this many
+    # times the in-domain shift (edgetl.shift.shift_gate); 0 adapts always.
+    gate: float = GATE_THRESHOLD
     seed: int = 0
     device: str = "auto"
     allow_shape_change: bool = False
@@ -483,7 +483,7 @@ def _adapt(parent: RunFolder, ckpt: dict[str, Any], sets: _Sets, prior: np.ndarr
         kept = "then fine-tuned on the labelled images" if sets.labelled is not None else "holds the model as trained"
         reporter.log(f"[yellow]not adapted:[/] {record['gate']['reason']} - the target images look like the training domain, where "
                      f"adapting only adds noise; the new run {kept} (--gate 0 adapts anyway)")  # fmt: skip
-    elif record["gate"]["ratio"] is None:
+    elif record["gate"]["excess"] is None:
         reporter.log(f"[yellow]shift gate:[/] {record['gate']['reason']}")
     if sets.labelled is not None:
         record["labelled"] = finetune_labelled(adapted, sets.labelled, spec, device, opts, reporter)

@@ -241,7 +241,7 @@ def test_adapting_on_images_of_the_training_domain_is_close_to_a_no_op(tiny_run:
 
 
 def test_shift_gate_compares_the_target_with_same_size_in_domain_subsets() -> None:
-    from edgetl.shift import GATE_IMAGES, GATE_RATIO, FeatureReference, shift_gate
+    from edgetl.shift import GATE_IMAGES, GATE_THRESHOLD, FeatureReference, shift_gate
 
     rng = np.random.default_rng(0)
     dims = 64
@@ -250,24 +250,44 @@ def test_shift_gate_compares_the_target_with_same_size_in_domain_subsets() -> No
     same = rng.normal(0, 1, (40, dims))
     moved = rng.normal(0.8, 1.3, (40, dims))
     closed, opened = shift_gate(reference, same, in_domain), shift_gate(reference, moved, in_domain)
-    assert not closed["open"] and closed["ratio"] < GATE_RATIO and closed["subset_images"] == 40
-    assert opened["open"] and opened["ratio"] >= GATE_RATIO
-    # A target larger than the subsets is measured at their size: a large in-domain target stays in the band
-    # although its full-size distance is smaller than every small subset's (the bias the band corrects for).
+    assert not closed["open"] and closed["excess"] < GATE_THRESHOLD and closed["subset_images"] == 40 and closed["unit_images"] == 48
+    assert opened["open"] and opened["excess"] >= GATE_THRESHOLD
+    # A target larger than the subsets is measured at their size: a large in-domain target stays shut
+    # although its full-size distance is smaller than every small subset's (the bias the subsets correct for).
     large = shift_gate(reference, rng.normal(0, 1, (1000, dims)), in_domain)
     assert large["subset_images"] == 48 and not large["open"] and large["target_shift"] > 0.5 * large["band_median"]
-    # The threshold holds at the size it was chosen at: larger targets and validation splits are measured at GATE_IMAGES.
+    # The unit is measured at the size the threshold was chosen at: larger targets and validation splits at GATE_IMAGES.
     big = shift_gate(reference, rng.normal(0, 1, (1000, dims)), rng.normal(0, 1, (400, dims)))
-    assert big["subset_images"] == GATE_IMAGES and not big["open"]
+    assert big["subset_images"] == big["unit_images"] == GATE_IMAGES and not big["open"]
     few = shift_gate(reference, moved, in_domain[:10])
-    assert few["open"] and few["ratio"] is None and "too few" in few["reason"]
+    assert few["open"] and few["excess"] is None and "too few" in few["reason"]
     assert shift_gate(reference, same, in_domain, threshold=0)["open"]
+
+
+def test_shift_gate_opens_on_a_shift_at_32_target_images_as_at_186() -> None:
+    """The score must not shrink with the target's size: the first gate's ratio (target shift over the largest
+    same-size validation subset's) fell towards 1 on small targets, and at 32 images it shut on Gaussian noise
+    that cost 13-18 points. A moderate shift opens the gate, and in-domain images keep it shut, at both sizes."""
+    from edgetl.shift import FeatureReference, shift_gate
+
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        reference = FeatureReference.of(rng.normal(0, 1, (2000, 64)))
+        in_domain = rng.normal(0, 1, (300, 64))
+        for n in (32, 186):
+            moved = shift_gate(reference, rng.normal(0.25, 1.1, (n, 64)), in_domain, seed=seed)
+            same = shift_gate(reference, rng.normal(0, 1, (n, 64)), in_domain, seed=seed)
+            assert moved["open"] and not same["open"], (seed, n, moved["excess"], same["excess"])
+            assert moved["subset_images"] == n and moved["unit_images"] == 186
+            if n == 32:  # what the first gate scored: far below its 3.0
+                assert moved["target_shift"] / moved["band_max"] < 3.0
 
 
 def test_shift_gate_keeps_the_model_on_images_of_the_training_domain_and_adapts_to_shifted_ones(
         shifted_data: dict[str, Path], tmp_path: Path) -> None:  # fmt: skip
     from edgetl.config import TrainConfig
     from edgetl.progress import Reporter
+    from edgetl.shift import GATE_THRESHOLD
     from edgetl.train import train
 
     data = tmp_path / "data"
@@ -287,10 +307,10 @@ def test_shift_gate_keeps_the_model_on_images_of_the_training_domain_and_adapts_
         return json.loads((out / "metrics.json").read_text())["adaptation"], {"changed": changed}, res.output
 
     record, model, output = adapt("clean")
-    assert not record["adapted"] and record["gate"]["ratio"] < record["gate"]["threshold"] == 3.0
+    assert not record["adapted"] and record["gate"]["excess"] < record["gate"]["threshold"] == GATE_THRESHOLD
     assert not model["changed"] and "not adapted" in output and "--gate 0" in output
     record, model, _ = adapt("target")
-    assert record["adapted"] and record["gate"]["ratio"] >= 3.0 and model["changed"]
+    assert record["adapted"] and record["gate"]["excess"] >= GATE_THRESHOLD and model["changed"]
     record, model, _ = adapt("clean", "--gate", "0")
     assert record["adapted"] and model["changed"]
     for bad in ("-1", "nan"):  # nan would shut the gate on everything

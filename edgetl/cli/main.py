@@ -473,8 +473,9 @@ def adapt(
     bn_depth: Annotated[float, typer.Option(help="Share of BatchNorm layers, from the input, whose statistics are aligned")] = 0.5,
     labelled_steps: Annotated[int, typer.Option(help="Steps of the labelled fine-tune")] = 100,
     source_images: Annotated[int, typer.Option(help="Training images the source statistics are measured on")] = 512,
-    gate: Annotated[float, typer.Option(help="Adapt only when the target images' feature shift is at least this many times "
-                                             "that of same-size sets of validation images (0: always adapt)")] = 3.0,
+    gate: Annotated[float, typer.Option(help="Adapt only when the target images' feature shift exceeds that of same-size sets "
+                                             "of validation images by at least this many times the in-domain shift "
+                                             "(0: always adapt)")] = 2.8,
     seed: int = 0,
     device: str = "auto",
     allow_shape_change: Annotated[bool, typer.Option(help="Adapt although the target images' colour or size differ from training")] = False,
