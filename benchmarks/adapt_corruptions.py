@@ -10,7 +10,7 @@ unlabelled corrupted images of one half and are scored on the other half. Report
 severity: the source model, each method, and the share of the accuracy lost to the corruption that the
 method wins back ((method - source) / (clean - source)). Clean images are adapted on too (a method
 must not hurt there). Each method runs as `edgetl adapt` does, behind the shift gate (edgetl.shift.shift_gate,
-the in-domain band from the run's validation split): where the gate keeps the model as trained, the
+same-size subsets of the run's validation split): where the gate keeps the model as trained, the
 method's ungated result is also measured and reported beside it (`--set gate=0`: no gate at all).
 
 --int8: for clean images and some corruptions at severity 3, the default method's adapted run is written with
@@ -156,7 +156,7 @@ def main() -> None:
     if args.adapt_images:  # a user with fewer target images: adapt on a random part of the half, score on the same half
         adapt_idx = np.sort(np.random.default_rng(args.seed).choice(adapt_idx, args.adapt_images, replace=False))
     y_adapt, y_score = test.labels[adapt_idx], test.labels[score_idx]
-    val_images, _ = decode_split(loaded.val, spec, name="val")  # the shift gate's in-domain band, as `edgetl adapt` measures it
+    val_images, _ = decode_split(loaded.val, spec, name="val")  # the shift gate's in-domain images, as `edgetl adapt` measures it
     val_features = run_model(model, val_images, spec, device).features
     val_images.close()
     print(f"{len(adapt_idx)} images to adapt on, {len(score_idx)} to score; source stats in {time.time() - started:.0f}s")

@@ -107,7 +107,7 @@ GATE_SUBSETS = 20
 # The in-domain shift that is the score's unit is measured at this many images (fewer when the validation
 # split is small: its subsets must differ, so at most 4/5 of it): the size the threshold was chosen at.
 GATE_IMAGES = 186
-# Fewer validation images than this (or target images) and the band is too noisy to gate on: adapt as asked.
+# Fewer validation images than this (or target images) and the in-domain shift is too noisy to gate on: adapt as asked.
 MIN_GATE_IMAGES = 16
 
 

@@ -292,7 +292,7 @@ def test_shift_gate_keeps_the_model_on_images_of_the_training_domain_and_adapts_
 
     data = tmp_path / "data"
     make_folder(data / "train", per_class=12)
-    make_folder(data / "validation", per_class=15, seed=1)  # 45 images: enough for the in-domain band
+    make_folder(data / "validation", per_class=15, seed=1)  # 45 images: enough for the shift gate
     cfg = TrainConfig(backbone="tiny", pretrained=False, epochs_head=5, epochs_finetune=1, lr_head=1e-2, patience=0, recipe="finetune")
     run = train(data, cfg, out=str(tmp_path / "run"), reporter=Reporter(quiet=True)).run_dir
     parent = torch.load(run / "checkpoint.pt", weights_only=True)["state_dict"]
