@@ -153,6 +153,8 @@ def main() -> None:
     source = measure_source(model, src_images, spec, device, prior)
     clean = np.stack([square(r.load(), spec.resize_size, spec.interpolation) for r in test.refs])
     adapt_idx, score_idx = adapt_score_halves(test.labels, args.seed)
+    if args.adapt_images is not None and not 0 < args.adapt_images <= len(adapt_idx):
+        raise SystemExit(f"--adapt-images must be from 1 to {len(adapt_idx)} (the adapt half), got {args.adapt_images}")
     if args.adapt_images:  # a user with fewer target images: adapt on a random part of the half, score on the same half
         adapt_idx = np.sort(np.random.default_rng(args.seed).choice(adapt_idx, args.adapt_images, replace=False))
     y_adapt, y_score = test.labels[adapt_idx], test.labels[score_idx]
