@@ -45,6 +45,7 @@ from edgetl.preprocess import resize_shorter
 from edgetl.progress import Reporter
 from edgetl.run import RunFolder
 from edgetl.shift import run_model
+from edgetl.target import MIN_TARGET_IMAGES
 
 
 @dataclass
@@ -146,17 +147,18 @@ def main() -> None:
     loaded = load_run(args.run)
     folder, model, spec, labels, train, test = loaded.folder, loaded.model, loaded.spec, loaded.labels, loaded.train, loaded.test
     started = time.time()
+    adapt_idx, score_idx = adapt_score_halves(test.labels, args.seed)
+    if args.adapt_images is not None and not MIN_TARGET_IMAGES <= args.adapt_images <= len(adapt_idx):
+        raise SystemExit(f"--adapt-images must be from {MIN_TARGET_IMAGES} (the fewest `edgetl adapt` takes) to {len(adapt_idx)} "
+                         f"(the adapt half), got {args.adapt_images}")  # fmt: skip
+    if args.adapt_images:  # a user with fewer target images: adapt on a random part of the half, score on the same half
+        adapt_idx = np.sort(np.random.default_rng(args.seed).choice(adapt_idx, args.adapt_images, replace=False))
 
     # Source statistics from the recorded training images, as `edgetl adapt` measures them.
     src_images, _ = decode_split(source_sample(train, args.seed), spec, name="source")
     prior = np.bincount(train.labels, minlength=len(labels)) / len(train)
     source = measure_source(model, src_images, spec, device, prior)
     clean = np.stack([square(r.load(), spec.resize_size, spec.interpolation) for r in test.refs])
-    adapt_idx, score_idx = adapt_score_halves(test.labels, args.seed)
-    if args.adapt_images is not None and not 0 < args.adapt_images <= len(adapt_idx):
-        raise SystemExit(f"--adapt-images must be from 1 to {len(adapt_idx)} (the adapt half), got {args.adapt_images}")
-    if args.adapt_images:  # a user with fewer target images: adapt on a random part of the half, score on the same half
-        adapt_idx = np.sort(np.random.default_rng(args.seed).choice(adapt_idx, args.adapt_images, replace=False))
     y_adapt, y_score = test.labels[adapt_idx], test.labels[score_idx]
     val_images, _ = decode_split(loaded.val, spec, name="val")  # the shift gate's in-domain images, as `edgetl adapt` measures it
     val_features = run_model(model, val_images, spec, device).features

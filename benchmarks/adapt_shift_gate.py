@@ -41,6 +41,7 @@ from common import adapt_result_path, save
 from edgetl.corruptions import CORRUPTIONS, VALIDATION
 from edgetl.decoded import decode_split
 from edgetl.shift import GATE_IMAGES, GATE_THRESHOLD, FeatureReference, run_model, shift_gate
+from edgetl.target import MIN_TARGET_IMAGES
 
 
 def tagged(pairs: list[str]) -> dict[int, dict[str, Any]]:
@@ -72,6 +73,10 @@ def main() -> None:
     device = torch.device("cpu")
     loaded = load_run(args.run)
     folder, model, spec, train, val, test = loaded.folder, loaded.model, loaded.spec, loaded.train, loaded.val, loaded.test
+    half = len(adapt_score_halves(test.labels, 0)[0])  # the adapt half's size, the same at every seed
+    if any(not MIN_TARGET_IMAGES <= n <= half for n in args.target_sizes):
+        raise SystemExit(f"--target-sizes must be from {MIN_TARGET_IMAGES} (the fewest `edgetl adapt` takes) to {half} "
+                         f"(the adapt half), got {args.target_sizes}")  # fmt: skip
     val_images, _ = decode_split(val, spec, name="val")
     val_features = run_model(model, val_images, spec, device).features
     clean = np.stack([square(r.load(), spec.resize_size, spec.interpolation) for r in test.refs])
@@ -126,17 +131,17 @@ def main() -> None:
         tag = " (validation)" if any(x["validation_corruption"] for x in rows if x["condition"] == key) else ""
         lines.append(f"| {key}{tag} | " + " | ".join(cells) + " |")
     if sized:
-        lines += size_table(rows, sized, args)
+        lines += size_table(rows, sized, args, half)
     name = f"adapt_shift_gate_{args.tag}" if args.tag else "adapt_shift_gate"
     save(name, {"run": str(folder.path), "args": vars(args), "rows": rows, "sized": sized}, "\n".join(lines))
 
 
-def size_table(rows: list[dict[str, Any]], sized: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+def size_table(rows: list[dict[str, Any]], sized: list[dict[str, Any]], args: argparse.Namespace, half: int) -> list[str]:
     """Per condition and target size: the median excess over seeds and draws, and how often the gate opened."""
     sizes = [*args.target_sizes, "all"]
     lines = ["", f"## The gate on fewer target images: median excess (min-max) and share of gates open, {args.draws} random "
              f"subsets of the adapt half per size and seed, seeds {' '.join(map(str, args.seeds))}; all: the whole half", "",
-             "| condition | " + " | ".join(f"{s} images" if s != "all" else "all (186)" for s in sizes) + " |",
+             "| condition | " + " | ".join(f"{s} images" if s != "all" else f"all ({half})" for s in sizes) + " |",
              "|---|" + "---|" * len(sizes)]  # fmt: skip
     for key in dict.fromkeys(r["condition"] for r in rows):
         cells = []

@@ -116,7 +116,7 @@ class AdaptOptions:
         if not 0 < self.bn_depth <= 1:
             raise EdgetlError(f"--bn-depth is a share of the BatchNorm layers, in (0, 1], got {self.bn_depth}")
         if not self.gate >= 0:  # also refuses nan, which would shut the gate on everything
-            raise EdgetlError(f"--gate is a ratio of feature shifts (0: always adapt), got {self.gate}")
+            raise EdgetlError(f"--gate is the excess feature shift that opens the shift gate, >= 0 (0: always adapt); got {self.gate}")
         for name in ("lr", "epochs", "labelled_steps", "source_images"):
             if getattr(self, name) <= 0:
                 raise EdgetlError(f"--{name.replace('_', '-')} must be positive")

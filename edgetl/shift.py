@@ -136,10 +136,11 @@ def shift_gate(reference: FeatureReference, target: np.ndarray, in_domain: np.nd
         shift = reference.distance(target)
     else:
         shift = float(np.median([reference.distance(target[rng.choice(len(target), size, replace=False)]) for _ in range(subsets)]))
-    excess = (shift - float(np.median(band))) / max(unit, 1e-12)
+    band_median = float(np.median(band))
+    excess = (shift - band_median) / max(unit, 1e-12)
     opened = threshold <= 0 or excess >= threshold  # 0: adapt always, even on a target closer than the median
     verdict = "at least" if opened else "below"
-    return {**record, "open": opened, "excess": excess, "target_shift": shift, "band_median": float(np.median(band)),
+    return {**record, "open": opened, "excess": excess, "target_shift": shift, "band_median": band_median,
             "band_max": float(band.max()), "unit": unit,
             "reason": f"the target images' excess feature shift over same-size sets of validation images is {excess:.2f} "
                       f"in-domain shifts, {verdict} the gate's {threshold:g}"}  # fmt: skip
