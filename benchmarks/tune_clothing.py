@@ -120,7 +120,7 @@ def train_candidate(data: Path, backbone: str, size: int, epochs: int, work: Pat
     return train_and_score(data, candidate_config(backbone, size, epochs), work / f"{backbone}-{size}")
 
 
-def bench_pick(run: Path, data: Path, chosen: dict) -> dict:
+def bench_pick(run: Path, data: Path, chosen: dict, work: Path) -> dict:
     from edgetl.bench.runner import BenchOptions, bench
     from edgetl.export import ExportOptions, export_run
     from edgetl.quantize import QuantizeOptions, quantize_run
@@ -136,8 +136,9 @@ def bench_pick(run: Path, data: Path, chosen: dict) -> dict:
         current.discard(INT8_CHILDREN[fmt])  # an int8 model of the replaced export is not the new one's
     if chosen["precision"] == "int8" and INT8_CHILDREN[fmt] not in current:
         quantize_run(run, QuantizeOptions(format=fmt), quiet)
+    # The table goes under --work, not into the run: a reused run is someone else's folder.
     rep = bench([run], BenchOptions(data=str(data / "test"), targets=(chosen["target"],), batches=(1,), min_time=8.0,
-                                    out=str(run / "bench-test")), quiet)  # fmt: skip
+                                    out=str(work / "bench-test" / run.name)), quiet)  # fmt: skip
     row = next(r for r in rep["results"] if r["precision"] == chosen["precision"] and "latency" in r)
     return {"variant": row["variant"], "test_top1": row["accuracy"]["top1"], "p50_ms": row["latency"]["p50_ms"], "mb": row["bytes"] / 1e6}
 
@@ -180,7 +181,7 @@ def main() -> None:
     for budget, chosen in picks.items():
         if chosen:
             run = Path(trained[(chosen["backbone"], chosen["size"])]["run"])
-            picked[str(budget)] = {"pick": chosen, "label": label(chosen), **bench_pick(run, args.data, chosen)}
+            picked[str(budget)] = {"pick": chosen, "label": label(chosen), **bench_pick(run, args.data, chosen, args.work)}
     ref = trained[("efficientnet_lite0", 224)]
     lines = [f"# edgetl tune on clothing-small: picks and the proxy's ranking ({training}, seed 0)", "",
              f"Tune wall time (probes, exports, int8, bench; no final training): **{report['tune_seconds'] / 60:.1f} min** "
