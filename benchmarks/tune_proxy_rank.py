@@ -10,6 +10,10 @@ a candidate trained later by `train_accuracy.py` (one training, recorded config 
 top-1) joins the base result's candidates here, after its recorded config is checked to be the one
 `tune_clothing.py` would have trained it with. The proxy is the base result's: the probe's validation
 top-1 (fp32, ONNX Runtime) recorded for every candidate of the tune, trained or not.
+
+One training of a 372-image test split moves by about a point between seeds, as much as the candidates
+differ, so a candidate can be given several seeds (`--add efficientnet_lite0@192=RESULT_S1,RESULT_S2`): its
+trained accuracy is then the mean over them and the tune's own seed-0 training, each seed counted once.
 """
 
 from __future__ import annotations
@@ -41,17 +45,31 @@ def trained_later(key: tuple[str, int], result: dict, name: str) -> dict:
         raise SystemExit(f"{name} is not a train_accuracy.py result (no recorded config, validation and test top-1)")
     recorded = result["config"]
     size = preprocess_spec(recorded["backbone"], recorded["input_size"]).input_size
-    differ = training_differences(recorded, size, *key, 0)
+    # The seed may differ (the runs are averaged over seeds); everything else must be the candidate's training.
+    differ = training_differences({**recorded, "seed": 0}, size, *key, 0)
     if differ:
         raise SystemExit(f"{name}: not trained as candidate {key[0]}@{key[1]} would be ({'; '.join(differ)})")
     return {"run": result["run_dir"], "val_top1": result["val_best"]["top1"], "test_top1": result["test"]["top1"],
-            "train_seconds": result["train_wall_seconds"], "from": name}  # fmt: skip
+            "train_seconds": result["train_wall_seconds"], "from": name, "seed": recorded.get("seed", 0)}  # fmt: skip
+
+
+def seed_mean(key_text: str, runs: list[dict]) -> dict:
+    """One candidate's trainings at different seeds as one: the mean of their accuracies and training times."""
+    seeds = [r["seed"] for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"{key_text}: seed(s) given twice ({seeds}, the tune's own training is seed 0): a mean over "
+                         "seeds counts each once")  # fmt: skip
+    if len(runs) == 1:
+        return runs[0]
+    mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("val_top1", "test_top1", "train_seconds")}
+    return {**mean, "seeds": seeds, "runs": runs}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True, help="a tune_clothing.py result (name without .json)")
-    ap.add_argument("--add", nargs="+", required=True, metavar="BACKBONE@SIZE=RESULT", help="train_accuracy.py results to add")
+    ap.add_argument("--add", nargs="+", required=True, metavar="BACKBONE@SIZE=RESULT[,RESULT]",
+                    help="train_accuracy.py results to add (several: seeds to average)")
     ap.add_argument("--tag", required=True)
     args = ap.parse_args()
     base = load(args.base)
@@ -66,10 +84,12 @@ def main() -> None:
         key = candidate(key_text)
         if key not in proxy:
             raise SystemExit(f"{key_text} was not a candidate of the tune in {args.base}")
-        trained[key] = trained_later(key, load(name), name)
+        base_run = [{**trained[key], "seed": 0}] if key in trained else []  # the tune trains its candidates at seed 0
+        added = [trained_later(key, load(n), n) for n in name.split(",")]
+        trained[key] = seed_mean(key_text, base_run + added)
     keys = sorted(k for k in trained if k in proxy)
     rho_test, rho_val, rank_lines = proxy_rank({k: proxy[k] for k in keys}, trained)
-    lines = ["# edgetl tune's proxy against default training (seed 0)", "",
+    lines = ["# edgetl tune's proxy against default training (seed 0, or the mean over the seeds named)", "",
              f"Base: `{args.base}.md`; added, trained later by `train_accuracy.py`: {', '.join(f'`{a}`' for a in args.add)}.", "",
              *rank_lines]  # fmt: skip
     save(f"tune_clothing_{args.tag}", {"base": args.base, "added": args.add, "spearman_test": rho_test, "spearman_val": rho_val,
