@@ -151,7 +151,7 @@ def main() -> None:
     if args.adapt_images is not None and not MIN_TARGET_IMAGES <= args.adapt_images <= len(adapt_idx):
         raise SystemExit(f"--adapt-images must be from {MIN_TARGET_IMAGES} (the fewest `edgetl adapt` takes) to {len(adapt_idx)} "
                          f"(the adapt half), got {args.adapt_images}")  # fmt: skip
-    if args.adapt_images:  # a user with fewer target images: adapt on a random part of the half, score on the same half
+    if args.adapt_images is not None:  # a user with fewer target images: adapt on a random part of the half, score on the same half
         adapt_idx = np.sort(np.random.default_rng(args.seed).choice(adapt_idx, args.adapt_images, replace=False))
 
     # Source statistics from the recorded training images, as `edgetl adapt` measures them.

@@ -77,6 +77,8 @@ def main() -> None:
     if any(not MIN_TARGET_IMAGES <= n <= half for n in args.target_sizes):
         raise SystemExit(f"--target-sizes must be from {MIN_TARGET_IMAGES} (the fewest `edgetl adapt` takes) to {half} "
                          f"(the adapt half), got {args.target_sizes}")  # fmt: skip
+    if args.draws < 1:
+        raise SystemExit(f"--draws is the number of random subsets per target size, at least 1; got {args.draws}")
     val_images, _ = decode_split(val, spec, name="val")
     val_features = run_model(model, val_images, spec, device).features
     clean = np.stack([square(r.load(), spec.resize_size, spec.interpolation) for r in test.refs])

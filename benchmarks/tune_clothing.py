@@ -64,7 +64,8 @@ def proxy_rank(proxy: dict[tuple[str, int], float], trained: dict[tuple[str, int
              "|---|---|---|---|---|"]  # fmt: skip
     for k in keys:
         t = trained[k]
-        seeds = f" (mean of seeds {', '.join(map(str, t['seeds']))})" if "seeds" in t else ""
+        seeds = t.get("seeds", [])
+        seeds = f" (mean of seeds {', '.join(map(str, seeds))})" if len(seeds) > 1 else f" (seed {seeds[0]})" if seeds else ""
         minutes = t["train_seconds"] / 60
         lines.append(f"| {k[0]}@{k[1]}{seeds} | {proxy[k]:.2%} | {t['val_top1']:.2%} | {t['test_top1']:.2%} | {minutes:.1f} |")
     return rho_test, rho_val, lines

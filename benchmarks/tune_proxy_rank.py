@@ -59,8 +59,8 @@ def seed_mean(key_text: str, runs: list[dict]) -> dict:
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"{key_text}: seed(s) given twice ({seeds}, the tune's own training is seed 0): a mean over "
                          "seeds counts each once")  # fmt: skip
-    if len(runs) == 1:
-        return runs[0]
+    if len(runs) == 1:  # one training: named by its seed unless it is the tune's seed 0
+        return runs[0] if seeds == [0] else {**runs[0], "seeds": seeds}
     mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("val_top1", "test_top1", "train_seconds")}
     return {**mean, "seeds": seeds, "runs": runs}
 

@@ -127,16 +127,14 @@ def shift_gate(reference: FeatureReference, target: np.ndarray, in_domain: np.nd
         reason = f"{len(in_domain)} validation images are too few to measure the in-domain shift: adapted without the gate"
         return {**record, "open": True, "excess": None, "reason": reason}
 
-    def in_domain_shifts(n: int) -> np.ndarray:
-        return np.array([reference.distance(in_domain[rng.choice(len(in_domain), n, replace=False)]) for _ in range(subsets)])
+    def subset_shifts(features: np.ndarray, n: int) -> np.ndarray:
+        """The feature shifts of `subsets` random subsets of n of `features`."""
+        return np.array([reference.distance(features[rng.choice(len(features), n, replace=False)]) for _ in range(subsets)])
 
-    band = in_domain_shifts(size)
-    unit = float(np.median(band if size == unit_size else in_domain_shifts(unit_size)))
-    if size == len(target):
-        shift = reference.distance(target)
-    else:
-        shift = float(np.median([reference.distance(target[rng.choice(len(target), size, replace=False)]) for _ in range(subsets)]))
+    band = subset_shifts(in_domain, size)
     band_median = float(np.median(band))
+    unit = band_median if size == unit_size else float(np.median(subset_shifts(in_domain, unit_size)))
+    shift = reference.distance(target) if size == len(target) else float(np.median(subset_shifts(target, size)))
     excess = (shift - band_median) / max(unit, 1e-12)
     opened = threshold <= 0 or excess >= threshold  # 0: adapt always, even on a target closer than the median
     verdict = "at least" if opened else "below"
