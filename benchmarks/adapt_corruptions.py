@@ -80,6 +80,13 @@ def adapt_score_halves(labels: np.ndarray, seed: int) -> tuple[np.ndarray, np.nd
     return stratified_split(labels, 0.5, np.random.default_rng(seed))
 
 
+def check_target_sizes(flag: str, sizes: list[int], half: int) -> None:
+    """A target size the benchmark can draw and `edgetl adapt` would take, or the script ends in one line."""
+    if any(not MIN_TARGET_IMAGES <= n <= half for n in sizes):
+        raise SystemExit(f"{flag} must be from {MIN_TARGET_IMAGES} (the fewest `edgetl adapt` takes) to {half} "
+                         f"(the adapt half), got {' '.join(map(str, sizes))}")  # fmt: skip
+
+
 def corrupted(clean: np.ndarray, name: str, severity: int, seed: int, indices: Any = None) -> np.ndarray:
     """Corrupted copies of the images `clean` (or of those at `indices`): image i's noise depends only on
     (seed, i), so a subset gets the same pixels as the whole set."""
@@ -148,10 +155,8 @@ def main() -> None:
     folder, model, spec, labels, train, test = loaded.folder, loaded.model, loaded.spec, loaded.labels, loaded.train, loaded.test
     started = time.time()
     adapt_idx, score_idx = adapt_score_halves(test.labels, args.seed)
-    if args.adapt_images is not None and not MIN_TARGET_IMAGES <= args.adapt_images <= len(adapt_idx):
-        raise SystemExit(f"--adapt-images must be from {MIN_TARGET_IMAGES} (the fewest `edgetl adapt` takes) to {len(adapt_idx)} "
-                         f"(the adapt half), got {args.adapt_images}")  # fmt: skip
     if args.adapt_images is not None:  # a user with fewer target images: adapt on a random part of the half, score on the same half
+        check_target_sizes("--adapt-images", [args.adapt_images], len(adapt_idx))
         adapt_idx = np.sort(np.random.default_rng(args.seed).choice(adapt_idx, args.adapt_images, replace=False))
 
     # Source statistics from the recorded training images, as `edgetl adapt` measures them.

@@ -35,13 +35,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from adapt_corruptions import adapt_score_halves, as_images, corrupted, load_run, source_sample, square
+from adapt_corruptions import adapt_score_halves, as_images, check_target_sizes, corrupted, load_run, source_sample, square
 from common import adapt_result_path, save
 
 from edgetl.corruptions import CORRUPTIONS, VALIDATION
 from edgetl.decoded import decode_split
 from edgetl.shift import GATE_IMAGES, GATE_THRESHOLD, FeatureReference, run_model, shift_gate
-from edgetl.target import MIN_TARGET_IMAGES
 
 
 def tagged(pairs: list[str]) -> dict[int, dict[str, Any]]:
@@ -74,9 +73,7 @@ def main() -> None:
     loaded = load_run(args.run)
     folder, model, spec, train, val, test = loaded.folder, loaded.model, loaded.spec, loaded.train, loaded.val, loaded.test
     half = len(adapt_score_halves(test.labels, 0)[0])  # the adapt half's size, the same at every seed
-    if any(not MIN_TARGET_IMAGES <= n <= half for n in args.target_sizes):
-        raise SystemExit(f"--target-sizes must be from {MIN_TARGET_IMAGES} (the fewest `edgetl adapt` takes) to {half} "
-                         f"(the adapt half), got {args.target_sizes}")  # fmt: skip
+    check_target_sizes("--target-sizes", args.target_sizes, half)
     if args.draws < 1:
         raise SystemExit(f"--draws is the number of random subsets per target size, at least 1; got {args.draws}")
     val_images, _ = decode_split(val, spec, name="val")
