@@ -49,9 +49,12 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a TrainConfig field of the preset, e.g. --set ema_decay=0.999 --set augment=trivial")
     ap.add_argument("--tag", default="", help="suffix of the results file name (for variants of a preset)")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="the preset's dataset from another folder (the same splits copied elsewhere, e.g. onto a GPU machine)")
     ap.add_argument("--reuse", default=None, help="score an existing run made with this preset's config instead of training")
     args = ap.parse_args()
     data, cfg, target = PRESETS[args.preset]
+    data = args.data or data
     if not data.exists():
         hint = " (Debian: apt install dataset-fashion-mnist)" if args.preset == "fashion-mnist" else ""
         raise SystemExit(f"no {args.preset} data at {data}{hint}")

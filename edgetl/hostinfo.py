@@ -61,6 +61,20 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def gpu_record() -> list[dict[str, Any]]:
+    """The CUDA devices torch sees (empty without one), so a GPU timing names the card it ran on. Only asked of torch
+    when it is imported already: a host record must not pull torch into a process that does not use it."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return []
+    out = []
+    for i in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(i)
+        out.append({"name": props.name, "memory_gib": round(props.total_memory / 2**30, 1),
+                    "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda})  # fmt: skip
+    return out
+
+
 def host_record() -> dict[str, Any]:
     flags = cpu_flags()
     interesting = sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c", "sse4_2"))
@@ -76,6 +90,7 @@ def host_record() -> dict[str, Any]:
         "cores_available": physical,
         "platform": platform.platform(),
         "libraries": library_versions(),
+        "gpus": gpu_record(),
     }
 
 

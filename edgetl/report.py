@@ -119,7 +119,8 @@ def bench_markdown(report: dict[str, Any]) -> str:
         + (" 'ref' is the runtime's own tool on the same file, threads and hint (OpenVINO benchmark_app -api sync -hint "
            "latency; ONNX Runtime a bare InferenceSession.run loop), run after edgetl's timing." if refs else ""),
         f"Host: {host['cpu_model']}, {host['cores_available']} cores, flags {' '.join(host['cpu_flags'])} "
-        f"(VNNI: {host['vnni']}, bf16: {host['bf16']}).",
+        f"(VNNI: {host['vnni']}, bf16: {host['bf16']})"
+        + "".join(f"; GPU {g['name']} ({g['memory_gib']} GiB, CUDA {g['cuda']})" for g in host.get("gpus", [])) + ".",
         "Libraries: " + ", ".join(f"{k} {v}" for k, v in host["libraries"].items()) + ".",
     ]  # fmt: skip
     if report["skipped"]:
