@@ -130,6 +130,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def rank_device(device: torch.device, dist: Dist) -> torch.device:
+    """This process's device: under torchrun on CUDA, GPU `local_rank` of its node. NCCL runs one process per GPU,
+    so more processes on a node than it has GPUs are refused here, in one line, instead of failing later in
+    `model.to()` with an invalid device ordinal."""
+    if device.type != "cuda" or not dist.active:
+        return device
+    gpus = torch.cuda.device_count()
+    if dist.local_world_size > gpus:
+        raise EdgetlError(f"{dist.local_world_size} training processes on this machine but {gpus} CUDA device(s): NCCL needs "
+                          f"one GPU per process; use --nproc-per-node {gpus}, or --device cpu for processes on the CPU")  # fmt: skip
+    return torch.device("cuda", dist.local_rank)
+
+
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype of training steps: bf16 when asked or, on `auto`, where the hardware has native
     bf16 arithmetic; fp16 (with loss scaling) only when asked, and only on CUDA; None for fp32."""
@@ -141,18 +154,22 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast when asked, or on `auto` where it is faster: a CUDA device with bf16, a CPU with AMX.
+    """bf16 autocast when asked, or on `auto` where it is faster: a CPU with AMX.
 
     A CPU with AVX-512 bf16 instructions but no AMX tiles trains *slower* in bf16: Lite0's fine-tune step ran
     at 14.9 images/s with bf16 autocast against 29.2 in fp32 on such a Xeon (avx512_bf16, no amx;
-    benchmarks/results/train_throughput_bf16.md), so `auto` keeps fp32 there and `--precision bf16` is on request."""
+    benchmarks/results/train_throughput_bf16.md). So does an H100: Lite0's stage 2 (all blocks, batch 32) ran at
+    489 and 288 images/s with bf16 autocast against 682 and 618 in fp32 (two pairs, both orders;
+    benchmarks/results/gpu_h100_clothing.md). These compact backbones are launch-bound at that batch size, the
+    casts autocast adds cost more than bf16 saves, and fp32 convolutions already run on TF32 tensor cores.
+    So `auto` keeps fp32 on CUDA and on CPUs without AMX; `--precision bf16` is on request."""
     if precision in ("fp32", "fp16"):
         return False
     supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else has_bf16()
     if precision == "bf16" and not supported:
         raise EdgetlError(f"--precision bf16: this {device.type.upper()} has no native bf16 support; use fp32 or auto")
-    if precision == "auto" and device.type == "cpu":
-        return has_amx_bf16()
+    if precision == "auto":
+        return device.type == "cpu" and has_amx_bf16()
     return supported
 
 
@@ -263,9 +280,7 @@ class Trainer:
         self.classes = dataset.classes
         self.spec = preprocess_spec(cfg.backbone, cfg.input_size)
         self.keep_feature_cache = keep_feature_cache
-        self.device = pick_device(cfg.device)
-        if self.device.type == "cuda" and self.dist.active:
-            self.device = torch.device("cuda", self.dist.local_rank)
+        self.device = rank_device(pick_device(cfg.device), self.dist)
         if self.dist.active and cfg.batch_size % self.dist.world_size:
             raise EdgetlError(f"--batch-size {cfg.batch_size} is the global batch: it must divide evenly over "
                               f"{self.dist.world_size} processes")  # fmt: skip
@@ -1181,6 +1196,14 @@ def _finished(cfg: TrainConfig, stage: str, epoch: int, bad_epochs: int, recipe:
     return epoch >= cfg.epochs_finetune or (bad_epochs >= cfg.patience > 0 and epoch >= cfg.min_epochs_finetune)
 
 
+def worker_stopped(exc: BaseException) -> bool:
+    """A DataLoader worker stopped by SIGTERM or SIGINT. Those go to the whole process group (torchrun stopping
+    the job, a scheduler, Ctrl-C in a terminal), and PyTorch can report the worker's death before this process's
+    own handler runs: the run is being interrupted, not failing. (Seen on a 16-core machine under torchrun.)"""
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and "DataLoader worker" in text and any(s in text for s in ("Terminated", "Interrupt"))
+
+
 def _run_stages(trainer: Trainer, from_stage: str, resume_state: dict[str, Any] | None) -> TrainResult:
     cfg = trainer.cfg
     if trainer.dist.is_main:
@@ -1193,12 +1216,14 @@ def _run_stages(trainer: Trainer, from_stage: str, resume_state: dict[str, Any] 
             trainer.stage_finetune(resume_state)
         trainer.dist.barrier()  # nobody removes its share of the decoded images while another still reads it
     except BaseException as exc:
-        if not isinstance(exc, KeyboardInterrupt) and not (trainer.dist.active and lost_peer(exc)):
+        if not isinstance(exc, KeyboardInterrupt) and not worker_stopped(exc) and not (trainer.dist.active and lost_peer(exc)):
             raise
         # Whatever was saved at the end of the last completed epoch is good; finish the reports with it,
-        # without being cut short by a second signal (torchrun sends SIGTERM right after a peer dies).
+        # without being cut short by a second signal (torchrun sends SIGTERM right after a peer dies) or by
+        # PyTorch's SIGCHLD handler raising for the next DataLoader worker that the same signal stopped.
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         trainer.remove_feature_cache()
         if trainer.history:
             trainer.finish(interrupted=True)

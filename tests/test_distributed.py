@@ -20,7 +20,9 @@ from conftest import make_folder
 from edgetl.distributed import Dist
 
 EDGETL = [sys.executable, "-m", "edgetl"]
-TINY = ["--backbone", "tiny", "--no-pretrained", "--lr-head", "0.01", "--patience", "0", "--batch-size", "8"]
+# --device cpu: these tests are about processes (gloo), and mean the same on a machine with one GPU, where two
+# CUDA processes would be refused (test_more_processes_than_gpus_are_refused).
+TINY = ["--backbone", "tiny", "--no-pretrained", "--lr-head", "0.01", "--patience", "0", "--device", "cpu", "--batch-size", "8"]
 
 
 def _train(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -70,25 +72,30 @@ def test_two_processes_make_the_same_run_as_one(data: Path, tmp_path: Path) -> N
 
 
 def _workers(launcher: psutil.Process) -> dict[int, psutil.Process]:
-    """The launcher's training processes by rank (their environment says which)."""
-    out = {}
+    """The launcher's training processes by rank (their environment says which). Their DataLoader workers are
+    forks with the same environment and command line: a process whose parent is a training process is one of
+    those, not a rank (on a 16-core machine the test once killed a worker instead of rank 1)."""
+    ranked: dict[int, tuple[int, psutil.Process]] = {}
     for child in launcher.children(recursive=True):
         try:
             env = child.environ()
+            if "RANK" in env and "edgetl" in " ".join(child.cmdline()):
+                ranked[child.pid] = (int(env["RANK"]), child)
         except (psutil.Error, OSError):
             continue
-        if "RANK" in env and "edgetl" in " ".join(child.cmdline()):
-            out[int(env["RANK"])] = child
-    return out
+    return {rank: p for rank, p in ranked.values() if p.ppid() not in ranked}
 
 
 def test_killing_one_process_stops_the_job_and_resume_finishes_it_with_another_count(data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     epochs = 40
+    err_file = (tmp_path / "stderr.txt").open("w")
     launcher = subprocess.Popen(
         [*EDGETL, "train", str(data), *TINY, "--epochs-head", "2", "--epochs-finetune", str(epochs), "--out", str(run),
          "--nproc-per-node", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # A file, not a pipe: the killed rank's orphaned DataLoader workers inherit stderr and may hold a pipe open
+        # after the launcher has exited (seen on a 16-core machine), which would hang communicate().
+        stdout=subprocess.DEVNULL, stderr=err_file,
     )  # fmt: skip
     try:
         deadline = time.time() + 180
@@ -99,10 +106,12 @@ def test_killing_one_process_stops_the_job_and_resume_finishes_it_with_another_c
         workers = _workers(psutil.Process(launcher.pid))
         assert launcher.poll() is None and 1 in workers, "training ended before a process could be killed"
         workers[1].send_signal(signal.SIGKILL)
-        _, err = launcher.communicate(timeout=120)
+        launcher.wait(timeout=120)
     finally:
         if launcher.poll() is None:
             launcher.kill()
+        err_file.close()
+    err = (tmp_path / "stderr.txt").read_text()
     assert launcher.returncode != 0
     assert "training process 1 was killed" in err and "Traceback" not in err, err
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in workers.values())
@@ -168,3 +177,21 @@ def test_shards_gather_back_in_order_across_two_processes(tmp_path: Path) -> Non
     expected = np.concatenate([np.arange(n * 3, dtype=np.float32), [1.0], [float(n), 2.0]])
     for rank in (0, 1):
         assert np.array_equal(np.load(tmp_path / f"{rank}.npy"), expected)
+
+
+def test_more_processes_than_gpus_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NCCL runs one process per GPU: two processes on a one-GPU node are refused in one line naming the fix
+    (on a real GPU machine this failed later in model.to() with 'invalid device ordinal')."""
+    import torch
+
+    from edgetl.errors import EdgetlError
+    from edgetl.train import rank_device
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cuda = torch.device("cuda")
+    with pytest.raises(EdgetlError, match=r"2 training processes .* 1 CUDA device.*--nproc-per-node 1"):
+        rank_device(cuda, Dist(rank=1, world_size=2, local_rank=1, local_world_size=2))
+    # one process per GPU on each of two nodes: GPU 0 of each; the CPU and single processes are left alone
+    assert rank_device(cuda, Dist(rank=1, world_size=2, local_rank=0, local_world_size=1, node_rank=1)) == torch.device("cuda", 0)
+    assert rank_device(torch.device("cpu"), Dist(rank=1, world_size=2, local_rank=1, local_world_size=2)) == torch.device("cpu")
+    assert rank_device(cuda, Dist()) == cuda

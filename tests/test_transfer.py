@@ -99,12 +99,13 @@ def test_head_stops_after_its_best_and_stage2_starts_from_the_best_head(
     choose_original, start_original = Trainer._choose_recipe, Trainer._start_finetune
 
     def spy_choose(self: Trainer, *args: object) -> object:
-        seen["last_head"] = {k: v.clone() for k, v in self.model.head.state_dict().items()}
-        seen["best_head"] = {k[len("head."):]: v.clone() for k, v in self.best_state.items() if k.startswith("head.")}  # type: ignore[union-attr]
+        # .cpu(): the model may be on CUDA, the kept best state is on the CPU
+        seen["last_head"] = {k: v.cpu().clone() for k, v in self.model.head.state_dict().items()}
+        seen["best_head"] = {k[len("head."):]: v.cpu().clone() for k, v in self.best_state.items() if k.startswith("head.")}  # type: ignore[union-attr]
         return choose_original(self, *args)  # type: ignore[arg-type]
 
     def spy_start(self: Trainer, *args: object) -> object:
-        seen.setdefault("start", {k: v.clone() for k, v in self.model.head.state_dict().items()})
+        seen.setdefault("start", {k: v.cpu().clone() for k, v in self.model.head.state_dict().items()})
         return start_original(self, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Trainer, "_choose_recipe", spy_choose)
@@ -342,7 +343,7 @@ def test_mixup_and_cutmix_mix_stage_2_batches(image_folder: Path, tmp_path: Path
     steps = len(calls)
     assert steps >= 2, "stage 2 did not mix its batches"
     # Soft targets: probabilities over the classes, and at least one batch really mixes two labels.
-    assert all(soft.shape == (n, 3) and torch.allclose(soft.sum(1), torch.ones(n)) for n, soft in calls)
+    assert all(soft.shape == (n, 3) and torch.allclose(soft.sum(1).cpu(), torch.ones(n)) for n, soft in calls)
     assert any(((soft > 0) & (soft < 1)).any() for _, soft in calls)
     soft_targets = [t for t in loss_targets if t.ndim == 2]
     assert len(soft_targets) == steps, "a stage-2 loss was taken on the unmixed labels"
