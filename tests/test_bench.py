@@ -32,8 +32,8 @@ def bench_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def report(bench_run: Path) -> dict:
-    return bench([bench_run], BenchOptions(targets=("torch-cpu", "ort-cpu", "openvino-cpu", "ort-cuda"), batches=(1, 4), min_time=0.3,
-                                           warmup=2), QUIET)  # fmt: skip
+    targets = ("torch-cpu", "ort-cpu", "openvino-cpu", "ort-cuda", "torch-cuda-graph")
+    return bench([bench_run], BenchOptions(targets=targets, batches=(1, 4), min_time=0.3, warmup=2), QUIET)
 
 
 def test_all_four_files_are_written(report: dict, bench_run: Path) -> None:
@@ -74,6 +74,12 @@ def test_unavailable_targets_are_listed_as_skipped(report: dict) -> None:
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         assert "ort-cuda" in skipped and "CUDA" in skipped["ort-cuda"]
+    import torch
+
+    if not torch.cuda.is_available():
+        assert skipped.get("torch-cuda-graph") == "no CUDA device"
+    else:  # on a GPU machine the graph replay is timed, and test_numbers_are_sane holds it to the CPU model's answers
+        assert {"torch-cuda-graph/fp32", "torch-cuda-graph/fp16"} <= {r["variant"] for r in report["results"]}
 
 
 def test_pareto_front() -> None:
