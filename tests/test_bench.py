@@ -33,7 +33,7 @@ def bench_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def report(bench_run: Path) -> dict:
     targets = ("torch-cpu", "ort-cpu", "openvino-cpu", "ort-cuda", "torch-cuda-graph")
-    return bench([bench_run], BenchOptions(targets=targets, batches=(1, 4), min_time=0.3, warmup=2), QUIET)
+    return bench([bench_run], BenchOptions(targets=targets, batches=(1, 4), min_time=0.1, warmup=2), QUIET)
 
 
 def test_all_four_files_are_written(report: dict, bench_run: Path) -> None:
@@ -154,7 +154,7 @@ def test_in_process_isolation_is_the_old_single_process_method(bench_run: Path, 
 
 
 def test_check_reference_runs_both_runtimes_own_tools(bench_run: Path, tmp_path: Path) -> None:
-    rep = bench([bench_run], BenchOptions(targets=("ort-cpu", "openvino-cpu"), batches=(1,), min_time=0.3, warmup=1,
+    rep = bench([bench_run], BenchOptions(targets=("ort-cpu", "openvino-cpu"), batches=(1,), min_time=0.1, warmup=1,
                                           check_reference=True, out=str(tmp_path)), QUIET)  # fmt: skip
     assert rep["files"]["json"] == str(tmp_path / "bench.json")
     saved = json.loads((tmp_path / "bench.json").read_text())

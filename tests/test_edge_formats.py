@@ -171,7 +171,7 @@ def test_tflite_metadata_round_trip_and_bad_files(edge_export: Path, tmp_path: P
 def test_bench_has_litert_and_executorch_rows(edge_export: Path, edge_int8: dict, tmp_path: Path) -> None:
     from edgetl.bench.runner import BenchOptions, bench
 
-    opts = BenchOptions(targets=("ort-cpu", "litert-cpu", "executorch-cpu"), batches=(1,), min_time=0.3, warmup=2, out=str(tmp_path),
+    opts = BenchOptions(targets=("ort-cpu", "litert-cpu", "executorch-cpu"), batches=(1,), min_time=0.1, warmup=2, out=str(tmp_path),
                         threads=1)  # fmt: skip
     report = bench([edge_export], opts, QUIET)
     rows = {r["variant"]: r for r in report["results"]}

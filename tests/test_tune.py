@@ -20,7 +20,7 @@ QUIET = Reporter(quiet=True)
 
 def _opts(out: Path, **kw: object) -> TuneOptions:
     base = dict(max_latency_ms=1000.0, targets=("ort-cpu", "openvino-cpu"), backbones=("tiny",), sizes=(48, 64),
-                precisions=("fp32", "int8"), out=str(out), pretrained=False, min_time=0.3)  # fmt: skip
+                precisions=("fp32", "int8"), out=str(out), pretrained=False, min_time=0.1)  # fmt: skip
     return TuneOptions(**{**base, **kw})  # type: ignore[arg-type]
 
 
