@@ -144,8 +144,8 @@ def rank_device(device: torch.device, dist: Dist) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of training steps: bf16 when asked or, on `auto`, where the hardware has native
-    bf16 arithmetic; fp16 (with loss scaling) only when asked, and only on CUDA; None for fp32."""
+    """The autocast dtype of training steps: bf16 when asked or, on `auto`, where it is faster (`use_bf16`);
+    fp16 (with loss scaling) only when asked, and only on CUDA; None for fp32."""
     if precision == "fp16":
         if device.type != "cuda":
             raise EdgetlError("--precision fp16 needs a CUDA device (CPUs train in fp32 or bf16)")
@@ -160,8 +160,9 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     at 14.9 images/s with bf16 autocast against 29.2 in fp32 on such a Xeon (avx512_bf16, no amx;
     benchmarks/results/train_throughput_bf16.md). So does an H100: Lite0's stage 2 (all blocks, batch 32) ran at
     489 and 288 images/s with bf16 autocast against 682 and 618 in fp32 (two pairs, both orders;
-    benchmarks/results/gpu_h100_clothing.md). These compact backbones are launch-bound at that batch size, the
-    casts autocast adds cost more than bf16 saves, and fp32 convolutions already run on TF32 tensor cores.
+    benchmarks/results/gpu_h100/README.md). The likely cause (not profiled): these compact backbones are
+    launch-bound at that batch size, so the casts autocast adds cost more than bf16 saves, and fp32 convolutions
+    already run on TF32 tensor cores.
     So `auto` keeps fp32 on CUDA and on CPUs without AMX; `--precision bf16` is on request."""
     if precision in ("fp32", "fp16"):
         return False

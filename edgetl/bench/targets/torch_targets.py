@@ -51,7 +51,7 @@ def _load(device: str, compile_model: bool = False):
 def _load_cuda_graph(v: Variant, threads: int) -> Runner:
     """The model captured as a CUDA graph per input shape (PyTorch's documented whole-network capture): a replay
     launches every kernel at once, where eager mode pays the CPU's launch cost per operator. At batch 1 that
-    cost is most of the time (Lite0 on an H100: 4.2 ms eager, its kernels far less)."""
+    cost is most of the time (Lite0 on an H100: 3.3-4.2 ms eager, 0.8 ms replayed; benchmarks/results/gpu_h100/)."""
     import torch
 
     from edgetl import checkpoint
