@@ -12,7 +12,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgetl.fileio import write_json, write_text
-from edgetl.hostinfo import host_record
+from edgetl.hostinfo import gpu_summary, host_record
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -23,7 +23,7 @@ def save(name: str, payload: dict[str, Any], markdown: str) -> Path:
     write_json(RESULTS / f"{name}.json", payload)
     host = payload["host"]
     libs = ", ".join(f"{k} {v}" for k, v in host["libraries"].items())
-    gpus = "".join(f"; GPU {g['name']} ({g['memory_gib']} GiB, CUDA {g['cuda']})" for g in host.get("gpus", []))
+    gpus = gpu_summary(host)
     write_text(RESULTS / f"{name}.md", f"{markdown.rstrip()}\n\nHost: {host['cpu_model']}, {host['cores_available']} cores, "
                f"flags {' '.join(host['cpu_flags'])}{gpus}; {libs}. Command: `{' '.join(sys.argv)}`\n")  # fmt: skip
     print(json.dumps({k: v for k, v in payload.items() if k != "host"}, indent=1, default=str)[:4000])

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from PIL import Image
 
+from edgetl.fileio import write_with
 from edgetl.preprocess import IMAGE_EXTENSIONS, resize_shorter
 
 
@@ -26,7 +27,9 @@ def _shrink(job: tuple[Path, Path, int, int, str]) -> int:
     src, dst, size, quality, interpolation = job
     dst.parent.mkdir(parents=True, exist_ok=True)
     with Image.open(src) as im:
-        resize_shorter(im.convert("RGB"), size, interpolation).save(dst, "WEBP", quality=quality, method=6)
+        small = resize_shorter(im.convert("RGB"), size, interpolation)
+    # whole or not at all: an interrupted run leaves no truncated image for a later copy to trip on
+    write_with(dst, lambda tmp: small.save(tmp, "WEBP", quality=quality, method=6))
     return dst.stat().st_size
 
 

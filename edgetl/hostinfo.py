@@ -75,6 +75,11 @@ def gpu_record() -> list[dict[str, Any]]:
     return out
 
 
+def gpu_summary(host: dict[str, Any]) -> str:
+    """'; GPU <name> (<memory> GiB, CUDA <version>)' per device of a host record, for one-line host descriptions."""
+    return "".join(f"; GPU {g['name']} ({g['memory_gib']} GiB, CUDA {g['cuda']})" for g in host.get("gpus", []))
+
+
 def host_record() -> dict[str, Any]:
     flags = cpu_flags()
     interesting = sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c", "sse4_2"))

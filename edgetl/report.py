@@ -7,6 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from edgetl.hostinfo import gpu_summary
 from edgetl.progress import make_console
 
 
@@ -120,7 +121,7 @@ def bench_markdown(report: dict[str, Any]) -> str:
            "latency; ONNX Runtime a bare InferenceSession.run loop), run after edgetl's timing." if refs else ""),
         f"Host: {host['cpu_model']}, {host['cores_available']} cores, flags {' '.join(host['cpu_flags'])} "
         f"(VNNI: {host['vnni']}, bf16: {host['bf16']})"
-        + "".join(f"; GPU {g['name']} ({g['memory_gib']} GiB, CUDA {g['cuda']})" for g in host.get("gpus", [])) + ".",
+        + gpu_summary(host) + ".",
         "Libraries: " + ", ".join(f"{k} {v}" for k, v in host["libraries"].items()) + ".",
     ]  # fmt: skip
     if report["skipped"]:

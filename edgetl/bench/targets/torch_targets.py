@@ -22,16 +22,23 @@ def _cuda_available() -> tuple[bool, str]:
     return (True, "") if torch.cuda.is_available() else (False, "no CUDA device")
 
 
+def _model_on(v: Variant, threads: int, device: str):  # -> (torch.nn.Module, torch.dtype); torch imported lazily
+    """The variant's checkpoint in eval mode on `device`, in its precision, channels_last (every torch target)."""
+    import torch
+
+    from edgetl import checkpoint
+
+    torch.set_num_threads(threads)
+    model, _ = checkpoint.load_model(v.model)
+    dtype = torch.float16 if v.precision == "fp16" else torch.float32
+    return model.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval(), dtype
+
+
 def _load(device: str, compile_model: bool = False):
     def load(v: Variant, threads: int) -> Runner:
         import torch
 
-        from edgetl import checkpoint
-
-        torch.set_num_threads(threads)
-        model, _ = checkpoint.load_model(v.model)
-        dtype = torch.float16 if v.precision == "fp16" else torch.float32
-        model = model.to(device=device, dtype=dtype, memory_format=torch.channels_last).eval()
+        model, dtype = _model_on(v, threads, device)
         if compile_model:
             model = torch.compile(model)
 
@@ -54,12 +61,7 @@ def _load_cuda_graph(v: Variant, threads: int) -> Runner:
     cost is most of the time (Lite0 on an H100: 3.3-4.2 ms eager, 0.8 ms replayed; benchmarks/results/gpu_h100/)."""
     import torch
 
-    from edgetl import checkpoint
-
-    torch.set_num_threads(threads)
-    model, _ = checkpoint.load_model(v.model)
-    dtype = torch.float16 if v.precision == "fp16" else torch.float32
-    model = model.to(device="cuda", dtype=dtype, memory_format=torch.channels_last).eval()
+    model, dtype = _model_on(v, threads, "cuda")
     graphs: dict[tuple[int, ...], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
 
     @torch.inference_mode()
