@@ -109,14 +109,21 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def real_export(real_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """real_run exported once to ONNX (plain and uint8-input) for the runtime and app tests."""
+def real_export_report(real_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """real_run exported once to every format (ONNX plain and uint8-input, OpenVINO, LiteRT, ExecuTorch),
+    with the export's own report: the parity tests on real photos and the runtime and app tests share it
+    (one Lite0 export costs about a minute on 2 cores)."""
     from edgetl.export import ExportOptions, export_run
     from edgetl.progress import Reporter
 
     out = tmp_path_factory.mktemp("real_export")
-    export_run(real_run, ExportOptions(format="onnx", out=str(out), embed_preprocess=True), Reporter(quiet=True))
-    return out
+    opts = ExportOptions(format="all,litert,executorch", out=str(out), embed_preprocess=True, parity_samples=100)
+    return out, export_run(real_run, opts, Reporter(quiet=True))
+
+
+@pytest.fixture(scope="session")
+def real_export(real_export_report: tuple[Path, dict]) -> Path:
+    return real_export_report[0]
 
 
 def run_with_imports_blocked(blocked: tuple[str, ...], body: str) -> subprocess.CompletedProcess[str]:

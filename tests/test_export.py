@@ -125,13 +125,13 @@ def test_openvino_agrees_with_onnx(exported: tuple[Path, dict]) -> None:
 
 
 @pytest.mark.slow
-def test_lite0_export_passes_parity_on_real_photos(real_run: Path, tmp_path: Path) -> None:
-    report = export_run(real_run, ExportOptions(out=str(tmp_path)), QUIET)
+def test_lite0_export_passes_parity_on_real_photos(real_export_report: tuple[Path, dict]) -> None:
+    out, report = real_export_report
     assert report["ok"] and report["parity_images"]["n"] == 100
-    for key in ("onnx", "openvino"):
+    for key in ("onnx", "onnx_uint8", "openvino"):
         assert report["parity"][key]["top1_agreement"] >= 0.995
         assert report["parity"][key]["top1"] == pytest.approx(report["parity"]["pytorch"]["top1"], abs=0.011)
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "model.onnx")).graph.node}
+    ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
     assert not ops & {"Shape", "Gather", "Pad"}, "TF 'same' padding should be folded into the convolutions"
 
 
