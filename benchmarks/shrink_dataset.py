@@ -24,10 +24,14 @@ from edgetl.preprocess import IMAGE_EXTENSIONS, resize_shorter
 
 
 def _shrink(job: tuple[Path, Path, int, int, str]) -> int:
+    """The copy's size in bytes; -1 for an image Pillow cannot read (edgetl's loader skips those too)."""
     src, dst, size, quality, interpolation = job
     dst.parent.mkdir(parents=True, exist_ok=True)
-    with Image.open(src) as im:
-        small = resize_shorter(im.convert("RGB"), size, interpolation)
+    try:
+        with Image.open(src) as im:
+            small = resize_shorter(im.convert("RGB"), size, interpolation)
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return -1
     # whole or not at all: an interrupted run leaves no truncated image for a later copy to trip on
     write_with(dst, lambda tmp: small.save(tmp, "WEBP", quality=quality, method=6))
     return dst.stat().st_size
@@ -49,8 +53,12 @@ def main() -> None:
     jobs = [(f, (args.dst / f.relative_to(args.src)).with_suffix(".webp"), args.size, args.quality, args.interpolation)
             for f in files]  # fmt: skip
     with ProcessPoolExecutor() as pool:
-        total = sum(pool.map(_shrink, jobs, chunksize=64))
-    print(f"{len(files)} images, {sum(f.stat().st_size for f in files) / 1e6:.1f} MB -> {total / 1e6:.1f} MB in {args.dst}")
+        sizes = list(pool.map(_shrink, jobs, chunksize=64))
+    unreadable = [str(f) for f, n in zip(files, sizes, strict=True) if n < 0]
+    if unreadable:
+        print(f"skipped {len(unreadable)} unreadable image(s), as edgetl would: {', '.join(unreadable[:5])}")
+    total, source = sum(n for n in sizes if n > 0), sum(f.stat().st_size for f in files)
+    print(f"{len(files) - len(unreadable)} images, {source / 1e6:.1f} MB -> {total / 1e6:.1f} MB in {args.dst}")
 
 
 if __name__ == "__main__":
