@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from PIL import Image
 
 from edgetl.fileio import write_with
-from edgetl.preprocess import IMAGE_EXTENSIONS, resize_shorter
+from edgetl.preprocess import IMAGE_EXTENSIONS, decode_image, resize_shorter
 
 
 def _shrink(job: tuple[Path, Path, int, int, str]) -> int:
@@ -28,8 +28,9 @@ def _shrink(job: tuple[Path, Path, int, int, str]) -> int:
     src, dst, size, quality, interpolation = job
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with Image.open(src) as im:
-            small = resize_shorter(im.convert("RGB"), size, interpolation)
+        # edgetl's own decoder: EXIF orientation applied, transparency on white, 16-bit scaled - the pixels
+        # training would see, which a plain convert("RGB") is not (the WebP keeps no EXIF to rotate by later).
+        small = resize_shorter(decode_image(src), size, interpolation)
     except (OSError, ValueError, Image.DecompressionBombError):
         return -1
     # whole or not at all: an interrupted run leaves no truncated image for a later copy to trip on

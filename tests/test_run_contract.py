@@ -206,9 +206,9 @@ def test_ctrl_c_while_caching_features_leaves_a_resumable_run(fresh_run: tuple[P
 def test_sigint_to_the_cli_in_stage_1_then_resume_completes(fresh_run: tuple[Path, Path], tmp_path: Path) -> None:
     """A real SIGINT to a real `edgetl train`, as a user's Ctrl-C."""
     _, data = fresh_run
-    run = tmp_path / "r"
+    run, epochs = tmp_path / "r", 150
     cmd = [sys.executable, "-m", "edgetl.cli.main", "train", str(data), "--backbone", "tiny", "--no-pretrained", "--out", str(run),
-           "--epochs-head", "150", "--epochs-finetune", "1", "--lr-head", "0.001"]  # fmt: skip
+           "--epochs-head", str(epochs), "--epochs-finetune", "1", "--lr-head", "0.001"]  # fmt: skip
     # SIGINT as a terminal delivers it: a shell ignores it in background jobs, and children inherit that.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
@@ -220,11 +220,11 @@ def test_sigint_to_the_cli_in_stage_1_then_resume_completes(fresh_run: tuple[Pat
     assert proc.returncode == 130, err
     assert "--resume" in err and "Traceback" not in err
     done = [e for s, e in history(run) if s == "head"]
-    assert 1 <= len(done) < 150
+    assert 1 <= len(done) < epochs
     result = runner.invoke(app, ["train", "--resume", str(run)])
     assert result.exit_code == 0, result.output
     h = history(run)
-    assert [e for s, e in h if s == "head"] == list(range(1, 151)) and h[-1] == ("finetune", 1)
+    assert [e for s, e in h if s == "head"] == list(range(1, epochs + 1)) and h[-1] == ("finetune", 1)
 
 
 def test_resume_refuses_options_it_would_ignore(fresh_run: tuple[Path, Path]) -> None:

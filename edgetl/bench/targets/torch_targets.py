@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgetl.bench.base import Runner, Target, Variant, register
+
+if TYPE_CHECKING:
+    import torch  # annotations only: the targets import torch when a variant loads, not at registration
 
 
 def _torch_available() -> tuple[bool, str]:
@@ -22,7 +26,7 @@ def _cuda_available() -> tuple[bool, str]:
     return (True, "") if torch.cuda.is_available() else (False, "no CUDA device")
 
 
-def _model_on(v: Variant, threads: int, device: str):  # -> (torch.nn.Module, torch.dtype); torch imported lazily
+def _model_on(v: Variant, threads: int, device: str) -> tuple[torch.nn.Module, torch.dtype]:
     """The variant's checkpoint in eval mode on `device`, in its precision, channels_last (every torch target)."""
     import torch
 
