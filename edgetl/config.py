@@ -10,6 +10,7 @@ from edgetl.errors import EdgetlError
 from edgetl.recipes import RECIPES, parse_candidates
 
 AUGMENT_POLICIES = ("none", "light", "trivial")
+DISTILL_MODES = ("cached", "consistent")
 # Below 16 px a 5-stage network has no spatial extent left; above 1024 px one decoded image is 3 MB and
 # a few thousand fill the memory of the machines edgetl targets.
 MIN_INPUT_SIZE, MAX_INPUT_SIZE = 16, 1024
@@ -47,6 +48,10 @@ class TrainConfig:
     teacher: str | None = None
     distill_alpha: float = 0.5  # weight of the teacher's soft labels; 1 - alpha on the true labels
     distill_temperature: float = 2.0
+    # cached: the teacher's logits of each whole training image, computed once (a lookup per step);
+    # consistent: in stage 2 the teacher sees the very crop (and mix) the student trains on, one teacher
+    # forward per step (Beyer et al., CVPR 2022, "a good teacher is patient and consistent").
+    distill_mode: str = "cached"
     # >0: validate and keep an exponential moving average of the fine-tuned weights (timm's ModelEmaV3,
     # decay warmed up from 0 so short fine-tunes still average over a useful window).
     ema_decay: float = 0.0
@@ -94,9 +99,12 @@ class TrainConfig:
         for name in ("mixup", "cutmix"):
             if not 0.0 <= getattr(self, name) <= 10.0:
                 raise EdgetlError(f"--{name} is a Beta distribution's alpha in [0, 10] (0: off), got {getattr(self, name)}")
-        if self.mixes and self.teacher is not None:
+        if self.distill_mode not in DISTILL_MODES:
+            raise EdgetlError(f"--distill-mode must be one of {', '.join(DISTILL_MODES)}, got {self.distill_mode!r}")
+        if self.mixes and self.teacher is not None and self.distill_mode == "cached":
             # The cached teacher logits are of whole, unmixed images; a mixed image has no teacher label.
-            raise EdgetlError("--mixup/--cutmix cannot be combined with --teacher: the teacher's cached logits are of unmixed images")
+            raise EdgetlError("--mixup/--cutmix cannot be combined with --teacher in --distill-mode cached: the teacher's "
+                              "cached logits are of unmixed images (--distill-mode consistent scores the mixed ones)")
         if self.mixes and self.batch_size % 2:
             raise EdgetlError(f"--mixup/--cutmix pair the images of a batch: --batch-size must be even, got {self.batch_size}")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -302,6 +303,8 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None  # CPU copy of the best model, on every process
         self.recipe_record: dict[str, Any] | None = None  # what stage 2 tried and chose, and why
         self.teacher_logits: torch.Tensor | None = None  # --teacher: its logits on the training images
+        self.teacher_model: nn.Module | None = None  # --distill-mode consistent: the teacher itself, for stage 2
+        self.teacher_size = 0
         self.teacher_record: dict[str, Any] | None = None
         self.skipped: list[dict[str, str]] = []
         self.manifest_base: dict[str, Any] = {}
@@ -383,8 +386,15 @@ class Trainer:
         finally:
             images.close()
         self.teacher_logits = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)).to(self.device)
+        if self.cfg.distill_mode == "consistent":
+            # Kept for stage 2, where it scores each augmented batch; stage 1 (whole images) uses the logits above.
+            model.requires_grad_(False)
+            self.teacher_model = model.to(self.device, memory_format=torch.channels_last if self.cfg.channels_last
+                                          else torch.contiguous_format).eval()  # fmt: skip
+            self.teacher_size = spec.input_size
         agree = float((logits.argmax(1) == self.train_images.labels).mean())
-        self.teacher_record = {**info, "train_top1": agree, "alpha": self.cfg.distill_alpha, "temperature": self.cfg.distill_temperature}
+        self.teacher_record = {**info, "train_top1": agree, "alpha": self.cfg.distill_alpha, "temperature": self.cfg.distill_temperature,
+                               "mode": self.cfg.distill_mode}  # fmt: skip
         self.r.log(f"teacher: {info['backbone']} from {info['run']} ({agree:.2%} top-1 on the training images); "
                    f"alpha {self.cfg.distill_alpha:g}, temperature {self.cfg.distill_temperature:g}")  # fmt: skip
         self.r.log(f"teacher leak check {info['leak_check']}")
@@ -413,17 +423,33 @@ class Trainer:
             weight=self.class_weights, label_smoothing=self.cfg.label_smoothing if smoothing else 0.0
         )
 
-    def train_loss(self) -> Any:
-        """loss(logits, labels, indices): label-smoothed cross-entropy, mixed with the teacher's soft
-        labels (looked up by training-image index) when distilling."""
+    def train_loss(self, on_images: bool = False) -> Any:
+        """loss(logits, labels, indices, inputs): label-smoothed cross-entropy, mixed with the teacher's soft
+        labels when distilling: looked up by training-image index, or (`on_images`, the batches are the
+        student's augmented images, --distill-mode consistent) the teacher's logits of those very inputs."""
         hard = self.criterion()
         teacher = self.teacher_logits
         if teacher is None:
-            return lambda logits, y, idx: hard(logits, y)
+            return lambda logits, y, idx, x: hard(logits, y)
         from edgetl.distill import distillation_loss
 
         n, alpha, temperature = len(teacher), self.cfg.distill_alpha, self.cfg.distill_temperature
-        return lambda logits, y, idx: distillation_loss(logits, y, teacher[idx.to(teacher.device) % n], hard, alpha, temperature)
+        if on_images and self.teacher_model is not None:
+            return lambda logits, y, idx, x: distillation_loss(logits, y, self._teacher_logits_of(x), hard, alpha, temperature)
+        return lambda logits, y, idx, x: distillation_loss(logits, y, teacher[idx.to(teacher.device) % n], hard, alpha, temperature)
+
+    def _teacher_logits_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits of the student's (augmented, perhaps mixed) batch, resized to the teacher's
+        input size; under the student's autocast, without gradients."""
+        assert self.teacher_model is not None
+        with torch.no_grad():
+            if x.shape[-1] != self.teacher_size or x.shape[-2] != self.teacher_size:
+                # The crop is the same scene at another resolution; antialias when shrinking, as a resize would.
+                x = F.interpolate(x, size=(self.teacher_size, self.teacher_size), mode="bilinear", align_corners=False,
+                                  antialias=self.teacher_size < x.shape[-1])  # fmt: skip
+            amp = self.amp_dtype
+            with torch.autocast(self.device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                return self.teacher_model(x).float()
 
     def val_score(self, logits: np.ndarray) -> Score:
         """What model selection compares (see edgetl.recipes): validation top-1, then cross-entropy."""
@@ -518,7 +544,7 @@ class Trainer:
             x, target = mix(x, y) if mix is not None else (x, y)
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
                 logits = forward(x)
-            loss = crit(logits.float(), target, batch[2] if len(batch) > 2 else None)
+            loss = crit(logits.float(), target, batch[2] if len(batch) > 2 else None, x)
             opt.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -849,7 +875,7 @@ class Trainer:
         cfg, r = self.cfg, self.r
         self._stage = "finetune"
         steps = len(self._train_loader(cfg.batch_size))
-        crit = self.train_loss()
+        crit = self.train_loss(on_images=True)
         t0 = time.perf_counter()
         images, train_seconds, bad_epochs = 0, 0.0, 0
         if resume_state is None:

@@ -252,6 +252,38 @@ def test_distillation_runs_end_to_end(image_folder: Path, tmp_path: Path, teache
     assert not list(taught.run_dir.glob(".decoded-*")), "the teacher's decode cache was left behind"
 
 
+def test_consistent_distillation_scores_the_students_own_crops(image_folder: Path, tmp_path: Path, teacher_run: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """--distill-mode consistent: in stage 2 the teacher runs on every (mixed) batch the student trains on,
+    resized to the teacher's 64 px; in cached mode it runs only once, over the whole images."""
+    import edgetl.distill as distill
+
+    calls: dict[str, list[tuple[int, ...]]] = {}
+    real_load = distill.load_teacher
+
+    def spying_load(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        model, spec, info = real_load(*args, **kwargs)
+        seen = calls.setdefault(current, [])
+        model.register_forward_pre_hook(lambda module, inputs: seen.append(tuple(inputs[0].shape)))
+        return model, spec, info
+
+    monkeypatch.setattr(distill, "load_teacher", spying_load)
+    results = {}
+    for current, extra in (("cached", {}), ("consistent", {"mixup": 0.4})):
+        cfg = tiny_cfg(recipe="finetune", epochs_finetune=2, patience=0, input_size=48, teacher=str(teacher_run),
+                       distill_mode=current, **extra)  # fmt: skip
+        results[current] = train(image_folder, cfg, out=str(tmp_path / current), reporter=QUIET)
+    stage2 = [r for r in history(results["consistent"].run_dir) if r["stage"] == "finetune"]
+    once, per_step = calls["cached"], calls["consistent"]
+    assert len(per_step) > len(once) >= 1
+    assert all(shape[1:] == (3, 64, 64) for shape in per_step), "the teacher must see its own input size"
+    step_calls = per_step[len(once):]
+    # The same number of steps in each stage-2 epoch, each a whole batch of 8 (ragged last batches are dropped).
+    assert len(stage2) == 2 and len(step_calls) % 2 == 0 and {shape[0] for shape in step_calls} == {8}, step_calls
+    assert results["consistent"].metrics["teacher"]["mode"] == "consistent"
+    assert results["cached"].metrics["teacher"]["mode"] == "cached"
+
+
 def test_teacher_with_other_labels_or_preprocessing_or_a_leak_is_refused(image_folder: Path, tmp_path: Path, teacher_run: Path) -> None:
     from conftest import make_folder
 
@@ -363,8 +395,11 @@ def test_bad_mixing_options_are_refused() -> None:
         tiny_cfg(mixup=-1.0)
     with pytest.raises(EdgetlError, match="--batch-size must be even"):
         tiny_cfg(cutmix=1.0, batch_size=7)
-    with pytest.raises(EdgetlError, match="cannot be combined with --teacher"):
+    with pytest.raises(EdgetlError, match="cannot be combined with --teacher in --distill-mode cached"):
         tiny_cfg(mixup=0.2, teacher="some-run")
+    assert tiny_cfg(mixup=0.2, teacher="some-run", distill_mode="consistent").mixes  # the teacher scores mixed images
+    with pytest.raises(EdgetlError, match="--distill-mode must be one of"):
+        tiny_cfg(teacher="some-run", distill_mode="online")
 
 
 def test_an_odd_batch_per_process_under_mixup_is_refused_before_training(tmp_path: Path) -> None:

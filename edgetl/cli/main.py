@@ -124,6 +124,8 @@ def train(
     teacher: Annotated[Path | None, typer.Option(help="Distil from this trained run (same labels and normalisation)")] = None,
     distill_alpha: Annotated[float, typer.Option(help="Weight of the teacher's soft labels (1 - alpha on true labels)")] = 0.5,
     distill_temperature: Annotated[float, typer.Option(help="Softmax temperature of distillation")] = 2.0,
+    distill_mode: Annotated[str, typer.Option(help="cached: teacher logits of whole images, once; consistent: the teacher "
+                                                   "scores each stage-2 crop the student sees (slower)")] = "cached",
     ema_decay: Annotated[float, typer.Option(help="Keep and validate a moving average of the fine-tuned weights (0: off)")] = 0.0,
     mixup: Annotated[float, typer.Option(help="Stage 2 mixup alpha (timm Mixup; 0: off)")] = 0.0,
     cutmix: Annotated[float, typer.Option(help="Stage 2 cutmix alpha (0: off; with --mixup, half the batches each)")] = 0.0,
@@ -192,7 +194,7 @@ def train(
             epochs_finetune=epochs_finetune, lr_finetune=lr_finetune, unfreeze=unfreeze, batch_size=batch_size,
             patience=patience, patience_head=patience_head, min_epochs_finetune=min_epochs_finetune, recipe=recipe,
             recipe_candidates=recipe_candidates, head_lr_scale=head_lr_scale, teacher=str(teacher) if teacher else None,
-            distill_alpha=distill_alpha, distill_temperature=distill_temperature, ema_decay=ema_decay,
+            distill_alpha=distill_alpha, distill_temperature=distill_temperature, distill_mode=distill_mode, ema_decay=ema_decay,
             mixup=mixup, cutmix=cutmix,
             label_smoothing=label_smoothing, augment=augment, crop_scale=crop_scale,
             crop_source=crop_source,
