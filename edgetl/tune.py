@@ -153,9 +153,13 @@ def reuse_refusal(run_dir: Path, data: Path, p: Probe, opts: TuneOptions) -> str
     cfg = folder.manifest.get("config", {})
     wanted = {"backbone": p.backbone, "input_size": p.size, "seed": opts.seed, "pretrained": opts.pretrained}
     differs = [k for k, v in wanted.items() if k in cfg and cfg[k] != v]
-    bench_targets = {r["target"] for r in json.loads((run_dir / "bench.json").read_text())["results"]}
+    results = json.loads((run_dir / "bench.json").read_text())["results"]
+    bench_targets = {r["target"] for r in results}
     if differs or not set(opts.targets) <= bench_targets:
         return "made with other settings (" + ", ".join(differs or ["targets"]) + ")"
+    # A probe made for fp32 alone has no int8 models; reusing it would silently drop the int8 candidates.
+    if "int8" in opts.precisions and not {r["target"] for r in results if r["precision"] == "int8"} >= set(opts.targets):
+        return "made without int8 models"
     return None
 
 

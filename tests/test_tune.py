@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from edgetl.cli.main import app
 from edgetl.errors import EdgetlError
 from edgetl.progress import Reporter
-from edgetl.tune import TuneOptions, pick, tune
+from edgetl.tune import Probe, TuneOptions, pick, reuse_refusal, tune
 
 QUIET = Reporter(quiet=True)
 
@@ -120,7 +120,8 @@ def test_changed_data_makes_the_probes_again(tuned: tuple[dict, Path, Path], tmp
     out = tmp_path / "tune"
     shutil.copytree(folder, out)
     make_folder(changed, per_class=11)  # one more image in every class: the recorded file lists no longer match
-    report = tune(changed, _opts(out, sizes=(48,), final=False), QUIET)
+    # One target and precision (a subset of what the probe has): only the changed data can make it run again.
+    report = tune(changed, _opts(out, sizes=(48,), targets=("ort-cpu",), precisions=("fp32",), final=False), QUIET)
     assert [p["reused"] for p in report["probes"]] == [False]
     assert json.loads((Path(report["probes"][0]["run_dir"]) / "splits.json").read_text())["root"] == str(changed.resolve())
 
@@ -141,7 +142,13 @@ def test_ctrl_c_keeps_finished_probes_and_says_how_to_go_on(tmp_path: Path, monk
     with pytest.raises(EdgetlError, match="1 finished probe") as err:
         tune(data, _opts(tmp_path / "tune", targets=("ort-cpu",), precisions=("fp32",)), QUIET)
     assert err.value.exit_code == 130
-    assert (tmp_path / "tune" / "probes" / "tiny-48" / "bench.json").is_file()
+    probe = tmp_path / "tune" / "probes" / "tiny-48"
+    assert (probe / "bench.json").is_file()
+    # The finished probe serves a later fp32 tune, but not one that wants int8 candidates it never made.
+    fp32_only = _opts(tmp_path / "tune", targets=("ort-cpu",), precisions=("fp32",))
+    assert reuse_refusal(probe, data, Probe("tiny", 48), fp32_only) is None
+    with_int8 = _opts(tmp_path / "tune", targets=("ort-cpu",), precisions=("fp32", "int8"))
+    assert reuse_refusal(probe, data, Probe("tiny", 48), with_int8) == "made without int8 models"
 
 
 def test_cli_dry_run_prints_the_probes_and_the_estimate(tmp_path: Path) -> None:
