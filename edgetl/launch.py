@@ -12,8 +12,13 @@ import logging
 import os
 import sys
 import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgetl.errors import EdgetlError
+
+if TYPE_CHECKING:
+    from edgetl.config import TrainConfig
 
 
 def strip_option(argv: list[str], option: str) -> list[str]:
@@ -27,6 +32,24 @@ def strip_option(argv: list[str], option: str) -> list[str]:
         elif not arg.startswith(option + "="):
             out.append(arg)
     return out
+
+
+def check_before_launch(run: TrainConfig | Path, nproc: int) -> None:
+    """Refuse, before any process starts, what the process count cannot fit (see train.check_process_split):
+    the options of a new run, or those a resumed run (`run`, its folder) recorded."""
+    from edgetl.config import TrainConfig
+    from edgetl.train import check_process_split, pick_device
+
+    if nproc < 1:
+        raise EdgetlError(f"--nproc-per-node must be at least 1, got {nproc}")
+    if isinstance(run, Path):
+        from edgetl.run import RunFolder
+
+        config = RunFolder.open(run).manifest.get("config")
+        if not isinstance(config, dict):
+            return  # not a run folder edgetl can resume: each process says so in its own words
+        run = TrainConfig.from_dict(config)
+    check_process_split(run, nproc, nproc, pick_device(run.device))
 
 
 def launch_local(nproc: int, argv: list[str]) -> int:

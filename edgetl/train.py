@@ -132,16 +132,28 @@ def pick_device(name: str) -> torch.device:
 
 
 def rank_device(device: torch.device, dist: Dist) -> torch.device:
-    """This process's device: under torchrun on CUDA, GPU `local_rank` of its node. NCCL runs one process per GPU,
-    so more processes on a node than it has GPUs are refused here, in one line, instead of failing later in
-    `model.to()` with an invalid device ordinal."""
+    """This process's device: under torchrun on CUDA, GPU `local_rank` of its node."""
     if device.type != "cuda" or not dist.active:
         return device
-    gpus = torch.cuda.device_count()
-    if dist.local_world_size > gpus:
-        raise EdgetlError(f"{dist.local_world_size} training processes on this machine but {gpus} CUDA device(s): NCCL needs "
-                          f"one GPU per process; use --nproc-per-node {gpus}, or --device cpu for processes on the CPU")  # fmt: skip
+    check_process_split(None, dist.world_size, dist.local_world_size, device)
     return torch.device("cuda", dist.local_rank)
+
+
+def check_process_split(cfg: TrainConfig | None, world_size: int, local_world_size: int, device: torch.device) -> None:
+    """What must fit the process count, refused in one line: by `--nproc-per-node` before any process starts,
+    and in every process under a plain torchrun. NCCL runs one process per GPU (more would fail later in
+    `model.to()` with an invalid device ordinal); the global batch is split evenly; mixup pairs the images
+    of each process's batch."""
+    if device.type == "cuda" and local_world_size > (gpus := torch.cuda.device_count()):
+        raise EdgetlError(f"{local_world_size} training processes on this machine but {gpus} CUDA device(s): NCCL needs "
+                          f"one GPU per process; use --nproc-per-node {gpus}, or --device cpu for processes on the CPU")  # fmt: skip
+    if cfg is None or world_size == 1:
+        return
+    if cfg.batch_size % world_size:
+        raise EdgetlError(f"--batch-size {cfg.batch_size} is the global batch: it must divide evenly over {world_size} processes")
+    if cfg.mixes and (cfg.batch_size // world_size) % 2:
+        raise EdgetlError(f"--mixup/--cutmix need an even batch in each process: {cfg.batch_size} over "
+                          f"{world_size} processes is {cfg.batch_size // world_size}")  # fmt: skip
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -283,9 +295,8 @@ class Trainer:
         self.spec = preprocess_spec(cfg.backbone, cfg.input_size)
         self.keep_feature_cache = keep_feature_cache
         self.device = rank_device(pick_device(cfg.device), self.dist)
-        if self.dist.active and cfg.batch_size % self.dist.world_size:
-            raise EdgetlError(f"--batch-size {cfg.batch_size} is the global batch: it must divide evenly over "
-                              f"{self.dist.world_size} processes")  # fmt: skip
+        if self.dist.active:
+            check_process_split(cfg, self.dist.world_size, self.dist.local_world_size, self.device)
         self.amp_dtype = autocast_dtype(cfg.precision, self.device)
         self.bf16 = self.amp_dtype == torch.bfloat16
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
@@ -787,11 +798,7 @@ class Trainer:
         which seed_everything seeds, so a mixed run repeats. Label smoothing stays in the criterion."""
         cfg = self.cfg
         if not cfg.mixes:
-            return None
-        per_process = cfg.batch_size // self.dist.world_size if self.dist.active else cfg.batch_size
-        if per_process % 2:
-            raise EdgetlError(f"--mixup/--cutmix need an even batch in each process: {cfg.batch_size} over "
-                              f"{self.dist.world_size} processes is {per_process}")  # fmt: skip
+            return None  # an odd batch per process was refused by check_process_split, an odd batch by TrainConfig
         from timm.data import Mixup
 
         return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=0.0, num_classes=len(self.classes))

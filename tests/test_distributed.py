@@ -147,11 +147,25 @@ def test_a_process_that_cannot_reach_the_others_fails_in_one_line(data: Path, tm
     assert not (tmp_path / "run").exists()
 
 
-def test_batch_that_does_not_divide_over_the_processes_is_refused(data: Path, tmp_path: Path) -> None:
-    result = _train([str(data), *TINY[:-1], "7", "--out", str(tmp_path / "run"), "--nproc-per-node", "2"])
-    assert result.returncode == 2
-    assert "must divide evenly over 2 processes" in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "run").exists()
+def test_what_the_process_count_cannot_fit_is_refused_before_any_process_starts(data: Path, tmp_path: Path) -> None:
+    """One line (two started processes would print one each), exit 2, no run folder: for a new run's
+    options and for those a resumed run recorded."""
+    from edgetl.config import TrainConfig
+    from edgetl.progress import Reporter
+    from edgetl.train import train
+
+    def refused(args: list[str], words: str) -> None:
+        result = _train([*args, "--nproc-per-node", "2"])
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1 and words in lines[0], result.stderr
+
+    for extra, words in ((["--batch-size", "7"], "must divide evenly over 2 processes"),
+                         (["--batch-size", "6", "--mixup", "0.2"], "even batch in each process: 6 over 2 processes is 3")):  # fmt: skip
+        refused([str(data), *TINY[:-2], *extra, "--out", str(tmp_path / "new")], words)
+        assert not (tmp_path / "new").exists()
+    cfg = TrainConfig(backbone="tiny", pretrained=False, epochs_head=1, epochs_finetune=0, batch_size=7, device="cpu")
+    run = train(data, cfg, out=str(tmp_path / "odd"), reporter=Reporter(quiet=True)).run_dir
+    refused(["--resume", str(run)], "--batch-size 7 is the global batch: it must divide evenly over 2 processes")
 
 
 def _gather_worker(rank: int, port: int, n: int, out: str) -> None:

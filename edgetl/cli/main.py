@@ -163,13 +163,9 @@ def train(
     from edgetl.train import resume as resume_run
     from edgetl.train import train as train_run
 
-    if nproc_per_node != 1 and not launched_by_torchrun():
-        from edgetl.launch import launch_local, strip_option
-
-        code = launch_local(nproc_per_node, strip_option(sys.argv[1:], "--nproc-per-node"))
-        if code:
-            raise typer.Exit(code)
-        return
+    # Every option is checked here, before --nproc-per-node starts any process: a bad one is one line,
+    # not one line per process after each has imported torch.
+    cfg = None
     if resume is not None:
         # A resumed run keeps the options it was started with; an option given here would be silently
         # ignored, so it is refused instead. Only what a resume can honour is allowed.
@@ -179,8 +175,6 @@ def train(
             flags = ", ".join("DATA" if n == "data" else "--" + n.replace("_", "-") for n in given)
             raise EdgetlError(f"--resume continues a run with its recorded options: {flags} cannot be changed (only "
                               "--epochs-finetune, --allow-data-change, --keep-feature-cache and --nproc-per-node go with --resume)")
-        extend = epochs_finetune if _given(ctx, "epochs_finetune") else None
-        result = resume_run(resume, epochs_finetune=extend, allow_data_change=allow_data_change, keep_feature_cache=keep_feature_cache)
     else:
         if allow_data_change:
             raise EdgetlError("--allow-data-change goes with --resume (a new run records the data as it is)")
@@ -203,6 +197,19 @@ def train(
             val_fraction=val_fraction, limit_train=limit_train, limit_val=limit_val, strict=strict,
             pretrained=pretrained, weights=str(weights) if weights else None,
         )  # fmt: skip
+    if nproc_per_node != 1 and not launched_by_torchrun():
+        from edgetl.launch import check_before_launch, launch_local, strip_option
+
+        check_before_launch(cfg if cfg is not None else resume, nproc_per_node)
+        code = launch_local(nproc_per_node, strip_option(sys.argv[1:], "--nproc-per-node"))
+        if code:
+            raise typer.Exit(code)
+        return
+    if resume is not None:
+        extend = epochs_finetune if _given(ctx, "epochs_finetune") else None
+        result = resume_run(resume, epochs_finetune=extend, allow_data_change=allow_data_change, keep_feature_cache=keep_feature_cache)
+    else:
+        assert cfg is not None and data is not None
         result = train_run(data, cfg, out=out, name=name, keep_feature_cache=keep_feature_cache, val_data=val_data)
     if "best" in result.metrics:
         _print_metrics(f"validation, best checkpoint of {result.run_dir}", result.metrics["best"])
