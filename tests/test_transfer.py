@@ -364,9 +364,9 @@ def test_mixup_and_cutmix_mix_stage_2_batches(image_folder: Path, tmp_path: Path
     loss_targets: list[torch.Tensor] = []
     real_loss = Trainer.train_loss
 
-    def loss_spy(self: Trainer) -> object:
-        loss = real_loss(self)
-        return lambda logits, y, idx: (loss_targets.append(y), loss(logits, y, idx))[1]
+    def loss_spy(self: Trainer, on_images: bool = False) -> object:
+        loss = real_loss(self, on_images)
+        return lambda logits, y, idx, x: (loss_targets.append(y), loss(logits, y, idx, x))[1]
 
     monkeypatch.setattr(Trainer, "train_loss", loss_spy)
     cfg = tiny_cfg(recipe="finetune", unfreeze="all", epochs_head=1, epochs_finetune=1, mixup=0.4, cutmix=1.0)
