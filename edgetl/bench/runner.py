@@ -244,7 +244,7 @@ def _fixed_batch(v: Variant) -> int | None:
 def bench(paths: list[str | os.PathLike[str]], opts: BenchOptions, reporter: Reporter | None = None) -> dict[str, Any]:
     import tempfile
 
-    from edgetl.bench.isolation import ArrayFiles, InProcessWorker, ProcessWorker, interleaved_rounds
+    from edgetl.bench.isolation import ArrayFiles, InProcessWorker, ProcessWorker, close_all, interleaved_rounds
     from edgetl.hostinfo import host_record
     from edgetl.malloc_tuning import tune_malloc
 
@@ -281,8 +281,7 @@ def bench(paths: list[str | os.PathLike[str]], opts: BenchOptions, reporter: Rep
                 raise EdgetlError("every variant failed to load: " + "; ".join(s["reason"] for s in skipped))
             results = _measure(workers, loaded, x1, threads, opts, reporter, interleaved_rounds)
         finally:
-            for w, _, _ in workers.values():
-                w.close()
+            close_all([w for w, _, _ in workers.values()])
     if opts.check_reference:
         from edgetl.bench.reference import reference_for
 
