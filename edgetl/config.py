@@ -101,6 +101,8 @@ class TrainConfig:
                 raise EdgetlError(f"--{name} is a Beta distribution's alpha in [0, 10] (0: off), got {getattr(self, name)}")
         if self.distill_mode not in DISTILL_MODES:
             raise EdgetlError(f"--distill-mode must be one of {', '.join(DISTILL_MODES)}, got {self.distill_mode!r}")
+        if self.distill_mode != "cached" and self.teacher is None:
+            raise EdgetlError(f"--distill-mode {self.distill_mode} says how to distil from a --teacher, and none was given")
         if self.mixes and self.teacher is not None and self.distill_mode == "cached":
             # The cached teacher logits are of whole, unmixed images; a mixed image has no teacher label.
             raise EdgetlError("--mixup/--cutmix cannot be combined with --teacher in --distill-mode cached: the teacher's "

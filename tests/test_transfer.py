@@ -400,6 +400,8 @@ def test_bad_mixing_options_are_refused() -> None:
     assert tiny_cfg(mixup=0.2, teacher="some-run", distill_mode="consistent").mixes  # the teacher scores mixed images
     with pytest.raises(EdgetlError, match="--distill-mode must be one of"):
         tiny_cfg(teacher="some-run", distill_mode="online")
+    with pytest.raises(EdgetlError, match="none was given"):
+        tiny_cfg(distill_mode="consistent")
 
 
 def test_an_odd_batch_per_process_under_mixup_is_refused_before_training(tmp_path: Path) -> None:
