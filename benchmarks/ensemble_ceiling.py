@@ -22,34 +22,33 @@ DATA = "/work/shared/datasets/clothing-small"
 
 
 def probabilities(run: Path, data: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax outputs of `run`'s kept checkpoint on `split` of `data`, and the labels (in the run's label order)."""
+    """Softmax outputs of `run`'s kept checkpoint on `split` of `data` (edgetl.evaluate.score: the run's
+    recorded preprocessing), and the labels in the run's label order."""
     import torch
 
-    from edgetl import checkpoint
-    from edgetl.data import relabel, scoring_set
-    from edgetl.decoded import decode_for_scoring
+    from edgetl.evaluate import score
     from edgetl.progress import Reporter
-    from edgetl.run import RunFolder
-    from edgetl.train import predict_logits
 
-    ckpt = RunFolder.open(run).checkpoint()
-    model, spec = checkpoint.build_model(ckpt), checkpoint.spec_of(ckpt)
-    files, classes, source, _ = scoring_set(data, split)
-    files = relabel(files, classes, list(ckpt["config"]["labels"]), data)
-    images, failed = decode_for_scoring(files, spec, Reporter(quiet=True), source)
-    if failed:
-        raise SystemExit(f"{len(failed)} image(s) of {source} could not be read: the runs would be scored on different sets")
-    logits = predict_logits(model, images, spec, torch.device("cpu"))
-    return torch.softmax(torch.from_numpy(logits).float(), dim=1).numpy(), np.asarray(images.labels)
+    s = score(run, data, split, device="cpu", reporter=Reporter(quiet=True))
+    if s.skipped_files:
+        raise SystemExit(f"{len(s.skipped_files)} image(s) of {s.source} could not be read: the runs would be scored on different sets")
+    return torch.softmax(torch.from_numpy(s.logits).float(), dim=1).numpy(), s.labels
+
+
+def run_argument(item: str) -> tuple[str, str]:
+    name, sep, run = item.partition("=")
+    if not (sep and name and run):
+        raise argparse.ArgumentTypeError(f"expected NAME=RUN, got {item!r}")
+    return name, run
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", metavar="NAME=RUN")
+    ap.add_argument("runs", nargs="+", metavar="NAME=RUN", type=run_argument)
     ap.add_argument("--data", default=DATA)
     ap.add_argument("--out", default="ensemble_ceiling_clothing")
     args = ap.parse_args()
-    runs = dict(item.split("=", 1) for item in args.runs)
+    runs = dict(args.runs)
     probs: dict[str, dict[str, np.ndarray]] = {"val": {}, "test": {}}
     labels: dict[str, np.ndarray] = {}
     for split in probs:

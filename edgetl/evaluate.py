@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from edgetl.data import relabel, scoring_set
 from edgetl.decoded import decode_for_scoring
@@ -11,15 +14,29 @@ from edgetl.progress import Reporter
 from edgetl.run import RunFolder
 
 
-def evaluate(
+@dataclass
+class Scored:
+    """A checkpoint's logits on a scoring set, with what was scored."""
+
+    logits: np.ndarray
+    labels: np.ndarray  # in the checkpoint's label order
+    label_names: list[str]
+    source: str
+    split: str | None
+    skipped_files: list[dict[str, str]]
+    checkpoint: str
+    checkpoint_sha256: str
+
+
+def score(
     run: str | os.PathLike[str],
     data: str | os.PathLike[str],
     split: str | None = None,
     device: str = "auto",
     reporter: Reporter | None = None,
-) -> dict[str, Any]:
-    """Every image of a plain folder of class folders, or one split of a dataset (default: test,
-    else the validation folder): top-1, top-5, per-class accuracy, macro-F1, and what was scored."""
+) -> Scored:
+    """The run's kept checkpoint over every image of a plain folder of class folders, or one split of a
+    dataset (default: test, else the validation folder), decoded with the run's recorded preprocessing."""
     import torch  # noqa: F401 - the model below needs it; imported here to keep the CLI fast
 
     from edgetl import checkpoint
@@ -37,9 +54,21 @@ def evaluate(
     images, failed = decode_for_scoring(ls, spec, reporter, source)
     dev = pick_device(device)
     logits = predict_logits(model.to(dev), images, spec, dev, reporter=reporter)
+    return Scored(logits, np.asarray(images.labels), labels, source, split_name, failed, ckpt["path"], folder.checkpoint_sha256)
+
+
+def evaluate(
+    run: str | os.PathLike[str],
+    data: str | os.PathLike[str],
+    split: str | None = None,
+    device: str = "auto",
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """`score`, then top-1, top-5, per-class accuracy, macro-F1, and what was scored."""
     from edgetl.metrics import classification_metrics
 
-    metrics = classification_metrics(logits, images.labels, labels)
-    metrics.update({"data": source, "split": split_name, "scored": len(images),
-                    "skipped_files": failed, "checkpoint": ckpt["path"], "checkpoint_sha256": folder.checkpoint_sha256})  # fmt: skip
+    s = score(run, data, split, device, reporter)
+    metrics = classification_metrics(s.logits, s.labels, s.label_names)
+    metrics.update({"data": s.source, "split": s.split, "scored": len(s.labels),
+                    "skipped_files": s.skipped_files, "checkpoint": s.checkpoint, "checkpoint_sha256": s.checkpoint_sha256})  # fmt: skip
     return metrics

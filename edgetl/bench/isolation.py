@@ -49,6 +49,7 @@ class ProcessWorker:
         with open(self.log, "w") as err:
             self.proc = subprocess.Popen([sys.executable, "-m", "edgetl.bench.worker", json.dumps(spec)], stdin=subprocess.PIPE,
                                          stdout=subprocess.PIPE, stderr=err, text=True)  # fmt: skip
+        self._asked_to_exit = False
         self.info = self._read()
         self.error = self.info.get("error")
 
@@ -86,8 +87,9 @@ class ProcessWorker:
         return self._ask({"cmd": "throughput", "input": self.files.path(x), "seconds": seconds})["images_per_second"]
 
     def ask_to_exit(self) -> None:
-        """Tell the worker to exit without waiting for it (see close_all)."""
-        if self.proc.poll() is None:
+        """Tell the worker to exit without waiting for it (see close_all); once is enough."""
+        if self.proc.poll() is None and not self._asked_to_exit:
+            self._asked_to_exit = True
             try:
                 self.proc.stdin.write(json.dumps({"cmd": "exit"}) + "\n")  # type: ignore[union-attr]
                 self.proc.stdin.flush()  # type: ignore[union-attr]
@@ -106,8 +108,7 @@ def close_all(workers: list[Any]) -> None:
     """Close workers together: each is told to exit first, so their runtimes' teardowns (a few tenths of
     a second each) overlap instead of queueing; timing is over by then, so they compete for nothing."""
     for w in workers:
-        if isinstance(w, ProcessWorker):
-            w.ask_to_exit()
+        w.ask_to_exit()
     for w in workers:
         w.close()
 
@@ -145,6 +146,9 @@ class InProcessWorker:
 
     def throughput(self, x: np.ndarray, seconds: float) -> float:
         return throughput(self.run, x, seconds)
+
+    def ask_to_exit(self) -> None:
+        """Nothing to tell: the variant lives in this process (close frees it)."""
 
     def close(self) -> None:
         self.run = None
