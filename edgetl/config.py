@@ -157,11 +157,29 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    def from_dict(cls, d: dict[str, Any], source: str = "the recorded training config") -> TrainConfig:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in d.items() if k in known}
         # Runs recorded before recipes and per-stage early stopping existed resume as they were trained.
         values.setdefault("recipe", "finetune")
         values.setdefault("patience_head", 0)
         values.setdefault("min_epochs_finetune", 0)
+        for f in fields(cls):
+            if f.name in values and not _has_type(values[f.name], str(f.type)):
+                # A hand-edited manifest: say which value is wrong rather than fail later in arithmetic on it.
+                raise EdgetlError(f"{source} has {f.name}={values[f.name]!r}, which is not "
+                                  f"of type {f.type}")
         return cls(**values)
+
+
+_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def _has_type(value: Any, annotation: str) -> bool:
+    """Whether a JSON value fits a field's annotation ('int', 'float | None', ...); bool is not an int here."""
+    for name in (part.strip() for part in annotation.split("|")):
+        if name == "None" and value is None:
+            return True
+        if name in _TYPES and isinstance(value, _TYPES[name]) and (name == "bool" or not isinstance(value, bool)):
+            return True
+    return False

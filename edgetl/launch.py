@@ -48,7 +48,7 @@ def check_before_launch(run: TrainConfig | Path, nproc: int) -> None:
         config = RunFolder.open(run).manifest.get("config")
         if not isinstance(config, dict):
             return  # not a run folder edgetl can resume: each process says so in its own words
-        run = TrainConfig.from_dict(config)
+        run = TrainConfig.from_dict(config, f"{run / 'manifest.json'}: config")
     check_process_split(run, nproc, nproc, pick_device(run.device))
 
 

@@ -1151,7 +1151,7 @@ def _resume_plan(folder: RunFolder, epochs_finetune: int | None) -> dict[str, An
     if folder.lineage:
         raise EdgetlError(f"{folder.path} was made by `edgetl adapt` from {folder.lineage.get('parent_run')}: it has no "
                           "training to resume (adapt the parent again, or train a new run)")  # fmt: skip
-    cfg = TrainConfig.from_dict(manifest["config"])
+    cfg = TrainConfig.from_dict(manifest["config"], f"{folder.path / 'manifest.json'}: config")
     last = checkpoint.read(folder.path, checkpoint.LAST_NAME) if (folder.path / checkpoint.LAST_NAME).is_file() else None
     stage, epoch = (last["stage"], int(last["epoch"])) if last else ("head", 0)
     bad_epochs = int(last.get("bad_epochs") or 0) if last else 0

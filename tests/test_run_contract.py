@@ -234,6 +234,13 @@ def test_resume_refuses_options_it_would_ignore(fresh_run: tuple[Path, Path]) ->
         assert result.exit_code == 2 and "cannot be changed" in result.output, result.output
     result = runner.invoke(app, ["train", "--resume", str(run)])
     assert result.exit_code == 2 and "finished" in result.output
+    # A hand-edited manifest with a wrongly typed value: named, in one process and before launching several.
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["config"]["batch_size"] = "8"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    for extra in ([], ["--nproc-per-node", "2"]):
+        result = runner.invoke(app, ["train", "--resume", str(run), *extra])
+        assert result.exit_code == 2 and "batch_size='8', which is not of type int" in result.output, result.output
 
 
 def test_resume_mid_finetune_continues_the_same_schedule(fresh_run: tuple[Path, Path], tmp_path: Path,
