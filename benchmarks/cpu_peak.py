@@ -4,15 +4,18 @@ arithmetic floor it implies (issue 18, part 1: "p50 as a fraction of the floor")
     python benchmarks/cpu_peak.py [--edge-results results/edge_formats_lite0.json] [--threads 2] [--tag TAG]
 
 `--edge-results` takes edge_formats.py result files or an `edgetl bench --out DIR` folder's bench.json
-(a path with "lite2" in it is Lite2, anything else Lite0). bf16 rows are measured against the fp32 floor.
+(a path with "lite2" in it is Lite2, anything else Lite0). bf16 rows are measured against the bf16 floor
+where the CPU has bf16 instructions, else against the fp32 floor.
 
 Method: the peak is what the runtimes' best kernels reach on a large square matrix product, not a data
 sheet figure (the clock under load is unknown on a shared VM): fp32 with torch.mm (oneDNN/MKL), int8
-with ONNX Runtime's MatMulInteger (uint8 x int8, MLAS, which uses VNNI where the CPU has it), N = 2048,
+with ONNX Runtime's MatMulInteger (uint8 x int8, MLAS, which uses VNNI or AMX where the CPU has it), N = 2048,
 `--threads` threads, the best of 20 timed runs after 5 warm-ups (best, because the floor is what the
-hardware *can* do). The floor of a model is its multiply-adds (timm's count, `edgetl backbones`)
-divided by that peak; a latency's "x floor" is p50 / floor. Real networks sit well above it: depthwise
-convolutions and small late layers cannot use a GEMM's full width.
+hardware *can* do); bf16, where the CPU has bf16 instructions, with torch.mm on bf16 matrices (oneDNN:
+AMX tiles where the CPU has them, else AVX-512 bf16 dot products). The floor of a model is its
+multiply-adds (timm's count, `edgetl backbones`) divided by that peak; a latency's "x floor" is
+p50 / floor. Real networks sit well above it: depthwise convolutions and small late layers cannot use
+a GEMM's full width.
 """
 
 from __future__ import annotations
@@ -48,6 +51,14 @@ def fp32_peak(threads: int) -> float:
     return N**3 / _best_seconds(lambda: torch.mm(a, b))
 
 
+def bf16_peak(threads: int) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(N, N, dtype=torch.bfloat16), torch.randn(N, N, dtype=torch.bfloat16)
+    return N**3 / _best_seconds(lambda: torch.mm(a, b))
+
+
 def int8_peak(threads: int) -> float:
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -73,7 +84,11 @@ def main() -> None:
                     default=[str(RESULTS / "edge_formats_lite0.json"), str(RESULTS / "edge_formats_lite2-head.json")])  # fmt: skip
     ap.add_argument("--tag", default="", help="suffix of the results file name (another machine's peak)")
     args = ap.parse_args()
+    from edgetl.hostinfo import has_bf16
+
     peaks = {"fp32": fp32_peak(args.threads), "int8": int8_peak(args.threads)}
+    if has_bf16():
+        peaks["bf16"] = bf16_peak(args.threads)
     rows, table = [], ""
     for path in args.edge_results:
         if not Path(path).is_file():
@@ -82,7 +97,7 @@ def main() -> None:
         bench = report.get("bench", report)  # edge_formats.py wraps the bench report; bench.json is one
         backbone = "efficientnet_lite2" if "lite2" in str(path) else "efficientnet_lite0"
         for r in sorted((r for r in bench["results"] if "latency" in r), key=lambda r: r["latency"]["p50_ms"]):
-            precision = "int8" if r["precision"] == "int8" else "fp32"
+            precision = r["precision"] if r["precision"] in peaks else "fp32"
             floor_ms = MACS[backbone] / peaks[precision] * 1e3
             row = {"model": backbone, "variant": r["variant"], "p50_ms": r["latency"]["p50_ms"], "floor_ms": floor_ms,
                    "x_floor": r["latency"]["p50_ms"] / floor_ms}  # fmt: skip
@@ -93,7 +108,9 @@ def main() -> None:
          f"# This CPU's multiply-add peak and the arithmetic floor\n\n"
          f"Measured peak ({args.threads} threads, {N}x{N} matrix product, best of 20): fp32 **{peaks['fp32'] / 1e9:.1f} GMAC/s** "
          f"(torch.mm), int8 **{peaks['int8'] / 1e9:.1f} GMAC/s** (ONNX Runtime MatMulInteger u8 x s8; "
-         f"{peaks['int8'] / peaks['fp32']:.2f}x fp32). Floor = the model's multiply-adds / peak (Lite0 385 M, Lite2 860 M).\n\n"
+         f"{peaks['int8'] / peaks['fp32']:.2f}x fp32)"
+         + (f", bf16 **{peaks['bf16'] / 1e9:.1f} GMAC/s** (torch.mm; {peaks['bf16'] / peaks['fp32']:.2f}x fp32)" if "bf16" in peaks else "")
+         + ". Floor = the model's multiply-adds / peak (Lite0 385 M, Lite2 860 M).\n\n"
          "| model | variant | p50 ms | floor ms | x floor |\n|---|---|---|---|---|\n" + table)  # fmt: skip
 
 

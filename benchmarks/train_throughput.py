@@ -7,10 +7,11 @@ options a library offers that edgetl does not use by default.
 Each configuration runs in its own process (the malloc setting is process-wide), alternating
 A, B, C, A, B, C, ... so drift on this shared machine hits all alike; ratios of medians are reported.
   plain:    fp32, eager, contiguous (NCHW) tensors, glibc malloc defaults
-  edgetl:   channels_last + malloc tuning (+ bf16 autocast where `--precision auto` picks it: AMX), what `edgetl train` does
+  edgetl:   channels_last + malloc tuning in fp32, what `edgetl train` does (`--precision auto` is fp32 everywhere)
   compile:  edgetl + torch.compile of the model (inductor; its compile time is reported apart, not in images/s)
   workers1: edgetl + one DataLoader worker process decoding and augmenting beside the training steps
   bf16:     edgetl with bf16 autocast wherever the CPU has bf16 instructions (`--precision bf16`): what bf16 brings here
+  fp32:     the same step as edgetl, named for what it is beside bf16 (`--precision fp32`)
 The step is the real one: efficientnet_lite0, the top blocks (or all) + head trainable, BatchNorm frozen,
 AdamW, batch 32, with augmentation from decoded clothing-small images.
 Writes benchmarks/results/train_throughput[_TAG].{json,md}.
@@ -34,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[1] / "shared/datasets/clothing-small"
 
 
-CONFIGS = ("plain", "edgetl", "compile", "workers1", "bf16")
+CONFIGS = ("plain", "edgetl", "compile", "workers1", "bf16", "fp32")
 
 
 def worker(config: str, seconds: float, unfreeze: str, input_size: int | None) -> None:
@@ -48,7 +49,7 @@ def worker(config: str, seconds: float, unfreeze: str, input_size: int | None) -
     from edgetl.decoded import decode_split
     from edgetl.malloc_tuning import tune_malloc
     from edgetl.model import build_classifier, param_groups, set_train_mode, unfreeze_top
-    from edgetl.train import AugmentedImages, train_transform, use_bf16
+    from edgetl.train import AugmentedImages, train_transform
 
     fast = config != "plain"
     if fast:
@@ -60,7 +61,7 @@ def worker(config: str, seconds: float, unfreeze: str, input_size: int | None) -
     model = build_classifier("efficientnet_lite0", len(ds.classes))
     load_pretrained(model.backbone, "efficientnet_lite0", None, lambda _m: None)
     unfreeze_top(model, None if unfreeze == "all" else int(unfreeze))
-    bf16 = has_bf16() if config == "bf16" else fast and use_bf16("auto", torch.device("cpu"))
+    bf16 = config == "bf16" and has_bf16()
     if fast:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4)

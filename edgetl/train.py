@@ -46,7 +46,7 @@ from edgetl.decoded import CACHE_PREFIX, DecodedImages, decode_split
 from edgetl.distributed import Dist, lost_peer
 from edgetl.errors import EdgetlError, TrainingInterrupted
 from edgetl.fileio import write_csv, write_json
-from edgetl.hostinfo import has_amx_bf16, has_bf16, host_record
+from edgetl.hostinfo import has_bf16, host_record
 from edgetl.malloc_tuning import tune_malloc
 from edgetl.metrics import classification_metrics
 from edgetl.model import (
@@ -157,7 +157,7 @@ def check_process_split(cfg: TrainConfig | None, world_size: int, local_world_si
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of training steps: bf16 when asked or, on `auto`, where it is faster (`use_bf16`);
+    """The autocast dtype of training steps: bf16 when asked (`use_bf16`: `auto` is fp32, measured faster);
     fp16 (with loss scaling) only when asked, and only on CUDA; None for fp32."""
     if precision == "fp16":
         if device.type != "cuda":
@@ -167,24 +167,25 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """bf16 autocast when asked, or on `auto` where it is faster: a CPU with AMX.
+    """bf16 autocast only when asked: on every device measured, `auto` trains faster in fp32.
 
-    A CPU with AVX-512 bf16 instructions but no AMX tiles trains *slower* in bf16: Lite0's fine-tune step ran
-    at 14.9 images/s with bf16 autocast against 29.2 in fp32 on such a Xeon (avx512_bf16, no amx;
-    benchmarks/results/train_throughput_bf16.md). So does an H100: Lite0's stage 2 (all blocks, batch 32) ran at
-    489 and 288 images/s with bf16 autocast against 682 and 618 in fp32 (two pairs, both orders;
-    benchmarks/results/gpu_h100/README.md). The likely cause (not profiled): these compact backbones are
-    launch-bound at that batch size, so the casts autocast adds cost more than bf16 saves, and fp32 convolutions
-    already run on TF32 tensor cores.
-    So `auto` keeps fp32 on CUDA and on CPUs without AMX; `--precision bf16` is on request."""
-    if precision in ("fp32", "fp16"):
+    A CPU with AVX-512 bf16 instructions but no AMX tiles trains Lite0's fine-tune step at 14.9 images/s with
+    bf16 autocast against 29.2 in fp32 (benchmarks/results/train_throughput_bf16.md). A CPU *with* AMX tiles
+    is slower in bf16 too: 20.8 against 27.5 images/s for all blocks, 38.4 against 49.9 for the top 3 (a 2-core
+    Xeon with amx_bf16; train_throughput_amx-all.md, _amx-top3.md). A torch profile of that step shows why:
+    the convolutions' backward pass takes 1.4x longer in bf16, more than bf16 saves on the memory-bound
+    batch-norm and activation passes, which edgetl's malloc tuning already makes cheap in fp32 (without it
+    bf16 would win, 20.3 against 15.9 images/s). An H100 ran Lite0's stage 2 (all blocks, batch 32) at 489
+    and 288 images/s with bf16 autocast against 682 and 618 in fp32 (two pairs, both orders;
+    benchmarks/results/gpu_h100/README.md), likely launch-bound small kernels plus autocast's casts, with fp32
+    convolutions already on TF32 tensor cores.
+    So `auto` is fp32 everywhere; `--precision bf16` is on request (refused without native bf16)."""
+    if precision in ("fp32", "fp16", "auto"):
         return False
     supported = torch.cuda.is_bf16_supported() if device.type == "cuda" else has_bf16()
-    if precision == "bf16" and not supported:
+    if not supported:
         raise EdgetlError(f"--precision bf16: this {device.type.upper()} has no native bf16 support; use fp32 or auto")
-    if precision == "auto":
-        return device.type == "cpu" and has_amx_bf16()
-    return supported
+    return True
 
 
 def check_cpu_compiler() -> None:
