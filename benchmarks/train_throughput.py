@@ -7,11 +7,11 @@ options a library offers that edgetl does not use by default.
 Each configuration runs in its own process (the malloc setting is process-wide), alternating
 A, B, C, A, B, C, ... so drift on this shared machine hits all alike; ratios of medians are reported.
   plain:    fp32, eager, contiguous (NCHW) tensors, glibc malloc defaults
-  edgetl:   channels_last + malloc tuning in fp32, what `edgetl train` does (`--precision auto` is fp32 everywhere)
+  edgetl:   channels_last + malloc tuning + whatever `--precision auto` picks (fp32 on every CPU now): what `edgetl train` does
   compile:  edgetl + torch.compile of the model (inductor; its compile time is reported apart, not in images/s)
   workers1: edgetl + one DataLoader worker process decoding and augmenting beside the training steps
   bf16:     edgetl with bf16 autocast wherever the CPU has bf16 instructions (`--precision bf16`): what bf16 brings here
-  fp32:     the same step as edgetl, named for what it is beside bf16 (`--precision fp32`)
+  fp32:     edgetl with autocast off whatever `auto` picks (`--precision fp32`): the side of a bf16 comparison
 The step is the real one: efficientnet_lite0, the top blocks (or all) + head trainable, BatchNorm frozen,
 AdamW, batch 32, with augmentation from decoded clothing-small images.
 Writes benchmarks/results/train_throughput[_TAG].{json,md}.
@@ -49,7 +49,7 @@ def worker(config: str, seconds: float, unfreeze: str, input_size: int | None) -
     from edgetl.decoded import decode_split
     from edgetl.malloc_tuning import tune_malloc
     from edgetl.model import build_classifier, param_groups, set_train_mode, unfreeze_top
-    from edgetl.train import AugmentedImages, train_transform
+    from edgetl.train import AugmentedImages, train_transform, use_bf16
 
     fast = config != "plain"
     if fast:
@@ -61,7 +61,7 @@ def worker(config: str, seconds: float, unfreeze: str, input_size: int | None) -
     model = build_classifier("efficientnet_lite0", len(ds.classes))
     load_pretrained(model.backbone, "efficientnet_lite0", None, lambda _m: None)
     unfreeze_top(model, None if unfreeze == "all" else int(unfreeze))
-    bf16 = config == "bf16" and has_bf16()
+    bf16 = {"bf16": has_bf16(), "fp32": False}.get(config, fast and use_bf16("auto", torch.device("cpu")))
     if fast:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4)
