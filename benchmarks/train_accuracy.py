@@ -29,7 +29,7 @@ PRESETS = {
     # 28x28 centred product shots. Crops keep >= 80% of the frame because the garment fills it; the whole base
     # is fine-tuned (a fixed recipe: grey 28 px thumbnails are far from ImageNet, and 1024-image trials cannot
     # rank recipes on 48k images) on the whole 48k training split, 2k validation images for model selection.
-    # 64 px at batch 64 for 6 epochs: 93.21% and 93.04% test (seeds 0, 1) in 26-27 minutes on 2 cores, where 96 px
+    # 64 px at batch 64 for 6 epochs: 93.12% +- 0.09 test over 3 seeds in 24-27 minutes on 2 cores, where 96 px
     # at batch 32 for 3 epochs scored 93.09% (one seed) in 45 minutes, and 96 px at batch 64 92.93% in 24
     # (results/train_accuracy_fashion-mnist_seeds.md). Batch 64 ran at 197 images/s in stage 2, against 169 for
     # batch 32 (the 5-epoch run of results/train_accuracy_fashion-mnist_64px.md, same host kind).
