@@ -80,6 +80,15 @@ def gpu_summary(host: dict[str, Any]) -> str:
     return "".join(f"; GPU {g['name']} ({g['memory_gib']} GiB, CUDA {g['cuda']})" for g in host.get("gpus", []))
 
 
+def host_lines(host: dict[str, Any]) -> list[str]:
+    """A host record as the two lines every report ends with: the CPU (and GPUs), then the library versions."""
+    return [
+        f"Host: {host['cpu_model']}, {host['cores_available']} cores, flags {' '.join(host['cpu_flags'])} "
+        f"(VNNI: {host['vnni']}, bf16: {host['bf16']})" + gpu_summary(host) + ".",
+        "Libraries: " + ", ".join(f"{k} {v}" for k, v in host["libraries"].items()) + ".",
+    ]
+
+
 def host_record() -> dict[str, Any]:
     flags = cpu_flags()
     interesting = sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c", "sse4_2"))

@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from edgetl.hostinfo import gpu_summary
+from edgetl.hostinfo import host_lines
 from edgetl.progress import make_console
 
 
@@ -119,10 +119,7 @@ def bench_markdown(report: dict[str, Any]) -> str:
         "importing the runtime library."
         + (" 'ref' is the runtime's own tool on the same file, threads and hint (OpenVINO benchmark_app -api sync -hint "
            "latency; ONNX Runtime a bare InferenceSession.run loop), run after edgetl's timing." if refs else ""),
-        f"Host: {host['cpu_model']}, {host['cores_available']} cores, flags {' '.join(host['cpu_flags'])} "
-        f"(VNNI: {host['vnni']}, bf16: {host['bf16']})"
-        + gpu_summary(host) + ".",
-        "Libraries: " + ", ".join(f"{k} {v}" for k, v in host["libraries"].items()) + ".",
+        *host_lines(host),
     ]  # fmt: skip
     if report["skipped"]:
         notes.append("Skipped: " + "; ".join(f"{s['target']} ({s['reason']})" for s in report["skipped"]) + ".")

@@ -26,6 +26,7 @@ from typing import Any
 from edgetl.backbones import find_weights, get_entry, list_backbones
 from edgetl.errors import EdgetlError, TrainingInterrupted
 from edgetl.fileio import write_json, write_text
+from edgetl.hostinfo import host_lines, host_record
 from edgetl.progress import Reporter
 
 # Input sizes tried by default: up to the backbone's pretrained size, in steps of 32 px (the networks'
@@ -283,6 +284,8 @@ def tune_markdown(report: dict[str, Any]) -> str:
                  + f", wall time {report['tune_seconds'] / 60:.1f} min (excluding the final training).")  # fmt: skip
     for s in report["skipped"]:
         lines.append(f"- left out {s['backbone']}: {s['reason']}")
+    if report.get("host"):  # tune.json files written before the host was recorded have none
+        lines += ["", *host_lines(report["host"])]
     if report.get("final"):
         f = report["final"]
         probe = f.get("probe_p50_ms_same_rounds")
@@ -334,7 +337,8 @@ def tune(data: str | os.PathLike[str], opts: TuneOptions, reporter: Reporter | N
         r["in_budget"] = within_budget(r, opts.max_latency_ms, opts.max_size_mb)
     chosen = pick(rows, opts.max_latency_ms, opts.max_size_mb)
     report: dict[str, Any] = {
-        "data": str(data_path), "options": asdict(opts), "skipped": skipped, "tune_seconds": tune_seconds,
+        # Latencies are this machine's: the record names it (CPU flags decide int8 and bf16 speed).
+        "data": str(data_path), "options": asdict(opts), "skipped": skipped, "tune_seconds": tune_seconds, "host": host_record(),
         "probes": [{k: v for k, v in asdict(p).items() if k != "rows"} for p in probes], "candidates": rows, "pick": chosen,
         "method": "accuracy proxy: validation top-1 of a stage-1 probe (frozen base, head on cached features) in the "
                   "candidate's own runtime and precision; latency: edgetl bench batch-1 p50 of the probe's exported model",

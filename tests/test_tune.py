@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from edgetl.cli.main import app
 from edgetl.errors import EdgetlError
+from edgetl.hostinfo import host_record
 from edgetl.progress import Reporter
 from edgetl.tune import Probe, TuneOptions, pick, reuse_refusal, tune
 
@@ -62,7 +63,10 @@ def test_every_probe_is_a_run_folder_and_every_candidate_is_measured(tuned: tupl
     assert report["pick"]["top1"] == best
     saved = json.loads((folder / "tune.json").read_text())
     assert saved["pick"] == report["pick"] and (folder / "tune.png").stat().st_size > 10_000
-    assert "**pick**" in (folder / "tune.md").read_text()
+    markdown = (folder / "tune.md").read_text()
+    assert "**pick**" in markdown
+    # The latencies are this machine's: the report names it, in the JSON and the table.
+    assert saved["host"]["cpu_flags"] == host_record()["cpu_flags"] and saved["host"]["cpu_model"] in markdown
 
 
 def test_the_pick_is_trained_in_full_and_exported(tuned: tuple[dict, Path, Path]) -> None:
