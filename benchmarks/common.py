@@ -12,7 +12,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgetl.fileio import write_json, write_text
-from edgetl.hostinfo import gpu_summary, host_record
+from edgetl.hostinfo import host_lines, host_record
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -21,11 +21,8 @@ def save(name: str, payload: dict[str, Any], markdown: str) -> Path:
     """Write results/<name>.json (with host and time) and results/<name>.md."""
     payload = {"benchmark": name, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": host_record(), **payload}
     write_json(RESULTS / f"{name}.json", payload)
-    host = payload["host"]
-    libs = ", ".join(f"{k} {v}" for k, v in host["libraries"].items())
-    gpus = gpu_summary(host)
-    write_text(RESULTS / f"{name}.md", f"{markdown.rstrip()}\n\nHost: {host['cpu_model']}, {host['cores_available']} cores, "
-               f"flags {' '.join(host['cpu_flags'])}{gpus}; {libs}. Command: `{' '.join(sys.argv)}`\n")  # fmt: skip
+    lines = host_lines(payload["host"])
+    write_text(RESULTS / f"{name}.md", f"{markdown.rstrip()}\n\n" + "\n".join(lines) + f"\nCommand: `{' '.join(sys.argv)}`\n")
     print(json.dumps({k: v for k, v in payload.items() if k != "host"}, indent=1, default=str)[:4000])
     return RESULTS / f"{name}.json"
 

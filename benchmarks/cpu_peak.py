@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from common import RESULTS, save
 
+from edgetl.hostinfo import has_bf16
+
 N = 2048
 MACS = {"efficientnet_lite0": 385e6, "efficientnet_lite2": 860e6}  # timm's counts at 224 / 260 px (`edgetl backbones`)
 
@@ -84,8 +86,6 @@ def main() -> None:
                     default=[str(RESULTS / "edge_formats_lite0.json"), str(RESULTS / "edge_formats_lite2-head.json")])  # fmt: skip
     ap.add_argument("--tag", default="", help="suffix of the results file name (another machine's peak)")
     args = ap.parse_args()
-    from edgetl.hostinfo import has_bf16
-
     peaks = {"fp32": fp32_peak(args.threads), "int8": int8_peak(args.threads)}
     if has_bf16():
         peaks["bf16"] = bf16_peak(args.threads)

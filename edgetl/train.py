@@ -172,10 +172,10 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     A CPU with AVX-512 bf16 instructions but no AMX tiles trains Lite0's fine-tune step at 14.9 images/s with
     bf16 autocast against 29.2 in fp32 (benchmarks/results/train_throughput_bf16.md). A CPU *with* AMX tiles
     is slower in bf16 too: 20.8 against 27.5 images/s for all blocks, 38.4 against 49.9 for the top 3 (a 2-core
-    Xeon with amx_bf16; train_throughput_amx-all.md, _amx-top3.md). A one-off torch profile of that step (not kept) says why:
-    the convolutions' backward pass takes 1.4x longer in bf16, more than bf16 saves on the memory-bound
-    batch-norm and activation passes, which edgetl's malloc tuning already makes cheap in fp32 (without it
-    bf16 would win, 20.3 against 15.9 images/s). An H100 ran Lite0's stage 2 (all blocks, batch 32) at 489
+    Xeon with amx_bf16; train_throughput_amx-all.md, _amx-top3.md). A one-off torch profile of that step (not
+    kept) says why: the convolutions' backward pass takes 1.4x longer in bf16, more than bf16 saves on the
+    memory-bound batch-norm and activation passes, which edgetl's malloc tuning already makes cheap in fp32
+    (without it bf16 would win, 20.3 against 15.9 images/s). An H100 ran Lite0's stage 2 (all blocks, batch 32) at 489
     and 288 images/s with bf16 autocast against 682 and 618 in fp32 (two pairs, both orders;
     benchmarks/results/gpu_h100/README.md), likely launch-bound small kernels plus autocast's casts, with fp32
     convolutions already on TF32 tensor cores.

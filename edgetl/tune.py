@@ -284,8 +284,7 @@ def tune_markdown(report: dict[str, Any]) -> str:
                  + f", wall time {report['tune_seconds'] / 60:.1f} min (excluding the final training).")  # fmt: skip
     for s in report["skipped"]:
         lines.append(f"- left out {s['backbone']}: {s['reason']}")
-    if report.get("host"):  # tune.json files written before the host was recorded have none
-        lines += ["", *host_lines(report["host"])]
+    lines += ["", *host_lines(report["host"])]
     if report.get("final"):
         f = report["final"]
         probe = f.get("probe_p50_ms_same_rounds")
