@@ -53,8 +53,11 @@ class Dist:
         return self.world_size > 1
 
     @classmethod
-    def from_env(cls) -> Dist:
-        """Join the process group torchrun set up, or a single-process Dist outside torchrun."""
+    def from_env(cls, device: str = "auto") -> Dist:
+        """Join the process group torchrun set up, or a single-process Dist outside torchrun.
+
+        `device` is the run's `--device`: a process that trains on the CPU neither selects a GPU (which
+        would open a CUDA context on it for nothing) nor sets up NCCL, even on a machine that has GPUs."""
         if not launched_by_torchrun():
             return cls()
         env = os.environ
@@ -64,7 +67,7 @@ class Dist:
         if not dist.is_initialized():
             timeout = timedelta(seconds=float(env.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)))
             # Our own collectives (lists, features, logits) use CPU tensors over gloo; DDP's CUDA tensors use NCCL.
-            cuda = torch.cuda.is_available()
+            cuda = device != "cpu" and torch.cuda.is_available()
             backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
             try:
                 if cuda:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import math
 import os
 import random
@@ -1055,7 +1056,7 @@ def train(
     Under torchrun, every process calls this: rank 0 checks the input, creates and locks the run
     folder and lists the data, and hands the file lists to the others (see edgetl.distributed)."""
     tune_malloc()
-    d = Dist.from_env()
+    d = Dist.from_env(cfg.device)
     reporter = (reporter or Reporter()) if d.is_main else Reporter(quiet=True)
     data = str(data)
     state: dict[str, Any] = {"created": False, "run_dir": None, "started": False}
@@ -1125,7 +1126,7 @@ def resume(
     `epochs_finetune` extends a finished or interrupted run to that many fine-tune epochs: the ones
     not yet run get a fresh warm-up + cosine schedule (see Trainer.stage_finetune)."""
     tune_malloc()
-    d = Dist.from_env()
+    d = Dist.from_env(_recorded_device(run))
     reporter = (reporter or Reporter()) if d.is_main else Reporter(quiet=True)
     try:
         with contextlib.ExitStack() as stack:
@@ -1144,6 +1145,15 @@ def resume(
             return _resume_from_plan(plan, ds, reporter, keep_feature_cache, d)
     finally:
         d.close()
+
+
+def _recorded_device(run: str | os.PathLike[str]) -> str:
+    """The `--device` a run was trained with, read before the process group exists (so a CPU run does not
+    open CUDA on a GPU machine); "auto" when it cannot be read here: rank 0 then reports the real problem."""
+    try:
+        return str(json.loads((Path(run) / layout.MANIFEST).read_text())["config"]["device"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "auto"
 
 
 def _resume_plan(folder: RunFolder, epochs_finetune: int | None) -> dict[str, Any]:

@@ -209,3 +209,46 @@ def test_more_processes_than_gpus_are_refused(monkeypatch: pytest.MonkeyPatch) -
     assert rank_device(cuda, Dist(rank=1, world_size=2, local_rank=0, local_world_size=1, node_rank=1)) == torch.device("cuda", 0)
     assert rank_device(torch.device("cpu"), Dist(rank=1, world_size=2, local_rank=1, local_world_size=2)) == torch.device("cpu")
     assert rank_device(cuda, Dist()) == cuda
+
+
+@pytest.mark.parametrize(("device", "cuda_used"), [("cpu", False), ("auto", True), ("cuda", True)])
+def test_a_cpu_run_under_torchrun_neither_selects_a_gpu_nor_sets_up_nccl(monkeypatch: pytest.MonkeyPatch, device: str,
+                                                                          cuda_used: bool) -> None:  # fmt: skip
+    """On a GPU machine, `--device cpu` processes must not open a CUDA context each (torch.cuda.set_device)
+    or ask for NCCL; `auto` and `cuda` do both, one GPU per local rank."""
+    import signal
+
+    import torch
+    import torch.distributed as tdist
+
+    calls: dict[str, object] = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.__setitem__("gpu", i))
+    monkeypatch.setattr(tdist, "is_initialized", lambda: False)
+    monkeypatch.setattr(tdist, "init_process_group", lambda backend, timeout: calls.__setitem__("backend", backend))
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        d = Dist.from_env(device)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (d.rank, d.world_size, d.local_rank) == (1, 2, 1)
+    assert calls["backend"] == ("cpu:gloo,cuda:nccl" if cuda_used else "gloo")
+    assert calls.get("gpu") == (1 if cuda_used else None)
+
+
+def test_resume_joins_the_group_with_the_device_the_run_recorded(tmp_path: Path) -> None:
+    """`--resume` passes the run's recorded --device to Dist.from_env; "auto" where there is no readable manifest."""
+    import json
+
+    from edgetl.train import _recorded_device
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"config": {"device": "cpu"}}))
+    assert _recorded_device(tmp_path) == "cpu"
+    (tmp_path / "manifest.json").write_text("{not json")
+    assert _recorded_device(tmp_path) == "auto"
+    assert _recorded_device(tmp_path / "missing") == "auto"
