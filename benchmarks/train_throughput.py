@@ -13,7 +13,7 @@ A, B, C, A, B, C, ... so drift on this shared machine hits all alike; ratios of 
   bf16:     edgetl with bf16 autocast wherever the CPU has bf16 instructions (`--precision bf16`): what bf16 brings here
   fp32:     edgetl with autocast off whatever `auto` picks (`--precision fp32`): the side of a bf16 comparison
 The step is the real one: efficientnet_lite0, the top blocks (or all) + head trainable, BatchNorm frozen,
-AdamW, batch 32, with augmentation from decoded clothing-small images.
+AdamW, batch 32 (or --batch-size), with augmentation from decoded clothing-small images.
 Writes benchmarks/results/train_throughput[_TAG].{json,md}.
 """
 
@@ -38,7 +38,7 @@ DATA = HERE.parents[1] / "shared/datasets/clothing-small"
 CONFIGS = ("plain", "edgetl", "compile", "workers1", "bf16", "fp32")
 
 
-def worker(config: str, seconds: float, unfreeze: str, input_size: int | None) -> None:
+def worker(config: str, seconds: float, unfreeze: str, input_size: int | None, batch_size: int) -> None:
     import time
 
     import torch
@@ -56,7 +56,7 @@ def worker(config: str, seconds: float, unfreeze: str, input_size: int | None) -
         tune_malloc()
     torch.manual_seed(0)
     spec = preprocess_spec("efficientnet_lite0", input_size)
-    ds = load_dataset(DATA, limit_train=320)
+    ds = load_dataset(DATA, limit_train=max(320, 4 * batch_size))
     images, _ = decode_split(ds.train, spec)
     model = build_classifier("efficientnet_lite0", len(ds.classes))
     load_pretrained(model.backbone, "efficientnet_lite0", None, lambda _m: None)
@@ -65,7 +65,8 @@ def worker(config: str, seconds: float, unfreeze: str, input_size: int | None) -
     if fast:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4)
-    loader = torch.utils.data.DataLoader(AugmentedImages(images, spec, train_transform(spec, "light")), batch_size=32, shuffle=True,
+    loader = torch.utils.data.DataLoader(AugmentedImages(images, spec, train_transform(spec, "light")), batch_size=batch_size,
+                                         shuffle=True,
                                          drop_last=True, num_workers=1 if config == "workers1" else 0,
                                          persistent_workers=config == "workers1")  # fmt: skip
     crit = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
@@ -105,12 +106,13 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=25)
     ap.add_argument("--unfreeze", default="3", help="top blocks trainable, or all")
     ap.add_argument("--input-size", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=["plain", "edgetl"])
     ap.add_argument("--tag", default="")
     ap.add_argument("--worker", default=None)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.seconds, args.unfreeze, args.input_size)
+        worker(args.worker, args.seconds, args.unfreeze, args.input_size, args.batch_size)
         return
     results: dict[str, list[float]] = {c: [] for c in args.configs}
     warmups: dict[str, list[float]] = {c: [] for c in args.configs}
@@ -118,7 +120,8 @@ def main() -> None:
     for _ in range(args.rounds):
         for config in results:
             env = {**os.environ, "EDGETL_NO_MALLOC_TUNING": "1" if config == "plain" else ""}
-            cmd = [sys.executable, __file__, "--worker", config, "--seconds", str(args.seconds), "--unfreeze", args.unfreeze]
+            cmd = [sys.executable, __file__, "--worker", config, "--seconds", str(args.seconds), "--unfreeze", args.unfreeze,
+                   "--batch-size", str(args.batch_size)]
             if args.input_size:
                 cmd += ["--input-size", str(args.input_size)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
@@ -133,10 +136,11 @@ def main() -> None:
     size = args.input_size or 224
     where = "all blocks" if args.unfreeze == "all" else f"top {args.unfreeze} blocks"
     payload = {"rounds": args.rounds, "seconds_per_run": args.seconds, "unfreeze": args.unfreeze, "input_size": size,
+               "batch_size": args.batch_size,
                "raw": results, "warmup_seconds": warmups, "stats": stats, "ratio_to": base, "ratios": ratios,
                "speedup": ratios.get("edgetl"), "bf16_used": bf16}  # fmt: skip
     md = (
-        f"# Fine-tune throughput (efficientnet_lite0 at {size} px, {where} + head, batch 32)\n\n"
+        f"# Fine-tune throughput (efficientnet_lite0 at {size} px, {where} + head, batch {args.batch_size})\n\n"
         f"| config | median images/s | min | max | / {base} | warm-up s (2 steps; compile included) |\n|---|---|---|---|---|---|\n"
         + "".join(f"| {k} | {v['median']:.1f} | {v['min']:.1f} | {v['max']:.1f} | {ratios[k]:.2f}x | "
                   f"{statistics.median(warmups[k]):.1f} |\n" for k, v in stats.items())
