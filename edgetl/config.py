@@ -76,8 +76,9 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (CUDA; autocast for training steps; evaluation stays fp32)
     channels_last: bool = True
     # Stage 2 steps through torch.compile (inductor). Off by default: on 2 Xeon cores it gave 1.18x images/s
-    # for Lite0, all blocks at 224 px (benchmarks/results/train_throughput_all-blocks.md), but compiling costs
-    # about a minute per recipe tried, so it pays only when stage 2 runs for many minutes.
+    # for Lite0, all blocks at 224 px (benchmarks/results/train_throughput_all-blocks.md), and 1.03x at 64 px,
+    # batch 64 (train_throughput_fm64-b64.md), but compiling costs about a minute per recipe tried, so it pays
+    # only when stage 2 runs for many minutes at a large input size.
     compile: bool = False
     workers: int | None = None
     # data
