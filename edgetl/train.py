@@ -694,17 +694,21 @@ class Trainer:
                 val_logits = head(xva_t).float().cpu().numpy() if cfg.cache_features else self._val_logits(self.model)
             improved = self._end_epoch("head", epoch, fit, val_logits, None, sched.get_last_lr()[0], t_ep)
             bad_epochs = 0 if improved else bad_epochs + 1
+            self._head_timing(time.perf_counter() - t0, cache_seconds, images_seen)  # an interruption keeps what ran
             self.save_last("head", epoch, opt, sched, bad_epochs)
             if bad_epochs >= cfg.patience_head > 0 and epoch < cfg.epochs_head:
                 self.r.log(f"stage 1 stops after epoch {epoch}: no better head for {bad_epochs} epochs (--patience-head)")
                 break
-        seconds = time.perf_counter() - t0
+        self._head_timing(time.perf_counter() - t0, cache_seconds, images_seen)
+        self.remove_feature_cache()
+
+    def _head_timing(self, seconds: float, cache_seconds: float, images_seen: int) -> None:
+        cfg = self.cfg
         self.timings["head"] = {
             "seconds": seconds, "feature_cache_seconds": cache_seconds if cfg.cache_features else 0.0,
-            "images_per_second": images_seen / seconds if images_seen else 0.0,
+            "images": images_seen, "images_per_second": images_seen / seconds if images_seen else 0.0,
             "feature_cache": cfg.cache_features, "cache_views": cfg.cache_views if cfg.cache_features else 0,
         }  # fmt: skip
-        self.remove_feature_cache()
 
     def _train_loader(self, batch_size: int, drop_last: bool = True) -> DataLoader:
         ds = AugmentedImages(self.train_images, self.spec, train_transform(self.spec, self.cfg.augment, self.cfg.crop_scale),
@@ -905,16 +909,21 @@ class Trainer:
                 improved = self._end_epoch("finetune", epoch, fit, self._val_logits(run.scored), run.scored,
                                            run.sched.get_last_lr()[0], t_ep, {"train_images_per_second": fit[2] / seconds})  # fmt: skip
                 bad_epochs = 0 if improved else bad_epochs + 1
+                self._finetune_timing(time.perf_counter() - t0, train_seconds, images)  # an interruption keeps what ran
                 self.save_last("finetune", epoch, run.opt, run.sched, bad_epochs, run.ema)
                 if self._stop_early(bad_epochs, epoch) and epoch < cfg.epochs_finetune:
                     r.log(f"early stop: no better checkpoint in stage 2 for {bad_epochs} epochs")
+        self._finetune_timing(time.perf_counter() - t0, train_seconds, images)
+
+    def _finetune_timing(self, seconds: float, train_seconds: float, images: int) -> None:
+        cfg = self.cfg
         record = self.recipe_record or {}
         chosen = record.get("chosen")
         self.timings["finetune"] = {
-            "seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
+            "seconds": seconds, "train_seconds": train_seconds,
             # Trials of the recipes not kept: what --recipe auto cost on top of the fine-tune itself.
             "trial_seconds": sum(t["seconds"] for t in record.get("trials", []) if t["recipe"] != chosen),
-            "images_per_second": images / train_seconds if train_seconds else None, "bf16": self.bf16,
+            "images": images, "images_per_second": images / train_seconds if train_seconds else None, "bf16": self.bf16,
             "channels_last": cfg.channels_last, "compiled": cfg.compile,
             "autocast": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else None,
             "processes": self.dist.world_size,
@@ -989,12 +998,18 @@ class Trainer:
             "skipped_files": self.skipped,
             "weights_source": getattr(self, "weights_source", None),
             "teacher": self.teacher_record,
-            "timings": {**base.get("timings", {}), **self.timings},
+            "timings": self.run_timings(),
             "host": host_record(),
         })  # fmt: skip
 
+    def run_timings(self) -> dict[str, dict[str, Any]]:
+        """Each stage's wall time over every session of the run: a resumed or extended run adds this
+        session's time to what the manifest recorded before, so metrics never show only the last part."""
+        return combine_stage_timings(self.manifest_base.get("timings", {}), self.timings)
+
     def finish(self, interrupted: bool = False) -> dict[str, Any]:
         metrics: dict[str, Any] = {"split": "val", "stages": {}}
+        timings = self.run_timings()
         for stage in ("head", "finetune"):
             rows = [h for h in self.history if h["stage"] == stage]
             if rows:
@@ -1006,7 +1021,7 @@ class Trainer:
                 metrics["stages"][stage] = {
                     "epochs_run": len(rows), "best_epoch": best_row["epoch"], "best_val_loss": best_row["val_loss"],
                     "best_val_top1": best_row["val_top1"], "max_val_top1": max(h["val_top1"] for h in rows),
-                    **self.timings.get(stage, {}),
+                    **timings.get(stage, {}),
                 }  # fmt: skip
         if self.best and self.dist.is_main:
             m = classification_metrics(self.best["val_logits"], self.val_images.labels, self.classes)
@@ -1239,6 +1254,35 @@ def _finished(cfg: TrainConfig, stage: str, epoch: int, bad_epochs: int, recipe:
     if recipe is not None and recipe.get("chosen") is None:
         return True  # --recipe auto kept the head
     return epoch >= cfg.epochs_finetune or (bad_epochs >= cfg.patience > 0 and epoch >= cfg.min_epochs_finetune)
+
+
+# Timing fields that add up over the sessions of a resumed run; the rest describe the latest session
+# (trial_seconds among them: it is read from the recipe record, which a resumed run carries over whole).
+_ADDITIVE_TIMINGS = ("seconds", "train_seconds", "feature_cache_seconds", "images")
+
+
+def combine_stage_timings(before: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Stage timings of earlier sessions (`before`, from the manifest) and of this one (`now`): a stage that ran
+    in both gets the sums of its times and images, its images/s recomputed from them, and its session count."""
+    combined: dict[str, dict[str, Any]] = {}
+    for stage in ("head", "finetune"):
+        old, new = before.get(stage), now.get(stage)
+        if old is None or new is None:
+            if old is not None or new is not None:
+                combined[stage] = dict(old if new is None else new)
+            continue
+        rate_over = "train_seconds" if stage == "finetune" else "seconds"
+        # Records written before image counts were kept: the count from their rate and time.
+        old, new = ({**r, "images": r.get("images", round((r.get("images_per_second") or 0.0) * (r.get(rate_over) or 0.0)))}
+                    for r in (old, new))  # fmt: skip
+        merged = {**old, **new}
+        for key in _ADDITIVE_TIMINGS:
+            if key in old or key in new:
+                merged[key] = (old.get(key) or 0) + (new.get(key) or 0)
+        merged["images_per_second"] = merged["images"] / merged[rate_over] if merged.get(rate_over) else None
+        merged["sessions"] = int(old.get("sessions", 1)) + int(new.get("sessions", 1))
+        combined[stage] = merged
+    return combined
 
 
 def worker_stopped(exc: BaseException) -> bool:

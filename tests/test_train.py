@@ -174,10 +174,31 @@ def test_a_dataloader_worker_stopped_by_sigterm_is_an_interruption(
 
 def test_resume_mid_finetune_continues_at_the_next_epoch(image_folder: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train(image_folder, tiny_cfg(epochs_finetune=1, patience=0), out=str(run), reporter=QUIET)
+    first = train(image_folder, tiny_cfg(epochs_finetune=1, patience=0), out=str(run), reporter=QUIET).metrics["stages"]
     resume(run, reporter=QUIET, epochs_finetune=3)
     rows = list(csv.DictReader((run / "history.csv").open()))
     assert [int(r["epoch"]) for r in rows if r["stage"] == "finetune"] == [1, 2, 3]
+    # The stage times cover both sessions: stage 1 as it ran in the first, stage 2 first + second.
+    stages = json.loads((run / "metrics.json").read_text())["stages"]
+    assert stages["head"]["seconds"] == first["head"]["seconds"] and stages["head"]["images"] == first["head"]["images"]
+    assert stages["finetune"]["sessions"] == 2 and stages["finetune"]["seconds"] > first["finetune"]["seconds"]
+    assert stages["finetune"]["images"] == 3 * first["finetune"]["images"]
+    assert json.loads((run / "manifest.json").read_text())["timings"]["finetune"].items() <= stages["finetune"].items()
+
+
+def test_stage_timings_of_a_resumed_run_add_up_over_its_sessions() -> None:
+    from edgetl.train import combine_stage_timings
+
+    before = {"head": {"seconds": 10.0, "images": 500, "images_per_second": 50.0},
+              # a record from before image counts were kept: 100 images/s over 30 s of training
+              "finetune": {"seconds": 40.0, "train_seconds": 30.0, "images_per_second": 100.0, "trial_seconds": 5.0}}
+    now = {"finetune": {"seconds": 25.0, "train_seconds": 20.0, "images": 1000, "images_per_second": 50.0, "trial_seconds": 5.0}}
+    combined = combine_stage_timings(before, now)
+    assert combined["head"] == before["head"]
+    ft = combined["finetune"]
+    assert (ft["seconds"], ft["train_seconds"], ft["images"], ft["sessions"]) == (65.0, 50.0, 4000, 2)
+    assert ft["images_per_second"] == 80.0 and ft["trial_seconds"] == 5.0  # trials are counted once
+    assert combine_stage_timings({}, now) == now and combine_stage_timings(before, {}) == before
 
 
 def test_resume_needs_no_imagenet_weights_file(image_folder: Path, tmp_path: Path) -> None:
