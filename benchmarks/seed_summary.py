@@ -68,7 +68,8 @@ def main() -> None:
     target = runs[0]["target_test_top1"]
     groups: dict[str, list[dict]] = {}
     for run in runs:
-        groups.setdefault(config_key(run["config"]), []).append(run)
+        # An extended run (epochs added by `edgetl train --resume`) ran another schedule than a run trained at once.
+        groups.setdefault(config_key(run["config"]) + ("|extended" if run.get("resumed") else ""), []).append(run)
     # The baseline is the preset as train_accuracy.py runs it today (older results may hold other defaults).
     baseline = PRESETS[args.preset][1].to_dict()
     baseline_key = config_key(baseline)
@@ -79,7 +80,7 @@ def main() -> None:
     for key, group in groups.items():
         group.sort(key=lambda r: r["config"]["seed"])
         rows.append({
-            "variant": describe_difference(group[0]["config"], baseline),
+            "variant": describe_difference(group[0]["config"], baseline) + (" (extended by --resume)" if group[0].get("resumed") else ""),
             "is_preset": key == baseline_key,
             "same_validation_split": same_validation_split(group[0]["config"], baseline),
             "seeds": [r["config"]["seed"] for r in group],

@@ -73,12 +73,14 @@ def main() -> None:
         if TrainConfig.from_dict(manifest["config"]) != cfg:
             raise SystemExit(f"{run} was not trained with the {args.preset} preset's config")
         metrics = json.loads((run / "metrics.json").read_text())
+        resumed = manifest.get("resumed", [])
         result = TrainResult(run, metrics)
         train_seconds = sum(v["seconds"] for v in metrics["stages"].values())  # stage wall times from the run itself
     else:
         t0 = time.perf_counter()
         result = train(data, cfg, out=args.out, name=f"bench-{args.preset}", reporter=Reporter())
         train_seconds = time.perf_counter() - t0
+        resumed = []
     t1 = time.perf_counter()
     test = evaluate(result.run_dir, data, split="test", reporter=Reporter())
     eval_seconds = time.perf_counter() - t1
@@ -89,7 +91,7 @@ def main() -> None:
         "val_best": {k: result.metrics["best"][k] for k in ("stage", "epoch", "top1", "n")},
         "stages": stages, "train_wall_seconds": train_seconds, "test_eval_seconds": eval_seconds,
         "recipe": result.metrics.get("recipe"), "selection": result.metrics.get("selection"),
-        "reused_run": bool(args.reuse), "target_test_top1": target, "meets_target": test["top1"] >= target,
+        "reused_run": bool(args.reuse), "resumed": resumed, "target_test_top1": target, "meets_target": test["top1"] >= target,
     }  # fmt: skip
     md = (
         f"# Training accuracy: {args.preset}, {cfg.backbone}\n\n"
@@ -106,6 +108,10 @@ def main() -> None:
         + f"\nStage 1 images/s counts every epoch's pass over the training set (features cached once: "
         f"{stages['head'].get('feature_cache_seconds', 0):.0f} s of the stage). Total training wall time {train_seconds:.0f} s.\n"
     )
+    if resumed:
+        md += (f"\nThe run was resumed or extended ({len(resumed)} time(s): `edgetl train --resume`, at {', '.join(resumed)}); "
+               "its stage times add up every session. An extension runs its added epochs on a new warm-up + cosine "
+               "schedule, so it is not the same as training that many epochs at once.\n")
     recipe = result.metrics.get("recipe")
     if recipe:
         head_row = stages["head"]
