@@ -77,6 +77,8 @@ def main() -> None:
         metrics = json.loads((run / "metrics.json").read_text())
         resumed = manifest.get("resumed", [])
         result = TrainResult(run, metrics)
+        if any("seconds" not in v for v in metrics["stages"].values()):
+            raise SystemExit(f"{run}: metrics.json has no wall time for a stage (a run resumed before edgetl summed its sessions' times)")
         train_seconds = sum(v["seconds"] for v in metrics["stages"].values())  # stage wall times from the run itself
     else:
         t0 = time.perf_counter()
