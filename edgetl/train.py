@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import math
 import os
 import random
@@ -1166,8 +1165,8 @@ def _recorded_device(run: str | os.PathLike[str]) -> str:
     """The `--device` a run was trained with, read before the process group exists (so a CPU run does not
     open CUDA on a GPU machine); "auto" when it cannot be read here: rank 0 then reports the real problem."""
     try:
-        return str(json.loads((Path(run) / layout.MANIFEST).read_text())["config"]["device"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return str(RunFolder.open(run).manifest["config"]["device"])
+    except (EdgetlError, KeyError, TypeError):
         return "auto"
 
 

@@ -245,10 +245,13 @@ def test_resume_joins_the_group_with_the_device_the_run_recorded(tmp_path: Path)
     """`--resume` passes the run's recorded --device to Dist.from_env; "auto" where there is no readable manifest."""
     import json
 
+    from edgetl.run import RUN_FORMAT
     from edgetl.train import _recorded_device
 
-    (tmp_path / "manifest.json").write_text(json.dumps({"config": {"device": "cpu"}}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": RUN_FORMAT, "config": {"device": "cpu"}}))
     assert _recorded_device(tmp_path) == "cpu"
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": RUN_FORMAT, "config": {}}))
+    assert _recorded_device(tmp_path) == "auto"
     (tmp_path / "manifest.json").write_text("{not json")
     assert _recorded_device(tmp_path) == "auto"
     assert _recorded_device(tmp_path / "missing") == "auto"
