@@ -59,6 +59,9 @@ class TrainConfig:
     # parameters (0: off). With both >0 each batch is mixed one way or the other, half and half.
     mixup: float = 0.0
     cutmix: float = 0.0
+    # Random erasing (Zhong et al., AAAI 2020; torchvision's RandomErasing) of each augmented training image with
+    # this probability (0: off): a rectangle of 2-33% of the crop is set to the dataset mean.
+    erase: float = 0.0
     # both stages
     label_smoothing: float = 0.1
     weight_decay: float = 0.01
@@ -100,6 +103,8 @@ class TrainConfig:
         for name in ("mixup", "cutmix"):
             if not 0.0 <= getattr(self, name) <= 10.0:
                 raise EdgetlError(f"--{name} is a Beta distribution's alpha in [0, 10] (0: off), got {getattr(self, name)}")
+        if not 0.0 <= self.erase <= 1.0:
+            raise EdgetlError(f"--erase is the probability of erasing a rectangle of a training image, in [0, 1]; got {self.erase}")
         if self.distill_mode not in DISTILL_MODES:
             raise EdgetlError(f"--distill-mode must be one of {', '.join(DISTILL_MODES)}, got {self.distill_mode!r}")
         if self.distill_mode != "cached" and self.teacher is None:

@@ -100,8 +100,11 @@ class AugmentedImages(EvalImages):
         return (*item, i) if self.with_index else item
 
 
-def train_transform(spec: PreprocessSpec, policy: str, crop_scale: float = 0.35) -> Any:
-    """Training augmentation with torchvision.transforms.v2; `none` is the evaluation preprocessing."""
+def train_transform(spec: PreprocessSpec, policy: str, crop_scale: float = 0.35, erase: float = 0.0) -> Any:
+    """Training augmentation with torchvision.transforms.v2; `none` is the evaluation preprocessing.
+
+    `erase` > 0 ends with random erasing at that probability; the erased pixels are 0 after normalisation,
+    which is the dataset mean, so the network sees an occluder, not a black (or white) patch."""
     from torchvision.transforms import InterpolationMode, v2
 
     if policy == "none":
@@ -117,6 +120,8 @@ def train_transform(spec: PreprocessSpec, policy: str, crop_scale: float = 0.35)
     elif policy == "trivial":
         steps.append(v2.TrivialAugmentWide(interpolation=interp))
     steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std))]
+    if erase > 0:
+        steps.append(v2.RandomErasing(p=erase, value=0.0))
     return v2.Compose(steps)
 
 
@@ -520,6 +525,9 @@ class Trainer:
                 "optimizer": opt.state_dict() if opt is not None else None,
                 "scheduler": sched.state_dict() if sched is not None else None, "bad_epochs": bad_epochs,
                 "ema_state_dict": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()} if ema is not None else None,
+                # The stage times up to this epoch, over every session: a session killed outright (SIGKILL, power
+                # loss) never writes its manifest, and its completed epochs' time would otherwise be lost.
+                "timings": self.run_timings(),
             },
         )  # fmt: skip
 
@@ -624,7 +632,8 @@ class Trainer:
             feats = np.empty(shape, dtype=np.float32)
         labels = np.tile(images.labels, views)
         self.model.eval()
-        aug = train_transform(self.spec, self.cfg.augment if self.cfg.augment != "none" else "light", self.cfg.crop_scale)
+        aug = train_transform(self.spec, self.cfg.augment if self.cfg.augment != "none" else "light", self.cfg.crop_scale,
+                              self.cfg.erase)
         # Under torchrun every process runs the base on its shard and all of them gather the rest.
         d = self.dist
         mine = images.subset(d.shard(n)) if d.active else images
@@ -710,7 +719,8 @@ class Trainer:
         }  # fmt: skip
 
     def _train_loader(self, batch_size: int, drop_last: bool = True) -> DataLoader:
-        ds = AugmentedImages(self.train_images, self.spec, train_transform(self.spec, self.cfg.augment, self.cfg.crop_scale),
+        ds = AugmentedImages(self.train_images, self.spec, train_transform(self.spec, self.cfg.augment, self.cfg.crop_scale,
+                                                                             self.cfg.erase),
                              with_index=self.teacher_logits is not None)  # fmt: skip
         d = self.dist
         if d.active:
@@ -808,7 +818,7 @@ class Trainer:
 
         return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=0.0, num_classes=len(self.classes))
 
-    def _choose_recipe(self, steps: int, crit: Any) -> tuple[_Finetune | None, int, tuple[int, float]]:
+    def _choose_recipe(self, steps: int, crit: Any, t0: float) -> tuple[_Finetune | None, int, tuple[int, float]]:
         """Start stage 2 from the best stage-1 head (LP-FT) with the recipe the config asks for; with
         several candidates (--recipe auto), give each a short trial and continue with the best, or with
         none when every trial was a whole epoch and worse than the head. Returns the run (None: stage 2 ends here), the
@@ -856,6 +866,7 @@ class Trainer:
         r.log(f"recipe: {why}")
         if chosen is None:
             self.model.load_state_dict(start)
+            self._finetune_timing(time.perf_counter() - t0, 0.0, 0)  # the trials' time, in last.pt too
             self.save_last("finetune", 0)
             return None, 0, (0, 0.0)
         # The winner goes on from where its trial ended: its steps are the first of its schedule.
@@ -872,6 +883,7 @@ class Trainer:
         speed = {"train_images_per_second": fit[2] / winner["seconds"]}
         improved = self._end_epoch("finetune", 1, fit, winner["logits"], run.scored, run.sched.get_last_lr()[0],
                                    time.perf_counter() - winner["seconds"], speed)  # fmt: skip
+        self._finetune_timing(time.perf_counter() - t0, winner["seconds"], fit[2])
         self.save_last("finetune", 1, run.opt, run.sched, 0 if improved else 1, run.ema)
         return run, 1, counted
 
@@ -891,7 +903,7 @@ class Trainer:
         t0 = time.perf_counter()
         images, train_seconds, bad_epochs = 0, 0.0, 0
         if resume_state is None:
-            run, done, (images, train_seconds) = self._choose_recipe(steps, crit)
+            run, done, (images, train_seconds) = self._choose_recipe(steps, crit, t0)
             start = done + 1  # the winning trial's first epoch counts once, as a trial (trial_seconds)
         else:
             run, start, bad_epochs = self._resume_finetune(resume_state, steps)
@@ -1206,6 +1218,9 @@ def _resume_from_plan(plan: dict[str, Any], ds: ImageDataset, reporter: Reporter
     stage, epoch, bad_epochs = plan["stage"], plan["epoch"], plan["bad_epochs"]
     trainer = Trainer(cfg, ds, run_dir, reporter, keep_feature_cache, d)
     trainer.manifest_base = {**manifest, "resumed": [*manifest.get("resumed", []), time.strftime("%Y-%m-%dT%H:%M:%S%z")]}
+    if last is not None and "timings" in last:
+        # last.pt's times run up to its epoch, the manifest's only to the last session that ended in order.
+        trainer.manifest_base["timings"] = last["timings"]
     # With last.pt the weights come from it (the ImageNet file need not be here any more); without, from ImageNet.
     weights_source = (manifest.get("weights_source") or f"resumed from {checkpoint.LAST_NAME}") if last else None
     trainer.build_model(weights_source=weights_source)

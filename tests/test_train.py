@@ -186,6 +186,33 @@ def test_resume_mid_finetune_continues_at_the_next_epoch(image_folder: Path, tmp
     assert json.loads((run / "manifest.json").read_text())["timings"]["finetune"].items() <= stages["finetune"].items()
 
 
+def test_a_session_killed_outright_keeps_the_time_of_its_completed_epochs(image_folder: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGKILL writes no manifest: the stage times must come from last.pt, which is saved after every epoch."""
+
+    class Killed(BaseException):  # nothing in edgetl handles it, so no report is written, as under SIGKILL
+        pass
+
+    original = Trainer.save_last
+
+    def save_then_die(self: Trainer, stage: str, epoch: int, *args: object, **kw: object) -> None:
+        original(self, stage, epoch, *args, **kw)  # type: ignore[arg-type]
+        if (stage, epoch) == ("finetune", 2):
+            raise Killed
+
+    cfg = tiny_cfg(epochs_finetune=3, patience=0)
+    whole = train(image_folder, cfg, out=str(tmp_path / "whole"), reporter=QUIET).metrics["stages"]
+    monkeypatch.setattr(Trainer, "save_last", save_then_die)
+    run = tmp_path / "run"
+    with pytest.raises(Killed):
+        train(image_folder, cfg, out=str(run), reporter=QUIET)
+    assert json.loads((run / "manifest.json").read_text())["timings"] == {}  # as written when the session began
+    monkeypatch.setattr(Trainer, "save_last", original)
+    stages = resume(run, reporter=QUIET).metrics["stages"]
+    assert stages["head"]["images"] == whole["head"]["images"] and stages["head"]["seconds"] > 0
+    assert stages["finetune"]["images"] == whole["finetune"]["images"] and stages["finetune"]["sessions"] == 2
+
+
 def test_stage_timings_of_a_resumed_run_add_up_over_its_sessions() -> None:
     from edgetl.train import combine_stage_timings
 

@@ -390,6 +390,37 @@ def test_mixup_and_cutmix_mix_stage_2_batches(image_folder: Path, tmp_path: Path
     assert json.loads((tmp_path / "mixed" / "manifest.json").read_text())["config"]["cutmix"] == 1.0
 
 
+def test_random_erasing_occludes_stage_2_crops_with_the_dataset_mean(image_folder: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """--erase 1: every stage-2 training crop has a rectangle of exact zeros (the mean after normalisation);
+    without it none has; the setting is recorded and a probability outside [0, 1] is refused."""
+    from edgetl.train import AugmentedImages
+
+    seen: list[torch.Tensor] = []
+    real_get = AugmentedImages.__getitem__
+
+    def spy(self: AugmentedImages, i: int) -> object:
+        item = real_get(self, i)
+        seen.append(item[0])
+        return item
+
+    monkeypatch.setattr(AugmentedImages, "__getitem__", spy)
+
+    def zero_share(x: torch.Tensor) -> float:
+        return float((x == 0).all(dim=0).float().mean())  # pixels that are exactly 0 in every channel
+
+    cfg = tiny_cfg(recipe="finetune", unfreeze="all", epochs_head=1, epochs_finetune=1, erase=1.0)
+    train(image_folder, cfg, out=str(tmp_path / "erased"), reporter=QUIET)
+    assert len(seen) >= 8, "stage 2 drew no augmented crops"
+    assert all(zero_share(x) >= 0.015 for x in seen), "a training crop was not erased"
+    assert json.loads((tmp_path / "erased" / "manifest.json").read_text())["config"]["erase"] == 1.0
+    seen.clear()
+    train(image_folder, replace(cfg, erase=0.0), out=str(tmp_path / "plain"), reporter=QUIET)
+    assert seen and max(zero_share(x) for x in seen) < 0.015
+    with pytest.raises(EdgetlError, match="--erase is the probability"):
+        tiny_cfg(erase=1.5)
+
+
 def test_bad_mixing_options_are_refused() -> None:
     with pytest.raises(EdgetlError, match="--mixup is a Beta"):
         tiny_cfg(mixup=-1.0)
