@@ -94,6 +94,10 @@ class AdaptOptions:
     # classes the target images show and, measured on a few hundred images, mostly add noise. On
     # clothing-small, aligning every layer cost 2.7 points on clean images (benchmarks/adapt_corruptions.py).
     bn_depth: float = 0.5
+    # >0: the entropy term counts only target images whose prediction entropy is below this share of ln(classes)
+    # (EATA, Niu et al. ICML 2022, and SAR, ICLR 2023, use 0.4): high-entropy images carry unreliable gradients,
+    # which on heavy noise pull the features towards whatever the model half-guesses. 0: every image counts.
+    reliable_entropy: float = 0.0
     labelled_steps: int = 100
     source_images: int = 512  # training images the source statistics are measured on
     # Adapt only when the target's feature shift exceeds same-size validation images' by at least this many
@@ -113,6 +117,8 @@ class AdaptOptions:
             raise EdgetlError(f"--train {self.train} applies to {', '.join(TRAINED_METHODS)}; {self.method} learns no weights")
         if self.batch_size < 16:
             raise EdgetlError("--batch-size must be at least 16: batch statistics of fewer images are too noisy to adapt on")
+        if not 0 <= self.reliable_entropy <= 1:
+            raise EdgetlError(f"--reliable-entropy is a share of ln(classes), in [0, 1] (0: off), got {self.reliable_entropy}")
         if not 0 < self.bn_depth <= 1:
             raise EdgetlError(f"--bn-depth is a share of the BatchNorm layers, in (0, 1], got {self.bn_depth}")
         if not self.gate >= 0:  # also refuses nan, which would shut the gate on everything
@@ -197,6 +203,16 @@ def _share_entropy(pred: np.ndarray, num_classes: int) -> float:
     return float(-(p[p > 0] * np.log(p[p > 0])).sum())
 
 
+def mean_entropy(probs: torch.Tensor, reliable_share: float = 0.0) -> torch.Tensor:
+    """Mean prediction entropy of a batch; with `reliable_share` > 0, over the images whose entropy is below
+    that share of ln(classes) only (0 when none is), as EATA and SAR filter their entropy loss."""
+    per_image = -(probs * torch.log(probs.clamp_min(1e-12))).sum(1)
+    if reliable_share <= 0:
+        return per_image.mean()
+    reliable = per_image.detach() < reliable_share * float(np.log(probs.shape[1]))
+    return (per_image * reliable).sum() / reliable.sum().clamp_min(1)
+
+
 def trained_parameter_groups(model: nn.Module, scope: str, lr: float) -> list[dict[str, Any]]:
     """Optimizer parameter groups for `scope` (see TRAIN_SCOPES); the head is never trained here."""
     affine = list(affine_parameters(model))
@@ -235,8 +251,7 @@ def _entropy_training(model: nn.Module, align: BatchAlignment, images: DecodedIm
             for idx, (x, _) in zip(batches, _loader(images, spec, batches), strict=True):
                 logits = model(x.to(device))
                 p = torch.softmax(logits, 1)
-                entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(1).mean()
-                loss = entropy
+                loss = entropy = mean_entropy(p, opts.reliable_entropy)
                 if opts.method in ("im", "shot"):
                     mean_p = p.mean(0)
                     loss = entropy + (mean_p * torch.log(mean_p.clamp_min(1e-12))).sum()
@@ -261,7 +276,7 @@ def _entropy_training(model: nn.Module, align: BatchAlignment, images: DecodedIm
             saved = [p.detach().clone() for p in params]
     model.requires_grad_(False)
     return {"optimizer": "Adam", "lr": opts.lr, "trained": opts.train, "parameters": sum(p.numel() for p in params),
-            "batch_size": opts.batch_size, "passes": log, "steps": steps,
+            "batch_size": opts.batch_size, "reliable_entropy": opts.reliable_entropy, "passes": log, "steps": steps,
             "start_class_share_entropy": start, "stopped": stopped}  # fmt: skip
 
 

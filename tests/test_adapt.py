@@ -452,6 +452,25 @@ def test_shot_centroid_labels_correct_confident_mistakes_inside_clear_clusters()
     assert (centroid_labels(feats, probs) == truth).all()
 
 
+def test_reliable_entropy_leaves_uncertain_images_out_of_the_entropy_loss() -> None:
+    """--reliable-entropy 0.4 (EATA/SAR): an image whose entropy is above 0.4 ln(C) adds nothing to the loss
+    and gets no gradient; with 0 every image counts; a share outside [0, 1] is refused."""
+    from edgetl.adapt import AdaptOptions, mean_entropy
+
+    logits = torch.tensor([[6.0, 0.0, 0.0, 0.0], [0.1, 0.0, 0.0, 0.0]], requires_grad=True)  # confident, near-uniform
+    probs = torch.softmax(logits, 1)
+    per_image = -(probs * probs.log()).sum(1).detach()
+    assert per_image[0] < 0.4 * np.log(4) < per_image[1]
+    assert float(mean_entropy(probs)) == pytest.approx(float(per_image.mean()))
+    filtered = mean_entropy(probs, 0.4)
+    assert float(filtered) == pytest.approx(float(per_image[0]))
+    filtered.backward()
+    assert logits.grad is not None and logits.grad[1].abs().max() == 0 and logits.grad[0].abs().max() > 0
+    assert float(mean_entropy(probs.detach()[1:], 0.4)) == 0.0  # no reliable image: no entropy loss, not nan
+    with pytest.raises(EdgetlError, match="--reliable-entropy"):
+        AdaptOptions(reliable_entropy=1.5)
+
+
 def test_int8_judge_takes_the_larger_of_the_validation_drop_and_the_expected_drop_on_target_images() -> None:
     from edgetl.int8_judge import JudgeSet
     from edgetl.parity import ParityData
