@@ -105,6 +105,8 @@ class TrainConfig:
                 raise EdgetlError(f"--{name} is a Beta distribution's alpha in [0, 10] (0: off), got {getattr(self, name)}")
         if not 0.0 <= self.erase <= 1.0:
             raise EdgetlError(f"--erase is the probability of erasing a rectangle of a training image, in [0, 1]; got {self.erase}")
+        if self.erase > 0 and self.augment == "none":
+            raise EdgetlError("--erase is part of the training augmentation, which --augment none turns off")
         if self.distill_mode not in DISTILL_MODES:
             raise EdgetlError(f"--distill-mode must be one of {', '.join(DISTILL_MODES)}, got {self.distill_mode!r}")
         if self.distill_mode != "cached" and self.teacher is None:

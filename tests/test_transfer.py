@@ -419,6 +419,8 @@ def test_random_erasing_occludes_stage_2_crops_with_the_dataset_mean(image_folde
     assert seen and max(zero_share(x) for x in seen) < 0.015
     with pytest.raises(EdgetlError, match="--erase is the probability"):
         tiny_cfg(erase=1.5)
+    with pytest.raises(EdgetlError, match="--augment none turns off"):
+        tiny_cfg(erase=0.5, augment="none")
 
 
 def test_bad_mixing_options_are_refused() -> None:
