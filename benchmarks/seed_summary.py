@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from common import RESULTS, save, spread
 from train_accuracy import PRESETS
 
 from edgetl.config import TrainConfig
+from edgetl.data import VAL_DIR_NAMES
 
 
 def load_runs(preset: str) -> list[dict]:
@@ -48,8 +50,16 @@ def config_key(config: dict) -> str:
 VALIDATION_SPLIT = ("val_fraction", "limit_val")
 
 
-def same_validation_split(config: dict, baseline: dict) -> bool:
-    return all(config.get(k) == baseline.get(k) for k in VALIDATION_SPLIT)
+def has_validation_folder(data: str) -> bool:
+    """The dataset brings its own validation split (a val/, valid/ or validation/ folder, as edgetl.data reads it)."""
+    root = Path(data)
+    return root.is_dir() and any(p.is_dir() and p.name.lower() in VAL_DIR_NAMES for p in root.iterdir())
+
+
+def same_validation_split(config: dict, baseline: dict, data: str) -> bool:
+    # With its own validation folder, --val-fraction holds nothing out: only --limit-val changes the images.
+    keys = [k for k in VALIDATION_SPLIT if not (k == "val_fraction" and has_validation_folder(data))]
+    return all(config.get(k) == baseline.get(k) for k in keys)
 
 
 def describe_difference(config: dict, baseline: dict) -> str:
@@ -82,7 +92,7 @@ def main() -> None:
         rows.append({
             "variant": describe_difference(group[0]["config"], baseline) + (" (extended by --resume)" if group[0].get("resumed") else ""),
             "is_preset": key == baseline_key,
-            "same_validation_split": same_validation_split(group[0]["config"], baseline),
+            "same_validation_split": same_validation_split(group[0]["config"], baseline, group[0]["data"]),
             "seeds": [r["config"]["seed"] for r in group],
             "files": [r["file"] for r in group],
             "val_top1": spread([r["val_best"]["top1"] for r in group]),
