@@ -19,7 +19,7 @@ from common import RESULTS, save, spread
 from train_accuracy import PRESETS
 
 from edgetl.config import TrainConfig
-from edgetl.data import VAL_DIR_NAMES
+from edgetl.data import own_validation_folder
 
 
 def load_runs(preset: str) -> list[dict]:
@@ -50,15 +50,9 @@ def config_key(config: dict) -> str:
 VALIDATION_SPLIT = ("val_fraction", "limit_val")
 
 
-def has_validation_folder(data: str) -> bool:
-    """The dataset brings its own validation split (a val/, valid/ or validation/ folder, as edgetl.data reads it)."""
-    root = Path(data)
-    return root.is_dir() and any(p.is_dir() and p.name.lower() in VAL_DIR_NAMES for p in root.iterdir())
-
-
 def same_validation_split(config: dict, baseline: dict, data: str) -> bool:
     # With its own validation folder, --val-fraction holds nothing out: only --limit-val changes the images.
-    keys = [k for k in VALIDATION_SPLIT if not (k == "val_fraction" and has_validation_folder(data))]
+    keys = [k for k in VALIDATION_SPLIT if not (k == "val_fraction" and own_validation_folder(Path(data)) is not None)]
     return all(config.get(k) == baseline.get(k) for k in keys)
 
 

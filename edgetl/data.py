@@ -360,10 +360,18 @@ def _check_classes(by_class: dict[str, list[Path]], where: Path) -> None:
         raise EdgetlError(f"only one class ({next(iter(by_class))}) in {where}: a classifier needs at least two")
 
 
+def own_validation_folder(root: Path) -> Path | None:
+    """The folder a class-folder dataset validates on instead of holding out --val-fraction: val/, valid/ or
+    validation/ (any case) beside a train/ folder; None when the dataset has no such pair."""
+    subdirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()} if root.is_dir() else {}
+    val_dir = next((subdirs[n] for n in VAL_DIR_NAMES if n in subdirs), None)
+    return val_dir if "train" in subdirs else None
+
+
 def _load_folders(root: Path, val_fraction: float, seed: int) -> Dataset:
     subdirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
-    val_dir = next((subdirs[n] for n in VAL_DIR_NAMES if n in subdirs), None)
-    if "train" in subdirs and val_dir is not None:
+    val_dir = own_validation_folder(root)
+    if val_dir is not None:
         train_by = _class_folders(subdirs["train"])
         val_by = _class_folders(val_dir)
         _check_classes(train_by, subdirs["train"])
