@@ -50,7 +50,24 @@ def config_key(config: dict) -> str:
 VALIDATION_SPLIT = ("val_fraction", "limit_val")
 
 
-def same_validation_split(config: dict, baseline: dict, data: str) -> bool:
+def recorded_validation_splits(runs: list[dict]) -> dict[int, set[str]]:
+    """seed -> the validation-split hashes that results of that seed recorded (from each run's splits.json)."""
+    out: dict[int, set[str]] = {}
+    for r in runs:
+        if r.get("val_split_sha256"):
+            out.setdefault(r["config"]["seed"], set()).add(r["val_split_sha256"])
+    return out
+
+
+def same_validation_split(
+    config: dict, baseline: dict, data: str, group: list[dict] | None = None, baseline_runs: list[dict] | None = None
+) -> bool:
+    """Whether a variant was validated on the preset's images. When both recorded their split at a common seed,
+    the recorded hashes decide (what the runs did, not what the data folder holds today); otherwise the config does."""
+    mine, theirs = recorded_validation_splits(group or []), recorded_validation_splits(baseline_runs or [])
+    common = set(mine) & set(theirs)
+    if common:
+        return all(mine[s] == theirs[s] for s in common)
     # With its own validation folder, --val-fraction holds nothing out: only --limit-val changes the images.
     keys = [k for k in VALIDATION_SPLIT if not (k == "val_fraction" and own_validation_folder(Path(data)) is not None)]
     return all(config.get(k) == baseline.get(k) for k in keys)
@@ -86,7 +103,8 @@ def main() -> None:
         rows.append({
             "variant": describe_difference(group[0]["config"], baseline) + (" (extended by --resume)" if group[0].get("resumed") else ""),
             "is_preset": key == baseline_key,
-            "same_validation_split": same_validation_split(group[0]["config"], baseline, group[0]["data"]),
+            "same_validation_split": same_validation_split(group[0]["config"], baseline, group[0]["data"], group,
+                                                           groups.get(baseline_key, [])),
             "seeds": [r["config"]["seed"] for r in group],
             "files": [r["file"] for r in group],
             "val_top1": spread([r["val_best"]["top1"] for r in group]),

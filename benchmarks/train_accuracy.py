@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import json
 import time
 from dataclasses import replace
@@ -21,6 +22,7 @@ from common import save
 from edgetl.config import TrainConfig
 from edgetl.evaluate import evaluate
 from edgetl.progress import Reporter
+from edgetl.run import RunFolder
 from edgetl.train import TrainResult, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,6 +103,7 @@ def main() -> None:
         "stages": stages, "train_wall_seconds": train_seconds, "test_eval_seconds": eval_seconds,
         "recipe": result.metrics.get("recipe"), "selection": result.metrics.get("selection"),
         "reused_run": bool(args.reuse), "resumed": resumed, "target_test_top1": target, "meets_target": test["top1"] >= target,
+        "val_split_sha256": validation_split_hash(result.run_dir),
     }  # fmt: skip
     md = (
         f"# Training accuracy: {args.preset}, {cfg.backbone}\n\n"
@@ -128,6 +131,13 @@ def main() -> None:
                f"stage 2 time {stages.get('finetune', {}).get('seconds', 0):.0f} s, of which trials of the recipes not kept "
                f"{_losing_trial_seconds(recipe):.0f} s.\n")  # fmt: skip
     save(f"train_accuracy_{args.preset}{'_' + args.tag if args.tag else ''}", payload, md)
+
+
+def validation_split_hash(run_dir: Path) -> str:
+    """A hash of which images the run validated on, from its recorded splits (splits.json), so that a
+    seed summary can tell for certain whether two variants were ranked on the same images."""
+    keys = sorted(row[0] for row in RunFolder(run_dir).split_record()["splits"]["val"])
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
 
 
 def _losing_trial_seconds(recipe: dict) -> float:

@@ -86,7 +86,7 @@ SPLITS_FORMAT_VERSION = 2
 @dataclass
 class Dataset:
     root: Path
-    kind: str  # "split-folders" | "folders" | "idx"
+    kind: str  # "split-folders" | "train-test-folders" | "folders" | "idx" | "shards"
     classes: list[str]
     train: LabelledSet
     val: LabelledSet
@@ -164,12 +164,13 @@ def current_listing(root: Path, kind: str, patterns: dict[str, str | None] | Non
             if pair is not None:
                 out.update({f"{prefix}:{i}": (str(int(lab)), None) for i, lab in enumerate(pair[1])})
         return out
-    subdirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()} if root.is_dir() else {}
-    val_dir = next((subdirs[n] for n in VAL_DIR_NAMES if n in subdirs), None)
+    folders = split_folders(root)
     if kind == "split-folders":
-        bases = [d for d in (subdirs.get("train"), val_dir, subdirs.get("test")) if d is not None]
+        bases = list(folders.values())
+    elif kind == "train-test-folders":
+        bases = [folders[n] for n in ("train", "test") if n in folders]
     else:
-        bases = [subdirs["train"] if "train" in subdirs and val_dir is None else root]
+        bases = [folders["train"] if "train" in folders and "val" not in folders else root]
     for base in bases:
         for cls, files in _class_folders(base).items():
             for f in files:
@@ -360,32 +361,46 @@ def _check_classes(by_class: dict[str, list[Path]], where: Path) -> None:
         raise EdgetlError(f"only one class ({next(iter(by_class))}) in {where}: a classifier needs at least two")
 
 
+def split_folders(root: Path) -> dict[str, Path]:
+    """The split folders present at `root`, by split name: "train" (train/), "val" (val/, valid/ or
+    validation/) and "test" (test/), names in any case. The one place that names them: training, the
+    run folder's data check, scoring and sharding all read a dataset's layout from here."""
+    subdirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()} if root.is_dir() else {}
+    found = {"train": subdirs.get("train"), "val": next((subdirs[n] for n in VAL_DIR_NAMES if n in subdirs), None),
+             "test": subdirs.get("test")}  # fmt: skip
+    return {name: path for name, path in found.items() if path is not None}
+
+
 def own_validation_folder(root: Path) -> Path | None:
     """The folder a class-folder dataset validates on instead of holding out --val-fraction: val/, valid/ or
     validation/ (any case) beside a train/ folder; None when the dataset has no such pair."""
-    subdirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()} if root.is_dir() else {}
-    val_dir = next((subdirs[n] for n in VAL_DIR_NAMES if n in subdirs), None)
-    return val_dir if "train" in subdirs else None
+    folders = split_folders(root)
+    return folders.get("val") if "train" in folders else None
+
+
+def _test_folder_set(root: Path, folders: dict[str, Path], train_by: dict[str, list[Path]], classes: list[str]) -> LabelledSet | None:
+    """The test/ folder beside train/, labelled with the training classes (None if there is none or it is empty)."""
+    if "test" not in folders:
+        return None
+    test_by = {c: files for c, files in _class_folders(folders["test"]).items() if files}
+    unknown = sorted(set(test_by) - set(train_by))
+    if unknown:
+        raise EdgetlError(f"{folders['test'].name}/ has classes that {folders['train'].name}/ does not: {', '.join(unknown)}")
+    # A test folder may hold only some classes: they are scored, the others are simply absent.
+    return _labelled(root, test_by, classes) if test_by else None
 
 
 def _load_folders(root: Path, val_fraction: float, seed: int) -> Dataset:
-    subdirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    folders = split_folders(root)
     val_dir = own_validation_folder(root)
     if val_dir is not None:
-        train_by = _class_folders(subdirs["train"])
+        train_by = _class_folders(folders["train"])
         val_by = _class_folders(val_dir)
-        _check_classes(train_by, subdirs["train"])
+        _check_classes(train_by, folders["train"])
         _check_classes(val_by, val_dir)
         _check_same_classes(train_by, val_by, "train", val_dir.name)
         classes = sorted(train_by)
-        test = None
-        if "test" in subdirs:
-            test_by = {c: files for c, files in _class_folders(subdirs["test"]).items() if files}
-            unknown = sorted(set(test_by) - set(train_by))
-            if unknown:
-                raise EdgetlError(f"test/ has classes that train/ does not: {', '.join(unknown)}")
-            # A test folder may hold only some classes: they are scored, the others are simply absent.
-            test = _labelled(root, test_by, classes) if test_by else None
+        test = _test_folder_set(root, folders, train_by, classes)
         return Dataset(
             root=root,
             kind="split-folders",
@@ -395,11 +410,13 @@ def _load_folders(root: Path, val_fraction: float, seed: int) -> Dataset:
             test=test,
             split_note=f"given splits: train/, {val_dir.name}/" + (", test/" if test is not None else ""),
         )
-    # A lone train/ folder (no validation folder beside it) holds the classes: split it.
-    base = subdirs["train"] if "train" in subdirs and val_dir is None else root
+    # A train/ folder with no validation folder beside it holds the classes: split it. A test/ folder beside it
+    # stays the test split (held out of training and of the recipe choice, scored by `edgetl evaluate`).
+    base = folders.get("train", root)
     by_class = _class_folders(base)
     _check_classes(by_class, base)
     classes = sorted(by_class)
+    test = _test_folder_set(root, folders, by_class, classes) if "train" in folders else None
     everything = _labelled(root, by_class, classes)
     too_small = [classes[c] for c, n in enumerate(everything.class_counts(len(classes))) if n < 2]
     if too_small:
@@ -410,14 +427,15 @@ def _load_folders(root: Path, val_fraction: float, seed: int) -> Dataset:
             )
         )
     keep, held = stratified_split(everything.labels, val_fraction, np.random.default_rng(seed))
+    split_note = f"stratified split: {val_fraction:.0%} of each class held out for validation (seed {seed})"
     return Dataset(
         root=root,
-        kind="folders",
+        kind="train-test-folders" if test is not None else "folders",
         classes=classes,
         train=everything.subset(keep),
         val=everything.subset(held),
-        test=None,
-        split_note=f"stratified split: {val_fraction:.0%} of each class held out for validation (seed {seed})",
+        test=test,
+        split_note=split_note + (f"; test: {folders['test'].name}/" if test is not None else ""),
     )
 
 
@@ -569,11 +587,7 @@ def scoring_set(root: str | os.PathLike[str], split: str | None = None) -> tuple
         classes = _idx_class_names(root, int(labels.max()) + 1)
         refs = [ImageRef(key=f"{name}:{i}", array=images, index=i) for i in range(len(images))]
         return LabelledSet(refs, labels), classes, f"{root} ({name} IDX files, all {len(refs)} images)", name
-    subdirs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
-    split_dirs = {n: subdirs[n] for n in ("train", "test") if n in subdirs}
-    val_dir = next((subdirs[n] for n in VAL_DIR_NAMES if n in subdirs), None)
-    if val_dir is not None:
-        split_dirs["val"] = val_dir
+    split_dirs = split_folders(root)
     if split_dirs:
         name = split or next(n for n in ("test", "val", "train") if n in split_dirs)
         if name not in split_dirs:

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.data import VAL_DIR_NAMES, Dataset, ImageRef, LabelledSet, _class_folders, stratified_split
+from edgetl.data import Dataset, ImageRef, LabelledSet, _class_folders, split_folders, stratified_split
 from edgetl.errors import EdgetlError
 from edgetl.preprocess import IMAGE_EXTENSIONS
 
@@ -208,13 +208,12 @@ def write_shards(source: str | os.PathLike[str], out: str | os.PathLike[str], sh
         raise EdgetlError("--shard-size must be at least 1")
     if dst.exists() and any(dst.glob("*.tar")):
         raise EdgetlError(f"{dst} already holds shards: choose an empty folder")
-    subdirs = {p.name.lower(): p for p in src.iterdir() if p.is_dir()}
-    val_dir = next((subdirs[n] for n in VAL_DIR_NAMES if n in subdirs), None)
-    splits = {"train": subdirs["train"]} if "train" in subdirs else {"train": src}
-    if "train" in subdirs and val_dir is not None:
-        splits["val"] = val_dir
-        if "test" in subdirs:
-            splits["test"] = subdirs["test"]
+    # The splits edgetl.data trains on: train/ (else the folder itself), its own val/ if it has one (else
+    # training holds out --val-fraction of the train shards), and test/ beside train/.
+    folders = split_folders(src)
+    splits = {"train": folders["train"]} if "train" in folders else {"train": src}
+    if "train" in folders:
+        splits.update({n: folders[n] for n in ("val", "test") if n in folders})
     by_split = {name: _class_folders(folder) for name, folder in splits.items()}
     classes = sorted(by_split["train"])
     if len(classes) < 2:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import make_folder, write_idx
 
-from edgetl.data import load_dataset, read_idx, stratified_split
+from edgetl.data import current_listing, listing, load_dataset, read_idx, stratified_split
 from edgetl.decoded import decode_split
 from edgetl.errors import EdgetlError
 from edgetl.preprocess import PreprocessSpec
@@ -36,6 +36,30 @@ def test_given_splits_are_used(split_folder: Path) -> None:
     ds = load_dataset(split_folder)
     assert ds.kind == "split-folders"
     assert (len(ds.train), len(ds.val), len(ds.test)) == (30, 12, 12)  # type: ignore[arg-type]
+
+
+def test_a_test_folder_beside_a_lone_train_folder_stays_the_test_split(tmp_path: Path) -> None:
+    # train/ + test/ without a validation folder (a common download layout): validation is held out of
+    # train/, and test/ is recorded as the test split instead of being ignored.
+    make_folder(tmp_path / "train", per_class=8, seed=1)
+    make_folder(tmp_path / "Test", classes={"red": (200, 30, 30), "blue": (30, 30, 200)}, per_class=3, seed=2)
+    ds = load_dataset(tmp_path, val_fraction=0.25, seed=0)
+    assert ds.kind == "train-test-folders" and ds.classes == ["blue", "green", "red"]
+    assert (len(ds.train), len(ds.val)) == (18, 6)
+    assert ds.test is not None and ds.test.class_counts(3) == [3, 0, 3]
+    assert all(r.key.startswith("Test/") for r in ds.test.refs)
+    assert not any(r.key.startswith("Test/") for r in [*ds.train.refs, *ds.val.refs])
+    assert "test: Test/" in ds.split_note
+    # The run folder's data check finds the same files where training found them, test/ included.
+    assert current_listing(tmp_path, ds.kind) == listing(ds)
+    make_folder(tmp_path / "Test", classes={"purple": (120, 0, 120)}, per_class=1)
+    with pytest.raises(EdgetlError, match="Test/ has classes that train/ does not: purple"):
+        load_dataset(tmp_path)
+
+
+def test_the_data_check_lists_every_split_folder_of_a_given_split(split_folder: Path) -> None:
+    ds = load_dataset(split_folder)
+    assert current_listing(split_folder, ds.kind) == listing(ds)
 
 
 @pytest.mark.parametrize("val_name", ["valid", "validation"])

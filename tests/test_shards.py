@@ -44,6 +44,14 @@ def test_folder_to_shards_to_dataset_keeps_every_image_and_label(split_folder: P
     assert np.array_equal(np.asarray(ref.load()), np.asarray(decode_image(original)))
 
 
+def test_a_test_folder_without_a_validation_folder_is_sharded_too(tmp_path: Path) -> None:
+    make_folder(tmp_path / "data" / "train", per_class=4, seed=1)
+    make_folder(tmp_path / "data" / "test", per_class=2, seed=2)
+    summary = write_shards(tmp_path / "data", tmp_path / "shards", shard_size=100)
+    assert {k: v["samples"] for k, v in summary["splits"].items()} == {"train": 12, "test": 6}
+    assert (tmp_path / "shards" / "test-000000.tar").is_file()
+
+
 def test_training_on_shards_records_them_and_later_stages_read_them(image_folder: Path, tmp_path: Path) -> None:
     write_shards(image_folder, tmp_path / "shards", shard_size=10)
     pattern = str(tmp_path / "shards" / "train-{000000..000002}.tar")
