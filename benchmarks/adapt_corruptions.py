@@ -123,6 +123,15 @@ def write_folder(pixels: np.ndarray, labels: np.ndarray, classes: list[str], fol
         Image.fromarray(x).save(d / f"{i:04d}.png")
 
 
+def _option_value(default: object, text: str) -> object:
+    """`--set key=text` as the type of the option's default (bool("False") would be True)."""
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise SystemExit(f"a yes/no option takes true or false, got {text!r}")
+        return text.lower() in ("true", "1")
+    return type(default)(text)
+
+
 def main() -> None:
     import torch
 
@@ -147,7 +156,7 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    overrides = {k: type(getattr(AdaptOptions(), k))(v) for k, v in (s.split("=", 1) for s in args.set)}
+    overrides = {k: _option_value(getattr(AdaptOptions(), k), v) for k, v in (s.split("=", 1) for s in args.set)}
     table = VALIDATION if args.validation else CORRUPTIONS
     names = args.corruptions or list(table)
     device = torch.device("cpu")

@@ -100,6 +100,9 @@ class AdaptOptions:
     # Off by default: with shot at 0.4 on the validation corruptions it won back less on noise (speckle 3: 85.5 vs
     # 86.0%, speckle 5: 76.3 vs 78.5%) and on heavy blur (70.4 vs 73.1%) (benchmarks/results/adapt_validation_sweep.md).
     reliable_entropy: float = 0.0
+    # shot: cluster the mean features and probabilities of each image and its mirror image, so a pseudo-label
+    # does not hang on one view (garments, products and most scenes read the same mirrored).
+    pseudo_flip: bool = False
     labelled_steps: int = 100
     source_images: int = 512  # training images the source statistics are measured on
     # Adapt only when the target's feature shift exceeds same-size validation images' by at least this many
@@ -121,6 +124,8 @@ class AdaptOptions:
             raise EdgetlError("--batch-size must be at least 16: batch statistics of fewer images are too noisy to adapt on")
         if not 0 <= self.reliable_entropy <= 1:
             raise EdgetlError(f"--reliable-entropy is a share of ln(classes), in [0, 1] (0: off), got {self.reliable_entropy}")
+        if self.pseudo_flip and self.method != "shot":
+            raise EdgetlError(f"--pseudo-flip applies to shot's pseudo-labels; {self.method} makes none")
         if not 0 < self.bn_depth <= 1:
             raise EdgetlError(f"--bn-depth is a share of the BatchNorm layers, in (0, 1], got {self.bn_depth}")
         if not self.gate >= 0:  # also refuses nan, which would shut the gate on everything
@@ -174,17 +179,25 @@ def _aligned_pass(model: nn.Module, align: BatchAlignment, images: DecodedImages
 
 @torch.no_grad()
 def shot_pseudo_labels(model: nn.Module, align: BatchAlignment, images: DecodedImages, spec: PreprocessSpec,
-                       device: torch.device, batch_size: int) -> np.ndarray:  # fmt: skip
+                       device: torch.device, batch_size: int, flip: bool = False) -> np.ndarray:  # fmt: skip
     """SHOT's self-supervised pseudo-labels (Liang et al. 2020, eq. 4-6), from one aligned pass: class
     centroids of the L2-normalised pooled features weighted by the predicted probabilities, each image
     labelled by its nearest centroid (cosine), then the centroids of those labels and the nearest once
-    more. Clusters in feature space correct confident mistakes that entropy minimisation would reinforce."""
+    more. Clusters in feature space correct confident mistakes that entropy minimisation would reinforce.
+    With `flip`, each image's features and probabilities are the mean over it and its mirror image."""
     align.reset()
     align.recording = True
     feats, probs = [], []
     for x, _ in _loader(images, spec, _batches(len(images), batch_size)):
-        f = model.backbone(x.to(device))
-        probs.append(torch.softmax(model.head(f), 1).cpu())
+        x = x.to(device)
+        f = model.backbone(x)
+        p = torch.softmax(model.head(f).float(), 1)
+        if flip:
+            align.recording = False  # the mirrored batch is aligned like any batch, but measured once is enough
+            f_m = model.backbone(x.flip(-1))
+            align.recording = True
+            f, p = (f + f_m) / 2, (p + torch.softmax(model.head(f_m).float(), 1)) / 2
+        probs.append(p.cpu())
         feats.append(f.float().cpu())
     return centroid_labels(torch.cat(feats), torch.cat(probs))
 
@@ -247,7 +260,7 @@ def _entropy_training(model: nn.Module, align: BatchAlignment, images: DecodedIm
             losses = []
             pseudo = None
             if opts.method == "shot":  # recomputed at the start of every pass, as in the paper
-                pseudo = torch.from_numpy(shot_pseudo_labels(model, align, images, spec, device, opts.batch_size))
+                pseudo = torch.from_numpy(shot_pseudo_labels(model, align, images, spec, device, opts.batch_size, opts.pseudo_flip))
             align.recording = False
             batches = _batches(len(images), opts.batch_size, rng)
             for idx, (x, _) in zip(batches, _loader(images, spec, batches), strict=True):
@@ -278,7 +291,8 @@ def _entropy_training(model: nn.Module, align: BatchAlignment, images: DecodedIm
             saved = [p.detach().clone() for p in params]
     model.requires_grad_(False)
     return {"optimizer": "Adam", "lr": opts.lr, "trained": opts.train, "parameters": sum(p.numel() for p in params),
-            "batch_size": opts.batch_size, "reliable_entropy": opts.reliable_entropy, "passes": log, "steps": steps,
+            "batch_size": opts.batch_size, "reliable_entropy": opts.reliable_entropy, "pseudo_flip": opts.pseudo_flip,
+            "passes": log, "steps": steps,
             "start_class_share_entropy": start, "stopped": stopped}  # fmt: skip
 
 

@@ -452,6 +452,39 @@ def test_shot_centroid_labels_correct_confident_mistakes_inside_clear_clusters()
     assert (centroid_labels(feats, probs) == truth).all()
 
 
+def test_pseudo_flip_clusters_each_image_with_its_mirror_and_measures_the_target_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--pseudo-flip: SHOT's pseudo-labels come from the mean features and probabilities of each image and its
+    mirror image (both aligned), while the target statistics are still those of the unmirrored images only."""
+    import edgetl.adapt as adapt
+    from edgetl.adapt import AdaptOptions, centroid_labels, shot_pseudo_labels
+
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.backbone = nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 8, 3), nn.BatchNorm2d(8),
+                                   nn.ReLU(), nn.AdaptiveAvgPool2d((1, 2)), nn.Flatten())  # keeps left from right  # fmt: skip
+    model.head = nn.Linear(16, 3)
+    model.eval()
+    x = torch.randn(48, 3, 12, 12)
+    x[:, :, :, :6] += 1.0  # the left half differs from the right: mirroring changes the features
+    batches = [(chunk, torch.zeros(len(chunk))) for chunk in x.split(16)]
+    monkeypatch.setattr(adapt, "_loader", lambda *args: batches)
+    source = _measure(model.backbone, torch.randn(64, 3, 12, 12))
+    with BatchAlignment(model.backbone, source) as align, torch.no_grad():
+        images = list(range(len(x)))  # only its length is read: _loader is replaced
+        plain = shot_pseudo_labels(model, align, images, None, torch.device("cpu"), 16)  # type: ignore[arg-type]
+        counts_plain = {k: v.count for k, v in align.target.items()}
+        flipped = shot_pseudo_labels(model, align, images, None, torch.device("cpu"), 16, flip=True)  # type: ignore[arg-type]
+        assert {k: v.count for k, v in align.target.items()} == counts_plain  # the mirrors were not measured
+        f = torch.cat([model.backbone(b) for b, _ in batches])
+        f_m = torch.cat([model.backbone(b.flip(-1)) for b, _ in batches])
+        p, p_m = torch.softmax(model.head(f), 1), torch.softmax(model.head(f_m), 1)
+    assert (f - f_m).abs().mean() > 0.1 * f.abs().mean()
+    assert (flipped == centroid_labels((f + f_m) / 2, (p + p_m) / 2)).all()
+    assert (plain == centroid_labels(f, p)).all() and (plain != flipped).any()
+    with pytest.raises(EdgetlError, match="--pseudo-flip"):
+        AdaptOptions(method="tent", pseudo_flip=True)
+
+
 def test_reliable_entropy_leaves_uncertain_images_out_of_the_entropy_loss() -> None:
     """--reliable-entropy 0.4 (EATA/SAR): an image whose entropy is above 0.4 ln(C) adds nothing to the loss
     and gets no gradient; with 0 every image counts; a share outside [0, 1] is refused."""

@@ -483,6 +483,7 @@ def adapt(
     bn_depth: Annotated[float, typer.Option(help="Share of BatchNorm layers, from the input, whose statistics are aligned")] = 0.5,
     reliable_entropy: Annotated[float, typer.Option(help="tent/im/shot: entropy loss only on images below this share of "
                                                          "ln(classes) (EATA: 0.4; 0: all images)")] = 0.0,
+    pseudo_flip: Annotated[bool, typer.Option(help="shot: pseudo-labels from each image and its mirror image together")] = False,
     labelled_steps: Annotated[int, typer.Option(help="Steps of the labelled fine-tune")] = 100,
     source_images: Annotated[int, typer.Option(help="Training images the source statistics are measured on")] = 512,
     gate: Annotated[float, typer.Option(help="Adapt only when the target images' feature shift exceeds that of same-size sets "
@@ -500,7 +501,8 @@ def adapt(
 
     opts = AdaptOptions(method=method, out=str(out) if out else None, labelled=str(labelled) if labelled else None,
                         evaluate=str(evaluate) if evaluate else None, batch_size=batch_size, lr=lr, epochs=epochs,
-                        train=train, bn_depth=bn_depth, reliable_entropy=reliable_entropy, labelled_steps=labelled_steps,
+                        train=train, bn_depth=bn_depth, reliable_entropy=reliable_entropy, pseudo_flip=pseudo_flip,
+                        labelled_steps=labelled_steps,
                         source_images=source_images, gate=gate,
                         seed=seed, device=device, allow_shape_change=allow_shape_change, allow_data_change=allow_data_change)  # fmt: skip
     _print_shift(adapt_run(run, target, opts))
