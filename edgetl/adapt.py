@@ -101,7 +101,9 @@ class AdaptOptions:
     # 86.0%, speckle 5: 76.3 vs 78.5%) and on heavy blur (70.4 vs 73.1%) (benchmarks/results/adapt_validation_sweep.md).
     reliable_entropy: float = 0.0
     # shot: cluster the mean features and probabilities of each image and its mirror image, so a pseudo-label
-    # does not hang on one view (garments, products and most scenes read the same mirrored).
+    # does not hang on one view (garments, products and most scenes read the same mirrored). Off by default: on the
+    # validation corruptions it matched the default on four of six and won back less on heavy speckle noise
+    # (77.4 vs 78.5%; benchmarks/results/adapt_validation_sweep.md): noise moves both views alike.
     pseudo_flip: bool = False
     labelled_steps: int = 100
     source_images: int = 512  # training images the source statistics are measured on
