@@ -170,7 +170,7 @@ def current_listing(root: Path, kind: str, patterns: dict[str, str | None] | Non
     elif kind == "train-test-folders":
         bases = [folders[n] for n in ("train", "test") if n in folders]
     else:
-        bases = [folders["train"] if "train" in folders and "val" not in folders else root]
+        bases = [folders["train"] if "train" in folders and own_validation_folder(root, folders) is None else root]
     for base in bases:
         for cls, files in _class_folders(base).items():
             for f in files:
@@ -371,10 +371,11 @@ def split_folders(root: Path) -> dict[str, Path]:
     return {name: path for name, path in found.items() if path is not None}
 
 
-def own_validation_folder(root: Path) -> Path | None:
+def own_validation_folder(root: Path, folders: dict[str, Path] | None = None) -> Path | None:
     """The folder a class-folder dataset validates on instead of holding out --val-fraction: val/, valid/ or
-    validation/ (any case) beside a train/ folder; None when the dataset has no such pair."""
-    folders = split_folders(root)
+    validation/ (any case) beside a train/ folder; None when the dataset has no such pair. `folders`:
+    split_folders(root) when the caller has it already."""
+    folders = split_folders(root) if folders is None else folders
     return folders.get("val") if "train" in folders else None
 
 
@@ -392,7 +393,7 @@ def _test_folder_set(root: Path, folders: dict[str, Path], train_by: dict[str, l
 
 def _load_folders(root: Path, val_fraction: float, seed: int) -> Dataset:
     folders = split_folders(root)
-    val_dir = own_validation_folder(root)
+    val_dir = own_validation_folder(root, folders)
     if val_dir is not None:
         train_by = _class_folders(folders["train"])
         val_by = _class_folders(val_dir)
