@@ -51,6 +51,19 @@ PRESETS = {
 }
 
 
+def _field_value(text: str, current: object) -> object:
+    """A --set value in the type of the field's preset value; an optional field (None today) takes a Python
+    literal, or else the text itself, so `--set teacher=/some/run` needs no quotes."""
+    if isinstance(current, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        if current is None:
+            return text
+        raise SystemExit(f"--set: {text!r} is not a {type(current).__name__}") from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("preset", choices=PRESETS)
@@ -73,7 +86,7 @@ def main() -> None:
     for item in args.set:
         key, _, value = item.partition("=")
         current = getattr(cfg, key)  # unknown keys fail here
-        cfg = replace(cfg, **{key: value if isinstance(current, str) else ast.literal_eval(value)})
+        cfg = replace(cfg, **{key: _field_value(value, current)})
     if args.reuse:
         run = Path(args.reuse)
         manifest = json.loads((run / "manifest.json").read_text())
