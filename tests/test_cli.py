@@ -62,6 +62,25 @@ def test_every_command_help_renders() -> None:
     train_help = runner.invoke(app, ["train", "--help"], terminal_width=200).output
     assert "UNFREEZE@LR[/DECAY]" in train_help
 
+def test_the_command_list_prints_each_summary_unbroken() -> None:
+    """`edgetl --help` printed summaries wrapped in the source as broken lines ("a `cls` index per" / "sample,
+    classes.txt"): at a width where nothing needs wrapping, each summary is one line of the command list."""
+    import inspect
+
+    import typer.main
+
+    # As a user's terminal prints it: the test runner's captured output truncates long rows with "...".
+    env = {**os.environ, "COLUMNS": "1000"}
+    output = subprocess.run([sys.executable, "-m", "edgetl", "--help"], capture_output=True, text=True, env=env, check=True).stdout
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    multi_line = [name for name, c in commands.items() if "\n" in inspect.cleandoc(c.callback.__doc__ or "").split("\n\n")[0]]
+    assert multi_line, "no command has a wrapped summary: this test would not test anything"
+    for name in commands:
+        summary = " ".join(inspect.cleandoc(commands[name].callback.__doc__ or "").split("\n\n")[0].split())
+        row = next(line for line in output.splitlines() if line.lstrip("│ ").startswith(f"{name} "))
+        assert summary[-40:] in row, (name, row)
+
+
 def _assert_user_error(result, fragment: str) -> None:
     assert result.exit_code == 2, result.output
     assert fragment in result.output

@@ -621,6 +621,21 @@ def tune(
     console.print(Path(report["files"]["markdown"]).read_text(), markup=False)
 
 
+def _one_line_summaries() -> None:
+    """Each command's summary in `edgetl --help` is its docstring's first paragraph. Typer's rich help keeps
+    that paragraph's line breaks in the command list (it joins them only on the command's own page), so a
+    summary wrapped in the source printed as broken lines; joined here into one line that rich wraps."""
+    import inspect
+
+    for info in app.registered_commands:
+        if info.short_help is None and info.callback is not None:
+            first = inspect.cleandoc(info.callback.__doc__ or "").split("\n\n")[0]
+            info.short_help = " ".join(first.split())
+
+
+_one_line_summaries()
+
+
 def run() -> None:
     from edgetl.malloc_tuning import tune_malloc
 
