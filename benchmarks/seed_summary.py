@@ -141,7 +141,8 @@ def main() -> None:
               f"{sum(p['test_top1'] >= target for p in preset_row['per_seed'])} of {len(preset_row['per_seed'])} "
               "seeds reach it alone.")  # fmt: skip
     md.append(f"Best variant by validation: {best_by_val['variant']} (among the variants of the preset's backbone, "
-              f"{baseline['backbone']}, scored on the preset's validation images; several seeds before one).")
+              f"{baseline['backbone']}, scored on the preset's validation images; a variant run at several seeds "
+              "ranks before one run at a single seed).")
     save(f"train_accuracy_{args.preset}_seeds",
          {"preset": args.preset, "target_test_top1": target, "rows": rows, "preset_meets_target_on_mean": meets,
           "best_by_validation": best_by_val["variant"]},

@@ -62,6 +62,7 @@ def test_every_command_help_renders() -> None:
     train_help = runner.invoke(app, ["train", "--help"], terminal_width=200).output
     assert "UNFREEZE@LR[/DECAY]" in train_help
 
+
 def test_the_command_list_prints_each_summary_unbroken() -> None:
     """`edgetl --help` printed summaries wrapped in the source as broken lines ("a `cls` index per" / "sample,
     classes.txt"): at a width where nothing needs wrapping, each summary is one line of the command list."""
