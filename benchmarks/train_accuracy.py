@@ -14,7 +14,7 @@ import ast
 import hashlib
 import json
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 from common import save
@@ -51,17 +51,18 @@ PRESETS = {
 }
 
 
-def _field_value(text: str, current: object) -> object:
-    """A --set value in the type of the field's preset value; an optional field (None today) takes a Python
-    literal, or else the text itself, so `--set teacher=/some/run` needs no quotes."""
-    if isinstance(current, str):
-        return text
+def _field_value(key: str, text: str) -> object:
+    """A --set value for the TrainConfig field `key`: a Python literal, or the text itself where the field
+    takes text (`--set teacher=/some/run` needs no quotes); anything else is a one-line error, not a
+    traceback from deep inside training."""
+    annotation = str(next(f.type for f in fields(TrainConfig) if f.name == key))
+    kinds = annotation.split(" | ")
+    if "str" in kinds:
+        return None if text == "None" and "None" in kinds else text
     try:
         return ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        if current is None:
-            return text
-        raise SystemExit(f"--set: {text!r} is not a {type(current).__name__}") from None
+        raise SystemExit(f"--set {key}={text}: {key} is {annotation}") from None
 
 
 def main() -> None:
@@ -85,8 +86,8 @@ def main() -> None:
         cfg = replace(cfg, epochs_finetune=args.epochs_finetune)
     for item in args.set:
         key, _, value = item.partition("=")
-        current = getattr(cfg, key)  # unknown keys fail here
-        cfg = replace(cfg, **{key: _field_value(value, current)})
+        getattr(cfg, key)  # unknown keys fail here
+        cfg = replace(cfg, **{key: _field_value(key, value)})
     if args.reuse:
         run = Path(args.reuse)
         manifest = json.loads((run / "manifest.json").read_text())
