@@ -20,6 +20,7 @@ from pathlib import Path
 from common import save
 
 from edgetl.config import TrainConfig
+from edgetl.errors import EdgetlError
 from edgetl.evaluate import evaluate
 from edgetl.progress import Reporter
 from edgetl.run import RunFolder
@@ -51,18 +52,24 @@ PRESETS = {
 }
 
 
-def _field_value(key: str, text: str) -> object:
-    """A --set value for the TrainConfig field `key`: a Python literal, or the text itself where the field
-    takes text (`--set teacher=/some/run` needs no quotes); anything else is a one-line error, not a
-    traceback from deep inside training."""
-    annotation = str(next(f.type for f in fields(TrainConfig) if f.name == key))
-    kinds = annotation.split(" | ")
-    if "str" in kinds:
-        return None if text == "None" and "None" in kinds else text
+def _with_setting(cfg: TrainConfig, item: str) -> TrainConfig:
+    """`cfg` with one --set KEY=VALUE applied. VALUE is a Python literal, or the text itself where the field
+    takes text (`--set teacher=/some/run`, `--set unfreeze=3`); TrainConfig.from_dict checks its type and
+    TrainConfig its value, and a wrong one is a one-line exit, not a traceback from deep inside training."""
+    key, _, text = item.partition("=")
+    if key not in {f.name for f in fields(TrainConfig)}:
+        raise SystemExit(f"--set {item}: TrainConfig has no field {key!r}")
     try:
-        return ast.literal_eval(text)
+        value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise SystemExit(f"--set {key}={text}: {key} is {annotation}") from None
+        value = text
+    errors = []
+    for candidate in (value, text):
+        try:
+            return TrainConfig.from_dict({**cfg.to_dict(), key: candidate}, source="--set")
+        except EdgetlError as exc:
+            errors.append(str(exc))
+    raise SystemExit(f"--set {item}: {errors[0]}")
 
 
 def main() -> None:
@@ -85,9 +92,7 @@ def main() -> None:
     if args.epochs_finetune is not None:
         cfg = replace(cfg, epochs_finetune=args.epochs_finetune)
     for item in args.set:
-        key, _, value = item.partition("=")
-        getattr(cfg, key)  # unknown keys fail here
-        cfg = replace(cfg, **{key: _field_value(key, value)})
+        cfg = _with_setting(cfg, item)
     if args.reuse:
         run = Path(args.reuse)
         manifest = json.loads((run / "manifest.json").read_text())
