@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import save, share_won_back
+from common import read_settings, save, share_won_back
 from PIL import Image
 
 from edgetl import checkpoint
@@ -123,15 +123,6 @@ def write_folder(pixels: np.ndarray, labels: np.ndarray, classes: list[str], fol
         Image.fromarray(x).save(d / f"{i:04d}.png")
 
 
-def _option_value(default: object, text: str) -> object:
-    """`--set key=text` as the type of the option's default (bool("False") would be True)."""
-    if isinstance(default, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise SystemExit(f"a yes/no option takes true or false, got {text!r}")
-        return text.lower() in ("true", "1")
-    return type(default)(text)
-
-
 def main() -> None:
     import torch
 
@@ -156,7 +147,7 @@ def main() -> None:
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    overrides = {k: _option_value(getattr(AdaptOptions(), k), v) for k, v in (s.split("=", 1) for s in args.set)}
+    overrides = read_settings(AdaptOptions(), args.set)
     table = VALIDATION if args.validation else CORRUPTIONS
     names = args.corruptions or list(table)
     device = torch.device("cpu")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import json
 import statistics
 import sys
@@ -11,6 +13,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edgetl.config import has_type
+from edgetl.errors import EdgetlError
 from edgetl.fileio import write_json, write_text
 from edgetl.hostinfo import host_lines, host_record
 
@@ -58,6 +62,37 @@ def train_and_score(data: Path, cfg: Any, run: Path) -> dict[str, Any]:
     if not (manifest.is_file() and json.loads(manifest.read_text()).get("status") == "finished"):
         train(data, cfg, out=str(run), reporter=Reporter(quiet=True))
     return score_run(data, run)
+
+
+def read_settings(base: Any, items: list[str]) -> dict[str, Any]:
+    """The `--set KEY=VALUE` items for the options dataclass `base` (TrainConfig, AdaptOptions) as {key: value}.
+
+    VALUE is a Python literal, or the text itself where the field takes text (`--set teacher=/some/run`,
+    `--set unfreeze=3`); true/false are booleans. Each value must fit its field's declared type
+    (edgetl.config.has_type, the check recorded configs go through) and `base` with all of them applied must pass
+    the options' own validation; anything else (an unknown key, a wrong type, an invalid value) ends the script
+    in one line before anything runs, not in a traceback from deep inside training or adapting."""
+    annotations = {f.name: str(f.type) for f in dataclasses.fields(base)}
+    values: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in annotations:
+            raise SystemExit(f"--set {item}: expected KEY=VALUE with KEY one of {', '.join(annotations)}")
+        try:
+            literal = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            literal = text
+        candidates = [literal, text, {"true": True, "false": False}.get(text.lower())]
+        fitting = [c for c in candidates if c is not None or text == "None"]
+        fitting = [c for c in fitting if has_type(c, annotations[key])]
+        if not fitting:
+            raise SystemExit(f"--set {item}: {key} takes {annotations[key]}, got {text!r}")
+        values[key] = fitting[0]
+    try:
+        dataclasses.replace(base, **values)
+    except EdgetlError as exc:
+        raise SystemExit(f"--set {' '.join(items)}: {exc}") from None
+    return values
 
 
 def adapt_result_path(tag: str) -> Path:

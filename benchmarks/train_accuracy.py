@@ -10,17 +10,15 @@ images/s of each stage. Targets (issue 2): clothing-small >= 92% test top-1, Fas
 from __future__ import annotations
 
 import argparse
-import ast
 import hashlib
 import json
 import time
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
-from common import save
+from common import read_settings, save
 
 from edgetl.config import TrainConfig
-from edgetl.errors import EdgetlError
 from edgetl.evaluate import evaluate
 from edgetl.progress import Reporter
 from edgetl.run import RunFolder
@@ -52,26 +50,6 @@ PRESETS = {
 }
 
 
-def _with_setting(cfg: TrainConfig, item: str) -> TrainConfig:
-    """`cfg` with one --set KEY=VALUE applied. VALUE is a Python literal, or the text itself where the field
-    takes text (`--set teacher=/some/run`, `--set unfreeze=3`); TrainConfig.from_dict checks its type and
-    TrainConfig its value, and a wrong one is a one-line exit, not a traceback from deep inside training."""
-    key, _, text = item.partition("=")
-    if key not in {f.name for f in fields(TrainConfig)}:
-        raise SystemExit(f"--set {item}: TrainConfig has no field {key!r}")
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        value = text
-    errors = []
-    for candidate in (value, text):
-        try:
-            return TrainConfig.from_dict({**cfg.to_dict(), key: candidate}, source="--set")
-        except EdgetlError as exc:
-            errors.append(str(exc))
-    raise SystemExit(f"--set {item}: {errors[0]}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("preset", choices=PRESETS)
@@ -91,8 +69,7 @@ def main() -> None:
         raise SystemExit(f"no {args.preset} data at {data}{hint}")
     if args.epochs_finetune is not None:
         cfg = replace(cfg, epochs_finetune=args.epochs_finetune)
-    for item in args.set:
-        cfg = _with_setting(cfg, item)
+    cfg = replace(cfg, **read_settings(cfg, args.set))
     if args.reuse:
         run = Path(args.reuse)
         manifest = json.loads((run / "manifest.json").read_text())

@@ -173,7 +173,7 @@ class TrainConfig:
         values.setdefault("patience_head", 0)
         values.setdefault("min_epochs_finetune", 0)
         for f in fields(cls):
-            if f.name in values and not _has_type(values[f.name], str(f.type)):
+            if f.name in values and not has_type(values[f.name], str(f.type)):
                 # A hand-edited manifest: say which value is wrong rather than fail later in arithmetic on it.
                 raise EdgetlError(f"{source} has {f.name}={values[f.name]!r}, which is not "
                                   f"of type {f.type}")
@@ -183,7 +183,7 @@ class TrainConfig:
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 
 
-def _has_type(value: Any, annotation: str) -> bool:
+def has_type(value: Any, annotation: str) -> bool:
     """Whether a JSON value fits a field's annotation ('int', 'float | None', ...); bool is not an int here."""
     for name in (part.strip() for part in annotation.split("|")):
         if name == "None" and value is None:
