@@ -17,7 +17,7 @@ import argparse
 import json
 import statistics
 
-from common import adapt_result_path, recorded_args, save, share_won_back
+from common import RESULTS, adapt_result_path, recorded_args, save, share_won_back
 
 # Keys of an adapt_corruptions result that are not a method's top-1 (_gate_ratio: the shift gate's first form).
 NOT_METHODS = ("_seconds", "_stopped", "_gate_ratio", "_gate_excess", "_ungated")
@@ -28,7 +28,21 @@ def main() -> None:
     ap.add_argument("tags", nargs="+", help="result tags: results/adapt_corruptions_<tag>.json (- for the untagged file)")
     ap.add_argument("--severity", type=int, default=3)
     ap.add_argument("--name", default="adapt_methods_seeds", help="result file name (e.g. for a summary of --validation runs)")
+    ap.add_argument(
+        "--gate",
+        type=float,
+        default=None,
+        help="re-decide the shift gate at this threshold from each condition's recorded excess score: shut "
+        "scores the model as trained (the source top-1), open the method's ungated top-1 (0: always open)",
+    )
+    ap.add_argument(
+        "--excess-from",
+        default=None,
+        help="an adapt_shift_gate.py result (results/<name>.json) with the excess scores of the same run and "
+        "seeds, for --gate on files whose gate recorded only its first form (a ratio)",
+    )
     args = ap.parse_args()
+    excess_from = _excess_scores(args.excess_from) if args.excess_from else None
     # (method, seed) -> corruption -> (clean top-1, source top-1, method top-1); files of one seed (the same split
     # and corruption noise) add corruptions to each other, the first file's result of a corruption counts.
     scores: dict[tuple[str, int], dict[str, tuple[float, float, float]]] = {}
@@ -47,6 +61,9 @@ def main() -> None:
                 entries = {method: r[method]}
                 if f"{method}_gate_excess" in r or f"{method}_gate_ratio" in r:  # behind the shift gate (_ratio: its first form)
                     entries[f"{method}, no gate"] = r.get(f"{method}_ungated", r[method])
+                    if args.gate is not None:
+                        excess = _excess_of(r, method, payload["run"], seed, key, excess_from, path.name)
+                        entries[method] = _regated(r, method, args.gate, excess)
                 for name, top1 in entries.items():
                     m = f"{name} ({options})" if options else name
                     scores.setdefault((m, seed), {}).setdefault(key, (clean, r["source"], top1))
@@ -81,7 +98,36 @@ def main() -> None:
         summary[m] = {"per_seed": {s: per.get((m, s)) for s in seeds}, "mean_share": both[0], "pooled_share": both[1], "seeds": len(got)}
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {100 * both[0]:.0f}% / {100 * both[1]:.0f}% ({len(got)} seeds) |")
     lines += ["", "Files: " + ", ".join(sorted({f for r in per.values() for f in r["files"]}))]  # type: ignore[attr-defined]
-    save(args.name, {"severity": args.severity, "methods": summary}, "\n".join(lines))
+    if args.gate is not None:
+        lines[2:2] = [f"The shift gate re-decided at {args.gate} from each condition's recorded excess score (shut: the model as trained; "
+                      "open: the method's ungated top-1), not as the runs decided it.", ""]  # fmt: skip
+    save(args.name, {"severity": args.severity, "gate": args.gate, "methods": summary}, "\n".join(lines))
+
+
+def _excess_scores(name: str) -> dict[tuple[str, int, str], float]:
+    """(run, seed, condition) -> the gate's excess score, from an adapt_shift_gate.py result."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"no adapt_shift_gate.py result {path}")
+    payload = json.loads(path.read_text())
+    return {(payload["run"], int(row["seed"]), row["condition"]): float(row["excess"]) for row in payload["rows"]}
+
+
+def _excess_of(r: dict[str, float], method: str, run: str, seed: int, key: str,
+               scores: dict[tuple[str, int, str], float] | None, file: str) -> float:  # fmt: skip
+    """A condition's excess score: recorded with the result, or from --excess-from for the same run, seed and condition."""
+    if f"{method}_gate_excess" in r:
+        return r[f"{method}_gate_excess"]
+    if scores is not None and (run, seed, key) in scores:
+        return scores[(run, seed, key)]
+    raise SystemExit(f"{file}: {method} on {key} has no recorded excess score (seed {seed}); --gate cannot re-decide it "
+                     "(give --excess-from with an adapt_shift_gate.py result of the same run)")  # fmt: skip
+
+
+def _regated(r: dict[str, float], method: str, threshold: float, excess: float) -> float:
+    """The top-1 a gate at `threshold` gives: the source model's when it shuts, the ungated method's when it opens."""
+    opened = threshold <= 0 or excess >= threshold  # the rule of edgetl.shift.shift_gate
+    return r.get(f"{method}_ungated", r[method]) if opened else r["source"]
 
 
 if __name__ == "__main__":
