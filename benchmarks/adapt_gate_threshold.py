@@ -74,8 +74,8 @@ def main() -> None:
     lines += [f"| {c['seed']} | {c['condition']} | {float(c['excess']):.2f} | {float(c['gain']):+.2f} | {c['file']} |" for c in rows]
     lines += ["", "| threshold t | G(t) |", "|---|---|"] + [f"| {t:.2f} | {g:+.2f} |" for t, g in table]
     lines += ["", f"Best G {best:+.2f} at t = {pick:.2f}; the current {args.current:.2f} gives {gated_gain(rows, args.current):+.2f} "
-              f"(margin {margin:+.2f} points, noise floor {args.noise_floor:.2f}) -> **threshold {chosen:.2f}**"
-              + (" (changed)" if chosen != args.current else " (kept)") + "."]  # fmt: skip
+              f"(margin {margin:+.2f} points, noise floor {args.noise_floor:.2f}) -> the rule's threshold: **{chosen:.2f}**"
+              + (" (replaces the current one)" if chosen != args.current else " (the current one stays)") + "."]  # fmt: skip
     save(args.name, {"method": args.method, "conditions": rows, "candidates": [{"threshold": t, "gain": g} for t, g in table],
                      "best_threshold": pick, "best_gain": best, "current": args.current, "margin": margin,
                      "noise_floor": args.noise_floor, "chosen": chosen}, "\n".join(lines))  # fmt: skip

@@ -28,7 +28,6 @@ def test_help_does_not_import_the_heavy_stack() -> None:
     assert result.exit_code == 0 and "train" in result.output and "backbones" in result.output
 
 
-
 @pytest.mark.parametrize("command,options", [("train", "edgetl.config:TrainConfig"), ("adapt", "edgetl.adapt:AdaptOptions")])
 def test_command_defaults_are_the_library_defaults(command: str, options: str) -> None:
     """The CLI spells its defaults out (importing the modules behind them would make `edgetl --help` load
