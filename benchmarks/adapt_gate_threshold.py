@@ -22,7 +22,7 @@ import json
 
 from common import RESULTS, recorded_args, save
 
-from edgetl.shift import GATE_THRESHOLD
+from edgetl.shift import GATE_THRESHOLD, gate_opens
 
 
 def conditions(tags: list[str], method: str) -> list[dict[str, float | int | str]]:
@@ -48,7 +48,7 @@ def conditions(tags: list[str], method: str) -> list[dict[str, float | int | str
 
 def gated_gain(rows: list[dict[str, float | int | str]], threshold: float) -> float:
     """G(threshold): the summed gain of the conditions a gate at `threshold` adapts (0 adapts all)."""
-    return sum(float(c["gain"]) for c in rows if threshold <= 0 or float(c["excess"]) >= threshold)
+    return sum(float(c["gain"]) for c in rows if gate_opens(float(c["excess"]), threshold))
 
 
 def main() -> None:

@@ -19,6 +19,8 @@ import statistics
 
 from common import RESULTS, adapt_result_path, recorded_args, save, share_won_back
 
+from edgetl.shift import gate_opens
+
 # Keys of an adapt_corruptions result that are not a method's top-1 (_gate_ratio: the shift gate's first form).
 NOT_METHODS = ("_seconds", "_stopped", "_gate_ratio", "_gate_excess", "_ungated")
 
@@ -126,8 +128,7 @@ def _excess_of(r: dict[str, float], method: str, run: str, seed: int, key: str,
 
 def _regated(r: dict[str, float], method: str, threshold: float, excess: float) -> float:
     """The top-1 a gate at `threshold` gives: the source model's when it shuts, the ungated method's when it opens."""
-    opened = threshold <= 0 or excess >= threshold  # the rule of edgetl.shift.shift_gate
-    return r.get(f"{method}_ungated", r[method]) if opened else r["source"]
+    return r.get(f"{method}_ungated", r[method]) if gate_opens(excess, threshold) else r["source"]
 
 
 if __name__ == "__main__":

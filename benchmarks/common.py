@@ -82,9 +82,8 @@ def read_settings(base: Any, items: list[str]) -> dict[str, Any]:
             literal = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             literal = text
-        candidates = [literal, text, {"true": True, "false": False}.get(text.lower())]
-        fitting = [c for c in candidates if c is not None or text == "None"]
-        fitting = [c for c in fitting if has_type(c, annotations[key])]
+        candidates = [literal, text] + ([text.lower() == "true"] if text.lower() in ("true", "false") else [])
+        fitting = [c for c in candidates if has_type(c, annotations[key])]
         if not fitting:
             raise SystemExit(f"--set {item}: {key} takes {annotations[key]}, got {text!r}")
         values[key] = fitting[0]

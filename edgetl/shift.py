@@ -115,6 +115,12 @@ GATE_IMAGES = 186
 MIN_GATE_IMAGES = 16
 
 
+def gate_opens(excess: float, threshold: float) -> bool:
+    """The gate's rule: adapt when the target's excess shift reaches the threshold; a threshold of 0 adapts always,
+    even on a target closer to the training images than the validation subsets' median."""
+    return threshold <= 0 or excess >= threshold
+
+
 def shift_gate(reference: FeatureReference, target: np.ndarray, in_domain: np.ndarray, threshold: float = GATE_THRESHOLD,
                seed: int = 0, subsets: int = GATE_SUBSETS) -> dict[str, Any]:  # fmt: skip
     """Whether to adapt to `target` features: {"open": bool, "excess": the target's excess shift, ...}.
@@ -139,7 +145,7 @@ def shift_gate(reference: FeatureReference, target: np.ndarray, in_domain: np.nd
     unit = band_median if size == unit_size else float(np.median(subset_shifts(in_domain, unit_size)))
     shift = reference.distance(target) if size == len(target) else float(np.median(subset_shifts(target, size)))
     excess = (shift - band_median) / max(unit, 1e-12)
-    opened = threshold <= 0 or excess >= threshold  # 0: adapt always, even on a target closer than the median
+    opened = gate_opens(excess, threshold)
     verdict = "at least" if opened else "below"
     return {**record, "open": opened, "excess": excess, "target_shift": shift, "band_median": band_median,
             "band_max": float(band.max()), "unit": unit,
