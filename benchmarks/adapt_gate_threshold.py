@@ -20,7 +20,7 @@ import argparse
 import itertools
 import json
 
-from common import RESULTS, recorded_args, save
+from common import adapt_result_path, recorded_args, save, ungated_top1
 
 from edgetl.shift import GATE_THRESHOLD, gate_opens
 
@@ -30,9 +30,7 @@ def conditions(tags: list[str], method: str) -> list[dict[str, float | int | str
     corruption noise) the first file's result of a condition counts."""
     seen: dict[tuple[int, str], dict[str, float | int | str]] = {}
     for tag in tags:
-        path = RESULTS / f"adapt_corruptions_validation_{tag}.json"
-        if not path.is_file():
-            raise SystemExit(f"no result file {path} (tags name results/adapt_corruptions_validation_<tag>.json)")
+        path = adapt_result_path(f"validation_{tag}")
         payload = json.loads(path.read_text())
         if not payload.get("validation_corruptions"):
             raise SystemExit(f"{path.name} is not a --validation run: the threshold is never chosen on the test corruptions")
@@ -40,7 +38,7 @@ def conditions(tags: list[str], method: str) -> list[dict[str, float | int | str
         for key, r in payload["results"].items():
             if f"{method}_gate_excess" not in r:
                 raise SystemExit(f"{path.name}: {key} has no gate score for {method}")
-            ungated = r.get(f"{method}_ungated", r[method])
+            ungated = ungated_top1(r, method)
             seen.setdefault((seed, key), {"seed": seed, "condition": key, "excess": r[f"{method}_gate_excess"],
                                           "gain": 100 * (ungated - r["source"]), "file": path.name})  # fmt: skip
     return sorted(seen.values(), key=lambda c: float(c["excess"]))

@@ -17,7 +17,7 @@ import argparse
 import json
 import statistics
 
-from common import RESULTS, adapt_result_path, recorded_args, save, share_won_back
+from common import adapt_result_path, load_result, recorded_args, save, share_won_back, ungated_top1
 
 from edgetl.shift import gate_opens
 
@@ -62,7 +62,7 @@ def main() -> None:
             for method in (k for k in r if k != "source" and not k.endswith(NOT_METHODS)):
                 entries = {method: r[method]}
                 if f"{method}_gate_excess" in r or f"{method}_gate_ratio" in r:  # behind the shift gate (_ratio: its first form)
-                    entries[f"{method}, no gate"] = r.get(f"{method}_ungated", r[method])
+                    entries[f"{method}, no gate"] = ungated_top1(r, method)
                     if args.gate is not None:
                         excess = _excess_of(r, method, payload["run"], seed, key, excess_from, path.name)
                         entries[method] = _regated(r, method, args.gate, excess)
@@ -108,10 +108,7 @@ def main() -> None:
 
 def _excess_scores(name: str) -> dict[tuple[str, int, str], float]:
     """(run, seed, condition) -> the gate's excess score, from an adapt_shift_gate.py result."""
-    path = RESULTS / f"{name}.json"
-    if not path.is_file():
-        raise SystemExit(f"no adapt_shift_gate.py result {path}")
-    payload = json.loads(path.read_text())
+    payload = load_result(name, "adapt_shift_gate.py result")
     return {(payload["run"], int(row["seed"]), row["condition"]): float(row["excess"]) for row in payload["rows"]}
 
 
@@ -128,7 +125,7 @@ def _excess_of(r: dict[str, float], method: str, run: str, seed: int, key: str,
 
 def _regated(r: dict[str, float], method: str, threshold: float, excess: float) -> float:
     """The top-1 a gate at `threshold` gives: the source model's when it shuts, the ungated method's when it opens."""
-    return r.get(f"{method}_ungated", r[method]) if gate_opens(excess, threshold) else r["source"]
+    return ungated_top1(r, method) if gate_opens(excess, threshold) else r["source"]
 
 
 if __name__ == "__main__":

@@ -14,10 +14,9 @@ the pooled share (points won over points lost), and the worst clean-image change
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
-from common import RESULTS, save
+from common import load_result, save
 
 
 def main() -> None:
@@ -30,12 +29,9 @@ def main() -> None:
         raise SystemExit("give at least two models' summaries: one model's seeds are what adapt_methods_seeds.py reports")
     models: dict[str, dict[str, dict[str, float]]] = {}
     for name in args.summaries:
-        path = RESULTS / f"{name}.json"
-        if not path.is_file():
-            raise SystemExit(f"no summary {path} (names are adapt_methods_seeds.py's --name)")
-        methods = json.loads(path.read_text())["methods"]
+        methods = load_result(name, "adapt_methods_seeds.py summary (names are its --name)")["methods"]
         if args.method not in methods:
-            raise SystemExit(f"{path.name} has no method {args.method!r}; it has {', '.join(methods)}")
+            raise SystemExit(f"{name}.json has no method {args.method!r}; it has {', '.join(methods)}")
         models[name] = {seed: run for seed, run in methods[args.method]["per_seed"].items() if run}
     runs = [run for per_seed in models.values() for run in per_seed.values()]
     shares = [run["mean_share"] for run in runs]

@@ -94,6 +94,20 @@ def read_settings(base: Any, items: list[str]) -> dict[str, Any]:
     return values
 
 
+def load_result(name: str, what: str = "result file") -> dict[str, Any]:
+    """results/<name>.json as a dict; a missing one ends the script in one line naming `what` it should be."""
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"no {what} {path}")
+    return json.loads(path.read_text())
+
+
+def ungated_top1(result: dict[str, float], method: str) -> float:
+    """A method's top-1 without the shift gate on one condition of an adapt_corruptions result: recorded as
+    `<method>_ungated` where the gate shut, else the method's own top-1 (the gate opened, or there was none)."""
+    return result.get(f"{method}_ungated", result[method])
+
+
 def adapt_result_path(tag: str) -> Path:
     """results/adapt_corruptions_<tag>.json (`-` or "" for the untagged file); a missing one ends the script in one line."""
     path = RESULTS / ("adapt_corruptions.json" if tag in ("", "-") else f"adapt_corruptions_{tag}.json")

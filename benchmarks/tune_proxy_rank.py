@@ -19,22 +19,14 @@ trained accuracy is then the mean over them and the tune's own seed-0 training, 
 from __future__ import annotations
 
 import argparse
-import json
 
-from common import RESULTS, save
+from common import load_result, save
 from tune_clothing import candidate, proxy_rank, training_differences
 
 
 def probe_top1(rows: list[dict]) -> dict[tuple[str, int], float]:
     """The probe's validation top-1 of every tuned backbone@size: its fp32 ONNX Runtime candidate's top-1."""
     return {(r["backbone"], r["size"]): r["top1"] for r in rows if r["target"] == "ort-cpu" and r["precision"] == "fp32"}
-
-
-def load(name: str) -> dict:
-    path = RESULTS / f"{name}.json"
-    if not path.is_file():
-        raise SystemExit(f"no result file {path}")
-    return json.loads(path.read_text())
 
 
 def trained_later(key: tuple[str, int], result: dict, name: str) -> dict:
@@ -72,7 +64,7 @@ def main() -> None:
                     help="train_accuracy.py results to add (several: seeds to average)")
     ap.add_argument("--tag", required=True)
     args = ap.parse_args()
-    base = load(args.base)
+    base = load_result(args.base)
     if base["epochs_finetune"] != 0:
         raise SystemExit(f"{args.base} trained its candidates for {base['epochs_finetune']} epochs, not with the default training")
     proxy = probe_top1(base["candidates"])
@@ -85,7 +77,7 @@ def main() -> None:
         if key not in proxy:
             raise SystemExit(f"{key_text} was not a candidate of the tune in {args.base}")
         base_run = [{**trained[key], "seed": 0}] if key in trained else []  # the tune trains its candidates at seed 0
-        added = [trained_later(key, load(n), n) for n in name.split(",")]
+        added = [trained_later(key, load_result(n), n) for n in name.split(",")]
         trained[key] = seed_mean(key_text, base_run + added)
     keys = sorted(k for k in trained if k in proxy)
     rho_test, rho_val, rank_lines = proxy_rank({k: proxy[k] for k in keys}, trained)
