@@ -44,8 +44,9 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     patience: int = 3  # stage 2: epochs without a better checkpoint than stage 2's own best
     min_epochs_finetune: int = 2  # stage 2 is not stopped early before this many epochs
-    # knowledge distillation from a trained run's checkpoint (its logits on the training images, cached once)
-    teacher: str | None = None
+    # knowledge distillation from a trained run's checkpoint (its logits on the training images, cached once);
+    # several runs (a tuple) are cross-fitted teachers, each scoring the training images it did not train on.
+    teacher: str | tuple[str, ...] | None = None
     distill_alpha: float = 0.5  # weight of the teacher's soft labels; 1 - alpha on the true labels
     distill_temperature: float = 2.0
     # cached: the teacher's logits of each whole training image, computed once (a lookup per step);
@@ -88,6 +89,9 @@ class TrainConfig:
     val_fraction: float = 0.2
     limit_train: int | None = None
     limit_val: int | None = None
+    # K/N: train without fold K of N of the training images (edgetl.data.fold_of), e.g. the N teachers of a
+    # cross-fitted --teacher, each of which scores the fold it did not see.
+    hold_out_fold: str | None = None
     strict: bool = False
     # weights
     pretrained: bool = True
@@ -109,6 +113,11 @@ class TrainConfig:
             raise EdgetlError("--erase is part of the training augmentation, which --augment none turns off")
         if self.distill_mode not in DISTILL_MODES:
             raise EdgetlError(f"--distill-mode must be one of {', '.join(DISTILL_MODES)}, got {self.distill_mode!r}")
+        if isinstance(self.teacher, tuple) and (len(self.teacher) < 2 or len(set(self.teacher)) != len(self.teacher)):
+            raise EdgetlError(f"several --teacher runs must be at least two different ones, got {list(self.teacher)}")
+        if isinstance(self.teacher, tuple) and self.distill_mode != "cached":
+            raise EdgetlError(f"--distill-mode {self.distill_mode} runs one teacher on every crop; cross-fitted teachers "
+                              "(several --teacher) score whole images, in --distill-mode cached")
         if self.distill_mode != "cached" and self.teacher is None:
             raise EdgetlError(f"--distill-mode {self.distill_mode} says how to distil from a --teacher, and none was given")
         if self.mixes and self.teacher is not None and self.distill_mode == "cached":
@@ -145,6 +154,10 @@ class TrainConfig:
         for name in ("limit_train", "limit_val"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise EdgetlError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.hold_out_fold is not None:
+            from edgetl.data import parse_fold
+
+            parse_fold(self.hold_out_fold)
         if self.batch_size < 1 or self.head_batch_size < 1 or self.cache_views < 1:
             raise EdgetlError("batch sizes and --cache-views must be at least 1")
 
@@ -152,6 +165,13 @@ class TrainConfig:
     def mixes(self) -> bool:
         """Whether stage 2 mixes its batches (--mixup / --cutmix)."""
         return self.mixup > 0 or self.cutmix > 0
+
+    @property
+    def teachers(self) -> tuple[str, ...]:
+        """The --teacher runs: none, one, or several cross-fitted ones."""
+        if self.teacher is None:
+            return ()
+        return self.teacher if isinstance(self.teacher, tuple) else (self.teacher,)
 
     @property
     def finetune_lr(self) -> float:
@@ -172,6 +192,8 @@ class TrainConfig:
         values.setdefault("recipe", "finetune")
         values.setdefault("patience_head", 0)
         values.setdefault("min_epochs_finetune", 0)
+        if isinstance(values.get("teacher"), list):  # JSON has no tuples
+            values["teacher"] = tuple(values["teacher"])
         for f in fields(cls):
             if f.name in values and not has_type(values[f.name], str(f.type)):
                 # A hand-edited manifest: say which value is wrong rather than fail later in arithmetic on it.
@@ -189,5 +211,7 @@ def has_type(value: Any, annotation: str) -> bool:
         if name == "None" and value is None:
             return True
         if name in _TYPES and isinstance(value, _TYPES[name]) and (name == "bool" or not isinstance(value, bool)):
+            return True
+        if name == "tuple[str, ...]" and isinstance(value, tuple) and all(isinstance(v, str) for v in value):
             return True
     return False

@@ -233,6 +233,7 @@ def load_dataset(
     limit_train: int | None = None,
     limit_val: int | None = None,
     val_data: str | None = None,
+    hold_out_fold: str | None = None,
 ) -> Dataset:
     """Find a dataset at `root`: IDX files, `train/` + `val/` folders, class folders to split, or
     WebDataset tar shards (`root` a shard pattern; `val_data` a validation pattern, else a held-out fraction)."""
@@ -244,7 +245,7 @@ def load_dataset(
         if not 0.0 < val_fraction < 1.0:
             raise EdgetlError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
         ds = load_shard_dataset(str(root), val_data, val_fraction, seed)
-        return _limit(ds, seed, limit_train, limit_val)
+        return _hold_out(_limit(ds, seed, limit_train, limit_val), hold_out_fold)
     root = Path(root)
     if not root.exists():
         raise EdgetlError(f"data path does not exist: {root}")
@@ -253,7 +254,46 @@ def load_dataset(
     if not 0.0 < val_fraction < 1.0:
         raise EdgetlError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     ds = _load_idx(root, val_fraction, seed) if _find_idx(root, "train") is not None else _load_folders(root, val_fraction, seed)
-    return _limit(ds, seed, limit_train, limit_val)
+    return _hold_out(_limit(ds, seed, limit_train, limit_val), hold_out_fold)
+
+
+def parse_fold(text: str) -> tuple[int, int]:
+    """'K/N' -> (K, N): fold K (0-based) of N."""
+    k, slash, n = text.partition("/")
+    if not slash or not k.strip().isdigit() or not n.strip().isdigit() or not 0 <= int(k) < int(n) or int(n) < 2:
+        raise EdgetlError(f"--hold-out-fold takes K/N, fold K (0 to N-1) of N >= 2 folds of the training images, got {text!r}")
+    return int(k), int(n)
+
+
+def fold_of(refs: Sequence[ImageRef], labels: np.ndarray, folds: int) -> np.ndarray:
+    """Each training image's fold (0..folds-1): within each class, images ordered by a hash of their key are
+    dealt out in turn. It depends only on which images the training split holds, not on --seed or on the
+    order files are listed in, so the runs of K/N for K = 0..N-1 leave out complementary parts, each with
+    every class's share."""
+    out = np.empty(len(refs), dtype=np.int64)
+    digest = np.asarray([hashlib.sha256(r.key.encode()).hexdigest() for r in refs])
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        out[members[np.argsort(digest[members], kind="stable")]] = np.arange(len(members)) % folds
+    return out
+
+
+def _hold_out(ds: Dataset, hold_out_fold: str | None) -> Dataset:
+    """--hold-out-fold K/N: train without fold K (recorded as unused), e.g. for cross-fitted teachers whose
+    logits on the images they did not see are honest soft labels."""
+    if hold_out_fold is None:
+        return ds
+    k, n = parse_fold(hold_out_fold)
+    held = fold_of(ds.train.refs, ds.train.labels, n) == k
+    if held.all() or not held.any():
+        raise EdgetlError(f"--hold-out-fold {hold_out_fold}: {len(ds.train)} training image(s) are too few for {n} folds")
+    left_out = ds.train.subset(np.flatnonzero(held))
+    ds.train = ds.train.subset(np.flatnonzero(~held))
+    previous = ds.unused
+    ds.unused = left_out if previous is None else LabelledSet(previous.refs + left_out.refs,
+                                                            np.concatenate([previous.labels, left_out.labels]))  # fmt: skip
+    ds.split_note += f"; fold {k} of {n} of the training images held out ({len(left_out)} images)"
+    return ds
 
 
 def _limit(ds: Dataset, seed: int, limit_train: int | None, limit_val: int | None) -> Dataset:

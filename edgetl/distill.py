@@ -5,6 +5,11 @@ data. It runs once over the training images, with its own recorded preprocessing
 differ from the student's), and its logits are kept like the stage-1 features; every training step of
 both stages then mixes the true labels with the teacher's temperature-softened ones (Hinton et al., 2015).
 
+Several teachers are cross-fitted: each trained without one fold of the training images
+(`--hold-out-fold K/N`) and scores only the fold it did not see, so every soft label is an honest
+prediction rather than the echo of a label the teacher memorised (a teacher fits its own training
+images almost perfectly; its soft labels there carry little beyond the true label).
+
 Refused clearly, before any training: a teacher with other labels or another label order, with other
 pixel preprocessing than the student's (normalisation, interpolation, channel order; the size may
 differ), or one that trained on images that are this run's validation or test images (its soft labels
@@ -13,9 +18,11 @@ would leak them into model selection).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -75,3 +82,24 @@ def _check_no_leak(folder: RunFolder, record: dict[str, Any], name: str) -> str:
                               f"(e.g. {leaked[0]}): its soft labels would leak them; train the teacher with the same "
                               "split (same --seed and --val-fraction) or on the training images only")  # fmt: skip
     return "passed: none of this run's validation or test images is among the teacher's training images"
+
+
+def cross_fit_coverage(runs: Sequence[str], record: dict[str, Any], keys: Sequence[str]) -> np.ndarray:
+    """Cross-fitted teachers: a (teachers x images) mask of which teacher scores which of the student's
+    training images (`keys`): those it did not train on, by the teachers' recorded file lists. Every image
+    must be left out by at least one teacher; otherwise its soft label would be a memorised one."""
+    root = Path(record["root"]).resolve()
+    mask = np.zeros((len(runs), len(keys)), dtype=bool)
+    for i, run in enumerate(runs):
+        teacher = RunFolder.open(run).split_record()
+        if Path(teacher["root"]).resolve() != root:
+            raise EdgetlError(f"--teacher {run} trained on other data ({teacher['root']}): cross-fitted teachers score "
+                              "the training images they did not see, which needs the student's own data")  # fmt: skip
+        seen = {key for key, *_ in teacher["splits"].get("train", [])}
+        mask[i] = [key not in seen for key in keys]
+    missing = np.flatnonzero(~mask.any(axis=0))
+    if len(missing):
+        raise EdgetlError(f"{len(missing)} of the {len(keys)} training image(s) (e.g. {keys[missing[0]]}) were trained on by "
+                          "every --teacher: cross-fitted teachers must leave out complementary parts; train them with "
+                          "--hold-out-fold K/N for K = 0..N-1 (same N)")  # fmt: skip
+    return mask

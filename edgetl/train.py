@@ -41,7 +41,7 @@ from edgetl import run as layout
 from edgetl.backbones import get_entry, load_pretrained, preprocess_spec
 from edgetl.config import TrainConfig
 from edgetl.data import Dataset as ImageDataset
-from edgetl.data import check_after_skips, dataset_from_record, load_dataset
+from edgetl.data import LabelledSet, check_after_skips, dataset_from_record, load_dataset
 from edgetl.decoded import CACHE_PREFIX, DecodedImages, decode_split
 from edgetl.distributed import Dist, lost_peer
 from edgetl.errors import EdgetlError, TrainingInterrupted
@@ -377,44 +377,71 @@ class Trainer:
         self.class_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
 
     def prepare_teacher(self) -> None:
-        """--teacher: check the teacher run against this one, then run it once over the training images
-        (decoded at its own size) and keep its logits, so distillation costs a lookup per step."""
-        if self.cfg.teacher is None:
+        """--teacher: check each teacher run against this one, then run it once over the training images
+        (decoded at its own size) and keep its logits, so distillation costs a lookup per step. One teacher
+        scores every training image; cross-fitted teachers (several, each trained with --hold-out-fold) score
+        only the images they did not train on, averaged where more than one did not see an image."""
+        runs = self.cfg.teachers
+        if not runs:
             return
-        from edgetl.distill import load_teacher
+        from edgetl.distill import cross_fit_coverage, load_teacher
 
-        model, spec, info = load_teacher(self.cfg.teacher, self.classes, self.spec, self.dataset.split_record())
+        record = self.dataset.split_record()
         ls = self.dataset.train.subset(self.train_images.positions)  # exactly the student's training images, in order
         d = self.dist
         n = len(ls)
+        cover = cross_fit_coverage(runs, record, [ref.key for ref in ls.refs]) if len(runs) > 1 else np.ones((1, n), dtype=bool)
         # Under torchrun each process decodes and scores only its share (the logits are gathered after).
         mine = d.shard(n) if d.active else np.arange(n)
-        with self.r.task("decoding train for the teacher", len(mine)) as advance:
-            images, failed = decode_split(ls.subset(mine), spec, None, cache_dir=self.run_dir, name=f"teacher{d.rank}", progress=advance)
-        try:
-            # Agreed before the gather: one process raising alone would leave the others waiting in it.
-            if d.agree(bool(failed) or len(images) != len(mine)):
-                raise EdgetlError("--teacher: training image(s) could not be read again for the teacher"
-                                  + (f", e.g. {failed[0]['file']}" if failed else ""))  # fmt: skip
-            logits = predict_logits(model.to(self.device), images, spec, self.device, workers=self.workers, reporter=self.r,
-                                    description=f"teacher logits ({info['backbone']})")  # fmt: skip
-            if d.active:
-                logits = d.gather_rows(logits.astype(np.float32).reshape(len(mine), len(self.classes)), n)
-        finally:
-            images.close()
-        self.teacher_logits = torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)).to(self.device)
-        if self.cfg.distill_mode == "consistent":
+        total = np.zeros((len(mine), len(self.classes)), dtype=np.float64)
+        scored = np.zeros(len(mine), dtype=np.int64)
+        infos = []
+        for t, run in enumerate(runs):
+            model, spec, info = load_teacher(run, self.classes, self.spec, record)
+            rows = np.flatnonzero(cover[t, mine])
+            total[rows] += self._teacher_scores(model, spec, info, ls.subset(mine[rows]), name=f"teacher{t}-{d.rank}")
+            scored[rows] += 1
+            infos.append({**info, "images_scored": int(d.sum_all([float(len(rows))])[0])})
+        logits = (total / np.maximum(scored, 1)[:, None]).astype(np.float32)
+        if d.active:
+            logits = d.gather_rows(logits, n)
+        self.teacher_logits = torch.from_numpy(np.ascontiguousarray(logits)).to(self.device)
+        if self.cfg.distill_mode == "consistent":  # one teacher (TrainConfig refuses several here)
             # Kept for stage 2, where it scores each augmented batch; stage 1 (whole images) uses the logits above.
             model.requires_grad_(False)
             self.teacher_model = model.to(self.device, memory_format=torch.channels_last if self.cfg.channels_last
                                           else torch.contiguous_format).eval()  # fmt: skip
             self.teacher_size = spec.input_size
         agree = float((logits.argmax(1) == self.train_images.labels).mean())
-        self.teacher_record = {**info, "train_top1": agree, "alpha": self.cfg.distill_alpha, "temperature": self.cfg.distill_temperature,
-                               "mode": self.cfg.distill_mode}  # fmt: skip
-        self.r.log(f"teacher: {info['backbone']} from {info['run']} ({agree:.2%} top-1 on the training images); "
-                   f"alpha {self.cfg.distill_alpha:g}, temperature {self.cfg.distill_temperature:g}")  # fmt: skip
-        self.r.log(f"teacher leak check {info['leak_check']}")
+        settings = {"train_top1": agree, "alpha": self.cfg.distill_alpha, "temperature": self.cfg.distill_temperature,
+                    "mode": self.cfg.distill_mode}  # fmt: skip
+        if len(runs) == 1:
+            self.teacher_record = {**infos[0], **settings}
+        else:
+            self.teacher_record = {"cross_fitted": True, "teachers": infos, **settings}
+        for info in infos:
+            self.r.log(f"teacher: {info['backbone']} from {info['run']} (scores {info['images_scored']} training images); "
+                       f"leak check {info['leak_check']}")  # fmt: skip
+        what = "held-out top-1" if len(runs) > 1 else "top-1"
+        self.r.log(f"teacher logits: {agree:.2%} {what} on the training images; alpha {self.cfg.distill_alpha:g}, "
+                   f"temperature {self.cfg.distill_temperature:g}")  # fmt: skip
+
+    def _teacher_scores(self, model: nn.Module, spec: PreprocessSpec, info: dict[str, Any], ls: LabelledSet, name: str) -> np.ndarray:
+        """One teacher's logits of `ls` (this process's share), decoded at the teacher's own size."""
+        d = self.dist
+        with self.r.task("decoding train for the teacher", len(ls)) as advance:
+            images, failed = decode_split(ls, spec, None, cache_dir=self.run_dir, name=name, progress=advance)
+        try:
+            # Agreed before any gather: one process raising alone would leave the others waiting in it.
+            if d.agree(bool(failed) or len(images) != len(ls)):
+                raise EdgetlError("--teacher: training image(s) could not be read again for the teacher"
+                                  + (f", e.g. {failed[0]['file']}" if failed else ""))  # fmt: skip
+            if not len(ls):
+                return np.zeros((0, len(self.classes)), dtype=np.float64)
+            return predict_logits(model.to(self.device), images, spec, self.device, workers=self.workers, reporter=self.r,
+                                  description=f"teacher logits ({info['backbone']})").astype(np.float64)  # fmt: skip
+        finally:
+            images.close()
 
     def _decode(self, ls: Any, crop: float | None, split: str, advance: Any) -> tuple[DecodedImages, list[dict[str, str]]]:
         """One process: decode `ls` into a cache in the run folder. Under torchrun: the processes of each
@@ -1103,7 +1130,7 @@ def train(
                 stack.enter_context(locked(run_dir, "training"))
                 if is_run(run_dir):  # another process finished a run here between our check and the lock
                     raise EdgetlError(f"{run_dir} already holds a run: use --resume {run_dir} to continue it, or another --out")
-                ds = load_dataset(data, cfg.val_fraction, cfg.seed, cfg.limit_train, cfg.limit_val, val_data)
+                ds = load_dataset(data, cfg.val_fraction, cfg.seed, cfg.limit_train, cfg.limit_val, val_data, cfg.hold_out_fold)
                 return (str(run_dir), ds.split_record()), ds
 
             (run_dir_name, record), ds = d.main_first(prepare)

@@ -134,6 +134,29 @@ def test_limits_take_stratified_subsets(image_folder: Path) -> None:
     assert ds.train.class_counts(3) == [3, 3, 3]
 
 
+def test_hold_out_folds_are_complementary_stratified_and_recorded(image_folder: Path) -> None:
+    whole = load_dataset(image_folder, val_fraction=0.25, seed=3)
+    folds = [load_dataset(image_folder, val_fraction=0.25, seed=3, hold_out_fold=f"{k}/3") for k in range(3)]
+    keys = [{r.key for r in ds.train.refs} for ds in folds]
+    every = {r.key for r in whole.train.refs}
+    held = [every - k for k in keys]
+    assert all(h and not (h & k) for h, k in zip(held, keys, strict=True)), "a fold is left out of its run and only of it"
+    assert held[0] | held[1] | held[2] == every and not (held[0] & held[1] or held[0] & held[2] or held[1] & held[2])
+    assert [ds.val.refs for ds in folds] == [whole.val.refs] * 3, "folds split the training images, never validation"
+    assert all(ds.train.class_counts(3) == [4, 4, 4] for ds in folds), "6 training images a class: 2 of each held out"
+    assert {r.key for r in folds[1].unused.refs} == held[1] and "fold 1 of 3" in folds[1].split_note
+    assert "unused" in folds[1].split_record()["splits"]
+
+
+def test_hold_out_folds_do_not_depend_on_the_seed(split_folder: Path) -> None:
+    # The same training images (a given val/ folder): another seed deals every file the same fold.
+    a, b = (load_dataset(split_folder, seed=seed, hold_out_fold="0/2") for seed in (3, 4))
+    assert [r.key for r in a.unused.refs] == [r.key for r in b.unused.refs] and len(a.unused) == 15
+    for bad in ("3/3", "1", "a/2", "0/1", "-1/2"):
+        with pytest.raises(EdgetlError, match="hold-out-fold"):
+            load_dataset(split_folder, hold_out_fold=bad)
+
+
 def test_stratified_split_keeps_one_in_each_side() -> None:
     labels = np.array([0, 0, 1, 1, 1, 1, 1, 1, 1, 1])
     keep, held = stratified_split(labels, 0.2, np.random.default_rng(0))

@@ -284,6 +284,45 @@ def test_consistent_distillation_scores_the_students_own_crops(image_folder: Pat
     assert results["cached"].metrics["teacher"]["mode"] == "cached"
 
 
+def test_cross_fitted_teachers_score_only_the_images_they_did_not_see(image_folder: Path, tmp_path: Path, teacher_run: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Several --teacher runs, each trained with --hold-out-fold K/2: each scores exactly the training images
+    it left out, together all of the student's, and a teacher that saw an image never scores it."""
+    folds = [tmp_path / f"fold{k}" for k in range(2)]
+    for k, run in enumerate(folds):
+        train(image_folder, tiny_cfg(recipe="head", hold_out_fold=f"{k}/2"), out=str(run), reporter=QUIET)
+    scored: dict[str, list[str]] = {}
+    real_scores = Trainer._teacher_scores
+
+    def spying_scores(self, model, spec, info, ls, name):  # type: ignore[no-untyped-def]
+        scored[info["run"]] = [ref.key for ref in ls.refs]
+        return real_scores(self, model, spec, info, ls, name)
+
+    monkeypatch.setattr(Trainer, "_teacher_scores", spying_scores)
+    cfg = tiny_cfg(recipe="head", teacher=tuple(str(run) for run in folds))
+    taught = train(image_folder, cfg, out=str(tmp_path / "student"), reporter=QUIET)
+    student_train = {row[0] for row in json.loads((taught.run_dir / "splits.json").read_text())["splits"]["train"]}
+    for run in folds:
+        splits = json.loads((run / "splits.json").read_text())["splits"]
+        held_out = {row[0] for row in splits["unused"]}
+        assert set(scored[str(run.resolve())]) == held_out and held_out.isdisjoint(row[0] for row in splits["train"])
+    assert sorted(k for keys in scored.values() for k in keys) == sorted(student_train), "each image scored once"
+    rec = taught.metrics["teacher"]
+    assert rec["cross_fitted"] and sum(t["images_scored"] for t in rec["teachers"]) == len(student_train)
+    manifest = json.loads((taught.run_dir / "manifest.json").read_text())
+    assert TrainConfig.from_dict(manifest["config"]) == cfg, "the recorded teachers come back as they were given"
+    # A teacher that trained on every image leaves no honest teacher for the images fold 1 trained on.
+    with pytest.raises(EdgetlError, match="trained on by every --teacher"):
+        train(image_folder, tiny_cfg(recipe="head", teacher=(str(folds[0]), str(teacher_run))), out=str(tmp_path / "x"),
+              reporter=QUIET)  # fmt: skip
+    assert not (tmp_path / "x").exists()
+    for bad, message in (((str(folds[0]),), "at least two"), ((str(folds[0]),) * 2, "at least two different"),
+                         (tuple(map(str, folds)), "cross-fitted teachers")):  # fmt: skip
+        extra = {"distill_mode": "consistent"} if message == "cross-fitted teachers" else {}
+        with pytest.raises(EdgetlError, match=message):
+            tiny_cfg(teacher=bad, **extra)
+
+
 def test_teacher_with_other_labels_or_preprocessing_or_a_leak_is_refused(image_folder: Path, tmp_path: Path, teacher_run: Path) -> None:
     from conftest import make_folder
 

@@ -68,6 +68,13 @@ def _given(ctx: typer.Context, name: str) -> bool:
     return source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
 
 
+def _teacher_option(runs: list[Path] | None) -> str | tuple[str, ...] | None:
+    """--teacher given once is one run; given several times, cross-fitted teachers."""
+    if not runs:
+        return None
+    return str(runs[0]) if len(runs) == 1 else tuple(str(r) for r in runs)
+
+
 def _print_metrics(title: str, m: dict[str, Any]) -> None:
     from rich.table import Table
 
@@ -121,7 +128,8 @@ def train(
     patience: Annotated[int, typer.Option(help="Stage 2 early stopping: epochs without a better checkpoint than stage 2's best")] = 3,
     patience_head: Annotated[int, typer.Option(help="Stage 1 early stopping: epochs without a better head (0: off)")] = 5,
     min_epochs_finetune: Annotated[int, typer.Option(help="Stage 2 is not stopped early before this many epochs")] = 2,
-    teacher: Annotated[Path | None, typer.Option(help="Distil from this trained run (same labels and normalisation)")] = None,
+    teacher: Annotated[list[Path] | None, typer.Option(help="Distil from this trained run (same labels and normalisation); "
+                                                            "given several times: cross-fitted teachers (--hold-out-fold)")] = None,
     distill_alpha: Annotated[float, typer.Option(help="Weight of the teacher's soft labels (1 - alpha on true labels)")] = 0.5,
     distill_temperature: Annotated[float, typer.Option(help="Softmax temperature of distillation")] = 2.0,
     distill_mode: Annotated[str, typer.Option(help="cached: teacher logits of whole images, once; consistent: the teacher "
@@ -143,6 +151,8 @@ def train(
     val_fraction: Annotated[float, typer.Option(help="Held out for validation when DATA has no val/ folder")] = 0.2,
     limit_train: Annotated[int | None, typer.Option(help="Use a seeded, stratified subset of N training images")] = None,
     limit_val: Annotated[int | None, typer.Option(help="Use a seeded, stratified subset of N validation images")] = None,
+    hold_out_fold: Annotated[str | None, typer.Option(help="K/N: train without fold K of N of the training images "
+                                                           "(cross-fitted teachers, one run per fold)")] = None,
     strict: Annotated[bool, typer.Option(help="Unreadable images are an error instead of skipped")] = False,
     weights: Annotated[Path | None, typer.Option(help="ImageNet weights file (state dict or .safetensors)")] = None,
     pretrained: Annotated[bool, typer.Option(help="--no-pretrained trains from random weights")] = True,
@@ -188,14 +198,14 @@ def train(
             cache_features=cache_features, cache_views=cache_views, hidden=hidden, dropout=dropout,
             epochs_finetune=epochs_finetune, lr_finetune=lr_finetune, unfreeze=unfreeze, batch_size=batch_size,
             patience=patience, patience_head=patience_head, min_epochs_finetune=min_epochs_finetune, recipe=recipe,
-            recipe_candidates=recipe_candidates, head_lr_scale=head_lr_scale, teacher=str(teacher) if teacher else None,
+            recipe_candidates=recipe_candidates, head_lr_scale=head_lr_scale, teacher=_teacher_option(teacher),
             distill_alpha=distill_alpha, distill_temperature=distill_temperature, distill_mode=distill_mode, ema_decay=ema_decay,
             mixup=mixup, cutmix=cutmix, erase=erase,
             label_smoothing=label_smoothing, augment=augment, crop_scale=crop_scale,
             crop_source=crop_source,
             balance=balance, seed=seed,
             device=device, precision=precision, channels_last=channels_last, compile=compile, workers=workers,
-            val_fraction=val_fraction, limit_train=limit_train, limit_val=limit_val, strict=strict,
+            val_fraction=val_fraction, limit_train=limit_train, limit_val=limit_val, hold_out_fold=hold_out_fold, strict=strict,
             pretrained=pretrained, weights=str(weights) if weights else None,
         )  # fmt: skip
     if nproc_per_node != 1 and not launched_by_torchrun():
