@@ -128,8 +128,9 @@ def train(
     patience: Annotated[int, typer.Option(help="Stage 2 early stopping: epochs without a better checkpoint than stage 2's best")] = 3,
     patience_head: Annotated[int, typer.Option(help="Stage 1 early stopping: epochs without a better head (0: off)")] = 5,
     min_epochs_finetune: Annotated[int, typer.Option(help="Stage 2 is not stopped early before this many epochs")] = 2,
-    teacher: Annotated[list[Path] | None, typer.Option(help="Distil from this trained run (same labels and normalisation); "
-                                                            "given several times: cross-fitted teachers (--hold-out-fold)")] = None,
+    teacher: Annotated[list[Path] | None, typer.Option(
+        metavar="RUN", help="Distil from this trained run (same labels and normalisation); given several times: "
+                            "cross-fitted teachers (--hold-out-fold)")] = None,
     distill_alpha: Annotated[float, typer.Option(help="Weight of the teacher's soft labels (1 - alpha on true labels)")] = 0.5,
     distill_temperature: Annotated[float, typer.Option(help="Softmax temperature of distillation")] = 2.0,
     distill_mode: Annotated[str, typer.Option(help="cached: teacher logits of whole images, once; consistent: the teacher "
