@@ -155,8 +155,6 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise EdgetlError(f"--{name.replace('_', '-')} must be at least 1")
         if self.hold_out_fold is not None:
-            from edgetl.data import parse_fold
-
             parse_fold(self.hold_out_fold)
         if self.batch_size < 1 or self.head_batch_size < 1 or self.cache_views < 1:
             raise EdgetlError("batch sizes and --cache-views must be at least 1")
@@ -200,6 +198,14 @@ class TrainConfig:
                 raise EdgetlError(f"{source} has {f.name}={values[f.name]!r}, which is not "
                                   f"of type {f.type}")
         return cls(**values)
+
+
+def parse_fold(text: str) -> tuple[int, int]:
+    """'K/N' -> (K, N): fold K (0-based) of N."""
+    k, slash, n = text.partition("/")
+    if not slash or not k.strip().isdigit() or not n.strip().isdigit() or not 0 <= int(k) < int(n) or int(n) < 2:
+        raise EdgetlError(f"--hold-out-fold takes K/N, fold K (0 to N-1) of N >= 2 folds of the training images, got {text!r}")
+    return int(k), int(n)
 
 
 _TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}

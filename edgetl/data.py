@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
+from edgetl.config import parse_fold
 from edgetl.errors import EdgetlError
 from edgetl.preprocess import IMAGE_EXTENSIONS, decode_image
 
@@ -255,14 +256,6 @@ def load_dataset(
         raise EdgetlError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     ds = _load_idx(root, val_fraction, seed) if _find_idx(root, "train") is not None else _load_folders(root, val_fraction, seed)
     return _hold_out(_limit(ds, seed, limit_train, limit_val), hold_out_fold)
-
-
-def parse_fold(text: str) -> tuple[int, int]:
-    """'K/N' -> (K, N): fold K (0-based) of N."""
-    k, slash, n = text.partition("/")
-    if not slash or not k.strip().isdigit() or not n.strip().isdigit() or not 0 <= int(k) < int(n) or int(n) < 2:
-        raise EdgetlError(f"--hold-out-fold takes K/N, fold K (0 to N-1) of N >= 2 folds of the training images, got {text!r}")
-    return int(k), int(n)
 
 
 def fold_of(refs: Sequence[ImageRef], labels: np.ndarray, folds: int) -> np.ndarray:
