@@ -79,6 +79,11 @@ class LabelledSet:
     def class_counts(self, num_classes: int) -> list[int]:
         return np.bincount(self.labels, minlength=num_classes).tolist()
 
+    @staticmethod
+    def join(sets: Sequence[LabelledSet]) -> LabelledSet:
+        """The images of `sets`, one after another."""
+        return LabelledSet([r for ls in sets for r in ls.refs], np.concatenate([ls.labels for ls in sets]))
+
 
 SPLITS_FORMAT = "edgetl.splits"
 SPLITS_FORMAT_VERSION = 2
@@ -278,13 +283,13 @@ def _hold_out(ds: Dataset, hold_out_fold: str | None) -> Dataset:
         return ds
     k, n = parse_fold(hold_out_fold)
     held = fold_of(ds.train.refs, ds.train.labels, n) == k
-    if held.all() or not held.any():
-        raise EdgetlError(f"--hold-out-fold {hold_out_fold}: {len(ds.train)} training image(s) are too few for {n} folds")
-    left_out = ds.train.subset(np.flatnonzero(held))
-    ds.train = ds.train.subset(np.flatnonzero(~held))
-    previous = ds.unused
-    ds.unused = left_out if previous is None else LabelledSet(previous.refs + left_out.refs,
-                                                            np.concatenate([previous.labels, left_out.labels]))  # fmt: skip
+    left_out, kept = ds.train.subset(np.flatnonzero(held)), ds.train.subset(np.flatnonzero(~held))
+    emptied = sorted(set(ds.train.labels.tolist()) - set(kept.labels.tolist()))
+    if emptied or not len(left_out):
+        detail = f"class {', '.join(ds.classes[c] for c in emptied)} would have none left" if emptied else f"fold {k} is empty"
+        raise EdgetlError(f"--hold-out-fold {hold_out_fold}: too few training images for {n} folds ({detail})")
+    ds.train = kept
+    ds.unused = left_out if ds.unused is None else LabelledSet.join([ds.unused, left_out])
     ds.split_note += f"; fold {k} of {n} of the training images held out ({len(left_out)} images)"
     return ds
 
@@ -304,7 +309,7 @@ def _limit(ds: Dataset, seed: int, limit_train: int | None, limit_val: int | Non
         ds.val = ds.val.subset(keep)
         ds.split_note += f"; validation subset of {limit_val} images"
     if left_out:
-        ds.unused = LabelledSet([r for ls in left_out for r in ls.refs], np.concatenate([ls.labels for ls in left_out]))
+        ds.unused = LabelledSet.join(left_out)
     return ds
 
 

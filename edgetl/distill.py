@@ -69,12 +69,20 @@ def load_teacher(
     return checkpoint.build_model(ckpt), spec, info
 
 
+def _training_keys(folder: RunFolder, record: dict[str, Any]) -> set[str] | None:
+    """The files a teacher trained on, by its split record; None when it trained on other data than the
+    student's `record`, whose files cannot be matched by name."""
+    teacher = folder.split_record()
+    if Path(teacher["root"]).resolve() != Path(record["root"]).resolve():
+        return None
+    return {key for key, *_ in teacher["splits"].get("train", [])}
+
+
 def _check_no_leak(folder: RunFolder, record: dict[str, Any], name: str) -> str:
     """Refuse a teacher that trained on this run's val or test images; say what could be checked."""
-    teacher = folder.split_record()
-    if str(Path(teacher["root"]).resolve()) != str(Path(record["root"]).resolve()):
-        return f"not checked: the teacher trained on other data ({teacher['root']}), whose files cannot be matched by name"
-    seen = {key for key, *_ in teacher["splits"].get("train", [])}
+    seen = _training_keys(folder, record)
+    if seen is None:
+        return f"not checked: the teacher trained on other data ({folder.split_record()['root']}), whose files cannot be matched by name"
     for split in ("val", "test"):
         leaked = [key for key, *_ in record["splits"].get(split, []) if key in seen]
         if leaked:
@@ -88,14 +96,13 @@ def cross_fit_coverage(runs: Sequence[str], record: dict[str, Any], keys: Sequen
     """Cross-fitted teachers: a (teachers x images) mask of which teacher scores which of the student's
     training images (`keys`): those it did not train on, by the teachers' recorded file lists. Every image
     must be left out by at least one teacher; otherwise its soft label would be a memorised one."""
-    root = Path(record["root"]).resolve()
     mask = np.zeros((len(runs), len(keys)), dtype=bool)
     for i, run in enumerate(runs):
-        teacher = RunFolder.open(run).split_record()
-        if Path(teacher["root"]).resolve() != root:
-            raise EdgetlError(f"--teacher {run} trained on other data ({teacher['root']}): cross-fitted teachers score "
-                              "the training images they did not see, which needs the student's own data")  # fmt: skip
-        seen = {key for key, *_ in teacher["splits"].get("train", [])}
+        folder = RunFolder.open(run)
+        seen = _training_keys(folder, record)
+        if seen is None:
+            raise EdgetlError(f"--teacher {run} trained on other data ({folder.split_record()['root']}): cross-fitted "
+                              "teachers score the training images they did not see, which needs the student's own data")  # fmt: skip
         mask[i] = [key not in seen for key in keys]
     missing = np.flatnonzero(~mask.any(axis=0))
     if len(missing):

@@ -157,6 +157,17 @@ def test_hold_out_folds_do_not_depend_on_the_seed(split_folder: Path) -> None:
             load_dataset(split_folder, hold_out_fold=bad)
 
 
+def test_a_fold_that_would_empty_a_class_is_refused(tmp_path: Path) -> None:
+    make_folder(tmp_path / "train", per_class=4)
+    make_folder(tmp_path / "val", per_class=2, seed=1)
+    only = next(p for p in sorted((tmp_path / "train").iterdir()))
+    for extra in sorted(only.iterdir())[1:]:
+        extra.unlink()  # one training image left in this class: the fold holding it would leave the class empty
+    with pytest.raises(EdgetlError, match=f"too few training images for 2 folds \\(class {only.name} would have none left"):
+        load_dataset(tmp_path, hold_out_fold="0/2")
+    assert len(load_dataset(tmp_path, hold_out_fold="1/2").unused) == 4, "the other fold keeps it: 2 + 2 held out, 0 of it"
+
+
 def test_stratified_split_keeps_one_in_each_side() -> None:
     labels = np.array([0, 0, 1, 1, 1, 1, 1, 1, 1, 1])
     keep, held = stratified_split(labels, 0.2, np.random.default_rng(0))
