@@ -21,18 +21,20 @@ from edgetl.backends.onnxruntime import OrtModel
 from edgetl.metadata import read_onnx_metadata
 from edgetl.progress import Reporter
 from edgetl.quantize import QuantizeOptions, _Reader, load_images
+from edgetl.run import RunFolder
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run")
+    ap.add_argument("--label", default="", help="suffix of the result files, so one host's results do not overwrite another's")
     args = ap.parse_args()
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     run = Path(args.run)
     meta = read_onnx_metadata(str(run / "model.onnx"))
-    calib, val, _ = load_images(run, meta, QuantizeOptions(), Reporter())
+    calib, val, _ = load_images(RunFolder.open(run), meta, QuantizeOptions(), Reporter())
     tmp = Path(tempfile.mkdtemp())
     pre = tmp / "pre.onnx"
     quant_pre_process(str(run / "model.onnx"), str(pre))
@@ -74,7 +76,7 @@ def main() -> None:
           "| variant | val top-1 | p50 ms | int8/fp32 |\n|---|---|---|---|\n"
           + "".join(f"| {k} | {v['top1']:.2%} | {v['p50_ms']:.2f} | {v['ratio']:.2f} |\n" for k, v in rows.items())
           + "\nBatch 1, 300 runs per model interleaved in 6 rounds, medians.\n")  # fmt: skip
-    save("int8_variants", {"run": str(run), "results": rows}, md)
+    save("int8_variants" + (f"_{args.label}" if args.label else ""), {"run": str(run), "results": rows}, md)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ def interleaved(models: dict[str, Any], x: np.ndarray) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("run")
+    ap.add_argument("--label", default="", help="suffix of the result files, so one host's results do not overwrite another's")
     args = ap.parse_args()
     import nncf
     import openvino as ov
@@ -92,7 +93,8 @@ def main() -> None:
         + "".join(f"| {k} | {v['fp32_ms']:.2f} | {v['int8_ms']:.2f} | {v['ratio']:.2f} |\n" for k, v in extra.items())
         + f"\n{RUNS * ROUNDS} runs per model interleaved in {ROUNDS} rounds, medians.\n"
     )
-    save("openvino_int8_variants", {"run": str(run), "results": rows, "other_settings": extra}, md)
+    name = "openvino_int8_variants" + (f"_{args.label}" if args.label else "")
+    save(name, {"run": str(run), "results": rows, "other_settings": extra}, md)
 
 
 if __name__ == "__main__":

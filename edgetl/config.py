@@ -45,7 +45,8 @@ class TrainConfig:
     patience: int = 3  # stage 2: epochs without a better checkpoint than stage 2's own best
     min_epochs_finetune: int = 2  # stage 2 is not stopped early before this many epochs
     # knowledge distillation from a trained run's checkpoint (its logits on the training images, cached once);
-    # several runs (a tuple) are cross-fitted teachers, each scoring the training images it did not train on.
+    # several runs (a tuple): cross-fitted teachers, each scoring the training images it did not train on, or an
+    # ensemble of teachers that each trained on all of them (edgetl.distill.teacher_coverage tells which).
     teacher: str | tuple[str, ...] | None = None
     distill_alpha: float = 0.5  # weight of the teacher's soft labels; 1 - alpha on the true labels
     distill_temperature: float = 2.0
@@ -116,8 +117,8 @@ class TrainConfig:
         if isinstance(self.teacher, tuple) and (len(self.teacher) < 2 or len(set(self.teacher)) != len(self.teacher)):
             raise EdgetlError(f"several --teacher runs must be at least two different ones, got {list(self.teacher)}")
         if isinstance(self.teacher, tuple) and self.distill_mode != "cached":
-            raise EdgetlError(f"--distill-mode {self.distill_mode} runs one teacher on every crop; cross-fitted teachers "
-                              "(several --teacher) score whole images, in --distill-mode cached")
+            raise EdgetlError(f"--distill-mode {self.distill_mode} runs one teacher on every crop; several --teacher "
+                              "runs (cross-fitted or an ensemble) score whole images, in --distill-mode cached")
         if self.distill_mode != "cached" and self.teacher is None:
             raise EdgetlError(f"--distill-mode {self.distill_mode} says how to distil from a --teacher, and none was given")
         if self.mixes and self.teacher is not None and self.distill_mode == "cached":

@@ -5,10 +5,11 @@ data. It runs once over the training images, with its own recorded preprocessing
 differ from the student's), and its logits are kept like the stage-1 features; every training step of
 both stages then mixes the true labels with the teacher's temperature-softened ones (Hinton et al., 2015).
 
-Several teachers are cross-fitted: each trained without one fold of the training images
-(`--hold-out-fold K/N`) and scores only the fold it did not see, so every soft label is an honest
-prediction rather than the echo of a label the teacher memorised (a teacher fits its own training
-images almost perfectly; its soft labels there carry little beyond the true label).
+Several teachers are either cross-fitted or an ensemble. Cross-fitted teachers each trained without one
+fold of the training images (`--hold-out-fold K/N`) and score only the fold they did not see, so every
+soft label is an honest prediction rather than the echo of a label the teacher memorised (a teacher fits
+its own training images almost perfectly; its soft labels there carry little beyond the true label).
+An ensemble's teachers all trained on every training image; their logits are averaged over all of them.
 
 Refused clearly, before any training: a teacher with other labels or another label order, with other
 pixel preprocessing than the student's (normalisation, interpolation, channel order; the size may
@@ -92,21 +93,35 @@ def _check_no_leak(folder: RunFolder, record: dict[str, Any], name: str) -> str:
     return "passed: none of this run's validation or test images is among the teacher's training images"
 
 
-def cross_fit_coverage(runs: Sequence[str], record: dict[str, Any], keys: Sequence[str]) -> np.ndarray:
-    """Cross-fitted teachers: a (teachers x images) mask of which teacher scores which of the student's
-    training images (`keys`): those it did not train on, by the teachers' recorded file lists. Every image
-    must be left out by at least one teacher; otherwise its soft label would be a memorised one."""
+def teacher_coverage(runs: Sequence[str], record: dict[str, Any], keys: Sequence[str]) -> tuple[np.ndarray, str]:
+    """Several teachers: a (teachers x images) mask of which teacher scores which of the student's training
+    images (`keys`), and how they are combined, by the teachers' recorded file lists:
+
+    - "cross-fitted": the teachers left out complementary parts (--hold-out-fold); each scores only the
+      images it did not train on, and every image is left out by at least one teacher.
+    - "ensemble": no teacher left out any of the student's images; all score every image, averaged.
+      Averaging different networks softens the labels each memorised, which one such teacher cannot.
+
+    Anything between (some images left out, others trained on by every teacher) is refused: those images
+    would get a memorised label while the rest get an honest one."""
     mask = np.zeros((len(runs), len(keys)), dtype=bool)
+    other_data = []
     for i, run in enumerate(runs):
         folder = RunFolder.open(run)
         seen = _training_keys(folder, record)
-        if seen is None:
-            raise EdgetlError(f"--teacher {run} trained on other data ({folder.split_record()['root']}): cross-fitted "
-                              "teachers score the training images they did not see, which needs the student's own data")  # fmt: skip
+        if seen is None:  # trained on other data: it held out none of these images
+            other_data.append(f"--teacher {run} trained on other data ({folder.split_record()['root']})")
+            continue
         mask[i] = [key not in seen for key in keys]
+    if not mask.any():
+        return np.ones_like(mask), "ensemble"
+    if other_data:
+        raise EdgetlError(f"{other_data[0]}: cross-fitted teachers score the training images they did not see, which "
+                          "needs the student's own data")  # fmt: skip
     missing = np.flatnonzero(~mask.any(axis=0))
     if len(missing):
         raise EdgetlError(f"{len(missing)} of the {len(keys)} training image(s) (e.g. {keys[missing[0]]}) were trained on by "
-                          "every --teacher: cross-fitted teachers must leave out complementary parts; train them with "
-                          "--hold-out-fold K/N for K = 0..N-1 (same N)")  # fmt: skip
-    return mask
+                          "every --teacher, while others were left out: cross-fitted teachers must leave out complementary "
+                          "parts (train them with --hold-out-fold K/N for K = 0..N-1, same N); an ensemble of teachers "
+                          "must each have trained on all of them")  # fmt: skip
+    return mask, "cross-fitted"

@@ -380,17 +380,19 @@ class Trainer:
         """--teacher: check each teacher run against this one, then run it once over the training images
         (decoded at its own size) and keep its logits, so distillation costs a lookup per step. One teacher
         scores every training image; cross-fitted teachers (several, each trained with --hold-out-fold) score
-        only the images they did not train on, averaged where more than one did not see an image."""
+        only the images they did not train on, averaged where more than one did not see an image; an ensemble
+        (several that each trained on every image) scores every image, averaged (edgetl.distill.teacher_coverage)."""
         runs = self.cfg.teachers
         if not runs:
             return
-        from edgetl.distill import cross_fit_coverage, load_teacher
+        from edgetl.distill import load_teacher, teacher_coverage
 
         record = self.dataset.split_record()
         ls = self.dataset.train.subset(self.train_images.positions)  # exactly the student's training images, in order
         d = self.dist
         n = len(ls)
-        cover = cross_fit_coverage(runs, record, [ref.key for ref in ls.refs]) if len(runs) > 1 else np.ones((1, n), dtype=bool)
+        cover, combined = (teacher_coverage(runs, record, [ref.key for ref in ls.refs]) if len(runs) > 1
+                           else (np.ones((1, n), dtype=bool), "single"))  # fmt: skip
         # Under torchrun each process decodes and scores only its share (the logits are gathered after).
         mine = d.shard(n) if d.active else np.arange(n)
         total = np.zeros((len(mine), len(self.classes)), dtype=np.float64)
@@ -418,11 +420,11 @@ class Trainer:
         if len(runs) == 1:
             self.teacher_record = {**infos[0], **settings}
         else:
-            self.teacher_record = {"cross_fitted": True, "teachers": infos, **settings}
+            self.teacher_record = {"combined": combined, "cross_fitted": combined == "cross-fitted", "teachers": infos, **settings}
         for info in infos:
             self.r.log(f"teacher: {info['backbone']} from {info['run']} (scores {info['images_scored']} training images); "
                        f"leak check {info['leak_check']}")  # fmt: skip
-        what = "held-out top-1" if len(runs) > 1 else "top-1"
+        what = {"cross-fitted": "held-out top-1", "ensemble": "ensemble top-1"}.get(combined, "top-1")
         self.r.log(f"teacher logits: {agree:.2%} {what} on the training images; alpha {self.cfg.distill_alpha:g}, "
                    f"temperature {self.cfg.distill_temperature:g}")  # fmt: skip
 

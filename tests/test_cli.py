@@ -102,7 +102,7 @@ def _assert_user_error(result, fragment: str) -> None:
         (["train", ".", "--augment", "wild"], "--augment"),
         (["train", ".", "--hold-out-fold", "2/2"], "--hold-out-fold takes K/N"),
         # --teacher given twice reaches the config as two (cross-fitted) teachers
-        (["train", ".", "--teacher", "a", "--teacher", "b", "--distill-mode", "consistent"], "cross-fitted teachers"),
+        (["train", ".", "--teacher", "a", "--teacher", "b", "--distill-mode", "consistent"], "several --teacher"),
         (["eval", "/no/run", "."], "run folder not found"),
         (["train", "--resume", "/no/run"], "run folder not found"),
     ],

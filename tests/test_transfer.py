@@ -8,6 +8,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -317,10 +318,45 @@ def test_cross_fitted_teachers_score_only_the_images_they_did_not_see(image_fold
               reporter=QUIET)  # fmt: skip
     assert not (tmp_path / "x").exists()
     for bad, message in (((str(folds[0]),), "at least two"), ((str(folds[0]),) * 2, "at least two different"),
-                         (tuple(map(str, folds)), "cross-fitted teachers")):  # fmt: skip
-        extra = {"distill_mode": "consistent"} if message == "cross-fitted teachers" else {}
+                         (tuple(map(str, folds)), "several --teacher")):  # fmt: skip
+        extra = {"distill_mode": "consistent"} if message == "several --teacher" else {}
         with pytest.raises(EdgetlError, match=message):
             tiny_cfg(teacher=bad, **extra)
+
+
+def test_an_ensemble_of_teachers_averages_their_logits_on_every_image(image_folder: Path, tmp_path: Path, teacher_run: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """Several --teacher runs that each trained on every training image are an ensemble: each scores all of
+    the student's training images and the cached soft labels are the mean of their logits."""
+    other = tmp_path / "other-teacher"
+    train(image_folder, tiny_cfg(recipe="head", input_size=48), out=str(other), reporter=QUIET)
+    per_teacher: dict[str, tuple[list[str], np.ndarray]] = {}
+    kept: list[torch.Tensor] = []
+    real_scores, real_prepare = Trainer._teacher_scores, Trainer.prepare_teacher
+
+    def spying_scores(self, model, spec, info, ls, name):  # type: ignore[no-untyped-def]
+        out = real_scores(self, model, spec, info, ls, name)
+        per_teacher[info["run"]] = ([ref.key for ref in ls.refs], out)
+        return out
+
+    def spying_prepare(self):  # type: ignore[no-untyped-def]
+        real_prepare(self)
+        kept.append(self.teacher_logits.detach().cpu().clone())
+
+    monkeypatch.setattr(Trainer, "_teacher_scores", spying_scores)
+    monkeypatch.setattr(Trainer, "prepare_teacher", spying_prepare)
+    taught = train(image_folder, tiny_cfg(recipe="head", teacher=(str(teacher_run), str(other))), out=str(tmp_path / "student"),
+                   reporter=QUIET)  # fmt: skip
+    student_train = [row[0] for row in json.loads((taught.run_dir / "splits.json").read_text())["splits"]["train"]]
+    assert len(per_teacher) == 2
+    for keys, _ in per_teacher.values():
+        assert sorted(keys) == sorted(student_train), "every teacher of an ensemble scores every training image"
+    (keys_a, a), (keys_b, b) = per_teacher.values()
+    assert keys_a == keys_b and not np.allclose(a, b), "two different teachers, the same images in the same order"
+    np.testing.assert_allclose(kept[0].numpy(), (a + b) / 2, rtol=1e-5, atol=1e-5)
+    rec = taught.metrics["teacher"]
+    assert rec["combined"] == "ensemble" and not rec["cross_fitted"]
+    assert [t["images_scored"] for t in rec["teachers"]] == [len(student_train)] * 2
 
 
 def test_teacher_with_other_labels_or_preprocessing_or_a_leak_is_refused(image_folder: Path, tmp_path: Path, teacher_run: Path) -> None:

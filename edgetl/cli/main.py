@@ -69,7 +69,7 @@ def _given(ctx: typer.Context, name: str) -> bool:
 
 
 def _teacher_option(runs: list[Path] | None) -> str | tuple[str, ...] | None:
-    """--teacher given once is one run; given several times, cross-fitted teachers."""
+    """--teacher given once is one run; given several times, cross-fitted teachers or an ensemble."""
     if not runs:
         return None
     return str(runs[0]) if len(runs) == 1 else tuple(str(r) for r in runs)
@@ -130,7 +130,7 @@ def train(
     min_epochs_finetune: Annotated[int, typer.Option(help="Stage 2 is not stopped early before this many epochs")] = 2,
     teacher: Annotated[list[Path] | None, typer.Option(
         metavar="RUN", help="Distil from this trained run (same labels and normalisation); given several times: "
-                            "cross-fitted teachers (--hold-out-fold)")] = None,
+                            "cross-fitted teachers (--hold-out-fold) or an ensemble (each trained on all images)")] = None,
     distill_alpha: Annotated[float, typer.Option(help="Weight of the teacher's soft labels (1 - alpha on true labels)")] = 0.5,
     distill_temperature: Annotated[float, typer.Option(help="Softmax temperature of distillation")] = 2.0,
     distill_mode: Annotated[str, typer.Option(help="cached: teacher logits of whole images, once; consistent: the teacher "
