@@ -100,7 +100,7 @@ def teacher_coverage(runs: Sequence[str], record: dict[str, Any], keys: Sequence
     - "cross-fitted": the teachers left out complementary parts (--hold-out-fold); each scores only the
       images it did not train on, and every image is left out by at least one teacher.
     - "ensemble": no teacher left out any of the student's images; all score every image, averaged.
-      Averaging different networks softens the labels each memorised, which one such teacher cannot.
+      An ensemble is usually a better teacher than any one of its members (Hinton et al., 2015).
 
     Anything between (some images left out, others trained on by every teacher) is refused: those images
     would get a memorised label while the rest get an honest one."""
