@@ -420,7 +420,7 @@ class Trainer:
         if len(runs) == 1:
             self.teacher_record = {**infos[0], **settings}
         else:
-            self.teacher_record = {"combined": combined, "cross_fitted": combined == "cross-fitted", "teachers": infos, **settings}
+            self.teacher_record = {"combined": combined, "teachers": infos, **settings}
         for info in infos:
             self.r.log(f"teacher: {info['backbone']} from {info['run']} (scores {info['images_scored']} training images); "
                        f"leak check {info['leak_check']}")  # fmt: skip
