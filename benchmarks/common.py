@@ -68,7 +68,7 @@ def read_settings(base: Any, items: list[str]) -> dict[str, Any]:
     """The `--set KEY=VALUE` items for the options dataclass `base` (TrainConfig, AdaptOptions) as {key: value}.
 
     VALUE is a Python literal, or the text itself where the field takes text (`--set teacher=/some/run`,
-    `--set unfreeze=3`); true/false are booleans. Each value must fit its field's declared type
+    `--set unfreeze=3`); true/false (and 1/0 where the field is a bool) are booleans. Each value must fit its field's declared type
     (edgetl.config.has_type, the check recorded configs go through) and `base` with all of them applied must pass
     the options' own validation; anything else (an unknown key, a wrong type, an invalid value) ends the script
     in one line before anything runs, not in a traceback from deep inside training or adapting."""
@@ -82,7 +82,9 @@ def read_settings(base: Any, items: list[str]) -> dict[str, Any]:
             literal = ast.literal_eval(text)
         except (ValueError, SyntaxError):
             literal = text
-        candidates = [literal, text] + ([text.lower() == "true"] if text.lower() in ("true", "false") else [])
+        # A bool field also takes 1/0; an int field still gets the int first, so `seed=1` stays 1.
+        flag = {"true": True, "false": False, "1": True, "0": False}.get(text.strip().lower())
+        candidates = [literal, text] + ([flag] if flag is not None else [])
         fitting = [c for c in candidates if has_type(c, annotations[key])]
         if not fitting:
             raise SystemExit(f"--set {item}: {key} takes {annotations[key]}, got {text!r}")
