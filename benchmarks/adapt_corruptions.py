@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import read_settings, save, share_won_back
+from common import read_settings, result_name, save, share_won_back
 from PIL import Image
 
 from edgetl import checkpoint
@@ -210,7 +210,7 @@ def main() -> None:
     payload = {"run": str(folder.path), "checkpoint_sha256": folder.checkpoint_sha256, "validation_corruptions": args.validation,
                "adapt_images": len(adapt_idx), "scored_images": len(score_idx), "options": overrides, "args": vars(args),
                "results": results, **extra, "seconds": time.time() - started}  # fmt: skip
-    name = "adapt_corruptions" + ("_validation" if args.validation else "") + (f"_{args.tag}" if args.tag else "")
+    name = result_name("adapt_corruptions" + ("_validation" if args.validation else ""), args.tag)
     save(name, payload, markdown(payload, args))
 
 

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from adapt_corruptions import adapt_score_halves, as_images, check_target_sizes, corrupted, load_run, source_sample, square
-from common import adapt_result_path, save
+from common import adapt_result_path, result_name, save
 
 from edgetl.corruptions import CORRUPTIONS, VALIDATION
 from edgetl.decoded import decode_split
@@ -131,7 +131,7 @@ def main() -> None:
         lines.append(f"| {key}{tag} | " + " | ".join(cells) + " |")
     if sized:
         lines += size_table(rows, sized, args, half)
-    name = f"adapt_shift_gate_{args.tag}" if args.tag else "adapt_shift_gate"
+    name = result_name("adapt_shift_gate", args.tag)
     save(name, {"run": str(folder.path), "args": vars(args), "rows": rows, "sized": sized}, "\n".join(lines))
 
 

@@ -31,6 +31,11 @@ def save(name: str, payload: dict[str, Any], markdown: str) -> Path:
     return RESULTS / f"{name}.json"
 
 
+def result_name(base: str, suffix: str = "") -> str:
+    """A results file's name: `base`, or `base_suffix` for a variant or another host (--tag / --label)."""
+    return f"{base}_{suffix}" if suffix else base
+
+
 def spread(values: list[float]) -> dict[str, float]:
     """Median and IQR for noisy timings; mean and std too, for scores judged on their mean."""
     s = sorted(values)

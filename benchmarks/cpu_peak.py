@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, save
+from common import RESULTS, result_name, save
 
 from edgetl.hostinfo import has_bf16
 
@@ -104,7 +104,7 @@ def main() -> None:
             rows.append(row)
             table += f"| {backbone} | {r['variant']} | {row['p50_ms']:.2f} | {floor_ms:.2f} | {row['x_floor']:.1f}x |\n"
     payload = {"edge_results": args.edge_results, "peaks_macs_per_s": peaks, "n": N, "threads": args.threads, "rows": rows}
-    save("cpu_peak" + (f"_{args.tag}" if args.tag else ""), payload,
+    save(result_name("cpu_peak", args.tag), payload,
          f"# This CPU's multiply-add peak and the arithmetic floor\n\n"
          f"Measured peak ({args.threads} threads, {N}x{N} matrix product, best of 20): fp32 **{peaks['fp32'] / 1e9:.1f} GMAC/s** "
          f"(torch.mm), int8 **{peaks['int8'] / 1e9:.1f} GMAC/s** (ONNX Runtime MatMulInteger u8 x s8; "

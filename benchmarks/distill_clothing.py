@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import save, score_run, train_and_score
+from common import result_name, save, score_run, train_and_score
 
 from edgetl.config import TrainConfig
 
@@ -81,7 +81,7 @@ def main() -> None:
     mp, mt = mean["plain"], mean["taught"]
     lines.append(f"| mean | {mp['val_top1']:.2%} | {mp['test_top1']:.2%} | {mt['val_top1']:.2%} | {mt['test_top1']:.2%} | "
                  f"{100 * (mt['test_top1'] - mp['test_top1']):+.2f} | |")  # fmt: skip
-    save("distill_clothing" + (f"_{args.tag}" if args.tag else ""), payload, "\n".join(lines))
+    save(result_name("distill_clothing", args.tag), payload, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from common import save
+from common import result_name, save
 
 from edgetl.backends.onnxruntime import OrtModel
 from edgetl.metadata import read_onnx_metadata
@@ -76,7 +76,7 @@ def main() -> None:
           "| variant | val top-1 | p50 ms | int8/fp32 |\n|---|---|---|---|\n"
           + "".join(f"| {k} | {v['top1']:.2%} | {v['p50_ms']:.2f} | {v['ratio']:.2f} |\n" for k, v in rows.items())
           + "\nBatch 1, 300 runs per model interleaved in 6 rounds, medians.\n")  # fmt: skip
-    save("int8_variants" + (f"_{args.label}" if args.label else ""), {"run": str(run), "results": rows}, md)
+    save(result_name("int8_variants", args.label), {"run": str(run), "results": rows}, md)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import save
+from common import result_name, save
 
 from edgetl.backends.openvino import OpenVinoModel
 from edgetl.bench.timing import interleaved_latency
@@ -93,7 +93,7 @@ def main() -> None:
         + "".join(f"| {k} | {v['fp32_ms']:.2f} | {v['int8_ms']:.2f} | {v['ratio']:.2f} |\n" for k, v in extra.items())
         + f"\n{RUNS * ROUNDS} runs per model interleaved in {ROUNDS} rounds, medians.\n"
     )
-    name = "openvino_int8_variants" + (f"_{args.label}" if args.label else "")
+    name = result_name("openvino_int8_variants", args.label)
     save(name, {"run": str(run), "results": rows, "other_settings": extra}, md)
 
 

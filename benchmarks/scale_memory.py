@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import psutil
-from common import save
+from common import result_name, save
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,7 +150,7 @@ def main() -> None:
     if flat is not None:
         lines += ["", f"Peak RSS {sizes[-1]} / {sizes[0]} images: {flat:.2f}x (goal <= 1.5x)."]
     payload = {"rows": rows, "peak_rss_ratio_largest_over_smallest": flat, "tiny_args": TINY, "lite0_args": LITE0}
-    save("scale_memory" + (f"_{args.tag}" if args.tag else ""), payload, "\n".join(lines))
+    save(result_name("scale_memory", args.tag), payload, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from common import read_settings, save
+from common import read_settings, result_name, save
 
 from edgetl.config import TrainConfig
 from edgetl.evaluate import evaluate
@@ -124,7 +124,7 @@ def main() -> None:
         md += (f"\nRecipe ({recipe['mode']}): {recipe['why']}. Stage 1 alone: val top-1 {head_row['best_val_top1']:.2%}; "
                f"stage 2 time {stages.get('finetune', {}).get('seconds', 0):.0f} s, of which trials of the recipes not kept "
                f"{_losing_trial_seconds(recipe):.0f} s.\n")  # fmt: skip
-    save(f"train_accuracy_{args.preset}{'_' + args.tag if args.tag else ''}", payload, md)
+    save(result_name(f"train_accuracy_{args.preset}", args.tag), payload, md)
 
 
 def validation_split_hash(run_dir: Path) -> str:

@@ -23,7 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
-from common import save, score_run, train_and_score
+from common import result_name, save, score_run, train_and_score
 
 from edgetl.config import TrainConfig
 from edgetl.progress import Reporter
@@ -195,7 +195,7 @@ def main() -> None:
         lines.append(f"| {float(budget):g} ms | {p['label']} | {p['pick']['p50_ms']:.2f} | {p['p50_ms']:.2f} | {p['test_top1']:.2%} | "
                      f"{ref['test_top1']:.2%} |")  # fmt: skip
     lines += ["", *rank_lines]
-    save("tune_clothing" + (f"_{args.tag}" if args.tag else ""),
+    save(result_name("tune_clothing", args.tag),
          {"tune_dir": str(args.tune_dir), "epochs_finetune": args.epochs_finetune, "tune_seconds": report["tune_seconds"],
           "picks": picked, "trained": {f"{k[0]}@{k[1]}": v for k, v in trained.items()},
           "reused": {f"{k[0]}@{k[1]}": str(v) for k, v in reuse.items()},
