@@ -12,7 +12,7 @@ does, so no runtime's idle threads slow another's turn), on one real validation 
 edgetl.runtime.Classifier, with `--threads` threads, in interleaved rounds. Reported: p50 and IQR,
 each variant's p50 over ONNX Runtime's default fp32 session measured in the same rounds, and p50 as a
 multiple of the arithmetic floor (the model's MACs over this CPU's measured peak, from
-results/cpu_peak.json; benchmarks/cpu_peak.py says how it is measured).
+results/cpu_peak.json or `--peak`; benchmarks/cpu_peak.py says how it is measured).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from common import RESULTS, save
+from common import load_result, save
 
 from edgetl.bench.base import Variant
 from edgetl.bench.isolation import ArrayFiles, ProcessWorker, interleaved_rounds
@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--min-time", type=float, default=8.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--macs", type=float, default=385e6, help="multiply-adds of the model (edgetl backbones)")
+    ap.add_argument("--peak", default="cpu_peak", help="the results file of this host's peak (cpu_peak.py --tag T writes cpu_peak_T)")
     args = ap.parse_args()
     from edgetl.runtime import Classifier
 
@@ -67,7 +68,7 @@ def main() -> None:
     image = _image(d)
     x_float = Classifier(d / "model.onnx").prepare(image)[None]
     x_uint8 = Classifier(b1 / "model.uint8.onnx").prepare(image)[None]
-    peaks = json.loads((RESULTS / "cpu_peak.json").read_text())["peaks_macs_per_s"]
+    peaks = load_result(args.peak, "peak of this CPU (run cpu_peak.py on it)")["peaks_macs_per_s"]
     floor_ms = {p: args.macs / peaks[p] * 1000 for p in ("fp32", "int8")}
 
     variants: dict[str, tuple[Variant, str]] = {}
@@ -109,7 +110,7 @@ def main() -> None:
         rows.append(f"| {name} | {st['p50_ms']:.2f} | {iqr:.2f} | {st['p50_ms'] / ref:.2f}x | {st['p50_ms'] / floor_ms[prec]:.1f}x | "
                     f"{infos[name]['load_seconds']:.2f} |")  # fmt: skip
     md = (f"# Runtime settings at batch 1 ({args.label}, {args.threads} threads, one interleaved run, {args.min_time:g} s a variant)\n\n"
-          f"Floor: {floor_ms['fp32']:.2f} ms fp32, {floor_ms['int8']:.2f} ms int8 ({args.macs / 1e6:.0f} M MACs over cpu_peak.json).\n\n"
+          f"Floor: {floor_ms['fp32']:.2f} ms fp32, {floor_ms['int8']:.2f} ms int8 ({args.macs / 1e6:.0f} M MACs over {args.peak}.json).\n\n"
           "| variant | p50 ms | IQR ms | / ORT fp32 defaults | x floor | load s |\n|---|---|---|---|---|---|\n"
           + "\n".join(rows))  # fmt: skip
     save(f"runtime_settings_{args.label}", {"export_dir": str(d), "batch1_dir": str(b1), "threads": args.threads,
