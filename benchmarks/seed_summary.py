@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections import Counter
 from pathlib import Path
 
 from common import RESULTS, save, spread
@@ -71,6 +72,13 @@ def same_validation_split(
     # With its own validation folder, --val-fraction holds nothing out: only --limit-val changes the images.
     keys = [k for k in VALIDATION_SPLIT if not (k == "val_fraction" and own_validation_folder(Path(data)) is not None)]
     return all(config.get(k) == baseline.get(k) for k in keys)
+
+
+def cpu_label(host: dict) -> str:
+    """A result's CPU in a few words: the model and the widest int8 path it had (AMX, AVX-512 VNNI or AVX2)."""
+    flags = set(host.get("cpu_flags", []))
+    widest = "AMX" if "amx_int8" in flags else "AVX-512 VNNI" if host.get("vnni") else "AVX2"
+    return f"{host.get('cpu_model', 'unknown CPU')} ({widest}{', bf16' if host.get('bf16') else ''})"
 
 
 def describe_difference(config: dict, baseline: dict) -> str:
@@ -143,9 +151,13 @@ def main() -> None:
     md.append(f"Best variant by validation: {best_by_val['variant']} (among the variants of the preset's backbone, "
               f"{baseline['backbone']}, scored on the preset's validation images; a variant run at several seeds "
               "ranks before one run at a single seed).")
+    # The summary's own Host line (save) is where it was computed; the runs it reads trained elsewhere too.
+    trained_on = dict(Counter(cpu_label(run.get("host", {})) for run in runs))
+    md.append("Runs trained on: " + "; ".join(f"{cpu} ({n} results)" for cpu, n in sorted(trained_on.items())) +
+              " (each result file records its own host; the Host line below is where this summary was computed).")
     save(f"train_accuracy_{args.preset}_seeds",
          {"preset": args.preset, "target_test_top1": target, "rows": rows, "preset_meets_target_on_mean": meets,
-          "best_by_validation": best_by_val["variant"]},
+          "best_by_validation": best_by_val["variant"], "trained_on": trained_on},
          "\n".join(md))  # fmt: skip
 
 
