@@ -28,6 +28,7 @@ from common import load_result, save
 from edgetl.bench.base import Variant
 from edgetl.bench.isolation import ArrayFiles, ProcessWorker, interleaved_rounds
 from edgetl.bench.timing import latency_stats
+from edgetl.hostinfo import host_record
 
 ORT_VARIANTS = {
     "defaults": (),
@@ -64,11 +65,23 @@ def main() -> None:
     args = ap.parse_args()
     from edgetl.runtime import Classifier
 
+    peak = load_result(args.peak, "peak of this CPU (run cpu_peak.py on it)")
+    # The floor is this CPU's: a peak measured on another host would put every 'x floor' on a wrong scale.
+    here = host_record()
+    if (peak["host"]["cpu_model"], peak["host"]["cpu_flags"]) != (here["cpu_model"], here["cpu_flags"]):
+        raise SystemExit(f"results/{args.peak}.json was measured on {peak['host']['cpu_model']} with other CPU flags than "
+                         f"this {here['cpu_model']}: run cpu_peak.py --tag T here and pass --peak cpu_peak_T")  # fmt: skip
+    peaks = peak["peaks_macs_per_s"]
     d, b1 = args.export_dir, args.batch1_dir
+    # Every file a variant times, named up front: a wrong folder ends here in one line, not in a worker.
+    timed = ("model.onnx", "model.int8.onnx", "openvino/model.xml", "openvino-int8/model.xml")
+    needed = [d / "export.json", b1 / "model.uint8.onnx"] + [f / name for f in (d, b1) for name in timed]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise SystemExit(f"not an int8 export (EXPORT_DIR) and a --batch 1 --embed-preprocess one (BATCH1_DIR): no {', '.join(missing)}")
     image = _image(d)
     x_float = Classifier(d / "model.onnx").prepare(image)[None]
     x_uint8 = Classifier(b1 / "model.uint8.onnx").prepare(image)[None]
-    peaks = load_result(args.peak, "peak of this CPU (run cpu_peak.py on it)")["peaks_macs_per_s"]
     floor_ms = {p: args.macs / peaks[p] * 1000 for p in ("fp32", "int8")}
 
     variants: dict[str, tuple[Variant, str]] = {}
