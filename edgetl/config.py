@@ -40,6 +40,9 @@ class TrainConfig:
     lr_finetune: float | None = None  # None: lr_head / 10
     unfreeze: str = "3"  # number of top blocks, or "all" (--recipe finetune)
     head_lr_scale: float = 1.0  # the head's stage-2 learning rate as a multiple of the blocks' top rate
+    # >0: L2-SP (edgetl.l2sp): stage 2 pulls the backbone's weights toward their pretrained values with this
+    # strength (a fraction lr * l2sp per step) instead of decaying them toward zero; 0: plain weight decay.
+    l2sp: float = 0.0
     batch_size: int = 32
     warmup_epochs: float = 1.0
     patience: int = 3  # stage 2: epochs without a better checkpoint than stage 2's own best
@@ -139,6 +142,10 @@ class TrainConfig:
             raise EdgetlError(f"--recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
         if self.recipe_candidates is not None:
             parse_candidates(self.recipe_candidates, self.finetune_lr)  # a bad item fails now, not after stage 1
+        if not 0.0 <= self.l2sp <= 100.0:
+            raise EdgetlError(f"--l2sp must be in [0, 100] (0 turns it off), got {self.l2sp}")
+        if self.l2sp > 0 and not self.pretrained:
+            raise EdgetlError("--l2sp pulls the backbone toward its pretrained weights, and --no-pretrained has none")
         if not 0.0 < self.head_lr_scale <= 100.0:
             raise EdgetlError(f"--head-lr-scale must be in (0, 100], got {self.head_lr_scale}")
         if not 0.0 < self.distill_alpha <= 1.0 or self.distill_temperature <= 0:

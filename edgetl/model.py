@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from edgetl.backbones import create_feature_extractor
+from edgetl.l2sp import GROUP_KEY as L2SP_GROUP_KEY
 
 
 @dataclass(frozen=True)
@@ -126,11 +127,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, object
 
 
 def layerwise_param_groups(model: EdgeClassifier, lr: float, weight_decay: float, decay: float = 1.0,
-                           head_lr_scale: float = 1.0) -> list[dict[str, object]]:  # fmt: skip
+                           head_lr_scale: float = 1.0, l2sp: float = 0.0) -> list[dict[str, object]]:  # fmt: skip
     """AdamW groups for fine-tuning with layer-wise learning-rate decay (as BEiT and timm's
     `param_groups_layer_decay`): the head gets `lr * head_lr_scale`, the layers after the last block
     `lr`, block i from the top `lr * decay**(i + 1)` and the stem `lr * decay**(blocks + 1)`.
-    Only trainable parameters are included; each group carries its own `lr`, so one scheduler scales all."""
+    Only trainable parameters are included; each group carries its own `lr`, so one scheduler scales all.
+    `l2sp` > 0: the backbone's parameters are pulled toward their starting point instead (edgetl.l2sp), so
+    their groups carry no weight decay and that strength under `edgetl.l2sp.GROUP_KEY`."""
     backbone = model.backbone
     blocks = _blocks(backbone)
     depth_of: dict[int, int] = {}  # parameter id -> layers below the top (0: after the last block)
@@ -144,9 +147,11 @@ def layerwise_param_groups(model: EdgeClassifier, lr: float, weight_decay: float
         if isinstance(part, nn.Module):
             for p in part.parameters():
                 depth_of[id(p)] = 0
-    groups: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    groups: dict[tuple[float, bool, bool], list[nn.Parameter]] = {}
     for p in trainable_parameters(model):
-        rate = lr * head_lr_scale if id(p) not in depth_of else lr * decay ** depth_of[id(p)]
-        groups.setdefault((rate, p.ndim >= 2), []).append(p)
-    return [{"params": ps, "lr": rate, "weight_decay": weight_decay if decayed else 0.0}
-            for (rate, decayed), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1]))]  # fmt: skip
+        in_backbone = id(p) in depth_of
+        rate = lr * decay ** depth_of[id(p)] if in_backbone else lr * head_lr_scale
+        groups.setdefault((rate, p.ndim >= 2, in_backbone and l2sp > 0), []).append(p)
+    return [{"params": ps, "lr": rate, "weight_decay": weight_decay if decayed and not anchored else 0.0,
+             **({L2SP_GROUP_KEY: l2sp} if anchored else {})}
+            for (rate, decayed, anchored), ps in sorted(groups.items(), key=lambda kv: (-kv[0][0], not kv[0][1], kv[0][2]))]  # fmt: skip

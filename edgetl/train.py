@@ -47,6 +47,7 @@ from edgetl.distributed import Dist, lost_peer
 from edgetl.errors import EdgetlError, TrainingInterrupted
 from edgetl.fileio import write_csv, write_json
 from edgetl.hostinfo import has_bf16, host_record
+from edgetl.l2sp import StartingPointPull, backbone_anchor
 from edgetl.malloc_tuning import tune_malloc
 from edgetl.metrics import classification_metrics
 from edgetl.model import (
@@ -268,6 +269,7 @@ class _Finetune:
     forward: nn.Module  # the model, or its DistributedDataParallel wrapper
     model: nn.Module
     description: str
+    pull: StartingPointPull | None = None  # --l2sp: after each step, toward the pretrained backbone
 
     @property
     def scored(self) -> nn.Module:
@@ -322,6 +324,7 @@ class Trainer:
         self.teacher_logits: torch.Tensor | None = None  # --teacher: its logits on the training images
         self.teacher_model: nn.Module | None = None  # --distill-mode consistent: the teacher itself, for stage 2
         self.teacher_size = 0
+        self.l2sp_anchor: dict[str, torch.Tensor] | None = None  # --l2sp: the backbone's weights before stage 2
         self.teacher_record: dict[str, Any] | None = None
         self.skipped: list[dict[str, str]] = []
         self.manifest_base: dict[str, Any] = {}
@@ -554,6 +557,7 @@ class Trainer:
                 "optimizer": opt.state_dict() if opt is not None else None,
                 "scheduler": sched.state_dict() if sched is not None else None, "bad_epochs": bad_epochs,
                 "ema_state_dict": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()} if ema is not None else None,
+                "l2sp_anchor": {k: v.cpu() for k, v in self.l2sp_anchor.items()} if self.l2sp_anchor is not None else None,
                 # The stage times up to this epoch, over every session: a session killed outright (SIGKILL, power
                 # loss) never writes its manifest, and its completed epochs' time would otherwise be lost.
                 "timings": self.run_timings(),
@@ -578,11 +582,12 @@ class Trainer:
 
     def _fit_epoch(self, batches: Any, forward: Any, opt: torch.optim.Optimizer, sched: Any, crit: Any,
                    autocast: bool, ema: Any = None, advance: Any = None,
-                   max_steps: int | None = None, mix: Any = None) -> tuple[float, float, int]:  # fmt: skip
+                   max_steps: int | None = None, mix: Any = None, after_step: Any = None) -> tuple[float, float, int]:  # fmt: skip
         """One pass of optimisation steps over `batches` (x, y[, training-image index]), or its first
         `max_steps`; returns (mean loss, top-1, images), over all processes under torchrun (a
         DistributedDataParallel `forward` averages the gradients). `mix` (timm's Mixup) turns each batch
-        into mixed images and soft targets; top-1 is then against each image's own (dominant) label."""
+        into mixed images and soft targets; top-1 is then against each image's own (dominant) label.
+        `after_step` (--l2sp's pull) runs after each optimizer step, before the weight average sees the weights."""
         total, count, correct = 0.0, 0, 0
         dtype = self.amp_dtype if autocast and self.amp_dtype is not None else torch.float32
         scaler = self.scaler if dtype == torch.float16 else None
@@ -602,6 +607,8 @@ class Trainer:
             else:
                 loss.backward()
                 opt.step()
+            if after_step is not None:
+                after_step()
             sched.step()
             if self.tb is not None:
                 self.tb.step(self._stage, loss.item(), sched.get_last_lr()[0], sched.last_epoch)
@@ -804,10 +811,15 @@ class Trainer:
         The schedule runs `first_epoch_steps` (a trial's length) then whole epochs of `steps`."""
         cfg = self.cfg
         unfrozen = unfreeze_top(self.model, recipe.unfreeze_blocks)
-        groups = layerwise_param_groups(self.model, recipe.lr, cfg.weight_decay, recipe.llrd, cfg.head_lr_scale)
+        groups = layerwise_param_groups(self.model, recipe.lr, cfg.weight_decay, recipe.llrd, cfg.head_lr_scale, cfg.l2sp)
         for g in groups:
             g["base_lr"] = g["lr"]  # what an extended run's fresh schedule starts from
         opt = torch.optim.AdamW(groups, lr=recipe.lr)
+        pull = None
+        if cfg.l2sp > 0:
+            if self.l2sp_anchor is None:
+                raise EdgetlError("--l2sp: the backbone's starting point was not recorded before stage 2")
+            pull = StartingPointPull(self.model, opt, self.l2sp_anchor)
         # A whole-epoch trial is epoch 1; a shorter one comes before epoch 1, as extra steps.
         total = cfg.epochs_finetune * steps + (first_epoch_steps if first_epoch_steps < steps else 0)
         # A trial ends at the top of the warm-up, so that it shows the recipe at its full learning rate.
@@ -816,6 +828,7 @@ class Trainer:
         description = (f"{', '.join(unfrozen)} + head ({n_train / 1e6:.2f}M parameters) at lr {recipe.lr:.1e}"
                        f"{f', layer decay {recipe.llrd:g}' if recipe.llrd != 1 else ''}"
                        f"{f', head x{cfg.head_lr_scale:g}' if cfg.head_lr_scale != 1 else ''}"
+                       f"{f', L2-SP {cfg.l2sp:g}' if cfg.l2sp > 0 else ''}"
                        f"{f', mixup {cfg.mixup:g} / cutmix {cfg.cutmix:g}' if cfg.mixes else ''}")  # fmt: skip
         forward = self._ddp(self.model)
         if cfg.compile:
@@ -823,7 +836,7 @@ class Trainer:
             # validation (eager, eval mode) all see the same weights.
             forward = torch.compile(forward)
         return _Finetune(recipe, opt, _warmup_cosine(opt, total, warmup), self._weight_average(), forward, self.model,
-                         description)  # fmt: skip
+                         description, pull)  # fmt: skip
 
     def _finetune_pass(self, run: _Finetune, crit: Any, label: str, max_steps: int | None = None) -> tuple[tuple[float, float, int], float]:
         """Train `run` for an epoch (or its first `max_steps`); returns the fit and the seconds it took."""
@@ -834,7 +847,7 @@ class Trainer:
         with self.r.task(label, total) as advance:
             batches = ((self._to_device(b[0]), b[1].to(self.device), *b[2:]) for b in loader)
             fit = self._fit_epoch(batches, run.forward, run.opt, run.sched, crit, autocast=True, ema=run.ema,
-                                  advance=advance, max_steps=max_steps, mix=self.mixer)  # fmt: skip
+                                  advance=advance, max_steps=max_steps, mix=self.mixer, after_step=run.pull)  # fmt: skip
         return fit, time.perf_counter() - t
 
     def _make_mixer(self) -> Any:
@@ -856,6 +869,9 @@ class Trainer:
         cfg, r = self.cfg, self.r
         if self.best_state is not None and self.best.get("stage") == "head":
             self.model.load_state_dict(self.best_state)
+        if cfg.l2sp > 0:
+            # Stage 1 trained the head on cached features: the backbone is still the pretrained one.
+            self.l2sp_anchor = backbone_anchor(self.model)
         options = candidates(cfg.recipe, cfg.unfreeze, cfg.finetune_lr, cfg.recipe_candidates)
         if len(options) == 1:
             run = self._start_finetune(options[0], steps, steps)
@@ -909,9 +925,8 @@ class Trainer:
         if trial_steps < steps:  # a partial first epoch: the next whole epoch is epoch 1
             return run, 0, counted
         fit = winner["fit"]
-        speed = {"train_images_per_second": fit[2] / winner["seconds"]}
         improved = self._end_epoch("finetune", 1, fit, winner["logits"], run.scored, run.sched.get_last_lr()[0],
-                                   time.perf_counter() - winner["seconds"], speed)  # fmt: skip
+                                   time.perf_counter() - winner["seconds"], self._finetune_extra(run, fit, winner["seconds"]))  # fmt: skip
         self._finetune_timing(time.perf_counter() - t0, winner["seconds"], fit[2])
         self.save_last("finetune", 1, run.opt, run.sched, 0 if improved else 1, run.ema)
         return run, 1, counted
@@ -947,13 +962,21 @@ class Trainer:
                 train_seconds += seconds
                 images += fit[2]
                 improved = self._end_epoch("finetune", epoch, fit, self._val_logits(run.scored), run.scored,
-                                           run.sched.get_last_lr()[0], t_ep, {"train_images_per_second": fit[2] / seconds})  # fmt: skip
+                                           run.sched.get_last_lr()[0], t_ep, self._finetune_extra(run, fit, seconds))  # fmt: skip
                 bad_epochs = 0 if improved else bad_epochs + 1
                 self._finetune_timing(time.perf_counter() - t0, train_seconds, images)  # an interruption keeps what ran
                 self.save_last("finetune", epoch, run.opt, run.sched, bad_epochs, run.ema)
                 if self._stop_early(bad_epochs, epoch) and epoch < cfg.epochs_finetune:
                     r.log(f"early stop: no better checkpoint in stage 2 for {bad_epochs} epochs")
         self._finetune_timing(time.perf_counter() - t0, train_seconds, images)
+
+    @staticmethod
+    def _finetune_extra(run: _Finetune, fit: tuple[float, float, int], seconds: float) -> dict[str, float]:
+        """A fine-tune epoch's speed and, with --l2sp, how far the backbone has moved from its start (L2 norm)."""
+        extra = {"train_images_per_second": fit[2] / seconds}
+        if run.pull is not None:
+            extra["backbone_drift"] = run.pull.distance()
+        return extra
 
     def _finetune_timing(self, seconds: float, train_seconds: float, images: int) -> None:
         cfg = self.cfg
@@ -982,6 +1005,11 @@ class Trainer:
         recipe = FinetuneRecipe.from_dict(record["chosen"])
         start = state["epoch"] + 1
         bad_epochs = 0
+        if cfg.l2sp > 0:
+            self.l2sp_anchor = state.get("l2sp_anchor")
+            if self.l2sp_anchor is None:
+                raise EdgetlError(f"--l2sp: {checkpoint.LAST_NAME} does not hold the backbone's starting point; "
+                                  "this run cannot go on with L2-SP")
         if state.get("restart_schedule"):
             run = self._start_finetune(recipe, steps, steps)
             run.opt.load_state_dict(state["optimizer"])
@@ -1276,6 +1304,7 @@ def _resume_from_plan(plan: dict[str, Any], ds: ImageDataset, reporter: Reporter
         trainer.best = {"stage": best["stage"], "epoch": best["epoch"], "val_loss": best["val_loss"], "val_logits": logits}
     state = {"optimizer": last.get("optimizer"), "scheduler": last.get("scheduler"), "epoch": epoch,
              "bad_epochs": 0 if restart else bad_epochs, "ema_state_dict": last.get("ema_state_dict"),
+             "l2sp_anchor": last.get("l2sp_anchor"),
              "restart_schedule": restart, "recipe": last.get("recipe")}  # fmt: skip
     if stage == "head" and not _head_done(cfg, epoch, bad_epochs):
         reporter.log(f"resuming {run_dir} in stage 1 after epoch {epoch}")

@@ -77,6 +77,78 @@ def test_layerwise_learning_rates_decay_from_the_top() -> None:
     assert all(g["weight_decay"] == 0 for g in groups if any(p.ndim < 2 for p in g["params"]))
 
 
+def test_l2sp_pulls_the_backbone_toward_its_start_and_the_head_toward_zero() -> None:
+    """With zero gradients AdamW moves nothing but its decay: what is left is each group's pull, exactly."""
+    from edgetl.l2sp import GROUP_KEY, StartingPointPull, backbone_anchor
+
+    model = build_classifier("tiny", 3)
+    unfreeze_top(model, None)
+    anchor = backbone_anchor(model)
+    with torch.no_grad():
+        for p in model.backbone.parameters():
+            p.add_(1.0)  # as if fine-tuning had moved every weight by 1
+    head_before = model.head[-1].weight.detach().clone()
+    groups = layerwise_param_groups(model, lr=0.1, weight_decay=0.5, decay=0.5, l2sp=2.0)
+    backbone_ids = {id(p) for p in model.backbone.parameters()}
+    for g in groups:
+        anchored = [id(p) in backbone_ids for p in g["params"]]
+        assert all(anchored) or not any(anchored), "a group is all backbone or all head"
+        if anchored[0]:
+            assert g[GROUP_KEY] == 2.0 and g["weight_decay"] == 0.0, "the backbone decays toward its start, not zero"
+        else:
+            assert GROUP_KEY not in g
+    opt = torch.optim.AdamW(groups)
+    pull = StartingPointPull(model, opt, anchor)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    pull()
+    for name, p in model.backbone.named_parameters():
+        rate = next(g["lr"] for g in groups if any(q is p for q in g["params"]))
+        # Moved 1 away; the pull takes back lr * strength of it (layer-decayed rates: the stem's pull is weaker).
+        torch.testing.assert_close(p - anchor[name], torch.full_like(p, 1.0 - rate * 2.0), msg=name)
+    torch.testing.assert_close(model.head[-1].weight, head_before * (1 - 0.1 * 0.5), msg="the new head: plain weight decay")
+    assert pull.distance() < (sum(p.numel() for p in model.backbone.parameters())) ** 0.5
+
+
+def test_l2sp_fine_tunes_near_the_pretrained_weights_and_resumes_with_them(image_folder: Path, tmp_path: Path) -> None:
+    weights = tmp_path / "tiny-weights.pt"
+    torch.save(build_classifier("tiny", 3).backbone.state_dict(), weights)
+    start = torch.load(weights, weights_only=True)
+
+    def drift(run: Path) -> float:
+        state = torch.load(run / "last.pt", weights_only=True)["state_dict"]
+        params = {k for k, _ in build_classifier("tiny", 3).backbone.named_parameters()}  # not BatchNorm's statistics
+        return sum(float((state[f"backbone.{k}"] - start[k]).pow(2).sum()) for k in params) ** 0.5
+
+    common = dict(pretrained=True, weights=str(weights), recipe="finetune", unfreeze="all", lr_finetune=3e-2, epochs_finetune=2)
+    plain, pulled = tmp_path / "plain", tmp_path / "pulled"
+    train(image_folder, tiny_cfg(**common), out=str(plain), reporter=QUIET)
+    train(image_folder, tiny_cfg(**common, l2sp=30.0), out=str(pulled), reporter=QUIET)
+    assert drift(pulled) < 0.5 * drift(plain), "the pull keeps the backbone near where it started"
+    last = torch.load(pulled / "last.pt", weights_only=True)
+    recorded = {k: v for k, v in last["l2sp_anchor"].items()}
+    assert recorded.keys() == {k for k, v in build_classifier("tiny", 3).backbone.named_parameters()}
+    assert all(torch.equal(recorded[k], start[k]) for k in recorded), "the starting point is the given weights"
+    drifts = [r["backbone_drift"] for r in last["history"] if r["stage"] == "finetune"]
+    assert len(drifts) == 2 and drifts[-1] == pytest.approx(drift(pulled), rel=1e-3), "each epoch records the drift"
+    # Extended by a resume (the weights file is not read again): the recorded starting point carries on.
+    weights.unlink()
+    resume(pulled, reporter=QUIET, epochs_finetune=3)
+    last = torch.load(pulled / "last.pt", weights_only=True)
+    assert [r["epoch"] for r in last["history"] if r["stage"] == "finetune"] == [1, 2, 3]
+    assert all(torch.equal(last["l2sp_anchor"][k], start[k]) for k in recorded)
+    # A last.pt without it is refused in words, not resumed with a wrong starting point.
+    last["l2sp_anchor"] = None
+    torch.save(last, pulled / "last.pt")
+    with pytest.raises(EdgetlError, match="starting point"):
+        resume(pulled, reporter=QUIET, epochs_finetune=4)
+    with pytest.raises(EdgetlError, match="--no-pretrained"):
+        tiny_cfg(l2sp=1.0)
+    with pytest.raises(EdgetlError, match="--l2sp must be"):
+        tiny_cfg(pretrained=True, l2sp=-1.0)
+
+
 # ----------------------------------------------------------------------------- early stopping and selection
 
 

@@ -124,6 +124,8 @@ def train(
     lr_head: Annotated[float, typer.Option(help="Stage 1 learning rate")] = 1e-3,
     lr_finetune: Annotated[float | None, typer.Option(help="Stage 2 learning rate (default: lr-head / 10)")] = None,
     head_lr_scale: Annotated[float, typer.Option(help="Stage 2 head learning rate as a multiple of the blocks' top rate")] = 1.0,
+    l2sp: Annotated[float, typer.Option(help="Stage 2 pulls the backbone toward its pretrained weights with this strength "
+                                        "(L2-SP, decoupled like AdamW's decay; try 1-10) instead of decaying it to zero; 0: off")] = 0.0,
     batch_size: Annotated[int, typer.Option(help="Stage 2 batch size")] = 32,
     patience: Annotated[int, typer.Option(help="Stage 2 early stopping: epochs without a better checkpoint than stage 2's best")] = 3,
     patience_head: Annotated[int, typer.Option(help="Stage 1 early stopping: epochs without a better head (0: off)")] = 5,
@@ -199,7 +201,7 @@ def train(
             cache_features=cache_features, cache_views=cache_views, hidden=hidden, dropout=dropout,
             epochs_finetune=epochs_finetune, lr_finetune=lr_finetune, unfreeze=unfreeze, batch_size=batch_size,
             patience=patience, patience_head=patience_head, min_epochs_finetune=min_epochs_finetune, recipe=recipe,
-            recipe_candidates=recipe_candidates, head_lr_scale=head_lr_scale, teacher=_teacher_option(teacher),
+            recipe_candidates=recipe_candidates, head_lr_scale=head_lr_scale, l2sp=l2sp, teacher=_teacher_option(teacher),
             distill_alpha=distill_alpha, distill_temperature=distill_temperature, distill_mode=distill_mode, ema_decay=ema_decay,
             mixup=mixup, cutmix=cutmix, erase=erase,
             label_smoothing=label_smoothing, augment=augment, crop_scale=crop_scale,
