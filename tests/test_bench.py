@@ -163,9 +163,35 @@ def test_check_reference_runs_both_runtimes_own_tools(bench_run: Path, tmp_path:
         ref = r["reference"]
         assert ref["p50_ms"] > 0 and ref["edgetl_over_reference"] == pytest.approx(r["latency"]["p50_ms"] / ref["p50_ms"]), ref
         tools[r["target"]] = ref["tool"]
+        assert ref["turns"] == 2 and ref["interleaved"], "2 s of reference: a turn in the first and the last round"
     assert tools == {"ort-cpu": "InferenceSession.run loop", "openvino-cpu": "benchmark_app"}
     assert "-api sync" in next(r["reference"]["command"] for r in saved["results"] if r["target"] == "openvino-cpu")
     assert "ref p50 ms" in (tmp_path / "bench.md").read_text()
+
+
+def test_reference_tools_take_their_turns_inside_the_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drift must hit edgetl's figure and the tool's alike: the tool runs between edgetl's turns, spread over the rounds."""
+    from edgetl.bench import reference
+    from edgetl.bench.timing import rounds_of_turns
+
+    order: list[str] = []
+    medians = iter([2.0, 4.0, 3.0])
+    monkeypatch.setattr(reference, "reference_for", lambda *a: order.append("tool") or {"tool": "fake", "p50_ms": next(medians)})
+    turns = reference.ReferenceTurns("ort-cpu", Path("m.onnx"), 2, "fp32", "float32", (1, 3, 8, 8), seconds=3.0, total_rounds=5)
+
+    def edgetl_turn(seconds: float, runs: int | None) -> list[float]:
+        order.append("edgetl")
+        return [1.0]
+
+    samples = rounds_of_turns({"edgetl": edgetl_turn, "tool": turns}, min_time=0.0, rounds=5)
+    assert samples == {"edgetl": [1.0] * 5, "tool": []}
+    assert order == ["edgetl", "tool", "edgetl", "edgetl", "tool", "edgetl", "edgetl", "tool"], "rounds 1, 3 and 5"
+    ref = turns.result(edgetl_p50_ms=1.5)
+    assert ref["p50_ms"] == 3.0 and ref["turn_p50_ms"] == [2.0, 4.0, 3.0] and ref["edgetl_over_reference"] == 0.5
+    failing = reference.ReferenceTurns("ort-cpu", Path("m.onnx"), 2, "fp32", "float32", (1, 3, 8, 8), 1.0, 5)
+    monkeypatch.setattr(reference, "reference_for", lambda *a: {"tool": "fake", "error": "boom"})
+    rounds_of_turns({"tool": failing}, min_time=0.0, rounds=5)
+    assert failing.result(1.0) == {"tool": "fake", "error": "boom"}, "one turn, in the middle round, and its error kept"
 
 
 def test_a_missing_benchmark_app_is_reported_not_fatal(bench_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

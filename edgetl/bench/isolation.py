@@ -155,10 +155,13 @@ class InProcessWorker:
 
 
 def interleaved_rounds(workers: dict[str, Any], inputs: dict[str, np.ndarray], min_time: float, warmup: int, rounds: int = 5,
-                       runs_per_round: int | None = None, settle: float = SETTLE_SECONDS) -> dict[str, list[float]]:  # fmt: skip
+                       runs_per_round: int | None = None, settle: float = SETTLE_SECONDS,
+                       extra_turns: dict[str, Any] | None = None) -> dict[str, list[float]]:  # fmt: skip
     """Batch latency samples (ms) per worker: every worker warms up, then the rounds of
-    bench.timing give each worker its turn, one worker at a time."""
+    bench.timing give each worker its turn, one worker at a time. `extra_turns` (the runtimes' own tools,
+    --check-reference) take their turns in the same rounds, after the workers'."""
     for name, w in workers.items():
         w.warmup(inputs[name], warmup)
     turns = {name: (lambda seconds, runs, w=w, x=inputs[name]: w.time(x, seconds, runs)) for name, w in workers.items()}
-    return rounds_of_turns(turns, min_time, rounds, runs_per_round, settle)
+    samples = rounds_of_turns({**turns, **(extra_turns or {})}, min_time, rounds, runs_per_round, settle)
+    return {name: samples[name] for name in workers}

@@ -7,7 +7,9 @@ beside edgetl's, so every speed claim can be checked against a tool the runtime'
 - ONNX Runtime: a bare `InferenceSession.run` loop with the same session options (intra-op threads,
   default spinning), in a fresh process, written here without edgetl's backends on purpose.
 
-Both run after edgetl's own timing, one at a time, with nothing else loaded in their process.
+Each reference takes turns inside edgetl's own interleaved rounds (`ReferenceTurns`), one process at a
+time with nothing else running, so drift on a shared machine hits edgetl's figure and the tool's alike;
+its p50 is the median of its turns' medians (benchmark_app reports a median per invocation, not samples).
 
     python -m edgetl.bench.reference ort MODEL THREADS SECONDS DTYPE D0,D1,D2,D3
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -77,18 +80,52 @@ def _bare_ort_loop(model: str, threads: int, seconds: float, dtype: str, shape: 
     return {"p50_ms": float(np.percentile(ms, 50)), "runs": len(ms)}
 
 
-def reference_for(row: dict[str, Any], shape: tuple[int, ...], seconds: float) -> dict[str, Any] | None:
-    """The reference measurement for a bench row, or None for targets without one (PyTorch, GPUs)."""
-    model, threads = Path(row["model"]), row["threads"]
-    if row["target"] == "openvino-cpu":
-        ref = openvino_reference(model, shape, threads, row["precision"], seconds)
-    elif row["target"] == "ort-cpu":
-        ref = ort_reference(model, shape, threads, row["input"], seconds)
-    else:
-        return None
-    if "p50_ms" in ref and "latency" in row:
-        ref["edgetl_over_reference"] = row["latency"]["p50_ms"] / ref["p50_ms"]
-    return ref
+def has_reference(target: str) -> bool:
+    """Whether a bench target has a runtime's own tool to check it against (PyTorch and GPUs have none)."""
+    return target in ("openvino-cpu", "ort-cpu")
+
+
+def reference_for(target: str, model: Path, threads: int, precision: str, input_dtype: str, shape: tuple[int, ...],
+                  seconds: float) -> dict[str, Any]:  # fmt: skip
+    """One invocation of the runtime's own tool for a bench variant: {tool, p50_ms[, command]} or {tool, error}."""
+    if target == "openvino-cpu":
+        return openvino_reference(model, shape, threads, precision, seconds)
+    return ort_reference(model, shape, threads, input_dtype, seconds)
+
+
+class ReferenceTurns:
+    """A reference tool as a turn of bench.timing.rounds_of_turns: it runs in `rounds` of the rounds, spread from
+    the first to the last (each invocation loads the model again, so short benches use fewer), for `seconds` in
+    all, and returns no latency samples of its own to the rounds; `result()` gives what it measured."""
+
+    def __init__(self, target: str, model: Path, threads: int, precision: str, input_dtype: str, shape: tuple[int, ...],
+                 seconds: float, total_rounds: int) -> None:  # fmt: skip
+        self.args = (target, model, threads, precision, input_dtype, shape)
+        # benchmark_app times whole seconds: at least 1 s a turn, so a short bench gets fewer turns, not shorter ones.
+        self.rounds = max(1, min(total_rounds, int(seconds)))
+        self.turn_seconds = seconds / self.rounds
+        last = total_rounds - 1
+        self.scheduled = {round(i * last / (self.rounds - 1)) for i in range(self.rounds)} if self.rounds > 1 else {last // 2}
+        self.calls = 0
+        self.turns: list[dict[str, Any]] = []
+
+    def __call__(self, seconds: float, runs: int | None) -> list[float]:
+        if self.calls in self.scheduled:
+            self.turns.append(reference_for(*self.args, self.turn_seconds))
+        self.calls += 1
+        return []
+
+    def result(self, edgetl_p50_ms: float | None) -> dict[str, Any]:
+        measured = [t for t in self.turns if "p50_ms" in t]
+        if not measured:
+            failed = self.turns[-1] if self.turns else {"error": "never ran"}
+            return {k: v for k, v in failed.items() if k != "p50_ms"}
+        medians = [t["p50_ms"] for t in measured]
+        ref = {**{k: v for k, v in measured[-1].items() if k not in ("p50_ms", "runs")}, "p50_ms": float(statistics.median(medians)),
+               "turn_p50_ms": medians, "turns": len(measured), "interleaved": True}  # fmt: skip
+        if edgetl_p50_ms is not None:
+            ref["edgetl_over_reference"] = edgetl_p50_ms / ref["p50_ms"]
+        return ref
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ from edgetl.metrics import classification_metrics
 from edgetl.preprocess import PreprocessSpec
 from edgetl.progress import Reporter
 
+# Rounds of interleaved batch-1 turns (bench.timing.rounds_of_turns): each variant gets min_time / 5 per round.
+TIMING_ROUNDS = 5
+
 
 @dataclass(frozen=True)
 class BenchOptions:
@@ -282,16 +285,6 @@ def bench(paths: list[str | os.PathLike[str]], opts: BenchOptions, reporter: Rep
             results = _measure(workers, loaded, x1, threads, opts, reporter, interleaved_rounds)
         finally:
             close_all([w for w, _, _ in workers.values()])
-    if opts.check_reference:
-        from edgetl.bench.reference import reference_for
-
-        for row in results:
-            shape = (1, c, c, 3) if row["input"] == "uint8" else (1, 3, c, c)
-            ref = reference_for(row, shape, max(2.0, opts.min_time / 2))
-            if ref is not None:
-                reporter.log(f"reference for {row['variant']}: {ref.get('tool')} " +
-                             (f"p50 {ref['p50_ms']:.2f} ms" if "p50_ms" in ref else f"not measured ({ref['error']})"))  # fmt: skip
-                row["reference"] = ref
     report = {
         "models": [str(f.path) for f in files], "data": data.describe() if loaded is not None else None,
         "options": {**asdict(opts), "threads": threads}, "skipped": skipped, "results": results, "host": host_record(),
@@ -314,6 +307,19 @@ def _same_source(a: ModelFile, b: ModelFile) -> bool:
     return _source(a) == _source(b)
 
 
+def _reference_turns(workers: dict[str, Any], timed: dict[str, Any], x1: dict[str, np.ndarray], threads: int,
+                     opts: BenchOptions) -> dict[str, Any]:  # fmt: skip
+    """--check-reference: a turn of the runtime's own tool for each batch-1 variant that has one."""
+    if not opts.check_reference:
+        return {}
+    from edgetl.bench.reference import ReferenceTurns, has_reference
+
+    seconds = max(2.0, opts.min_time / 2)
+    return {n: ReferenceTurns(v.target, Path(v.model), threads, v.precision, v.input_dtype, x1[v.input_dtype].shape, seconds,
+                              TIMING_ROUNDS)
+            for n, (_, v, _) in workers.items() if n in timed and has_reference(v.target)}  # fmt: skip
+
+
 def _measure(workers: dict[str, Any], loaded: Any, x1: dict[str, np.ndarray], threads: int, opts: BenchOptions, reporter: Reporter,
              interleaved_rounds: Any) -> list[dict[str, Any]]:  # fmt: skip
     c = x1["float32"].shape[-1]
@@ -333,8 +339,11 @@ def _measure(workers: dict[str, Any], loaded: Any, x1: dict[str, np.ndarray], th
 
     # Latency at batch 1: each variant on its own input type (float or uint8 pixels) of the same image.
     timed = {n: w for n, (w, v, _) in workers.items() if _fixed_batch(v) in (None, 1)}
-    reporter.log(f"timing batch 1: {len(timed)} variants, interleaved rounds, >= {opts.min_time:g} s each, {threads} threads")
-    samples = interleaved_rounds(timed, {n: x1[workers[n][1].input_dtype] for n in timed}, opts.min_time, opts.warmup)
+    references = _reference_turns(workers, timed, x1, threads, opts)
+    reporter.log(f"timing batch 1: {len(timed)} variants, interleaved rounds, >= {opts.min_time:g} s each, {threads} threads"
+                 + (f", with {len(references)} runtimes' own tools in the same rounds" if references else ""))  # fmt: skip
+    samples = interleaved_rounds(timed, {n: x1[workers[n][1].input_dtype] for n in timed}, opts.min_time, opts.warmup,
+                                 rounds=TIMING_ROUNDS, extra_turns={f"reference: {n}": t for n, t in references.items()})  # fmt: skip
 
     results = []
     for name, (w, v, f) in workers.items():
@@ -345,6 +354,10 @@ def _measure(workers: dict[str, Any], loaded: Any, x1: dict[str, np.ndarray], th
                                "runtime_settings": w.info.get("settings")}  # fmt: skip
         if name in samples:
             row["latency"] = latency_stats(samples[name])
+        if name in references:
+            ref = row["reference"] = references[name].result(row["latency"]["p50_ms"])
+            measured = f"p50 {ref['p50_ms']:.2f} ms over {ref['turns']} turns" if "p50_ms" in ref else f"not measured ({ref['error']})"
+            reporter.log(f"reference for {name}: {ref.get('tool')} {measured}")
         fixed = _fixed_batch(v)
         row["throughput"] = {}
         for b in opts.batches:
