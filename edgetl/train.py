@@ -911,8 +911,7 @@ class Trainer:
         r.log(f"recipe: {why}")
         if chosen is None:
             self.model.load_state_dict(start)
-            self._finetune_timing(time.perf_counter() - t0, 0.0, 0)  # the trials' time, in last.pt too
-            self.save_last("finetune", 0)
+            self._save_finetune(t0, 0.0, 0, 0)  # the trials' time, in last.pt too
             return None, 0, (0, 0.0)
         # The winner goes on from where its trial ended: its steps are the first of its schedule.
         self.model.load_state_dict(winner["model"])
@@ -927,8 +926,7 @@ class Trainer:
         fit = winner["fit"]
         improved = self._end_epoch("finetune", 1, fit, winner["logits"], run.scored, run.sched.get_last_lr()[0],
                                    time.perf_counter() - winner["seconds"], self._finetune_extra(run, fit, winner["seconds"]))  # fmt: skip
-        self._finetune_timing(time.perf_counter() - t0, winner["seconds"], fit[2])
-        self.save_last("finetune", 1, run.opt, run.sched, 0 if improved else 1, run.ema)
+        self._save_finetune(t0, winner["seconds"], fit[2], 1, run, 0 if improved else 1)
         return run, 1, counted
 
     def _precision_note(self) -> str:
@@ -964,8 +962,7 @@ class Trainer:
                 improved = self._end_epoch("finetune", epoch, fit, self._val_logits(run.scored), run.scored,
                                            run.sched.get_last_lr()[0], t_ep, self._finetune_extra(run, fit, seconds))  # fmt: skip
                 bad_epochs = 0 if improved else bad_epochs + 1
-                self._finetune_timing(time.perf_counter() - t0, train_seconds, images)  # an interruption keeps what ran
-                self.save_last("finetune", epoch, run.opt, run.sched, bad_epochs, run.ema)
+                self._save_finetune(t0, train_seconds, images, epoch, run, bad_epochs)
                 if self._stop_early(bad_epochs, epoch) and epoch < cfg.epochs_finetune:
                     r.log(f"early stop: no better checkpoint in stage 2 for {bad_epochs} epochs")
         self._finetune_timing(time.perf_counter() - t0, train_seconds, images)
@@ -977,6 +974,15 @@ class Trainer:
         if run.pull is not None:
             extra["backbone_drift"] = run.pull.distance()
         return extra
+
+    def _save_finetune(self, t0: float, train_seconds: float, images: int, epoch: int, run: _Finetune | None = None,
+                       bad_epochs: int = 0) -> None:  # fmt: skip
+        """Stage 2's time so far, then last.pt after `epoch`: an interruption from here on keeps both."""
+        self._finetune_timing(time.perf_counter() - t0, train_seconds, images)
+        if run is None:
+            self.save_last("finetune", epoch)
+        else:
+            self.save_last("finetune", epoch, run.opt, run.sched, bad_epochs, run.ema)
 
     def _finetune_timing(self, seconds: float, train_seconds: float, images: int) -> None:
         cfg = self.cfg
