@@ -145,6 +145,13 @@ def test_l2sp_fine_tunes_near_the_pretrained_weights_and_resumes_with_them(image
         resume(pulled, reporter=QUIET, epochs_finetune=4)
     with pytest.raises(EdgetlError, match="--no-pretrained"):
         tiny_cfg(l2sp=1.0)
+    from typer.testing import CliRunner
+
+    from edgetl.cli.main import app
+
+    res = CliRunner().invoke(app, ["train", str(image_folder), "--backbone", "tiny", "--no-pretrained", "--l2sp", "5",
+                                   "--out", str(tmp_path / "cli")])  # fmt: skip
+    assert res.exit_code != 0 and "--no-pretrained has none" in res.output and "Traceback" not in res.output
     with pytest.raises(EdgetlError, match="--l2sp must be"):
         tiny_cfg(pretrained=True, l2sp=-1.0)
 
