@@ -72,6 +72,7 @@ def bench_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for r in report["results"]:
         lat, acc, proc = r.get("latency", {}), r.get("accuracy", {}), r.get("process", {})
+        turns = r.get("reference", {}).get("turn_p50_ms") or []
         row = {
             "variant": r["variant"], "target": r["target"], "precision": r["precision"], "input": r["input"],
             "model": r["model"], "size_mb": round(r["bytes"] / 1e6, 3), "threads": r["threads"],
@@ -82,6 +83,8 @@ def bench_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "runs_in": r.get("executed_precision"),
             "reference_tool": r.get("reference", {}).get("tool"), "reference_p50_ms": r.get("reference", {}).get("p50_ms"),
             "edgetl_over_reference": r.get("reference", {}).get("edgetl_over_reference"),
+            # The tool's turn medians: how far the host moved between its turns (a ratio is no better than that).
+            "reference_turns_min_ms": min(turns) if turns else None, "reference_turns_max_ms": max(turns) if turns else None,
         }  # fmt: skip
         for b, ips in r.get("throughput", {}).items():
             row[f"images_per_s_b{b}"] = ips
@@ -102,7 +105,9 @@ def bench_markdown(report: dict[str, Any]) -> str:
             *[f"img/s b{k.split('b')[-1]}" for k in batches], "load s", "cold ms", "peak MB"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        ref_cells = [_fmt(r["reference_p50_ms"], "{:.2f}"), _fmt(r["edgetl_over_reference"], "{:.2f}")] if refs else []
+        turns = (f" ({r['reference_turns_min_ms']:.2f}-{r['reference_turns_max_ms']:.2f})"
+                 if r["reference_turns_min_ms"] is not None and r["reference_turns_max_ms"] > r["reference_turns_min_ms"] else "")
+        ref_cells = [_fmt(r["reference_p50_ms"], "{:.2f}") + turns, _fmt(r["edgetl_over_reference"], "{:.2f}")] if refs else []
         cells = [r["variant"], r["runs_in"] or "-", _fmt(r["size_mb"], "{:.2f}"), _fmt(r["top1"], "{:.2%}"), _fmt(r["agreement"], "{:.1%}"),
                  _fmt(r["p50_ms"], "{:.2f}"), _fmt(r["p90_ms"], "{:.2f}"), _fmt(r["p99_ms"], "{:.2f}"), _fmt(r["std_ms"], "{:.2f}"),
                  _fmt(r["ratio_to_fp32"], "{:.2f}"), *ref_cells, *[_fmt(r.get(k), "{:.0f}") for k in batches], _fmt(r["load_s"], "{:.2f}"),
@@ -118,7 +123,8 @@ def bench_markdown(report: dict[str, Any]) -> str:
         "torch.compile); 'runs in' is the precision the runtime reports it executes. Load time (fresh process) includes "
         "importing the runtime library."
         + (" 'ref' is the runtime's own tool on the same file, threads and hint (OpenVINO benchmark_app -api sync -hint "
-           "latency; ONNX Runtime a bare InferenceSession.run loop), run after edgetl's timing." if refs else ""),
+           "latency; ONNX Runtime a bare InferenceSession.run loop), taking turns inside the same rounds: its p50 is the median "
+           "of its turns' medians, whose range is in brackets (a ratio is no surer than that range)." if refs else ""),
         *host_lines(host),
     ]  # fmt: skip
     if report["skipped"]:

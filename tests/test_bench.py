@@ -166,7 +166,11 @@ def test_check_reference_runs_both_runtimes_own_tools(bench_run: Path, tmp_path:
         assert ref["turns"] == 2 and ref["interleaved"], "2 s of reference: a turn in the first and the last round"
     assert tools == {"ort-cpu": "InferenceSession.run loop", "openvino-cpu": "benchmark_app"}
     assert "-api sync" in next(r["reference"]["command"] for r in saved["results"] if r["target"] == "openvino-cpu")
-    assert "ref p50 ms" in (tmp_path / "bench.md").read_text()
+    md = (tmp_path / "bench.md").read_text()
+    assert "ref p50 ms" in md and "taking turns inside the same rounds" in md
+    ort_fp32 = next(r for r in saved["results"] if r["target"] == "ort-cpu" and r["precision"] == "fp32")
+    low, high = min(ort_fp32["reference"]["turn_p50_ms"]), max(ort_fp32["reference"]["turn_p50_ms"])
+    assert f"{ort_fp32['reference']['p50_ms']:.2f} ({low:.2f}-{high:.2f})" in md, "the turns' range beside the tool's p50"
 
 
 def test_reference_tools_take_their_turns_inside_the_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
