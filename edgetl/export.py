@@ -57,7 +57,11 @@ class ExportOptions:
     allow_data_change: bool = False  # parity on the recorded validation list although the data folder changed
 
     def __post_init__(self) -> None:
-        parse_formats(self.format)
+        formats = parse_formats(self.format)
+        if self.embed_preprocess and "onnx" not in formats:
+            # The uint8-input graph is an ONNX file (model.uint8.onnx); the other formats take float input.
+            raise EdgetlError(f"--embed-preprocess writes the uint8-input ONNX model (model.uint8.onnx), and --format "
+                              f"{self.format} has no onnx: add it (e.g. --format onnx,{self.format})")
         if self.batch != "dynamic" and not (self.batch.isdigit() and int(self.batch) > 0):
             raise EdgetlError(f"--batch must be 'dynamic' or a positive number, got {self.batch!r}")
 

@@ -150,6 +150,8 @@ def test_parity_failure_moves_the_file_aside_and_fails(tiny_run: Path, tmp_path:
         (dict(opset=11), "too old"),
         (dict(opset=99), "newer than"),
         (dict(batch="many"), "--batch"),
+        (dict(format="openvino", embed_preprocess=True), "--embed-preprocess writes the uint8-input ONNX model"),
+        (dict(format="litert", embed_preprocess=True), "add it"),
     ],
 )
 def test_bad_options(tiny_run: Path, tmp_path: Path, opts: dict, fragment: str) -> None:
