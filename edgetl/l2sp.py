@@ -54,4 +54,3 @@ class StartingPointPull:
         """||w - w0|| over the anchored parameters: how far stage 2 has moved the backbone."""
         total = sum(float((p - t).float().pow(2).sum()) for _, ps, ts in self.groups for p, t in zip(ps, ts, strict=True))
         return total**0.5
-

@@ -125,7 +125,8 @@ def train(
     lr_finetune: Annotated[float | None, typer.Option(help="Stage 2 learning rate (default: lr-head / 10)")] = None,
     head_lr_scale: Annotated[float, typer.Option(help="Stage 2 head learning rate as a multiple of the blocks' top rate")] = 1.0,
     l2sp: Annotated[float, typer.Option(help="Stage 2 pulls the backbone toward its pretrained weights with this strength "
-                                        "(L2-SP, decoupled like AdamW's decay; try 1-10) instead of decaying it to zero; 0: off")] = 0.0,
+                                        "(L2-SP, decoupled like AdamW's decay; 10-40 act over an 8-epoch fine-tune) "
+                                        "instead of decaying it to zero; 0: off")] = 0.0,
     batch_size: Annotated[int, typer.Option(help="Stage 2 batch size")] = 32,
     patience: Annotated[int, typer.Option(help="Stage 2 early stopping: epochs without a better checkpoint than stage 2's best")] = 3,
     patience_head: Annotated[int, typer.Option(help="Stage 1 early stopping: epochs without a better head (0: off)")] = 5,
