@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from common import RESULTS, save, spread
 from train_accuracy import PRESETS
@@ -87,6 +87,15 @@ def describe_difference(config: dict, baseline: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in changed.items()) or "preset (today's defaults)"
 
 
+def seed_means(group: list[dict], score: Callable[[dict], float]) -> list[float]:
+    """One value per seed: a rerun of a seed (another host, or a reproducibility check) is not another sample,
+    so each seed's results are averaged first and the mean and spread are over distinct seeds."""
+    by_seed: dict[int, list[float]] = {}
+    for r in group:
+        by_seed.setdefault(r["config"]["seed"], []).append(score(r))
+    return [sum(v) / len(v) for v in by_seed.values()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("preset", choices=PRESETS)
@@ -109,25 +118,16 @@ def main() -> None:
     rows = []
     for key, group in groups.items():
         group.sort(key=lambda r: r["config"]["seed"])
-        # A rerun of a seed (another host, or a reproducibility check) is not another sample: each seed's
-        # results are averaged first, so the mean and spread are over distinct seeds.
-        by_seed: dict[int, list[dict]] = {}
-        for r in group:
-            by_seed.setdefault(r["config"]["seed"], []).append(r)
-
-        def per_seed_mean(score: Any, runs: dict[int, list[dict]] = by_seed) -> list[float]:
-            return [sum(score(r) for r in rs) / len(rs) for rs in runs.values()]
-
         rows.append({
             "variant": describe_difference(group[0]["config"], baseline) + (" (extended by --resume)" if group[0].get("resumed") else ""),
             "is_preset": key == baseline_key,
             "same_backbone": group[0]["config"]["backbone"] == baseline["backbone"],
             "same_validation_split": same_validation_split(group[0]["config"], baseline, group[0]["data"], group,
                                                            groups.get(baseline_key, [])),
-            "seeds": list(by_seed), "runs": len(group),
+            "seeds": sorted({r["config"]["seed"] for r in group}), "runs": len(group),
             "files": [r["file"] for r in group],
-            "val_top1": spread(per_seed_mean(lambda r: r["val_best"]["top1"])),
-            "test_top1": spread(per_seed_mean(lambda r: r["test"]["top1"])),
+            "val_top1": spread(seed_means(group, lambda r: r["val_best"]["top1"])),
+            "test_top1": spread(seed_means(group, lambda r: r["test"]["top1"])),
             "per_seed": [{"seed": r["config"]["seed"], "val_top1": r["val_best"]["top1"], "test_top1": r["test"]["top1"],
                           "test_correct": round(r["test"]["top1"] * r["test"]["n"]), "test_n": r["test"]["n"]}
                          for r in group],
