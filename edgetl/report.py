@@ -7,6 +7,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from edgetl.bench.reference import AGREEMENT_MARGIN
 from edgetl.hostinfo import host_lines
 from edgetl.progress import make_console
 
@@ -83,6 +84,7 @@ def bench_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             "runs_in": r.get("executed_precision"),
             "reference_tool": r.get("reference", {}).get("tool"), "reference_p50_ms": r.get("reference", {}).get("p50_ms"),
             "edgetl_over_reference": r.get("reference", {}).get("edgetl_over_reference"),
+            "reference_verdict": r.get("reference", {}).get("verdict"),
             # The tool's turn medians: how far the host moved between its turns (a ratio is no better than that).
             "reference_turns_min_ms": min(turns) if turns else None, "reference_turns_max_ms": max(turns) if turns else None,
         }  # fmt: skip
@@ -96,6 +98,10 @@ def _fmt(v: Any, pattern: str) -> str:
     return "-" if v is None else pattern.format(v)
 
 
+# How bench.md marks an edgetl / reference ratio that the tool's turns (and the agreement margin) do not cover.
+VERDICT_MARK = {"edgetl-slower": " (slower)", "edgetl-faster": " (faster)"}
+
+
 def bench_markdown(report: dict[str, Any]) -> str:
     rows = bench_rows(report)
     batches = sorted({k for r in rows for k in r if k.startswith("images_per_s_b")}, key=lambda k: int(k.split("b")[-1]))
@@ -107,7 +113,8 @@ def bench_markdown(report: dict[str, Any]) -> str:
     for r in rows:
         turns = (f" ({r['reference_turns_min_ms']:.2f}-{r['reference_turns_max_ms']:.2f})"
                  if r["reference_turns_min_ms"] is not None and r["reference_turns_max_ms"] > r["reference_turns_min_ms"] else "")
-        ref_cells = [_fmt(r["reference_p50_ms"], "{:.2f}") + turns, _fmt(r["edgetl_over_reference"], "{:.2f}")] if refs else []
+        ratio = _fmt(r["edgetl_over_reference"], "{:.2f}") + VERDICT_MARK.get(r["reference_verdict"], "")
+        ref_cells = [_fmt(r["reference_p50_ms"], "{:.2f}") + turns, ratio] if refs else []
         cells = [r["variant"], r["runs_in"] or "-", _fmt(r["size_mb"], "{:.2f}"), _fmt(r["top1"], "{:.2%}"), _fmt(r["agreement"], "{:.1%}"),
                  _fmt(r["p50_ms"], "{:.2f}"), _fmt(r["p90_ms"], "{:.2f}"), _fmt(r["p99_ms"], "{:.2f}"), _fmt(r["std_ms"], "{:.2f}"),
                  _fmt(r["ratio_to_fp32"], "{:.2f}"), *ref_cells, *[_fmt(r.get(k), "{:.0f}") for k in batches], _fmt(r["load_s"], "{:.2f}"),
@@ -124,7 +131,9 @@ def bench_markdown(report: dict[str, Any]) -> str:
         "importing the runtime library."
         + (" 'ref' is the runtime's own tool on the same file, threads and hint (OpenVINO benchmark_app -api sync -hint "
            "latency; ONNX Runtime a bare InferenceSession.run loop), taking turns inside the same rounds: its p50 is the median "
-           "of its turns' medians, whose range is in brackets (a ratio is no surer than that range)." if refs else ""),
+           "of its turns' medians, whose range is in brackets (a ratio is no surer than that range); a ratio marked slower or "
+           f"faster lies outside that range widened by {AGREEMENT_MARGIN:.0%}, so edgetl and the tool did not time the same "
+           "thing." if refs else ""),
         *host_lines(host),
     ]  # fmt: skip
     if report["skipped"]:

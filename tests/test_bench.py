@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from edgetl.bench.reference import AGREEMENT_MARGIN, agreement_verdict
 from edgetl.bench.runner import BenchOptions, bench
 from edgetl.bench.timing import interleaved_latency
 from edgetl.cli.main import app
 from edgetl.errors import EdgetlError
 from edgetl.export import ExportOptions, export_run
 from edgetl.progress import Reporter
-from edgetl.report import pareto_front
+from edgetl.report import VERDICT_MARK, pareto_front
 
 QUIET = Reporter(quiet=True)
 
@@ -171,6 +172,22 @@ def test_check_reference_runs_both_runtimes_own_tools(bench_run: Path, tmp_path:
     ort_fp32 = next(r for r in saved["results"] if r["target"] == "ort-cpu" and r["precision"] == "fp32")
     low, high = min(ort_fp32["reference"]["turn_p50_ms"]), max(ort_fp32["reference"]["turn_p50_ms"])
     assert f"{ort_fp32['reference']['p50_ms']:.2f} ({low:.2f}-{high:.2f})" in md, "the turns' range beside the tool's p50"
+    for r in saved["results"]:
+        ref = r["reference"]
+        assert ref["verdict"] == agreement_verdict(r["latency"]["p50_ms"], ref["turn_p50_ms"])
+        cell = f"| {ref['edgetl_over_reference']:.2f}{VERDICT_MARK.get(ref['verdict'], '')} |"
+        assert cell in md, (cell, ref["verdict"])
+
+
+def test_reference_verdict_allows_the_tools_own_spread_and_a_margin() -> None:
+    turns = [2.0, 4.0, 3.0]
+    assert agreement_verdict(3.3, turns) == "agrees"
+    assert agreement_verdict(4.0 * (1 + AGREEMENT_MARGIN) - 0.01, turns) == "agrees", "inside the widened range"
+    assert agreement_verdict(4.0 * (1 + AGREEMENT_MARGIN) + 0.01, turns) == "edgetl-slower"
+    assert agreement_verdict(2.0 * (1 - AGREEMENT_MARGIN) + 0.01, turns) == "agrees"
+    assert agreement_verdict(2.0 * (1 - AGREEMENT_MARGIN) - 0.01, turns) == "edgetl-faster"
+    assert agreement_verdict(5.0, [5.2]) == "agrees", "one turn: only the margin"
+    assert agreement_verdict(6.0, [5.2]) == "edgetl-slower"
 
 
 def test_reference_tools_take_their_turns_inside_the_rounds(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -192,6 +209,7 @@ def test_reference_tools_take_their_turns_inside_the_rounds(monkeypatch: pytest.
     assert order == ["edgetl", "tool", "edgetl", "edgetl", "tool", "edgetl", "edgetl", "tool"], "rounds 1, 3 and 5"
     ref = turns.result(edgetl_p50_ms=1.5)
     assert ref["p50_ms"] == 3.0 and ref["turn_p50_ms"] == [2.0, 4.0, 3.0] and ref["edgetl_over_reference"] == 0.5
+    assert ref["verdict"] == "edgetl-faster", "1.5 ms is below every turn (2-4 ms) even with the margin"
     failing = reference.ReferenceTurns("ort-cpu", Path("m.onnx"), 2, "fp32", "float32", (1, 3, 8, 8), 1.0, 5)
     monkeypatch.setattr(reference, "reference_for", lambda *a: {"tool": "fake", "error": "boom"})
     rounds_of_turns({"tool": failing}, min_time=0.0, rounds=5)

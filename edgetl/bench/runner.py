@@ -12,6 +12,7 @@ import numpy as np
 
 from edgetl import metadata
 from edgetl.bench.base import TARGETS, Variant
+from edgetl.bench.reference import AGREEMENT_MARGIN
 from edgetl.bench.timing import latency_stats
 from edgetl.errors import EdgetlError
 from edgetl.hostinfo import physical_cores
@@ -358,6 +359,12 @@ def _measure(workers: dict[str, Any], loaded: Any, x1: dict[str, np.ndarray], th
             ref = row["reference"] = references[name].result(row["latency"]["p50_ms"])
             measured = f"p50 {ref['p50_ms']:.2f} ms over {ref['turns']} turns" if "p50_ms" in ref else f"not measured ({ref['error']})"
             reporter.log(f"reference for {name}: {ref.get('tool')} {measured}")
+            if ref.get("verdict", "agrees") != "agrees":
+                side = "slower" if ref["verdict"] == "edgetl-slower" else "faster"
+                reporter.log(f"warning: edgetl's p50 for {name} ({row['latency']['p50_ms']:.2f} ms) is {side} than every turn of "
+                             f"{ref['tool']} allows ({min(ref['turn_p50_ms']):.2f}-{max(ref['turn_p50_ms']):.2f} ms, "
+                             f"± {AGREEMENT_MARGIN:.0%}): " + ("edgetl adds time the runtime does not need" if side == "slower"
+                             else "the two do not time the same work") + "; see bench.json 'reference'")  # fmt: skip
         fixed = _fixed_batch(v)
         row["throughput"] = {}
         for b in opts.batches:
