@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -42,9 +43,46 @@ def require_extra() -> None:
         raise EdgetlError(f"LiteRT export needs the litert extra ({', '.join(missing)} not installed): {EXTRA_HINT}")
 
 
-def convert(onnx_path: Path, work: Path, calib_nchw: np.ndarray | None = None, timeout_s: float = 3600) -> dict[str, Path]:
-    """Convert `onnx_path` in a child process; returns the fp32 .tflite and, given calibration images
-    (float NCHW, preprocessed as for the model), the full-integer int8 .tflite (float input/output)."""
+class Conversion:
+    """A LiteRT conversion running in its child process: `start_conversion` returns at once, so the
+    caller can do other work (the exports of other formats) while TensorFlow converts; `wait()` gives
+    the files. Used as a context manager, a conversion never outlives its caller: leaving the block
+    early (an error, Ctrl-C) kills the child."""
+
+    def __init__(self, onnx_path: Path, work: Path, cmd: list[str], files: dict[str, Path], timeout_s: float) -> None:
+        self.onnx_path, self.work, self.files, self.timeout_s = onnx_path, work, files, timeout_s
+        self.log = work / "convert.log"
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1", "PYTHONWARNINGS": "ignore"}
+        with open(self.log, "wb") as out:  # the child keeps its own copy of the descriptor
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.started = time.monotonic()
+
+    def wait(self) -> dict[str, Path]:
+        try:
+            returncode = self.proc.wait(timeout=max(0.0, self.timeout_s - (time.monotonic() - self.started)))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise EdgetlError(f"LiteRT conversion took longer than {self.timeout_s:.0f} s and was stopped (log: {self.log})") from None
+        if returncode != 0 or not all(p.is_file() for p in self.files.values()):
+            raise EdgetlError(f"LiteRT conversion of {self.onnx_path.name} failed: {failure_reason(self.log)}")
+        return self.files
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def __enter__(self) -> Conversion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_conversion(onnx_path: Path, work: Path, calib_nchw: np.ndarray | None = None, timeout_s: float = 3600) -> Conversion:
+    """Start converting `onnx_path` in a child process (see `Conversion`): the fp32 .tflite and, given
+    calibration images (float NCHW, preprocessed as for the model), the full-integer int8 .tflite
+    (float input/output)."""
     require_extra()
     work.mkdir(parents=True, exist_ok=True)
     # onnx2tf rewrites its input file with its own graph optimisations: it gets a copy, never the
@@ -52,22 +90,18 @@ def convert(onnx_path: Path, work: Path, calib_nchw: np.ndarray | None = None, t
     source = work / "model.onnx"  # onnx2tf names its outputs after the input file: model_float32.tflite
     shutil.copyfile(onnx_path, source)
     cmd = [sys.executable, "-m", "edgetl.litert_convert", str(source), str(work)]
+    files = {"fp32": work / "tf" / FLOAT_FILE}
     if calib_nchw is not None:
         np.save(work / "calib.npy", np.ascontiguousarray(calib_nchw.transpose(0, 2, 3, 1), dtype=np.float32))
         cmd += ["--calib", str(work / "calib.npy")]
-    log = work / "convert.log"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "-1", "PYTHONWARNINGS": "ignore"}
-    with open(log, "wb") as out:
-        try:
-            proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, timeout=timeout_s, check=False)
-        except subprocess.TimeoutExpired:
-            raise EdgetlError(f"LiteRT conversion took longer than {timeout_s:.0f} s and was stopped (log: {log})") from None
-    files = {"fp32": work / "tf" / FLOAT_FILE}
-    if calib_nchw is not None:
         files["int8"] = work / "tf" / INT8_FILE
-    if proc.returncode != 0 or not all(p.is_file() for p in files.values()):
-        raise EdgetlError(f"LiteRT conversion of {onnx_path.name} failed: {failure_reason(log)}")
-    return files
+    return Conversion(onnx_path, work, cmd, files, timeout_s)
+
+
+def convert(onnx_path: Path, work: Path, calib_nchw: np.ndarray | None = None, timeout_s: float = 3600) -> dict[str, Path]:
+    """`start_conversion` and wait for it."""
+    with start_conversion(onnx_path, work, calib_nchw, timeout_s) as conversion:
+        return conversion.wait()
 
 
 def failure_reason(log: Path) -> str:

@@ -116,6 +116,13 @@ def test_uint8_model_matches_the_plain_one_on_preprocessed_input(exported: tuple
     plain = OrtModel(out / "model.onnx")(normalize(pixels, spec))
     embedded = OrtModel(out / "model.uint8.onnx")(pixels)
     np.testing.assert_allclose(embedded, plain, atol=1e-4)
+    # The same graph behind the preprocessing, not a second trace: every node and weight of model.onnx follows it.
+    import onnx
+
+    g8, g32 = onnx.load(str(out / "model.uint8.onnx")).graph, onnx.load(str(out / "model.onnx")).graph
+    assert [n.op_type for n in g8.node] == ["Transpose", "Cast", "Mul", "Sub", *(n.op_type for n in g32.node)]
+    assert {i.name for i in g32.initializer} < {i.name for i in g8.initializer}
+    assert [d.dim_param or d.dim_value for d in g8.input[0].type.tensor_type.shape.dim] == ["batch", spec.input_size, spec.input_size, 3]
 
 
 def test_openvino_agrees_with_onnx(exported: tuple[Path, dict]) -> None:
