@@ -34,8 +34,9 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -512,50 +513,61 @@ def _quantize_locked(folder: runfolder.RunFolder, run_dir: Path, opts: QuantizeO
                               "calibration": calib_record, "results": {}, "host": host_record()}  # fmt: skip
     warnings_out: list[str] = []
 
-    if "onnx" in formats:
-        reporter.log(f"onnxruntime static int8 ({opts.calib_method}, {len(calib.floats)} calibration images)")
-        target = run_dir / runfolder.MODEL_FILES["onnx_int8"]
-        res = quantize_onnx(onnx_path, target, calib, judge, meta, opts, reporter)
-        try:
-            qmeta = {**meta, "quantization": json.dumps(_record(meta, "onnxruntime", onnx_path, calib_record, opts,
-                                                                res["kept_in_float"], {"types": res["types"]}))}  # fmt: skip
-            with atomic_path(target) as tmp:
-                shutil.copy(res["candidate"], tmp)
-                set_onnx_metadata(tmp, qmeta)
-            lat = time_pair(lambda: OrtModel(onnx_path), lambda: OrtModel(target), x1, opts.latency_runs)
-            final = res["attempts"][-1]
-            report["results"]["onnxruntime"] = {
-                "fp32_top1": res["fp32_top1"], "int8_top1": final["top1"],
-                **{k: v for k, v in final.items() if k.endswith("_points")},
-                "kept_in_float": res["kept_in_float"], "attempts": res["attempts"], "worst_tensors": res["worst_tensors"],
-                "types": res["types"], "latency": lat, "fp32_bytes": onnx_path.stat().st_size, "int8_bytes": target.stat().st_size,
-                "file": str(target), "executed": ort_executed_ops(target),
+    timings: dict[str, Callable[[], dict[str, Any]]] = {}
+    # LiteRT's int8 converts in a child process (TensorFlow) from the start, while the other formats are
+    # quantized and judged here; timings wait until it has finished, so it never shares the cores with one.
+    litert = start_litert(run_dir, calib, reporter) if "litert" in formats else None
+    try:
+        if "onnx" in formats:
+            reporter.log(f"onnxruntime static int8 ({opts.calib_method}, {len(calib.floats)} calibration images)")
+            target = run_dir / runfolder.MODEL_FILES["onnx_int8"]
+            res = quantize_onnx(onnx_path, target, calib, judge, meta, opts, reporter)
+            try:
+                qmeta = {**meta, "quantization": json.dumps(_record(meta, "onnxruntime", onnx_path, calib_record, opts,
+                                                                    res["kept_in_float"], {"types": res["types"]}))}  # fmt: skip
+                with atomic_path(target) as tmp:
+                    shutil.copy(res["candidate"], tmp)
+                    set_onnx_metadata(tmp, qmeta)
+                timings["onnxruntime"] = partial(time_pair, partial(OrtModel, onnx_path), partial(OrtModel, target), x1, opts.latency_runs)
+                final = res["attempts"][-1]
+                report["results"]["onnxruntime"] = {
+                    "fp32_top1": res["fp32_top1"], "int8_top1": final["top1"],
+                    **{k: v for k, v in final.items() if k.endswith("_points")},
+                    "kept_in_float": res["kept_in_float"], "attempts": res["attempts"], "worst_tensors": res["worst_tensors"],
+                    "types": res["types"], "fp32_bytes": onnx_path.stat().st_size, "int8_bytes": target.stat().st_size,
+                    "file": str(target), "executed": ort_executed_ops(target),
+                }  # fmt: skip
+            finally:
+                shutil.rmtree(res["work"], ignore_errors=True)
+
+        xml = run_dir / runfolder.MODEL_FILES["openvino"]
+        if "openvino" in formats:
+            reporter.log("openvino int8 with NNCF post-training quantization")
+            res = quantize_openvino(xml, calib, judge, opts, reporter)
+            qmodel = res.pop("model")
+            rec = _record(meta, "openvino-nncf", xml.with_suffix(".bin"), calib_record, opts, res["kept_in_float"],
+                          {"mode": res["mode"], "overflow_fix": res["overflow_fix"]})  # fmt: skip
+            target = run_dir / runfolder.MODEL_FILES["openvino_int8"]
+            save_model(qmodel, target, {**meta, "quantization": json.dumps(rec)})
+            timings["openvino"] = partial(time_pair, partial(OpenVinoModel, xml), partial(OpenVinoModel, target), x1, opts.latency_runs)
+            report["results"]["openvino"] = {
+                **res, "file": str(target), "executed": openvino_executed_layers(target),
+                "fp32_bytes": xml.stat().st_size + xml.with_suffix(".bin").stat().st_size,
+                "int8_bytes": target.stat().st_size + target.with_suffix(".bin").stat().st_size,
             }  # fmt: skip
-        finally:
-            shutil.rmtree(res["work"], ignore_errors=True)
 
-    xml = run_dir / runfolder.MODEL_FILES["openvino"]
-    if "openvino" in formats:
-        reporter.log("openvino int8 with NNCF post-training quantization")
-        res = quantize_openvino(xml, calib, judge, opts, reporter)
-        qmodel = res.pop("model")
-        rec = _record(meta, "openvino-nncf", xml.with_suffix(".bin"), calib_record, opts, res["kept_in_float"],
-                      {"mode": res["mode"], "overflow_fix": res["overflow_fix"]})  # fmt: skip
-        target = run_dir / runfolder.MODEL_FILES["openvino_int8"]
-        save_model(qmodel, target, {**meta, "quantization": json.dumps(rec)})
-        lat = time_pair(lambda: OpenVinoModel(xml), lambda: OpenVinoModel(target), x1, opts.latency_runs)
-        report["results"]["openvino"] = {
-            **res, "latency": lat, "file": str(target), "executed": openvino_executed_layers(target),
-            "fp32_bytes": xml.stat().st_size + xml.with_suffix(".bin").stat().st_size,
-            "int8_bytes": target.stat().st_size + target.with_suffix(".bin").stat().st_size,
-        }  # fmt: skip
-
-    if "litert" in formats:
-        reporter.log(f"LiteRT full-integer int8 (TFLiteConverter, {len(calib.floats)} calibration images)")
-        report["results"]["litert"] = quantize_litert(run_dir, calib, judge, calib_record, opts, reporter)
-    if "executorch" in formats:
-        reporter.log(f"ExecuTorch int8 (PT2E, XNNPACKQuantizer, {len(calib.floats)} calibration images)")
-        report["results"]["executorch"] = quantize_executorch(folder, run_dir, calib, judge, calib_record, opts, reporter)
+        if "executorch" in formats:
+            reporter.log(f"ExecuTorch int8 (PT2E, XNNPACKQuantizer, {len(calib.floats)} calibration images)")
+            report["results"]["executorch"], timings["executorch"] = quantize_executorch(folder, run_dir, calib, judge, calib_record,
+                                                                                         opts, reporter)  # fmt: skip
+        if litert is not None:
+            report["results"]["litert"], timings["litert"] = finish_litert(litert, run_dir, judge, calib_record, opts, reporter)
+    finally:
+        if litert is not None:
+            litert.close()
+    # Every latency is timed now, with no conversion running beside it.
+    for name, timer in timings.items():
+        report["results"][name]["latency"] = timer()
 
     for name, r in report["results"].items():
         r["size_ratio"] = r["int8_bytes"] / r["fp32_bytes"]
@@ -604,44 +616,65 @@ def _judge(fmt: str, load: Any, fp32_path: Path, candidate: Path, judge: JudgeSe
 
 
 def _timed(load: Any, fp32_path: Path, target: Path, judged: dict[str, Any], judge: JudgeSet, opts: QuantizeOptions,
-           executed: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
-    """The written int8 file's result: fp32 and int8 timed side by side at batch 1, sizes, what executes."""
+           executed: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], dict[str, Any]]]:  # fmt: skip
+    """The written int8 file's result (sizes, what executes) and how to time it: fp32 and int8 side by side at
+    batch 1, run by the caller once nothing else is converting."""
     threads = judged["threads"]
-    lat = time_pair(lambda: load(fp32_path, threads), lambda: load(target, threads), judge.val.floats[:1], opts.latency_runs)
-    return {**judged, "latency": lat, "fp32_bytes": fp32_path.stat().st_size, "int8_bytes": target.stat().st_size,
-            "file": str(target), "executed": executed}  # fmt: skip
+    result = {**judged, "fp32_bytes": fp32_path.stat().st_size, "int8_bytes": target.stat().st_size, "file": str(target),
+              "executed": executed}  # fmt: skip
+    return result, partial(time_pair, partial(load, fp32_path, threads), partial(load, target, threads), judge.val.floats[:1],
+                           opts.latency_runs)  # fmt: skip
 
 
-def quantize_litert(run_dir: Path, calib: ParityData, judge: JudgeSet, calib_record: dict, opts: QuantizeOptions,
-                    reporter: Reporter) -> dict[str, Any]:  # fmt: skip
-    """Full-integer int8 .tflite from the same calibration images, within the budget, with its latency."""
+class LiteRtInt8:
+    """The int8 .tflite of a run converting in its child process (started by `start_litert`)."""
+
+    def __init__(self, run_dir: Path, calib: ParityData) -> None:
+        from edgetl.fileio import make_temp_dir
+        from edgetl.litert_convert import start_conversion
+
+        self.onnx_path = run_dir / runfolder.MODEL_FILES["onnx"]
+        self.calib_images = len(calib.floats)
+        self.work = make_temp_dir(run_dir, "litert-int8")
+        self.conversion = start_conversion(self.onnx_path, self.work, calib.floats)
+
+    def close(self) -> None:
+        self.conversion.stop()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+
+def start_litert(run_dir: Path, calib: ParityData, reporter: Reporter) -> LiteRtInt8:
+    reporter.log(f"LiteRT full-integer int8 (TFLiteConverter, {len(calib.floats)} calibration images), converting in a child process")
+    return LiteRtInt8(run_dir, calib)
+
+
+def finish_litert(job: LiteRtInt8, run_dir: Path, judge: JudgeSet, calib_record: dict, opts: QuantizeOptions,
+                  reporter: Reporter) -> tuple[dict[str, Any], Callable[[], dict[str, Any]]]:  # fmt: skip
+    """Full-integer int8 .tflite from the same calibration images, judged within the budget, written with its record."""
     from edgetl.backends.litert import LiteRtModel, io_names, with_metadata
     from edgetl.backends.litert import read_metadata as read_tflite_metadata
     from edgetl.executed_ops import litert_executed_ops
-    from edgetl.fileio import make_temp_dir, write_bytes
-    from edgetl.litert_convert import convert
+    from edgetl.fileio import write_bytes
 
-    onnx_path, fp32_path = run_dir / runfolder.MODEL_FILES["onnx"], run_dir / runfolder.MODEL_FILES["litert"]
-    target = run_dir / runfolder.MODEL_FILES["litert_int8"]
+    fp32_path, target = run_dir / runfolder.MODEL_FILES["litert"], run_dir / runfolder.MODEL_FILES["litert_int8"]
     meta = read_tflite_metadata(fp32_path)
-    work = make_temp_dir(run_dir, "litert-int8")
     try:
-        candidate = convert(onnx_path, work, calib.floats)["int8"]
+        candidate = job.conversion.wait()["int8"]
         judged = _judge("LiteRT", LiteRtModel, fp32_path, candidate, judge, opts, reporter)
         rec = _record(meta, "litert-tfliteconverter", fp32_path, calib_record, opts, [],
-                      {"method": "TFLiteConverter representative dataset (min/max)", "converted_from": onnx_path.name,
+                      {"method": "TFLiteConverter representative dataset (min/max)", "converted_from": job.onnx_path.name,
                        "types": {"activation": "int8", "weight": "int8 per-channel", "io": "float32"}})  # fmt: skip
         blob = candidate.read_bytes()
         names = io_names(blob)  # TFLiteConverter names the tensors after the SavedModel signature
         write_bytes(target, with_metadata(blob, {**meta, "input_name": names[0], "output_name": names[1],
                                                  "quantization": json.dumps(rec)}))  # fmt: skip
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        job.close()
     return _timed(LiteRtModel, fp32_path, target, judged, judge, opts, litert_executed_ops(target))
 
 
 def quantize_executorch(folder: runfolder.RunFolder, run_dir: Path, calib: ParityData, judge: JudgeSet, calib_record: dict,
-                        opts: QuantizeOptions, reporter: Reporter) -> dict[str, Any]:  # fmt: skip
+                        opts: QuantizeOptions, reporter: Reporter) -> tuple[dict[str, Any], Callable[[], dict[str, Any]]]:  # fmt: skip
     """int8 .pte (PT2E, XNNPACKQuantizer) from the run's checkpoint, calibrated on the same images."""
     import torch
 
