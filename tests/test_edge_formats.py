@@ -46,12 +46,50 @@ def edge_export(edge_exports: tuple[Path, dict, dict]) -> Path:
     return edge_exports[0]
 
 
+def _converting() -> bool:
+    """Whether a LiteRT conversion child of this process is running."""
+    import psutil
+
+    return any("edgetl.litert_convert" in p.cmdline() for p in psutil.Process().children(recursive=True))
+
+
 @pytest.fixture(scope="module")
 def edge_int8(edge_export: Path) -> dict:
     """ONNX Runtime, LiteRT and ExecuTorch int8 from one calibration sample (a generous budget: the
-    mechanics are under test here; the budget itself in test_int8_over_budget_...)."""
+    mechanics are under test here; the budget itself in test_int8_over_budget_...). Records, for
+    test_litert_int8_converts_beside_the_others_and_no_timing_shares_the_cores, whether the LiteRT
+    child was running while ExecuTorch quantized and while each latency was timed."""
+    from edgetl import executorch_export, litert_convert, quantize
+
+    seen: dict[str, list] = {"lowering": [], "timing": [], "events": []}
+    real_lower, real_time, real_wait = executorch_export.lower_int8, quantize.time_pair, litert_convert.Conversion.wait
+    real_start = quantize.start_litert
+
+    def lower(*args: object, **kw: object) -> object:
+        seen["lowering"].append(list(seen["events"]))
+        return real_lower(*args, **kw)
+
+    def wait(self: litert_convert.Conversion) -> dict:
+        seen["events"].append("waited")
+        return real_wait(self)
+
+    def time_pair(*args: object, **kw: object) -> object:
+        seen["timing"].append(_converting())
+        return real_time(*args, **kw)
+
     opts = QuantizeOptions(format="onnx,litert,executorch", calib_size=24, max_drop=100.0, latency_runs=12)
-    return quantize_run(edge_export, opts, QUIET)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(executorch_export, "lower_int8", lower)
+        mp.setattr(quantize, "time_pair", time_pair)
+        mp.setattr(litert_convert.Conversion, "wait", wait)
+        mp.setattr(quantize, "start_litert", lambda *a: seen["events"].append("started") or real_start(*a))
+        report = quantize_run(edge_export, opts, QUIET)
+    return {**report, "seen": seen}
+
+
+def test_litert_int8_converts_beside_the_others_and_no_timing_shares_the_cores(edge_int8: dict) -> None:
+    assert edge_int8["seen"]["lowering"] == [["started"]], "the LiteRT child is started, not yet waited for, while ExecuTorch quantizes"
+    assert edge_int8["seen"]["timing"] == [False, False, False], "one timing per format, none beside the conversion"
 
 
 def _parity_passes(report: dict, key: str) -> None:
@@ -271,3 +309,27 @@ def test_a_file_failing_parity_is_moved_aside(tiny_run: Path, tmp_path: Path, mo
     report = json.loads((tmp_path / "export.json").read_text())
     assert report["parity"]["litert"]["gate"] == report["parity"]["executorch"]["gate"] == "fail"
     assert report["parity"]["onnx"]["gate"] == "pass"
+
+
+def test_litert_converts_beside_the_other_formats_and_never_outlives_a_failed_export(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The TensorFlow child is already converting while ExecuTorch lowers in this process; when that
+    lowering fails, the export fails in one line, the child is stopped and its work folder goes."""
+    import psutil
+
+    from edgetl import executorch_export
+
+    seen: list[list[str]] = []
+
+    def lowering_that_fails(model: object, input_size: int) -> tuple[bytes, dict]:
+        seen.extend(p.cmdline() for p in psutil.Process().children(recursive=True))
+        raise EdgetlError("lowering failed on purpose")
+
+    monkeypatch.setattr(executorch_export, "lower_fp32", lowering_that_fails)
+    with pytest.raises(EdgetlError, match="on purpose"):
+        export_run(tiny_run, ExportOptions(format="litert,executorch", out=str(tmp_path)), QUIET)
+    assert any("edgetl.litert_convert" in cmd for cmd in seen), seen
+    left = [p.cmdline() for p in psutil.Process().children(recursive=True)]
+    assert not any("edgetl.litert_convert" in cmd for cmd in left), left
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp") or p.suffix in (".tflite", ".pte")]
