@@ -42,12 +42,17 @@ def history(run: Path) -> list[tuple[str, int]]:
 
 
 @pytest.fixture
-def fresh_run(tmp_path: Path) -> tuple[Path, Path]:
-    """A run trained on its own copy of the data, which tests may then change."""
+def fresh_data(tmp_path: Path) -> Path:
+    """Its own copy of the data, which a test may change."""
     from conftest import make_folder
 
-    data = make_folder(tmp_path / "data", per_class=10)
-    return train(data, tiny_cfg(), out=str(tmp_path / "run"), reporter=QUIET).run_dir, data
+    return make_folder(tmp_path / "data", per_class=10)
+
+
+@pytest.fixture
+def fresh_run(fresh_data: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A run trained on its own copy of the data, which tests may then change."""
+    return train(fresh_data, tiny_cfg(), out=str(tmp_path / "run"), reporter=QUIET).run_dir, fresh_data
 
 
 # ----------------------------------------------------------------------------- what gets scored
@@ -163,8 +168,8 @@ def test_models_of_an_older_checkpoint_are_not_benchmarked_or_quantized(fresh_ru
 # ----------------------------------------------------------------------------- interrupts and resume
 
 
-def test_ctrl_c_during_stage_1_resumes_stage_1(fresh_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _, data = fresh_run
+def test_ctrl_c_during_stage_1_resumes_stage_1(fresh_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = fresh_data
     original = Trainer._fit_epoch
     calls = {"n": 0}
 
@@ -186,9 +191,9 @@ def test_ctrl_c_during_stage_1_resumes_stage_1(fresh_run: tuple[Path, Path], tmp
     assert not result.metrics["interrupted"]
 
 
-def test_ctrl_c_while_caching_features_leaves_a_resumable_run(fresh_run: tuple[Path, Path], tmp_path: Path,
+def test_ctrl_c_while_caching_features_leaves_a_resumable_run(fresh_data: Path, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    _, data = fresh_run
+    data = fresh_data
 
     def interrupted(*_a: object, **_kw: object):
         raise KeyboardInterrupt
@@ -203,9 +208,9 @@ def test_ctrl_c_while_caching_features_leaves_a_resumable_run(fresh_run: tuple[P
     assert history(run) == [("head", 1), ("head", 2), ("head", 3), ("finetune", 1)]
 
 
-def test_sigint_to_the_cli_in_stage_1_then_resume_completes(fresh_run: tuple[Path, Path], tmp_path: Path) -> None:
+def test_sigint_to_the_cli_in_stage_1_then_resume_completes(fresh_data: Path, tmp_path: Path) -> None:
     """A real SIGINT to a real `edgetl train`, as a user's Ctrl-C."""
-    _, data = fresh_run
+    data = fresh_data
     run, epochs = tmp_path / "r", 150
     cmd = [sys.executable, "-m", "edgetl.cli.main", "train", str(data), "--backbone", "tiny", "--no-pretrained", "--out", str(run),
            "--epochs-head", str(epochs), "--epochs-finetune", "1", "--lr-head", "0.001"]  # fmt: skip
@@ -243,11 +248,11 @@ def test_resume_refuses_options_it_would_ignore(fresh_run: tuple[Path, Path]) ->
         assert result.exit_code == 2 and "batch_size='8', which is not of type int" in result.output, result.output
 
 
-def test_resume_mid_finetune_continues_the_same_schedule(fresh_run: tuple[Path, Path], tmp_path: Path,
+def test_resume_mid_finetune_continues_the_same_schedule(fresh_data: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """Interrupted after fine-tune epoch 1 of 3: the resumed epochs 2-3 see exactly the learning rates
     an uninterrupted run does."""
-    _, data = fresh_run
+    data = fresh_data
     straight = train(data, tiny_cfg(epochs_finetune=3), out=str(tmp_path / "a"), reporter=QUIET).run_dir
     original = Trainer.record
 
@@ -292,8 +297,8 @@ def test_resume_extends_a_finished_run_with_a_new_schedule(fresh_run: tuple[Path
 # ----------------------------------------------------------------------------- the folder itself
 
 
-def test_artifact_modes_follow_the_umask(fresh_run: tuple[Path, Path], tmp_path: Path) -> None:
-    _, data = fresh_run
+def test_artifact_modes_follow_the_umask(fresh_data: Path, tmp_path: Path) -> None:
+    data = fresh_data
     for mask, file_mode, dir_mode in ((0o022, 0o644, 0o755), (0o027, 0o640, 0o750)):
         old = os.umask(mask)
         try:
@@ -306,8 +311,8 @@ def test_artifact_modes_follow_the_umask(fresh_run: tuple[Path, Path], tmp_path:
         assert (run / "openvino").stat().st_mode & 0o777 == dir_mode
 
 
-def test_a_users_folder_is_never_written_into(fresh_run: tuple[Path, Path], tmp_path: Path) -> None:
-    _, data = fresh_run
+def test_a_users_folder_is_never_written_into(fresh_data: Path, tmp_path: Path) -> None:
+    data = fresh_data
     mine = tmp_path / "my-notes"
     mine.mkdir()
     (mine / "metrics.json").write_text("my own file")
@@ -317,9 +322,9 @@ def test_a_users_folder_is_never_written_into(fresh_run: tuple[Path, Path], tmp_
 
 
 @pytest.mark.parametrize("where", ["file", "readonly"])
-def test_an_unwritable_out_fails_before_decoding(fresh_run: tuple[Path, Path], tmp_path: Path, where: str,
+def test_an_unwritable_out_fails_before_decoding(fresh_data: Path, tmp_path: Path, where: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
-    _, data = fresh_run
+    data = fresh_data
     if where == "file":
         out = tmp_path / "a-file"
         out.write_text("x")
@@ -339,8 +344,8 @@ def test_an_unwritable_out_fails_before_decoding(fresh_run: tuple[Path, Path], t
     assert not decoded
 
 
-def test_a_second_train_into_a_busy_folder_is_refused(fresh_run: tuple[Path, Path], tmp_path: Path) -> None:
-    _, data = fresh_run
+def test_a_second_train_into_a_busy_folder_is_refused(fresh_data: Path, tmp_path: Path) -> None:
+    data = fresh_data
     busy = tmp_path / "busy"
     with locked(busy, "test"), pytest.raises(EdgetlError, match="in use by another edgetl process"):
         train(data, tiny_cfg(), out=str(busy), reporter=QUIET)
@@ -368,8 +373,8 @@ def test_leftover_temporary_files_are_cleaned(fresh_run: tuple[Path, Path]) -> N
     assert not list(run.glob(".*.tmp"))
 
 
-def test_the_memory_mapped_feature_cache_is_removed(fresh_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _, data = fresh_run
+def test_the_memory_mapped_feature_cache_is_removed(fresh_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = fresh_data
     monkeypatch.setattr("edgetl.train.FEATURE_CACHE_IN_MEMORY_LIMIT", 0)  # as if the features were gigabytes
     run = train(data, tiny_cfg(epochs_finetune=0), out=str(tmp_path / "a"), reporter=QUIET).run_dir
     assert not list(run.glob("features-*.npy"))
@@ -378,16 +383,16 @@ def test_the_memory_mapped_feature_cache_is_removed(fresh_run: tuple[Path, Path]
 
 
 @pytest.mark.parametrize("size", ["0", "-3", "100000"])
-def test_input_size_is_validated(fresh_run: tuple[Path, Path], tmp_path: Path, size: str) -> None:
-    _, data = fresh_run
+def test_input_size_is_validated(fresh_data: Path, tmp_path: Path, size: str) -> None:
+    data = fresh_data
     result = runner.invoke(app, ["train", str(data), "--backbone", "tiny", "--no-pretrained", "--out", str(tmp_path / "r"),
                                  "--input-size", size])  # fmt: skip
     assert result.exit_code == 2 and "--input-size" in result.output
     assert not (tmp_path / "r").exists()
 
 
-def test_a_bad_weights_file_fails_before_decoding(fresh_run: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _, data = fresh_run
+def test_a_bad_weights_file_fails_before_decoding(fresh_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data = fresh_data
     bad = tmp_path / "w.pt"
     bad.write_bytes(b"not weights")
     decoded = []
