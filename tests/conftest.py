@@ -4,9 +4,14 @@ the one real end-to-end run on the bundled sample."""
 from __future__ import annotations
 
 import gzip
+import json
+import os
+import shutil
+import signal
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -83,16 +88,9 @@ def idx_folder(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def real_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def real_run() -> Path:
     """efficientnet_lite0 with its offline ImageNet weights, trained once on the bundled sample."""
-    from edgetl.config import TrainConfig
-    from edgetl.progress import Reporter
-    from edgetl.sample import sample_path
-    from edgetl.train import train
-
-    # A fixed recipe: the exports and app tests want one known fine-tuned model, not a recipe search.
-    cfg = TrainConfig(epochs_head=30, epochs_finetune=1, patience=0, seed=0, recipe="finetune")
-    return train(sample_path(), cfg, out=str(tmp_path_factory.mktemp("real") / "run"), reporter=Reporter(quiet=True)).run_dir
+    return _real_lite0_build() / "run"
 
 
 @pytest.fixture(scope="session")
@@ -109,16 +107,11 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def real_export_report(real_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+def real_export_report(real_run: Path) -> tuple[Path, dict]:
     """real_run exported once to every format (ONNX plain and uint8-input, OpenVINO, LiteRT, ExecuTorch),
-    with the export's own report: the parity tests on real photos and the runtime and app tests share it
-    (one Lite0 export costs about a minute on 2 cores)."""
-    from edgetl.export import ExportOptions, export_run
-    from edgetl.progress import Reporter
-
-    out = tmp_path_factory.mktemp("real_export")
-    opts = ExportOptions(format="all,litert,executorch", out=str(out), embed_preprocess=True, parity_samples=100)
-    return out, export_run(real_run, opts, Reporter(quiet=True))
+    with the export's own report: the parity tests on real photos and the runtime and app tests share it."""
+    out = _real_lite0_build() / "export"
+    return out, json.loads((out / "export.json").read_text())
 
 
 @pytest.fixture(scope="session")
@@ -139,3 +132,50 @@ sys.meta_path.insert(0, Block())
 {body}
 """
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+# ----------------------------------------------------------------------------- the real Lite0 run, built beside the suite
+
+_REAL_LITE0: dict = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import torch
+
+    # The real Lite0 build takes one core beside the suite (below); the tests' own torch work (tiny models, where a
+    # second thread gains little) takes the other instead of both fighting over two: with two threads here, an
+    # intra-op thread waiting on a busy core made this process's tests up to 4x slower while the build ran.
+    torch.set_num_threads(1)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """When a collected test uses the real Lite0 run, start building it (build_real_lite0.py: training, then
+    exports to every format) in a child process now. That is two minutes on 2 cores, much of it one-core work
+    (tracing, conversion), which then overlaps the tests that run before the first one needing it."""
+    if session.config.option.collectonly or not any("real_run" in getattr(i, "fixturenames", ()) for i in session.items):
+        return
+    root = Path(tempfile.mkdtemp(prefix="edgetl-real-lite0-"))
+    with open(root / "build.log", "wb") as log:
+        # A session of its own: stopping it stops its LiteRT converter child too.
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("build_real_lite0.py")), str(root)],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    _REAL_LITE0.update(root=root, proc=proc)
+
+
+def _real_lite0_build() -> Path:
+    """The finished build's folder; a failed build fails the tests that need it with its log."""
+    if not _REAL_LITE0:
+        pytest.fail("the real Lite0 build was not started (pytest_collection_finish saw no test using real_run)")
+    root, proc = _REAL_LITE0["root"], _REAL_LITE0["proc"]
+    if proc.wait(timeout=1800) != 0:
+        pytest.fail(f"building the real Lite0 run failed (exit {proc.returncode}):\n" + (root / "build.log").read_text()[-3000:])
+    return root
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _REAL_LITE0:
+        proc = _REAL_LITE0["proc"]
+        if proc.poll() is None:  # an interrupted session: the build must not outlive it
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(_REAL_LITE0["root"], ignore_errors=True)

@@ -46,11 +46,22 @@ def edge_export(edge_exports: tuple[Path, dict, dict]) -> Path:
     return edge_exports[0]
 
 
-def _converting() -> bool:
-    """Whether a LiteRT conversion child of this process is running."""
+def _child_cmdlines() -> list[list[str]]:
+    """The command lines of this process's live children (a finished child not yet waited for has none)."""
     import psutil
 
-    return any("edgetl.litert_convert" in p.cmdline() for p in psutil.Process().children(recursive=True))
+    lines = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            lines.append(p.cmdline())
+        except psutil.Error:  # a zombie or gone
+            continue
+    return lines
+
+
+def _converting() -> bool:
+    """Whether a LiteRT conversion child of this process is running."""
+    return any("edgetl.litert_convert" in cmd for cmd in _child_cmdlines())
 
 
 @pytest.fixture(scope="module")
@@ -316,20 +327,17 @@ def test_litert_converts_beside_the_other_formats_and_never_outlives_a_failed_ex
 ) -> None:
     """The TensorFlow child is already converting while ExecuTorch lowers in this process; when that
     lowering fails, the export fails in one line, the child is stopped and its work folder goes."""
-    import psutil
-
     from edgetl import executorch_export
 
     seen: list[list[str]] = []
 
     def lowering_that_fails(model: object, input_size: int) -> tuple[bytes, dict]:
-        seen.extend(p.cmdline() for p in psutil.Process().children(recursive=True))
+        seen.extend(_child_cmdlines())
         raise EdgetlError("lowering failed on purpose")
 
     monkeypatch.setattr(executorch_export, "lower_fp32", lowering_that_fails)
     with pytest.raises(EdgetlError, match="on purpose"):
         export_run(tiny_run, ExportOptions(format="litert,executorch", out=str(tmp_path)), QUIET)
     assert any("edgetl.litert_convert" in cmd for cmd in seen), seen
-    left = [p.cmdline() for p in psutil.Process().children(recursive=True)]
-    assert not any("edgetl.litert_convert" in cmd for cmd in left), left
+    assert not _converting(), _child_cmdlines()
     assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp") or p.suffix in (".tflite", ".pte")]
