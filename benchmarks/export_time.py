@@ -42,7 +42,7 @@ class _WaitingLiteRt(export_module._LiteRtExport):
 
     def __init__(self, onnx_path: Path, target: Path) -> None:
         super().__init__(onnx_path, target)
-        self.files = self.conversion.wait()
+        self.conversion.wait()
 
 
 def _traced_pixel_input(fp32_onnx: Path, target: Path, spec: Any) -> None:

@@ -374,7 +374,11 @@ class _LiteRtExport:
 
         self.target, self.started = target, time.perf_counter()
         self.work = make_temp_dir(target.parent, "litert")
-        self.conversion = start_conversion(onnx_path, self.work)
+        try:
+            self.conversion = start_conversion(onnx_path, self.work)
+        except BaseException:
+            shutil.rmtree(self.work, ignore_errors=True)
+            raise
 
     def finish(self, meta: dict[str, str]) -> dict[str, Any]:
         from edgetl.backends.litert import io_names, with_metadata

@@ -98,12 +98,6 @@ def start_conversion(onnx_path: Path, work: Path, calib_nchw: np.ndarray | None 
     return Conversion(onnx_path, work, cmd, files, timeout_s)
 
 
-def convert(onnx_path: Path, work: Path, calib_nchw: np.ndarray | None = None, timeout_s: float = 3600) -> dict[str, Path]:
-    """`start_conversion` and wait for it."""
-    with start_conversion(onnx_path, work, calib_nchw, timeout_s) as conversion:
-        return conversion.wait()
-
-
 def failure_reason(log: Path) -> str:
     """The converter's own words, naming the operator when it can: an ONNX operator onnx2tf has no
     converter for, else the ONNX node whose conversion failed and the error, else the last error line."""

@@ -636,7 +636,11 @@ class LiteRtInt8:
         self.onnx_path = run_dir / runfolder.MODEL_FILES["onnx"]
         self.calib_images = len(calib.floats)
         self.work = make_temp_dir(run_dir, "litert-int8")
-        self.conversion = start_conversion(self.onnx_path, self.work, calib.floats)
+        try:
+            self.conversion = start_conversion(self.onnx_path, self.work, calib.floats)
+        except BaseException:
+            shutil.rmtree(self.work, ignore_errors=True)
+            raise
 
     def close(self) -> None:
         self.conversion.stop()
