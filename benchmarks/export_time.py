@@ -35,6 +35,7 @@ from edgetl.progress import Reporter
 from edgetl.quantize import QuantizeOptions, quantize_run
 
 FORMATS = "all,litert,executorch"
+saved_start_litert = quantize_module.start_litert
 
 
 class _WaitingLiteRt(export_module._LiteRtExport):
@@ -75,10 +76,10 @@ def _traced_pixel_input(fp32_onnx: Path, target: Path, spec: Any) -> None:
     onnx.save(onnx.shape_inference.infer_shapes(proto, strict_mode=True), str(target))
 
 
-def _waiting_litert_int8(run_dir: Path, calib: Any, reporter: Reporter) -> quantize_module.LiteRtInt8:
+def _waiting_litert_int8(run_dir: Path, calib: Any, reporter: Reporter) -> Any:
     """Before: the int8 conversion ran alone, quantize going on only once it had finished."""
-    job = quantize_module.LiteRtInt8(run_dir, calib)
-    job.conversion.wait()
+    job = saved_start_litert(run_dir, calib, reporter)
+    job.wait()
     return job
 
 

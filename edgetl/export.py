@@ -373,12 +373,7 @@ class _LiteRtExport:
         from edgetl.litert_convert import start_conversion
 
         self.target, self.started = target, time.perf_counter()
-        self.work = make_temp_dir(target.parent, "litert")
-        try:
-            self.conversion = start_conversion(onnx_path, self.work)
-        except BaseException:
-            shutil.rmtree(self.work, ignore_errors=True)
-            raise
+        self.conversion = start_conversion(onnx_path, target.parent)
 
     def finish(self, meta: dict[str, str]) -> dict[str, Any]:
         from edgetl.backends.litert import io_names, with_metadata
@@ -395,8 +390,7 @@ class _LiteRtExport:
                 "converted_beside_other_formats": True}  # fmt: skip
 
     def close(self) -> None:
-        self.conversion.stop()
-        shutil.rmtree(self.work, ignore_errors=True)
+        self.conversion.close()
 
 
 def parity_runner(path: Path, threads: int | None = None) -> Any:

@@ -46,8 +46,8 @@ def require_extra() -> None:
 class Conversion:
     """A LiteRT conversion running in its child process: `start_conversion` returns at once, so the
     caller can do other work (the exports of other formats) while TensorFlow converts; `wait()` gives
-    the files. Used as a context manager, a conversion never outlives its caller: leaving the block
-    early (an error, Ctrl-C) kills the child."""
+    the files. It owns its work folder: `close()` (or leaving a `with` block, on an error or Ctrl-C too)
+    stops the child and removes the folder, so a conversion never outlives its caller."""
 
     def __init__(self, onnx_path: Path, work: Path, cmd: list[str], files: dict[str, Path], timeout_s: float) -> None:
         self.onnx_path, self.work, self.files, self.timeout_s = onnx_path, work, files, timeout_s
@@ -72,30 +72,41 @@ class Conversion:
             self.proc.kill()
             self.proc.wait()
 
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.work, ignore_errors=True)
+
     def __enter__(self) -> Conversion:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        self.close()
 
 
-def start_conversion(onnx_path: Path, work: Path, calib_nchw: np.ndarray | None = None, timeout_s: float = 3600) -> Conversion:
-    """Start converting `onnx_path` in a child process (see `Conversion`): the fp32 .tflite and, given
-    calibration images (float NCHW, preprocessed as for the model), the full-integer int8 .tflite
-    (float input/output)."""
+def start_conversion(onnx_path: Path, parent: Path, calib_nchw: np.ndarray | None = None, prefix: str = "litert",
+                     timeout_s: float = 3600) -> Conversion:  # fmt: skip
+    """Start converting `onnx_path` in a child process (see `Conversion`), working in a temporary folder
+    in `parent`: the fp32 .tflite and, given calibration images (float NCHW, preprocessed as for the
+    model), the full-integer int8 .tflite (float input/output)."""
+    from edgetl.fileio import make_temp_dir
+
     require_extra()
-    work.mkdir(parents=True, exist_ok=True)
-    # onnx2tf rewrites its input file with its own graph optimisations: it gets a copy, never the
-    # parity-checked model.onnx.
-    source = work / "model.onnx"  # onnx2tf names its outputs after the input file: model_float32.tflite
-    shutil.copyfile(onnx_path, source)
-    cmd = [sys.executable, "-m", "edgetl.litert_convert", str(source), str(work)]
-    files = {"fp32": work / "tf" / FLOAT_FILE}
-    if calib_nchw is not None:
-        np.save(work / "calib.npy", np.ascontiguousarray(calib_nchw.transpose(0, 2, 3, 1), dtype=np.float32))
-        cmd += ["--calib", str(work / "calib.npy")]
-        files["int8"] = work / "tf" / INT8_FILE
-    return Conversion(onnx_path, work, cmd, files, timeout_s)
+    work = make_temp_dir(parent, prefix)
+    try:
+        # onnx2tf rewrites its input file with its own graph optimisations: it gets a copy, never the
+        # parity-checked model.onnx.
+        source = work / "model.onnx"  # onnx2tf names its outputs after the input file: model_float32.tflite
+        shutil.copyfile(onnx_path, source)
+        cmd = [sys.executable, "-m", "edgetl.litert_convert", str(source), str(work)]
+        files = {"fp32": work / "tf" / FLOAT_FILE}
+        if calib_nchw is not None:
+            np.save(work / "calib.npy", np.ascontiguousarray(calib_nchw.transpose(0, 2, 3, 1), dtype=np.float32))
+            cmd += ["--calib", str(work / "calib.npy")]
+            files["int8"] = work / "tf" / INT8_FILE
+        return Conversion(onnx_path, work, cmd, files, timeout_s)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 def failure_reason(log: Path) -> str:

@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -57,6 +57,9 @@ from edgetl.metadata import set_onnx_metadata
 from edgetl.parity import ParityData, prepare
 from edgetl.preprocess import PreprocessSpec
 from edgetl.progress import Reporter
+
+if TYPE_CHECKING:
+    from edgetl.litert_convert import Conversion
 
 CALIB_METHODS = ("minmax", "percentile", "entropy")
 # auto: an adapted run (`edgetl adapt`) calibrates on the target images it was adapted on, any other run on its training split.
@@ -626,33 +629,15 @@ def _timed(load: Any, fp32_path: Path, target: Path, judged: dict[str, Any], jud
                            opts.latency_runs)  # fmt: skip
 
 
-class LiteRtInt8:
-    """The int8 .tflite of a run converting in its child process (started by `start_litert`)."""
+def start_litert(run_dir: Path, calib: ParityData, reporter: Reporter) -> Conversion:
+    """The int8 .tflite of the run's model.onnx, converting in its child process from now on."""
+    from edgetl.litert_convert import start_conversion
 
-    def __init__(self, run_dir: Path, calib: ParityData) -> None:
-        from edgetl.fileio import make_temp_dir
-        from edgetl.litert_convert import start_conversion
-
-        self.onnx_path = run_dir / runfolder.MODEL_FILES["onnx"]
-        self.calib_images = len(calib.floats)
-        self.work = make_temp_dir(run_dir, "litert-int8")
-        try:
-            self.conversion = start_conversion(self.onnx_path, self.work, calib.floats)
-        except BaseException:
-            shutil.rmtree(self.work, ignore_errors=True)
-            raise
-
-    def close(self) -> None:
-        self.conversion.stop()
-        shutil.rmtree(self.work, ignore_errors=True)
-
-
-def start_litert(run_dir: Path, calib: ParityData, reporter: Reporter) -> LiteRtInt8:
     reporter.log(f"LiteRT full-integer int8 (TFLiteConverter, {len(calib.floats)} calibration images), converting in a child process")
-    return LiteRtInt8(run_dir, calib)
+    return start_conversion(run_dir / runfolder.MODEL_FILES["onnx"], run_dir, calib.floats, prefix="litert-int8")
 
 
-def finish_litert(job: LiteRtInt8, run_dir: Path, judge: JudgeSet, calib_record: dict, opts: QuantizeOptions,
+def finish_litert(job: Conversion, run_dir: Path, judge: JudgeSet, calib_record: dict, opts: QuantizeOptions,
                   reporter: Reporter) -> tuple[dict[str, Any], Callable[[], dict[str, Any]]]:  # fmt: skip
     """Full-integer int8 .tflite from the same calibration images, judged within the budget, written with its record."""
     from edgetl.backends.litert import LiteRtModel, io_names, with_metadata
@@ -663,7 +648,7 @@ def finish_litert(job: LiteRtInt8, run_dir: Path, judge: JudgeSet, calib_record:
     fp32_path, target = run_dir / runfolder.MODEL_FILES["litert"], run_dir / runfolder.MODEL_FILES["litert_int8"]
     meta = read_tflite_metadata(fp32_path)
     try:
-        candidate = job.conversion.wait()["int8"]
+        candidate = job.wait()["int8"]
         judged = _judge("LiteRT", LiteRtModel, fp32_path, candidate, judge, opts, reporter)
         rec = _record(meta, "litert-tfliteconverter", fp32_path, calib_record, opts, [],
                       {"method": "TFLiteConverter representative dataset (min/max)", "converted_from": job.onnx_path.name,
