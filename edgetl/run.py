@@ -83,10 +83,16 @@ def locked(folder: Path, action: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise EdgetlError(f"{folder} is in use by another edgetl process: {action} refused; wait for it to finish") from None
-        remove_stale_temporaries(folder)
-        yield
+        try:
+            remove_stale_temporaries(folder)
+            yield
+        finally:
+            # Unlock explicitly: flock belongs to the open file description, which a plain fork (a DataLoader
+            # worker, OpenVINO's telemetry sender) shares with its child, and closing our descriptor alone
+            # would leave the folder locked for as long as such a child lives.
+            fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
-        os.close(fd)  # closing releases the lock
+        os.close(fd)
 
 
 def check_new_run_folder(path: Path) -> None:

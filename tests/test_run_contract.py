@@ -351,6 +351,25 @@ def test_a_second_train_into_a_busy_folder_is_refused(fresh_data: Path, tmp_path
         train(data, tiny_cfg(), out=str(busy), reporter=QUIET)
 
 
+def test_a_forked_child_that_outlives_the_lock_does_not_keep_the_folder_locked(tmp_path: Path) -> None:
+    # A plain fork (a DataLoader worker, OpenVINO's telemetry sender) shares the lock's open file description;
+    # a child still alive when the command ends must not make the next command in this process be refused.
+    import multiprocessing
+
+    folder = tmp_path / "run"
+    release = multiprocessing.get_context("fork").Event()
+    with locked(folder, "first"):
+        child = multiprocessing.get_context("fork").Process(target=release.wait, args=(30,))
+        child.start()
+    try:
+        with locked(folder, "second"):
+            pass
+        assert child.is_alive()  # the child really outlived the first lock
+    finally:
+        release.set()
+        child.join(10)
+
+
 def test_concurrent_exports_do_not_corrupt_the_openvino_folder(fresh_run: tuple[Path, Path]) -> None:
     run, _ = fresh_run
     export_run(run, ExportOptions(format="all"), QUIET)

@@ -12,6 +12,7 @@ time with nothing else running, so drift on a shared machine hits edgetl's figur
 its p50 is the median of its turns' medians (benchmark_app reports a median per invocation, not samples).
 
     python -m edgetl.bench.reference ort MODEL THREADS SECONDS DTYPE D0,D1,D2,D3
+    python -m edgetl.bench.reference benchmark_app ARGS...   (benchmark_app with edgetl's telemetry block)
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ def openvino_reference(model: Path, shape: tuple[int, ...], threads: int, precis
     tuning = ["-hint", "latency"] if threads >= physical_cores() else ["-hint", "none", "-nstreams", "1", "-nthreads", str(threads)]
     cmd = [exe, "-m", str(model), "-d", "CPU", *tuning, "-api", "sync", "-infer_precision", OV_PRECISION.get(precision, "f32"),
            "-shape", "[" + ",".join(map(str, shape)) + "]", "-t", str(max(1, round(seconds)))]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    # The same tool and arguments, started through edgetl so that OpenVINO's telemetry stays off in it too
+    # (edgetl.no_telemetry); `command` records the plain benchmark_app line a user can rerun.
+    launched = [sys.executable, "-m", "edgetl.bench.reference", "benchmark_app", *cmd[1:]]
+    proc = subprocess.run(launched, capture_output=True, text=True, timeout=600)
     found = re.search(r"Median:\s+([0-9.]+)\s*(ms|us)", proc.stdout)  # it switches to microseconds below a millisecond
     if proc.returncode != 0 or not found:
         tail = (proc.stderr if proc.returncode else "no Median latency in its output").strip().splitlines()
@@ -143,7 +147,16 @@ class ReferenceTurns:
         return ref
 
 
+def _benchmark_app(args: list[str]) -> int:
+    from openvino.tools.benchmark.main import main  # what the wheel's benchmark_app entry point runs
+
+    sys.argv = ["benchmark_app", *args]
+    return main()
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "benchmark_app":
+        sys.exit(_benchmark_app(sys.argv[2:]))
     _, kind, model, threads, seconds, dtype, shape = sys.argv
     assert kind == "ort"
     print(json.dumps(_bare_ort_loop(model, int(threads), float(seconds), dtype, [int(d) for d in shape.split(",")])))
