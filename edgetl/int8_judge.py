@@ -44,9 +44,11 @@ class JudgeSet:
     def score(self, fp32_logits: np.ndarray, int8_logits: np.ndarray) -> dict[str, Any]:
         """fp32 and int8 `outputs` -> top-1s, each measured drop, and the judged drop (points)."""
         n = len(self.val.floats)
-        fp32_top1 = float((fp32_logits[:n].argmax(1) == self.val.labels).mean())
-        top1 = float((int8_logits[:n].argmax(1) == self.val.labels).mean())
-        val_drop = (fp32_top1 - top1) * 100
+        fp32_right = int((fp32_logits[:n].argmax(1) == self.val.labels).sum())
+        int8_right = int((int8_logits[:n].argmax(1) == self.val.labels).sum())
+        fp32_top1, top1 = fp32_right / n, int8_right / n
+        # From the counts: (0.84 - 0.83) * 100 is 1.0000000000000142, which a budget of 1 point would refuse.
+        val_drop = (fp32_right - int8_right) * 100 / n
         out: dict[str, Any] = {"fp32_top1": fp32_top1, "top1": top1, "val_drop_points": val_drop, "drop_points": val_drop}
         if self.target is not None:
             expected = self.expected_target_drop(fp32_logits[n:], int8_logits[n:])

@@ -73,6 +73,21 @@ def test_slow_int8_reason_names_float_fallbacks_first() -> None:
     assert ("no VNNI" in all_int8) == (not q.has_vnni())
 
 
+def test_one_image_in_a_hundred_is_exactly_one_point_of_drop() -> None:
+    # 84% - 83% in floating point is 1.0000000000000142 points: a --max-drop 1 budget must not refuse it.
+    from edgetl.int8_judge import JudgeSet
+    from edgetl.parity import ParityData
+
+    labels = np.zeros(100, np.int64)
+    judge = JudgeSet(ParityData(np.zeros((100, 1, 1, 3), np.uint8), np.zeros((100, 3, 1, 1), np.float32), labels, ["x"] * 100, "test"))
+    fp32, int8 = np.zeros((100, 2), np.float32), np.zeros((100, 2), np.float32)
+    fp32[84:, 1] = 1.0  # 84 right
+    int8[83:, 1] = 1.0  # 83 right
+    judged = judge.score(fp32, int8)
+    assert (judged["fp32_top1"], judged["top1"]) == (0.84, 0.83)
+    assert judged["drop_points"] == 1.0
+
+
 def test_metadata_is_kept_and_the_quantization_recorded(quantized: dict, exported_run: Path) -> None:
     fp32 = read_onnx_metadata(str(exported_run / "model.onnx"))
     int8 = read_onnx_metadata(str(exported_run / "model.int8.onnx"))
