@@ -9,7 +9,8 @@ Why a child process: TensorFlow is large (about 1 GB resident once imported) and
 libraries with torch; converting in `python -m edgetl.litert_convert` keeps it out of the edgetl
 process, frees its memory when done, and turns any crash of the converter into one clear error.
 The child never reaches the network: onnx2tf's sample-image download (used only for its own
-self-check of fixed-batch image models) is replaced with the caller's images.
+self-check of fixed-batch image models) is replaced with the caller's images, and its renaming of
+the tensors (which downloads a schema first) is not asked for.
 """
 
 from __future__ import annotations
@@ -160,9 +161,12 @@ def _convert_float(onnx_path: str, out_dir: Path, sample: np.ndarray | None) -> 
     # No onnxsim pass: torch.onnx.export(optimize=True) has already folded what onnxsim would. Measured on
     # efficientnet_lite0, efficientnet_b0, mobilenetv2_100 and mobilenetv3_large_100 at 224 px: the same
     # operators and bit-identical outputs with and without it, and 15-28% less conversion time (Lite0 24.6 s -> 17.7 s).
+    # Tensor names stay the converter's own (edgetl records them in the metadata, see backends.litert.io_names):
+    # copying the ONNX names runs flatc and first downloads TensorFlow's schema.fbs with curl, a network call
+    # that offline failed silently, so the names differed between an online and an offline machine.
     onnx2tf.convert(
         input_onnx_file_path=onnx_path, output_folder_path=str(out_dir), non_verbose=True,
-        copy_onnx_input_output_names_to_tflite=True, not_use_onnxsim=True,
+        copy_onnx_input_output_names_to_tflite=False, not_use_onnxsim=True,
     )  # fmt: skip
 
 

@@ -1,15 +1,19 @@
-"""Keep OpenVINO's and NNCF's usage telemetry off in any process that imports edgetl.
+"""Keep the runtimes' usage telemetry off in any process that imports edgetl: no network at run time.
 
-`import openvino` alone (and every `convert_model`, every NNCF quantization) queues an event for
-Google Analytics: a background thread forks a process that tries to post it, whatever the network.
-edgetl makes no network call at run time, so the tools' events are dropped here the way both
-tools provide for: each falls back to its own no-op stub when `openvino_telemetry` cannot be
-imported (openvino.tools.ovc.telemetry_stub, nncf's NNCFTelemetryStub).
+Two of edgetl's dependencies send usage events by default, each in its own documented way of turning
+it off, and edgetl uses that way:
 
-This runs on `import edgetl`, so before edgetl imports either tool. It leaves alone a process that
-imported `openvino_telemetry` before edgetl (that app chose), and a user who sets
-EDGETL_OPENVINO_TELEMETRY=1 gets OpenVINO's own setting back (`opt_in_out`). The user's consent
-file is never written.
+- OpenVINO and NNCF: `import openvino` (and every `convert_model`, every NNCF quantization) queues an
+  event for Google Analytics, posted from a forked process. Both tools fall back to their own no-op
+  stub when `openvino_telemetry` cannot be imported (openvino.tools.ovc.telemetry_stub, nncf's
+  NNCFTelemetryStub), so edgetl blocks that import. The user's consent file is never written.
+- ONNX Runtime (1.29 and later on Linux and macOS): a 1DS uploader posts to Microsoft some seconds
+  after the first session. `ORT_DISABLE_TELEMETRY=1`, set before ONNX Runtime starts, turns it off
+  entirely; edgetl sets it, so the processes it starts (bench workers, tools) inherit it.
+
+This runs on `import edgetl`, so before edgetl imports any of them. It leaves alone what the user
+decided: an `ORT_DISABLE_TELEMETRY` already set, an `openvino_telemetry` an app imported before edgetl,
+and everything when EDGETL_ALLOW_TELEMETRY=1 (the libraries' own defaults and settings then apply).
 """
 
 from __future__ import annotations
@@ -17,14 +21,20 @@ from __future__ import annotations
 import os
 import sys
 
-TELEMETRY_PACKAGE = "openvino_telemetry"
-KEEP_ENV = "EDGETL_OPENVINO_TELEMETRY"
+ALLOW_ENV = "EDGETL_ALLOW_TELEMETRY"
+OPENVINO_TELEMETRY_PACKAGE = "openvino_telemetry"
+ORT_OPT_OUT_ENV = "ORT_DISABLE_TELEMETRY"
 
 
-def keep_openvino_telemetry_off() -> bool:
-    """Make `import openvino_telemetry` fail in this process, unless the user asked for it or it is
-    already imported; True when it is now off."""
-    if os.environ.get(KEEP_ENV) == "1" or TELEMETRY_PACKAGE in sys.modules:
-        return False
-    sys.modules[TELEMETRY_PACKAGE] = None  # type: ignore[assignment] - Python's documented import block
-    return True
+def keep_telemetry_off() -> list[str]:
+    """Turn off what is still on; the names of what this call turned off."""
+    if os.environ.get(ALLOW_ENV) == "1":
+        return []
+    turned_off = []
+    if OPENVINO_TELEMETRY_PACKAGE not in sys.modules:
+        sys.modules[OPENVINO_TELEMETRY_PACKAGE] = None  # type: ignore[assignment] - Python's documented import block
+        turned_off.append("openvino")
+    if ORT_OPT_OUT_ENV not in os.environ:
+        os.environ[ORT_OPT_OUT_ENV] = "1"
+        turned_off.append("onnxruntime")
+    return turned_off

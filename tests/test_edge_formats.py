@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -292,6 +294,28 @@ def test_litert_conversion_names_the_operator_it_lacks(tmp_path: Path) -> None:
     missing = "no converter for the ONNX operator 'EdgetlMadeUpOp'"
     with start_conversion(tmp_path / "model.onnx", tmp_path / "work") as conversion, pytest.raises(EdgetlError, match=missing):
         conversion.wait()
+
+
+def test_the_litert_conversion_calls_no_download_tool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # onnx2tf shells out to curl (and wget) for what it downloads; stand-ins on the PATH record any call.
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgetl.litert_convert import start_conversion
+
+    fake_bin, calls = tmp_path / "bin", tmp_path / "downloads.log"
+    fake_bin.mkdir()
+    for tool in ("curl", "wget"):
+        (fake_bin / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\nexit 1\n')
+        (fake_bin / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 8, 8])])  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "model.onnx")
+    with start_conversion(tmp_path / "model.onnx", tmp_path / "work") as conversion:
+        assert all(f.stat().st_size > 0 for f in conversion.wait().values())
+    assert not calls.exists(), calls.read_text()
 
 
 def test_a_file_failing_parity_is_moved_aside(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
