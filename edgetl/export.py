@@ -376,13 +376,12 @@ class _LiteRtExport:
         self.conversion = start_conversion(onnx_path, target.parent)
 
     def finish(self, meta: dict[str, str]) -> dict[str, Any]:
-        from edgetl.backends.litert import io_names, with_metadata
+        from edgetl.backends.litert import with_metadata
         from edgetl.fileio import write_bytes
 
         try:
-            blob = self.conversion.wait()["fp32"].read_bytes()
-            names = io_names(blob)
-            write_bytes(self.target, with_metadata(blob, {**meta, "input_name": names[0], "output_name": names[1]}))
+            # The ONNX model's metadata: its tensors' names become the .tflite's too (with_metadata).
+            write_bytes(self.target, with_metadata(self.conversion.wait()["fp32"].read_bytes(), meta))
         finally:
             self.close()
         # Wall time from start to file: it overlaps the other formats' export.

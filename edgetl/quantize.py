@@ -640,7 +640,7 @@ def start_litert(run_dir: Path, calib: ParityData, reporter: Reporter) -> Conver
 def finish_litert(job: Conversion, run_dir: Path, judge: JudgeSet, calib_record: dict, opts: QuantizeOptions,
                   reporter: Reporter) -> tuple[dict[str, Any], Callable[[], dict[str, Any]]]:  # fmt: skip
     """Full-integer int8 .tflite from the same calibration images, judged within the budget, written with its record."""
-    from edgetl.backends.litert import LiteRtModel, io_names, with_metadata
+    from edgetl.backends.litert import LiteRtModel, with_metadata
     from edgetl.backends.litert import read_metadata as read_tflite_metadata
     from edgetl.executed_ops import litert_executed_ops
     from edgetl.fileio import write_bytes
@@ -653,10 +653,9 @@ def finish_litert(job: Conversion, run_dir: Path, judge: JudgeSet, calib_record:
         rec = _record(meta, "litert-tfliteconverter", fp32_path, calib_record, opts, [],
                       {"method": "TFLiteConverter representative dataset (min/max)", "converted_from": job.onnx_path.name,
                        "types": {"activation": "int8", "weight": "int8 per-channel", "io": "float32"}})  # fmt: skip
-        blob = candidate.read_bytes()
-        names = io_names(blob)  # TFLiteConverter names the tensors after the SavedModel signature
-        write_bytes(target, with_metadata(blob, {**meta, "input_name": names[0], "output_name": names[1],
-                                                 "quantization": json.dumps(rec)}))  # fmt: skip
+        # The fp32 file's metadata, tensor names included: TFLiteConverter names them after the SavedModel
+        # signature, and with_metadata gives them the fp32 file's names again.
+        write_bytes(target, with_metadata(candidate.read_bytes(), {**meta, "quantization": json.dumps(rec)}))
     finally:
         job.close()
     return _timed(LiteRtModel, fp32_path, target, judged, judge, opts, litert_executed_ops(target))

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from edgetl.backends.executorch import read_metadata as read_pte_metadata
 from edgetl.backends.executorch import sidecar
-from edgetl.backends.litert import LiteRtLoadError, LiteRtModel, read_metadata, with_metadata
+from edgetl.backends.litert import LiteRtLoadError, LiteRtModel, io_names, metadata_of, read_metadata, schema, with_metadata
 from edgetl.backends.onnxruntime import read_metadata as read_onnx_metadata
 from edgetl.cli.main import app
 from edgetl.errors import EdgetlError
@@ -27,8 +27,8 @@ from edgetl.quantize import QuantizeOptions, quantize_run
 from edgetl.runtime import Classifier
 
 QUIET = Reporter(quiet=True)
-# The file's own contract differs from the ONNX one only where the format does: LiteRT takes NHWC and names its tensors.
-LITERT_OWN_KEYS = {"layout", "input_name", "output_name"}
+# The file's own contract differs from the ONNX one only where the format does: LiteRT takes NHWC.
+LITERT_OWN_KEYS = {"layout"}
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +132,10 @@ def test_tiny_export_in_both_formats_passes_parity_and_carries_the_metadata(edge
     assert {k: v for k, v in tflite_meta.items() if k not in LITERT_OWN_KEYS} == {
         k: v for k, v in onnx_meta.items() if k not in LITERT_OWN_KEYS
     }
-    # The names in the metadata are the file's own tensor names.
-    model = LiteRtModel(edge_export / "model.tflite", threads=1)
-    assert tflite_meta["input_name"] == model.input_name
+    # The file's own tensors carry the ONNX names (the converter calls them input/Identity), as the metadata says.
+    assert io_names((edge_export / "model.tflite").read_bytes()) == ("input", "logits")
+    assert (tflite_meta["input_name"], tflite_meta["output_name"]) == ("input", "logits")
+    assert LiteRtModel(edge_export / "model.tflite", threads=1).input_name == "input"
     assert read_pte_metadata(edge_export / "model.pte") == onnx_meta
     assert json.loads(tflite_meta["labels"]) == (edge_export / "labels.txt").read_text().split()
 
@@ -151,6 +152,16 @@ def test_lite0_exports_in_both_formats_pass_parity_on_real_images(real_export_re
     assert read_metadata(out / "model.tflite")["backbone"] == read_pte_metadata(out / "model.pte")["backbone"] == "efficientnet_lite0"
 
 
+def test_a_tensor_name_already_taken_is_not_given_twice(edge_export: Path) -> None:
+    blob = (edge_export / "model.tflite").read_bytes()
+    graph = schema().Model.GetRootAs(blob, 0).Subgraphs(0)
+    inner = next(graph.Tensors(i).Name().decode() for i in range(graph.TensorsLength()) if i not in (graph.Inputs(0), graph.Outputs(0)))
+    renamed = with_metadata(blob, {**read_metadata(edge_export / "model.tflite"), "input_name": "pixels", "output_name": inner})
+    assert io_names(renamed) == ("pixels", "logits")  # the free name is taken, the taken one is not
+    meta = metadata_of(renamed, "renamed")
+    assert (meta["input_name"], meta["output_name"]) == ("pixels", "logits")
+
+
 def test_int8_in_both_formats_shares_the_calibration_and_runs_in_int8(edge_export: Path, edge_int8: dict) -> None:
     results = edge_int8["results"]
     assert set(results) == {"onnxruntime", "litert", "executorch"}
@@ -165,6 +176,10 @@ def test_int8_in_both_formats_shares_the_calibration_and_runs_in_int8(edge_expor
     q_onnx = json.loads(read_onnx_metadata(edge_export / "model.int8.onnx")["quantization"])
     assert q_tflite["calibration"] == q_pte["calibration"] == q_onnx["calibration"] == calib
     assert q_tflite["backend"] == "litert-tfliteconverter" and q_pte["backend"] == "executorch-pt2e-xnnpack"
+    # The same tensor names as fp32 (TFLiteConverter calls them serving_default_input:0 / PartitionedCall:0).
+    int8_meta = read_metadata(edge_export / "model.int8.tflite")
+    int8_names = io_names((edge_export / "model.int8.tflite").read_bytes())
+    assert int8_names == (int8_meta["input_name"], int8_meta["output_name"]) == ("input", "logits")
     # The int8 .tflite is full-integer: every compute op takes int8, the float input is quantized once.
     ops = results["litert"]["executed"]["ops"]
     assert ops.get("QUANTIZE") == 1 and ops.get("DEQUANTIZE") == 1
@@ -202,7 +217,8 @@ def test_tflite_metadata_round_trip_and_bad_files(edge_export: Path, tmp_path: P
     blob = (edge_export / "model.tflite").read_bytes()
     path = tmp_path / "m.tflite"
     path.write_bytes(with_metadata(blob, {"labels": '["a"]', "checkpoint_sha256": "x"}))
-    assert read_metadata(path) == {"labels": '["a"]', "checkpoint_sha256": "x"}
+    # The tensor names are always recorded: the file's real ones.
+    assert read_metadata(path) == {"labels": '["a"]', "checkpoint_sha256": "x", "input_name": "input", "output_name": "logits"}
     # The weights are untouched: the same logits as the original file.
     size = int(read_metadata(edge_export / "model.tflite")["input_size"])
     x = np.random.default_rng(0).normal(size=(2, 3, size, size)).astype(np.float32)

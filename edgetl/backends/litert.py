@@ -75,11 +75,18 @@ def metadata_of(buf: bytes, path: str) -> dict[str, str]:
 
 def with_metadata(tflite: bytes, meta: dict[str, str]) -> bytes:
     """`tflite` with its edgetl metadata replaced by `meta`: unpacked with the schema's object API and
-    packed again (what TensorFlow's flatbuffer_utils.write_model does), every other buffer unchanged."""
+    packed again (what TensorFlow's flatbuffer_utils.write_model does), every other buffer unchanged.
+
+    The first input and output tensors take the names `meta` gives (`input_name`, `output_name`: the
+    ONNX model's), so an app looks them up by the same names in every format and precision (the
+    converters call them `input`/`Identity`, or `serving_default_input:0`/`PartitionedCall:0` in int8).
+    A name another tensor already has is not taken: the file keeps its own, and the stored metadata
+    always names the file's real tensors."""
     import flatbuffers
 
     tfl = schema()
     model = tfl.ModelT.InitFromPackedBuf(bytearray(tflite), 0)
+    meta = {**meta, **_rename_io(model.subgraphs[0], meta)}
     model.buffers = list(model.buffers or [])
     keep = [m for m in (model.metadata or []) if (m.name.decode() if isinstance(m.name, bytes) else m.name) != METADATA_NAME]
     buffer = tfl.BufferT()
@@ -92,6 +99,21 @@ def with_metadata(tflite: bytes, meta: dict[str, str]) -> bytes:
     builder = flatbuffers.Builder(len(tflite) + 4096)
     builder.Finish(model.Pack(builder), file_identifier=TFLITE_IDENTIFIER)
     return bytes(builder.Output())
+
+
+def _rename_io(graph: Any, meta: dict[str, str]) -> dict[str, str]:
+    """Name the subgraph's first input and output tensors as `meta` asks where no other tensor has that
+    name; the names they have afterwards, as metadata keys."""
+    taken = {bytes(t.name) for t in graph.tensors}
+    names = {}
+    for key, index in (("input_name", graph.inputs[0]), ("output_name", graph.outputs[0])):
+        tensor, wanted = graph.tensors[index], meta.get(key, "").encode()
+        if wanted and wanted != bytes(tensor.name) and wanted not in taken:
+            taken.discard(bytes(tensor.name))
+            tensor.name = wanted
+            taken.add(wanted)
+        names[key] = bytes(tensor.name).decode()
+    return names
 
 
 def io_names(tflite: bytes) -> tuple[str, str]:
