@@ -161,9 +161,9 @@ def _convert_float(onnx_path: str, out_dir: Path, sample: np.ndarray | None) -> 
     # No onnxsim pass: torch.onnx.export(optimize=True) has already folded what onnxsim would. Measured on
     # efficientnet_lite0, efficientnet_b0, mobilenetv2_100 and mobilenetv3_large_100 at 224 px: the same
     # operators and bit-identical outputs with and without it, and 15-28% less conversion time (Lite0 24.6 s -> 17.7 s).
-    # Tensor names stay the converter's own (edgetl records them in the metadata, see backends.litert.io_names):
-    # copying the ONNX names runs flatc and first downloads TensorFlow's schema.fbs with curl, a network call
-    # that offline failed silently, so the names differed between an online and an offline machine.
+    # onnx2tf is not asked to copy the ONNX tensor names: it would run flatc after downloading TensorFlow's
+    # schema.fbs with curl, a network call that failed silently offline. edgetl renames the input and output
+    # tensors itself when it writes the metadata (backends.litert.with_metadata), online or not.
     onnx2tf.convert(
         input_onnx_file_path=onnx_path, output_folder_path=str(out_dir), non_verbose=True,
         copy_onnx_input_output_names_to_tflite=False, not_use_onnxsim=True,

@@ -1,7 +1,7 @@
 """Keep the runtimes' usage telemetry off in any process that imports edgetl: no network at run time.
 
-Two of edgetl's dependencies send usage events by default, each in its own documented way of turning
-it off, and edgetl uses that way:
+Two of edgetl's dependencies send usage events by default; edgetl turns each off the way the library
+itself provides:
 
 - OpenVINO and NNCF: `import openvino` (and every `convert_model`, every NNCF quantization) queues an
   event for Google Analytics, posted from a forked process. Both tools fall back to their own no-op
