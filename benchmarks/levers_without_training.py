@@ -1,0 +1,106 @@
+"""Issue 15's levers that need no training, measured on runs already trained: a uniform weight soup of
+the runs (Wortsman et al., 2022: average the weights of fine-tunes of one pretrained model) and the
+test-time resolution (Touvron et al., 2019, "FixRes": a model trained on random-resized crops often
+scores better on larger centre crops). Both are chosen on validation only; test is reported beside.
+
+    python benchmarks/levers_without_training.py RUN RUN [RUN ...] [--sizes 224 240 256 272 288] [--out NAME]
+
+Every run must share its backbone, labels and preprocessing (fine-tunes of one recipe, different seeds).
+Each (size, split) is decoded once and scored by every model. Writes benchmarks/results/<out>.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import save, spread
+
+DATA = "/work/shared/datasets/clothing-small"
+
+
+def soup(state_dicts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The mean of every float tensor; integer buffers (BatchNorm's step counts) from the first."""
+    return {k: (sum(sd[k] for sd in state_dicts) / len(state_dicts)) if v.is_floating_point() else v for k, v in state_dicts[0].items()}
+
+
+def main() -> None:
+    import torch
+
+    from edgetl import checkpoint
+    from edgetl.data import relabel, scoring_set
+    from edgetl.decoded import decode_for_scoring
+    from edgetl.progress import Reporter
+    from edgetl.train import predict_logits
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--data", default=DATA)
+    parser.add_argument("--sizes", nargs="+", type=int, default=[224, 240, 256, 272, 288])
+    parser.add_argument("--out", default="levers_without_training_clothing")
+    args = parser.parse_args()
+
+    ckpts = [checkpoint.read(r) for r in args.runs]
+    base, labels = checkpoint.spec_of(ckpts[0]), list(ckpts[0]["config"]["labels"])
+    backbone = ckpts[0]["config"]["backbone"]
+    for c in ckpts[1:]:
+        if checkpoint.spec_of(c) != base or list(c["config"]["labels"]) != labels or c["config"]["backbone"] != backbone:
+            raise SystemExit(f"{c['path']}: another backbone, labels or preprocessing than {ckpts[0]['path']}")
+    models = {str(r): checkpoint.build_model(c) for r, c in zip(args.runs, ckpts, strict=True)}
+    souped = checkpoint.build_model(ckpts[0])
+    souped.load_state_dict(soup([c["state_dict"] for c in ckpts]))
+    models["soup"] = souped.eval()
+    quiet, cpu = Reporter(quiet=True), torch.device("cpu")
+
+    top1: dict[str, dict[int, dict[str, float]]] = {name: {} for name in models}
+    for size in args.sizes:
+        spec = dataclasses.replace(base, input_size=size, resize_size=round(size * base.resize_size / base.input_size))
+        for split in ("val", "test"):
+            ls, classes, source, _ = scoring_set(args.data, split)
+            images, failed = decode_for_scoring(relabel(ls, classes, labels, args.data), spec, quiet, source)
+            if failed:
+                raise SystemExit(f"{len(failed)} image(s) of {source} could not be read")
+            for name, model in models.items():
+                logits = predict_logits(model, images, spec, cpu)
+                top1[name].setdefault(size, {})[split] = float((logits.argmax(1) == np.asarray(images.labels)).mean() * 100)
+            print(size, split, {n: round(t[size][split], 2) for n, t in top1.items()}, flush=True)
+
+    trained = base.input_size
+    runs = [str(r) for r in args.runs]
+    # Per run: the size validation picks (ties: the smaller, faster one), and its test top-1 against the trained size.
+    picked = {}
+    for name in [*runs, "soup"]:
+        size = max(args.sizes, key=lambda s: (top1[name][s]["val"], -s))
+        picked[name] = {"size": size, "val": top1[name][size]["val"], "test": top1[name][size]["test"],
+                        "test_at_trained_size": top1[name][trained]["test"]}  # fmt: skip
+    summary = {
+        "runs_at_trained_size_test": spread([top1[r][trained]["test"] for r in runs]),
+        "runs_at_val_picked_size_test": spread([picked[r]["test"] for r in runs]),
+        "soup_at_trained_size": top1["soup"][trained],
+    }
+    rows = ["| model | " + " | ".join(f"{s} px val / test" for s in args.sizes) + " | val picks |"]
+    rows.append("|---|" + "---|" * (len(args.sizes) + 1))
+    for name in [*runs, "soup"]:
+        cells = " | ".join(f"{top1[name][s]['val']:.2f} / {top1[name][s]['test']:.2f}" for s in args.sizes)
+        label = Path(name).name if name != "soup" else "uniform soup of the runs"
+        rows.append(f"| {label} | {cells} | {picked[name]['size']} px |")
+    s0, s1, sp = summary["runs_at_trained_size_test"], summary["runs_at_val_picked_size_test"], summary["soup_at_trained_size"]
+    markdown = "\n".join([
+        f"# Levers without training: weight soup and test-time resolution ({ckpts[0]['config']['backbone']}, trained at {trained} px)",
+        "", "Top-1 (%) on the dataset's val and test folders; each size keeps the run's resize/crop ratio "
+        f"({base.resize_size}/{base.input_size}). Selection on validation only.", "", *rows, "",
+        f"- Runs at the trained size: test {s0['mean']:.2f}% mean ({s0['min']:.2f}-{s0['max']:.2f}).",
+        f"- Runs at the size validation picks: test {s1['mean']:.2f}% mean ({s1['min']:.2f}-{s1['max']:.2f}); "
+        "a larger crop costs latency ((size/224)^2 the multiply-adds).",
+        f"- Uniform soup at the trained size: val {sp['val']:.2f}%, test {sp['test']:.2f}% "
+        "(one model from all the runs, so one figure, not a mean over seeds).",
+    ])  # fmt: skip
+    save(args.out, {"runs": runs, "data": args.data, "sizes": args.sizes, "trained_size": trained, "top1": top1, "picked": picked,
+                    "summary": summary}, markdown)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
