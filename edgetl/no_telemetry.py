@@ -26,15 +26,10 @@ OPENVINO_TELEMETRY_PACKAGE = "openvino_telemetry"
 ORT_OPT_OUT_ENV = "ORT_DISABLE_TELEMETRY"
 
 
-def keep_telemetry_off() -> list[str]:
-    """Turn off what is still on; the names of what this call turned off."""
+def keep_telemetry_off() -> None:
+    """Turn off what is still on, unless the user allowed telemetry."""
     if os.environ.get(ALLOW_ENV) == "1":
-        return []
-    turned_off = []
+        return
     if OPENVINO_TELEMETRY_PACKAGE not in sys.modules:
         sys.modules[OPENVINO_TELEMETRY_PACKAGE] = None  # type: ignore[assignment] - Python's documented import block
-        turned_off.append("openvino")
-    if ORT_OPT_OUT_ENV not in os.environ:
-        os.environ[ORT_OPT_OUT_ENV] = "1"
-        turned_off.append("onnxruntime")
-    return turned_off
+    os.environ.setdefault(ORT_OPT_OUT_ENV, "1")

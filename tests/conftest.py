@@ -21,6 +21,19 @@ from PIL import Image
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 
 
+def one_node_onnx(path: Path, op_type: str = "Relu", domain: str = "") -> Path:
+    """A one-operator ONNX model, `input` (1x3x8x8 float) -> op -> `logits`, saved at `path`: for converters and
+    runtimes that need a small valid graph, or one with an operator they do not know (a custom `domain`)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    io = [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, 3, 8, 8]) for name in ("input", "logits")]
+    graph = helper.make_graph([helper.make_node(op_type, ["input"], ["logits"], domain=domain)], "g", io[:1], io[1:])
+    opsets = [helper.make_opsetid("", 18)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    onnx.save(helper.make_model(graph, opset_imports=opsets), path)
+    return path
+
+
 def make_image(rgb: tuple[int, int, int], rng: np.random.Generator, size: tuple[int, int] = (48, 40)) -> Image.Image:
     """A noisy image dominated by one colour: learnable by a tiny network in a few steps."""
     w, h = size

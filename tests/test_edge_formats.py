@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import run_with_imports_blocked
+from conftest import one_node_onnx, run_with_imports_blocked
 from typer.testing import CliRunner
 
 from edgetl.backends.executorch import read_metadata as read_pte_metadata
@@ -297,26 +297,16 @@ def test_without_the_extras_the_message_names_them(tiny_run: Path, tmp_path: Pat
 
 def test_litert_conversion_names_the_operator_it_lacks(tmp_path: Path) -> None:
     """A graph with an operator onnx2tf has no converter for: the error names it, in one line."""
-    import onnx
-    from onnx import TensorProto, helper
-
     from edgetl.litert_convert import start_conversion
 
-    node = helper.make_node("EdgetlMadeUpOp", ["input"], ["logits"], domain="ai.edgetl.test")
-    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 8, 8])])  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("ai.edgetl.test", 1)])
-    onnx.save(model, tmp_path / "model.onnx")
+    model = one_node_onnx(tmp_path / "model.onnx", "EdgetlMadeUpOp", domain="ai.edgetl.test")
     missing = "no converter for the ONNX operator 'EdgetlMadeUpOp'"
-    with start_conversion(tmp_path / "model.onnx", tmp_path / "work") as conversion, pytest.raises(EdgetlError, match=missing):
+    with start_conversion(model, tmp_path / "work") as conversion, pytest.raises(EdgetlError, match=missing):
         conversion.wait()
 
 
 def test_the_litert_conversion_calls_no_download_tool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # onnx2tf shells out to curl (and wget) for what it downloads; stand-ins on the PATH record any call.
-    import onnx
-    from onnx import TensorProto, helper
-
     from edgetl.litert_convert import start_conversion
 
     fake_bin, calls = tmp_path / "bin", tmp_path / "downloads.log"
@@ -325,11 +315,7 @@ def test_the_litert_conversion_calls_no_download_tool(tmp_path: Path, monkeypatc
         (fake_bin / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\nexit 1\n')
         (fake_bin / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    graph = helper.make_graph([helper.make_node("Relu", ["input"], ["logits"])], "g",
-                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 8, 8])])  # fmt: skip
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tmp_path / "model.onnx")
-    with start_conversion(tmp_path / "model.onnx", tmp_path / "work") as conversion:
+    with start_conversion(one_node_onnx(tmp_path / "model.onnx"), tmp_path / "work") as conversion:
         assert all(f.stat().st_size > 0 for f in conversion.wait().values())
     assert not calls.exists(), calls.read_text()
 

@@ -7,8 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import onnx
-from onnx import TensorProto, helper
+from conftest import one_node_onnx
 
 # Records every fork in this process (OpenVINO's telemetry sender forks one to post each event) and refuses every
 # connection, so the test itself never reaches the network.
@@ -28,14 +27,6 @@ print("ORT_DISABLE_TELEMETRY=" + os.environ.get("ORT_DISABLE_TELEMETRY", "unset"
 """
 
 
-def _relu_model(path: Path) -> Path:
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
-    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
-    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "relu", [x], [y])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    return path
-
-
 def _forks_while_converting(tmp_path: Path, name: str, extra_env: dict[str, str]) -> tuple[int, list[str]]:
     home = tmp_path / f"home-{name}"  # no consent file: OpenVINO's default (telemetry on) applies
     home.mkdir()
@@ -44,7 +35,7 @@ def _forks_while_converting(tmp_path: Path, name: str, extra_env: dict[str, str]
     env = {k: v for k, v in os.environ.items() if k not in unset}
     env.update(HOME=str(home), **extra_env)
     log = tmp_path / f"forks-{name}.log"
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(log), str(_relu_model(tmp_path / "relu.onnx"))],
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(log), str(one_node_onnx(tmp_path / "relu.onnx"))],
                           capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     return (len(log.read_text().splitlines()) if log.exists() else 0), proc.stdout.split()
