@@ -263,10 +263,10 @@ def _export_locked(folder: runfolder.RunFolder, out_dir: Path, opts: ExportOptio
     example = torch.zeros(opts.fixed_batch or 2, 3, c, c)
 
     litert: _LiteRtExport | None = None
+    tmp_onnx: Path | None = None
     try:
         t0 = time.perf_counter()
         # An OpenVINO-only export still converts from ONNX (one graph for both), into a temporary file.
-        tmp_onnx = None
         onnx_path = paths.get("onnx")
         if reuse_onnx:
             onnx_path = current_onnx
@@ -309,8 +309,8 @@ def _export_locked(folder: runfolder.RunFolder, out_dir: Path, opts: ExportOptio
     finally:
         if litert is not None:
             litert.close()
-    if tmp_onnx is not None:
-        shutil.rmtree(tmp_onnx.parent, ignore_errors=True)
+        if tmp_onnx is not None:  # removed on a failure or Ctrl-C too, not left for the next command's clean-up
+            shutil.rmtree(tmp_onnx.parent, ignore_errors=True)
     write_text(paths["labels"], "\n".join(labels) + "\n")
     report["files"] = {k: v for k, v in report["files"].items() if v is not None}
 

@@ -160,6 +160,14 @@ def test_a_tensor_name_already_taken_is_not_given_twice(edge_export: Path) -> No
     assert io_names(renamed) == ("pixels", "logits")  # the free name is taken, the taken one is not
     meta = metadata_of(renamed, "renamed")
     assert (meta["input_name"], meta["output_name"]) == ("pixels", "logits")
+    # The schema lets a tensor have no name at all (a file from another converter): still renamed, no TypeError.
+    import flatbuffers
+
+    model = schema().ModelT.InitFromPackedBuf(bytearray(blob), 0)
+    model.subgraphs[0].tensors[model.subgraphs[0].inputs[0]].name = None
+    builder = flatbuffers.Builder(len(blob) + 4096)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    assert io_names(with_metadata(bytes(builder.Output()), {"input_name": "input", "output_name": "logits"})) == ("input", "logits")
 
 
 def test_int8_in_both_formats_shares_the_calibration_and_runs_in_int8(edge_export: Path, edge_int8: dict) -> None:

@@ -142,6 +142,17 @@ def test_lite0_export_passes_parity_on_real_photos(real_export_report: tuple[Pat
     assert not ops & {"Shape", "Gather", "Pad"}, "TF 'same' padding should be folded into the convolutions"
 
 
+def test_a_failed_openvino_only_export_leaves_no_temporary_onnx(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # An OpenVINO-only export converts from an ONNX file in a temporary folder: a failure must remove it at once.
+    def failing(*args: object, **kw: object) -> None:
+        raise EdgetlError("OpenVINO failed")
+
+    monkeypatch.setattr(export_mod, "_save_openvino", failing)
+    with pytest.raises(EdgetlError, match="OpenVINO failed"):
+        export_run(tiny_run, ExportOptions(format="openvino", out=str(tmp_path / "out")), QUIET)
+    assert not list((tmp_path / "out").glob(".*.tmp"))
+
+
 def test_parity_failure_moves_the_file_aside_and_fails(tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(export_mod, "PARITY_MAX_ABS_DIFF", -1.0)  # nothing can pass
     with pytest.raises(EdgetlError, match="parity check failed") as info:

@@ -104,15 +104,15 @@ def with_metadata(tflite: bytes, meta: dict[str, str]) -> bytes:
 def _rename_io(graph: Any, meta: dict[str, str]) -> dict[str, str]:
     """Name the subgraph's first input and output tensors as `meta` asks where no other tensor has that
     name; the names they have afterwards, as metadata keys."""
-    taken = {bytes(t.name) for t in graph.tensors}
+    taken = {bytes(t.name or b"") for t in graph.tensors}  # the schema lets a tensor have no name
     names = {}
     for key, index in (("input_name", graph.inputs[0]), ("output_name", graph.outputs[0])):
         tensor, wanted = graph.tensors[index], meta.get(key, "").encode()
-        if wanted and wanted != bytes(tensor.name) and wanted not in taken:
-            taken.discard(bytes(tensor.name))
+        if wanted and wanted not in taken:
+            taken.discard(bytes(tensor.name or b""))
             tensor.name = wanted
             taken.add(wanted)
-        names[key] = bytes(tensor.name).decode()
+        names[key] = bytes(tensor.name or b"").decode()
     return names
 
 
