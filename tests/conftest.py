@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -152,7 +153,48 @@ sys.meta_path.insert(0, Block())
 _REAL_LITE0: dict = {}
 
 
+# ----------------------------------------------------------------------------- no network at run time
+
+NETWORK_GUARD = Path(__file__).with_name("no_network")
+_NETWORK_LOG: dict = {}
+
+
+def _guard_the_network() -> None:
+    """Every Python process of the session refuses and logs each attempt to reach another machine
+    (no_network/edgetl_network_guard.py): this one now, its children through PYTHONPATH's sitecustomize."""
+    sys.path.insert(0, str(NETWORK_GUARD))
+    import edgetl_network_guard
+
+    log = Path(tempfile.mkdtemp(prefix="edgetl-network-")) / "attempts.log"
+    log.touch()
+    _NETWORK_LOG["log"] = log
+    os.environ[edgetl_network_guard.LOG_VARIABLE] = str(log)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(NETWORK_GUARD), os.environ.get("PYTHONPATH")]))
+    edgetl_network_guard.install()
+
+
+def new_network_attempts() -> str:
+    """What the guarded processes logged since the last call (a test that provokes an attempt on purpose
+    takes its lines with this, so they do not fail it)."""
+    with open(_NETWORK_LOG["log"], "rb") as f:
+        f.seek(_NETWORK_LOG.get("seen", 0))
+        attempts = f.read()
+    _NETWORK_LOG["seen"] = _NETWORK_LOG.get("seen", 0) + len(attempts)
+    return attempts.decode("utf-8", errors="replace")
+
+
+@pytest.fixture(autouse=True)
+def no_network_reached() -> Iterator[None]:
+    """Fails the test during which (or during whose fixtures' set-up) a guarded process tried to reach the
+    network; each line says which process, what and from where."""
+    yield
+    attempts = new_network_attempts()
+    if attempts:
+        pytest.fail("no network at run time, but this was tried:\n" + attempts[:4000], pytrace=False)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    _guard_the_network()
     import torch
 
     # The real Lite0 build takes one core beside the suite (below); the tests' own torch work (tiny models, where a
@@ -186,6 +228,12 @@ def _real_lite0_build() -> Path:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if _NETWORK_LOG:  # after the last test: a session fixture's tear-down, a child still running then
+        attempts = new_network_attempts()
+        if attempts:
+            print("\nno network at run time, but this was tried after the last test:\n" + attempts[:4000], file=sys.stderr)
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        shutil.rmtree(_NETWORK_LOG["log"].parent, ignore_errors=True)
     if _REAL_LITE0:
         proc = _REAL_LITE0["proc"]
         if proc.poll() is None:  # an interrupted session: the build must not outlive it
