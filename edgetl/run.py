@@ -69,6 +69,29 @@ def is_run(path: Path) -> bool:
     return isinstance(man, dict) and (man.get("format") == RUN_FORMAT or "edgetl_version" in man)
 
 
+# The lock descriptors this process holds. A forked child closes its copies at once: a flock belongs to the
+# open file description, which a fork shares, so a child that outlived a killed parent (a DataLoader worker
+# waits up to 5 s to notice) would otherwise keep the folder locked after the command is gone.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    # The child's copy points at /dev/null instead (the parent's descriptor and lock stay): the number stays
+    # taken, so a child that runs on through `locked`'s clean-up unlocks and closes nothing of its own.
+    try:
+        null = os.open(os.devnull, os.O_RDWR)
+    except OSError:
+        return
+    for fd in _HELD_LOCKS:
+        with contextlib.suppress(OSError):
+            os.dup2(null, fd)
+    os.close(null)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 @contextlib.contextmanager
 def locked(folder: Path, action: str) -> Iterator[None]:
     """Hold the folder's lock for `action`; a second process is refused at once, not queued. With the
@@ -83,13 +106,16 @@ def locked(folder: Path, action: str) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise EdgetlError(f"{folder} is in use by another edgetl process: {action} refused; wait for it to finish") from None
+        _HELD_LOCKS.add(fd)
         try:
             remove_stale_temporaries(folder)
             yield
         finally:
+            _HELD_LOCKS.discard(fd)
             # Unlock explicitly: flock belongs to the open file description, which a plain fork (a DataLoader
             # worker, OpenVINO's telemetry sender) shares with its child, and closing our descriptor alone
-            # would leave the folder locked for as long as such a child lives.
+            # would leave the folder locked for as long as such a child lives (one forked before the hook
+            # above ran, or by a fork that skips it: os.fork from C).
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -419,3 +420,36 @@ def test_a_bad_weights_file_fails_before_decoding(fresh_data: Path, tmp_path: Pa
     with pytest.raises(EdgetlError):
         train(data, tiny_cfg(pretrained=True, weights=str(bad)), out=str(tmp_path / "r"), reporter=QUIET)
     assert not decoded and not (tmp_path / "r").exists()
+
+
+def test_a_killed_command_does_not_leave_its_folder_locked_by_a_forked_child(tmp_path: Path) -> None:
+    # SIGKILL runs no clean-up: the lock must go with the killed process even while a child it forked lives on
+    # (a DataLoader worker notices its parent is gone only seconds later).
+    folder = tmp_path / "run"
+    code = """
+import multiprocessing, sys, time
+from pathlib import Path
+from edgetl.run import locked
+def work(started):
+    started.set()  # the fork is complete (its hooks have run) and the child runs on
+    time.sleep(60)
+fork = multiprocessing.get_context("fork")
+with locked(Path(sys.argv[1]), "first"):
+    started = fork.Event()
+    child = fork.Process(target=work, args=(started,))
+    child.start()
+    started.wait(30)
+    print(child.pid, flush=True)
+    time.sleep(60)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    child_pid = int(proc.stdout.readline())  # type: ignore[union-attr]
+    try:
+        proc.kill()
+        proc.wait(10)
+        os.kill(child_pid, 0)  # the child outlived the killed command
+        with locked(folder, "second"):
+            pass
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child_pid, signal.SIGKILL)
