@@ -288,7 +288,7 @@ def _entropy_training(model: nn.Module, align: BatchAlignment, images: DecodedIm
                         p.copy_(s)
                 stopped = (f"pass {epoch}: the predicted classes were collapsing (share entropy {diversity:.2f} < "
                            f"{COLLAPSE_GUARD} x {start:.2f}); kept the parameters of the pass before")  # fmt: skip
-                reporter.log(f"[yellow]{opts.method}:[/] {stopped}")
+                reporter.warn(stopped, label=opts.method)
                 break
             saved = [p.detach().clone() for p in params]
     model.requires_grad_(False)
@@ -514,10 +514,10 @@ def _adapt(parent: RunFolder, ckpt: dict[str, Any], sets: _Sets, prior: np.ndarr
                                   spec, device, opts, reporter)  # fmt: skip
     if not record["adapted"]:
         kept = "then fine-tuned on the labelled images" if sets.labelled is not None else "holds the model as trained"
-        reporter.log(f"[yellow]not adapted:[/] {record['gate']['reason']} - the target images look like the training domain, where "
-                     f"adapting only adds noise; the new run {kept} (--gate 0 adapts anyway)")  # fmt: skip
+        reporter.warn(f"{record['gate']['reason']} - the target images look like the training domain, where "
+                      f"adapting only adds noise; the new run {kept} (--gate 0 adapts anyway)", label="not adapted")  # fmt: skip
     elif record["gate"]["excess"] is None:
-        reporter.log(f"[yellow]shift gate:[/] {record['gate']['reason']}")
+        reporter.warn(record["gate"]["reason"], label="shift gate")
     if sets.labelled is not None:
         record["labelled"] = finetune_labelled(adapted, sets.labelled, spec, device, opts, reporter)
     after_out: dict[str, Outputs] = before_out  # the gate kept the model as trained: its outputs are known

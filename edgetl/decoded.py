@@ -232,7 +232,7 @@ def decode_for_scoring(
     with reporter.task(f"decoding {len(ls)} images from {source}", len(ls)) as advance:
         images, failed = decode_split(ls, spec, name="scoring", progress=advance)
     if failed:
-        reporter.log(f"[yellow]warning:[/] {len(failed)} unreadable image(s) left out, e.g. {failed[0]['file']} ({failed[0]['reason']})")
+        reporter.warn(f"{len(failed)} unreadable image(s) left out, e.g. {failed[0]['file']} ({failed[0]['reason']})")
     if len(images) == 0:
         raise EdgetlError(f"no readable images in {source}")
     return images, failed

@@ -14,6 +14,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 # Wide enough for the bench table's columns when output goes to a pipe or a log file: rich would
 # otherwise assume 80 columns there, cut table cells to "…" and wrap every epoch line in two.
@@ -37,9 +38,15 @@ class Reporter:
     def __init__(self, quiet: bool = False) -> None:
         self.quiet = quiet
 
-    def log(self, message: str) -> None:
+    def log(self, message: str | Text) -> None:
+        """One line as written: never read as rich markup, since lines carry paths and file names (a folder
+        `a[` holding `b]` makes the path `a[/b]`, which rich would take for a closing tag and raise on)."""
         if not self.quiet:
-            console.print(message, highlight=False)
+            console.print(message, markup=False, highlight=False)
+
+    def warn(self, message: str, label: str = "warning") -> None:
+        """`label:` in yellow, then `message` as written."""
+        self.log(Text.assemble((f"{label}:", "yellow"), " ", message))
 
     @contextlib.contextmanager
     def task(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
@@ -47,7 +54,7 @@ class Reporter:
             yield lambda n=1: None
             return
         columns = (
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TimeRemainingColumn(),
         )  # fmt: skip
         with Progress(*columns, console=console, transient=True) as bar:

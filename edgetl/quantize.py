@@ -143,7 +143,7 @@ def load_images(run: runfolder.RunFolder, meta: dict[str, str], opts: QuantizeOp
         reporter.log(note)
     if len(pool) < n:
         note = f"the {source} images number only {len(pool)}, fewer than --calib-size {n}: calibrating on all of them"
-        reporter.log(f"[yellow]warning:[/] {note}")
+        reporter.warn(note)
     elif source == "target":  # unlabelled: a plain seeded sample
         calib_set = pool.subset(np.sort(rng.choice(len(pool), n, replace=False)))
     else:
@@ -580,7 +580,7 @@ def _quantize_locked(folder: runfolder.RunFolder, run_dir: Path, opts: QuantizeO
                                 f"likely {slow_int8_reason(r['executed'])}")  # fmt: skip
     report["warnings"] = warnings_out
     for w in warnings_out:
-        reporter.log(f"[yellow]warning:[/] {w}")
+        reporter.warn(w)
     report["earlier_results"] = _earlier_results(run_dir, folder.checkpoint_sha256, set(report["results"]))
     write_json(run_dir / runfolder.QUANTIZE_REPORT, report)
     return report

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgetl.bench.reference import AGREEMENT_MARGIN
@@ -27,7 +28,7 @@ def _short(path: str, base: str) -> str:
 
 def print_export_report(report: dict[str, Any], console: Console | None = None) -> None:
     console = console or make_console()
-    table = Table(title=f"export of {report['run']} (parity on {report['parity_images']['n']} images)", show_edge=False)
+    table = Table(title=f"export of {escape(str(report['run']))} (parity on {report['parity_images']['n']} images)", show_edge=False)
     for col in ("file", "size", "precision", "top-1", "agreement", "max |Δlogit|", "gate"):
         table.add_column(col, justify="left" if col in ("file", "precision", "gate") else "right")
     ref = report["parity"]["pytorch"]
@@ -37,7 +38,7 @@ def print_export_report(report: dict[str, Any], console: Console | None = None) 
         if p is None:
             continue
         table.add_row(
-            _short(rec.get("moved_to", rec["path"]), report["run"]), _mb(rec["bytes"]), p["precision"], f"{p['top1']:.2%}",
+            escape(_short(rec.get("moved_to", rec["path"]), report["run"])), _mb(rec["bytes"]), p["precision"], f"{p['top1']:.2%}",
             f"{p['top1_agreement']:.2%}", f"{p['max_abs_diff']:.1e}", p["gate"],
         )  # fmt: skip
     console.print(table)
@@ -47,7 +48,7 @@ def print_quantize_report(report: dict[str, Any], console: Console | None = None
     console = console or make_console()
     n = report["validation_images"]["n"]
     target = report.get("judged_on", {}).get("target")
-    title = f"int8 of {report['run']} (accuracy on {n} validation images"
+    title = f"int8 of {escape(str(report['run']))} (accuracy on {n} validation images"
     title += f"; expected top-1 drop on {target['n']} target images, fp32's probabilities as labels" if target else ""
     table = Table(title=f"{title}; batch-1 latency medians)", show_edge=False)
     columns = ["runtime", "fp32 top-1", "int8 top-1", "drop", *(["target drop", "target changed"] if target else []),
@@ -261,4 +262,4 @@ def print_bench_table(report: dict[str, Any], console: Console | None = None) ->
                       _fmt(best, "{:.0f}"), _fmt(r["peak_rss_mb"], "{:.0f}"))  # fmt: skip
     console.print(table)
     for s in report["skipped"]:
-        console.print(f"skipped {s['target']}: {s['reason']}")
+        console.print(f"skipped {s['target']}: {s['reason']}", markup=False)

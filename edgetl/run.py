@@ -306,7 +306,7 @@ class RunFolder:
         if check and not allow_changed:
             raise EdgetlError(f"the data at {root} changed since this run was trained: {check.summary()}; {ALLOW_DATA_CHANGE_HINT}")
         if check and reporter is not None:
-            reporter.log(f"[yellow]warning:[/] the data changed since training ({check.summary()}); using the recorded file lists")
+            reporter.warn(f"the data changed since training ({check.summary()}); using the recorded file lists")
         ds = dataset_from_record(self.split_record())
         if check.replaced:  # a replaced file is not the image that was recorded: leave it out like a missing one
             gone = set(check.replaced)

@@ -327,7 +327,7 @@ def tune(data: str | os.PathLike[str], opts: TuneOptions, reporter: Reporter | N
                               "`edgetl tune` again to go on from there", exit_code=130) from None  # fmt: skip
         except EdgetlError as exc:
             p.error = str(exc)
-            reporter.log(f"[yellow]probe {p.backbone}@{p.size} failed:[/] {exc}")
+            reporter.warn(str(exc), label=f"probe {p.backbone}@{p.size} failed")
     tune_seconds = time.perf_counter() - t0
     rows = [r for p in probes for r in p.rows]
     if not rows:
@@ -399,6 +399,7 @@ def train_pick(data: str, chosen: dict[str, Any], opts: TuneOptions, folder: Pat
              "probe_p50_ms_same_rounds": probe_row["latency"]["p50_ms"] if probe_row else None}  # fmt: skip
     final["in_budget"] = within_budget(final, opts.max_latency_ms, opts.max_size_mb)
     if not final["in_budget"]:
-        reporter.log(f"[yellow]the final model measured {final['p50_ms']:.2f} ms, over the {opts.max_latency_ms:g} ms budget[/]"
-                     + (f" (its probe, in the same rounds: {probe_row['latency']['p50_ms']:.2f} ms)" if probe_row else ""))  # fmt: skip
+        reporter.warn(f"the final model measured {final['p50_ms']:.2f} ms, over the {opts.max_latency_ms:g} ms budget"
+                      + (f" (its probe, in the same rounds: {probe_row['latency']['p50_ms']:.2f} ms)" if probe_row else ""),
+                      label="over budget")  # fmt: skip
     return final

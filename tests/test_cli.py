@@ -153,3 +153,30 @@ def test_backbones_lists_every_entry() -> None:
     for name in ("efficientnet_lite0", "mobilenetv3_small_100", "tiny"):
         assert name in result.output
     assert "yes (package)" in result.output
+
+
+def test_paths_and_names_that_look_like_markup_are_printed_as_written(tmp_path: Path) -> None:
+    # Folders `a[` and `b]` make the path `.../a[/b]/...`, which rich would read as a closing tag and raise on
+    # (a traceback instead of the command's output); a file `[red]x.png` would lose its name to a colour.
+    from conftest import make_folder
+
+    base = tmp_path / "a[" / "b]"
+    data = make_folder(base / "data", per_class=6)
+    (data / "red" / "[red]unreadable.png").write_bytes(b"not an image")
+    run = base / "run"
+    steps = [  # (arguments, exit code): predict exits 1 for the unreadable image
+        (["train", str(data), "--backbone", "tiny", "--no-pretrained", "--epochs-head", "1", "--epochs-finetune", "0",
+          "--out", str(run)], 0),
+        (["eval", str(run), str(data)], 0),
+        (["export", str(run), "--format", "onnx"], 0),
+        (["predict", str(run / "model.onnx"), str(data / "red")], 1),
+    ]
+    outputs = []
+    for args, code in steps:
+        result = runner.invoke(app, args, env={"COLUMNS": "400"})
+        assert result.exit_code == code and "Traceback" not in result.output, (args[0], result.output, result.exception)
+        outputs.append(" ".join(result.output.split()))
+    assert "skipped 1 unreadable image(s): red/[red]unreadable.png" in outputs[0]
+    assert f"{data} (" in outputs[1]  # the title, path and all
+    assert f"export of {run}" in outputs[2]
+    assert f"{data / 'red' / '[red]unreadable.png'} │ unreadable" in outputs[3]

@@ -259,7 +259,7 @@ def bench(paths: list[str | os.PathLike[str]], opts: BenchOptions, reporter: Rep
     threads = opts.threads or physical_cores()
     loaded = load_data(files, opts, reporter)
     if loaded is None:
-        reporter.log("[yellow]note:[/] no labelled images (the run's data is not here and no --data): accuracy is left out")
+        reporter.warn("no labelled images (the run's data is not here and no --data): accuracy is left out", label="note")
     spec = files[0].spec
     c = spec.input_size
     x1 = {"float32": np.zeros((1, 3, c, c), np.float32), "uint8": np.zeros((1, c, c, 3), np.uint8)}

@@ -76,15 +76,16 @@ def _teacher_option(runs: list[Path] | None) -> str | tuple[str, ...] | None:
 
 
 def _print_metrics(title: str, m: dict[str, Any]) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from edgetl.progress import make_console
 
-    table = Table(title=title, show_edge=False)
+    table = Table(title=escape(title), show_edge=False)  # titles and cells are markup; names and paths are not
     table.add_column("class")
     table.add_column("accuracy", justify="right")
     for name, acc in m["per_class_accuracy"].items():
-        table.add_row(name, "-" if acc is None else f"{acc:.1%}")
+        table.add_row(escape(name), "-" if acc is None else f"{acc:.1%}")
     console = make_console()
     console.print(table)
     top5 = f"  top-5 {m['top5']:.2%}" if m.get("top5") is not None else ""
@@ -446,6 +447,7 @@ def predict(
         for r in rows:
             typer.echo(json.dumps(r))
     else:
+        from rich.markup import escape
         from rich.table import Table
 
         from edgetl.progress import make_console
@@ -455,10 +457,10 @@ def predict(
             table.add_column(col)
         for r in rows:
             if "error" in r:
-                table.add_row(r["path"], "[red]unreadable[/]", "", r["error"])
+                table.add_row(escape(r["path"]), "[red]unreadable[/]", "", escape(r["error"]))
             else:
                 also = ", ".join(f"{t['label']} {t['probability']:.0%}" for t in r["top_k"][1:])
-                table.add_row(r["path"], r["label"], f"{r['probability']:.1%}", also)
+                table.add_row(escape(r["path"]), escape(r["label"]), f"{r['probability']:.1%}", escape(also))
         make_console().print(table)
     if failed:
         typer.echo(f"{len(failed)} of {len(rows)} image(s) could not be read", err=True)
@@ -543,7 +545,7 @@ def _print_shift(m: dict[str, Any]) -> None:
     console = make_console()
     console.print(table)
     kind = "adapted run" if m["adaptation"]["adapted"] else "new run (the model as trained)"
-    console.print(f"{kind}: {m['run_dir']} (shift report: {m['run_dir']}/shift.png)")
+    console.print(f"{kind}: {m['run_dir']} (shift report: {m['run_dir']}/shift.png)", markup=False)
 
 
 @app.command()
