@@ -44,6 +44,7 @@ from edgetl.data import Dataset as ImageDataset
 from edgetl.data import LabelledSet, check_after_skips, dataset_from_record, load_dataset
 from edgetl.decoded import CACHE_PREFIX, DecodedImages, decode_split
 from edgetl.distributed import Dist, lost_peer
+from edgetl.duplicates import find_duplicates
 from edgetl.errors import EdgetlError, TrainingInterrupted
 from edgetl.fileio import write_csv, write_json
 from edgetl.hostinfo import has_bf16, host_record
@@ -327,6 +328,7 @@ class Trainer:
         self.l2sp_anchor: dict[str, torch.Tensor] | None = None  # --l2sp: the backbone's weights before stage 2
         self.teacher_record: dict[str, Any] | None = None
         self.skipped: list[dict[str, str]] = []
+        self.duplicates: dict[str, Any] | None = None  # byte-identical images in train and val (edgetl.duplicates)
         self.manifest_base: dict[str, Any] = {}
 
     # -- set-up -------------------------------------------------------------------------------
@@ -344,7 +346,7 @@ class Trainer:
             self.weights_source = load_pretrained(self.model.backbone, cfg.backbone, cfg.weights, r.log)
         else:
             self.weights_source = "none (--no-pretrained: random initialisation)"
-            r.log("[yellow]warning:[/] --no-pretrained: the backbone starts from random weights")
+            r.warn("--no-pretrained: the backbone starts from random weights")
         r.log(f"backbone: {cfg.backbone}, weights from {self.weights_source}")
         self.model.to(self.device)
         if cfg.channels_last:
@@ -357,6 +359,11 @@ class Trainer:
             f"data: {ds.root} ({ds.kind}), {len(ds.classes)} classes, train {len(ds.train)}, val {len(ds.val)}"
             f"{f', test {len(ds.test)} (not used for training)' if ds.test is not None else ''}; {ds.split_note}"
         )
+        if self.dist.is_main:  # one process reads what it must; the others train on
+            found = find_duplicates(ds.train, ds.val, ds.classes)
+            self.duplicates = found.to_dict()
+            for warning in found.warnings():
+                r.warn(f"{warning} (listed in manifest.json)")
         decoded = {}
         # Training images are kept large enough for the smallest random crop unless --crop-source resized.
         train_crop = cfg.crop_scale if cfg.augment != "none" and cfg.crop_source == "full" else None
@@ -371,7 +378,7 @@ class Trainer:
             more = f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
             if cfg.strict:
                 raise EdgetlError(f"{len(self.skipped)} unreadable image(s) and --strict: {listing}{more}")
-            r.log(f"[yellow]warning:[/] skipped {len(self.skipped)} unreadable image(s): {listing}{more} (listed in manifest.json)")
+            r.warn(f"skipped {len(self.skipped)} unreadable image(s): {listing}{more} (listed in manifest.json)")
         for split in ("train", "val"):
             check_after_skips(self.classes, split, decoded[split].labels)
         self.train_images, self.val_images = decoded["train"], decoded["val"]
@@ -1070,6 +1077,7 @@ class Trainer:
                 "counts": {s: ls.class_counts(len(ds.classes)) for s, ls in ds.splits().items()},
             },
             "skipped_files": self.skipped,
+            "duplicates": self.duplicates,
             "weights_source": getattr(self, "weights_source", None),
             "teacher": self.teacher_record,
             "timings": self.run_timings(),
