@@ -7,8 +7,9 @@ Neither is an error (a user may have reasons), so `edgetl train` says what it fo
 records it in manifest.json.
 
 Cheap on any size of set: only files that share their byte count with another file are read and hashed
-(distinct JPEGs almost never do), so a set without duplicates costs one stat per file, which the split
-record takes anyway. The test split is never read here: training does not open it.
+(distinct JPEGs seldom do), so a set without duplicates costs one stat per file (a shard member's size is
+known without one; in-memory IDX images are hashed, 0.2 s for Fashion-MNIST's 60k). The test split is
+never read here: training does not open it.
 """
 
 from __future__ import annotations

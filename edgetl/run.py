@@ -114,8 +114,8 @@ def locked(folder: Path, action: str) -> Iterator[None]:
             _HELD_LOCKS.discard(fd)
             # Unlock explicitly: flock belongs to the open file description, which a plain fork (a DataLoader
             # worker, OpenVINO's telemetry sender) shares with its child, and closing our descriptor alone
-            # would leave the folder locked for as long as such a child lives (one forked before the hook
-            # above ran, or by a fork that skips it: os.fork from C).
+            # would leave the folder locked for as long as such a child lives (the hook above covers forks
+            # made through Python; a library that calls fork() from C skips it).
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
