@@ -65,14 +65,16 @@ def _content(ref: ImageRef) -> bytes | None:
         return None
 
 
-def find_duplicates(train: LabelledSet, val: LabelledSet, classes: list[str]) -> Duplicates:
-    """Byte-identical images between `val` and `train`, and across classes within and between them."""
-    entries = [("train", r, int(c)) for r, c in zip(train.refs, train.labels, strict=True)]
-    entries += [("val", r, int(c)) for r, c in zip(val.refs, val.labels, strict=True)]
-    by_size: dict[int | None, list[tuple[str, ImageRef, int]]] = defaultdict(list)
-    for entry in entries:
-        by_size[entry[1].size_on_disk()].append(entry)
-    by_hash: dict[bytes, list[tuple[str, ImageRef, int]]] = defaultdict(list)
+Entry = tuple[str, ImageRef, int]  # (which set, image, label)
+
+
+def _identical_groups(named: list[tuple[str, LabelledSet]]) -> list[list[Entry]]:
+    """Groups of two or more images with identical bytes, over every image of the named sets."""
+    by_size: dict[int | None, list[Entry]] = defaultdict(list)
+    for name, ls in named:
+        for ref, label in zip(ls.refs, ls.labels, strict=True):
+            by_size[ref.size_on_disk()].append((name, ref, int(label)))
+    by_hash: dict[bytes, list[Entry]] = defaultdict(list)
     for size, group in by_size.items():
         if len(group) < 2 and size is not None:
             continue  # a unique byte count: no identical copy can exist
@@ -80,16 +82,39 @@ def find_duplicates(train: LabelledSet, val: LabelledSet, classes: list[str]) ->
             content = _content(entry[1])
             if content is not None:
                 by_hash[hashlib.blake2b(content, digest_size=16).digest()].append(entry)
+    return [group for group in by_hash.values() if len(group) > 1]
+
+
+def _location(ref: ImageRef) -> tuple[str, int]:
+    """Where an image's bytes live: one file (links resolved), one shard member, one slot of an array."""
+    if ref.path is None:  # an IDX image: its key ("train:123") names the slot in every load of the files
+        return f"idx {ref.key}", -1
+    return str(ref.path.resolve()), ref.index
+
+
+def _copies(groups: list[list[Entry]], of: str, among: str, other_files_only: bool = False) -> tuple[int, list[tuple[str, str]]]:
+    """How many images of set `of` have an identical image in set `among`, and example pairs; `other_files_only`:
+    an image is not its own copy (two loads of one folder)."""
+    count, examples = 0, []
+    for group in groups:
+        for name, ref, _ in group:
+            if name != of:
+                continue
+            here = _location(ref)
+            other = next((e[1] for e in group if e[0] == among and not (other_files_only and _location(e[1]) == here)), None)
+            if other is not None:
+                count += 1
+                if len(examples) < EXAMPLES:
+                    examples.append((ref.key, other.key))
+    return count, examples
+
+
+def find_duplicates(train: LabelledSet, val: LabelledSet, classes: list[str]) -> Duplicates:
+    """Byte-identical images between `val` and `train`, and across classes within and between them."""
+    groups = _identical_groups([("train", train), ("val", val)])
     found = Duplicates()
-    for group in by_hash.values():
-        if len(group) < 2:
-            continue
-        trains = [e for e in group if e[0] == "train"]
-        for split, ref, _ in group:
-            if split == "val" and trains:
-                found.across += 1
-                if len(found.across_examples) < EXAMPLES:
-                    found.across_examples.append((ref.key, trains[0][1].key))
+    found.across, found.across_examples = _copies(groups, of="val", among="train")
+    for group in groups:
         first_label = group[0][2]
         if any(label != first_label for _, _, label in group):
             found.conflicting += len(group)  # each one has a copy under another class
@@ -97,3 +122,11 @@ def find_duplicates(train: LabelledSet, val: LabelledSet, classes: list[str]) ->
             if len(found.conflicting_examples) < EXAMPLES:
                 found.conflicting_examples.append((group[0][1].key, classes[first_label], other[1].key, classes[other[2]]))
     return found
+
+
+def copies_of_training_images(scored: LabelledSet, train: LabelledSet) -> dict[str, Any]:
+    """`edgetl eval`: how many scored images are byte-identical to one of the run's training images in another
+    file (scoring the training split itself finds only real copies), with example pairs (scored, training)."""
+    groups = _identical_groups([("train", train), ("scored", scored)])
+    count, examples = _copies(groups, of="scored", among="train", other_files_only=True)
+    return {"count": count, "examples": [list(e) for e in examples]}

@@ -8,8 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.data import relabel, scoring_set
+from edgetl.data import LabelledSet, dataset_from_record, relabel, scoring_set
 from edgetl.decoded import decode_for_scoring
+from edgetl.duplicates import copies_of_training_images
+from edgetl.errors import EdgetlError
 from edgetl.progress import Reporter
 from edgetl.run import RunFolder
 
@@ -26,6 +28,7 @@ class Scored:
     skipped_files: list[dict[str, str]]
     checkpoint: str
     checkpoint_sha256: str
+    copies_of_training_images: dict[str, Any] | None = None  # None: the run's training images are not here to compare
 
 
 def score(
@@ -51,10 +54,26 @@ def score(
     ls, data_classes, source, split_name = scoring_set(data, split)
     ls = relabel(ls, data_classes, labels, str(data))
     reporter.log(f"scoring {source}")
+    copies = _copies_of_training_images(ls, folder)
+    if copies and copies["count"]:
+        shown = "; ".join(f"{a} = {b}" for a, b in copies["examples"])
+        reporter.warn(f"{copies['count']} of the {len(ls)} image(s) are byte-identical to images the run trained on (e.g. {shown}): "
+                      "this score will look better than the model is")  # fmt: skip
     images, failed = decode_for_scoring(ls, spec, reporter, source)
     dev = pick_device(device)
     logits = predict_logits(model.to(dev), images, spec, dev, reporter=reporter)
-    return Scored(logits, np.asarray(images.labels), labels, source, split_name, failed, ckpt["path"], folder.checkpoint_sha256)
+    return Scored(logits, np.asarray(images.labels), labels, source, split_name, failed, ckpt["path"], folder.checkpoint_sha256,
+                  copies)  # fmt: skip
+
+
+def _copies_of_training_images(ls: LabelledSet, folder: RunFolder) -> dict[str, Any] | None:
+    """The scored images that are copies of the run's training images (its recorded list); None where those
+    cannot be listed here (a run moved to another machine without its data)."""
+    try:
+        train = dataset_from_record(folder.split_record()).train
+    except (EdgetlError, OSError):
+        return None
+    return copies_of_training_images(ls, train) if len(train) else None
 
 
 def evaluate(
@@ -70,5 +89,6 @@ def evaluate(
     s = score(run, data, split, device, reporter)
     metrics = classification_metrics(s.logits, s.labels, s.label_names)
     metrics.update({"data": s.source, "split": s.split, "scored": len(s.labels),
-                    "skipped_files": s.skipped_files, "checkpoint": s.checkpoint, "checkpoint_sha256": s.checkpoint_sha256})  # fmt: skip
+                    "skipped_files": s.skipped_files, "checkpoint": s.checkpoint, "checkpoint_sha256": s.checkpoint_sha256,
+                    "copies_of_training_images": s.copies_of_training_images})  # fmt: skip
     return metrics

@@ -12,6 +12,7 @@ import numpy as np
 from edgetl.config import TrainConfig
 from edgetl.data import ImageRef, LabelledSet, load_dataset
 from edgetl.duplicates import find_duplicates
+from edgetl.evaluate import evaluate
 from edgetl.progress import Reporter
 from edgetl.train import train
 
@@ -71,9 +72,10 @@ class _Recorder(Reporter):
         self.lines.append(str(message))
 
 
-def test_training_says_and_records_what_it_found(split_folder: Path, tmp_path: Path) -> None:
+def test_training_and_eval_say_and_record_what_they_found(split_folder: Path, tmp_path: Path) -> None:
     red = _classes(split_folder / "train")[0]
     shutil.copy(split_folder / "val" / red / f"{red}_0.png", split_folder / "train" / red / "copy_of_val.png")
+    shutil.copy(split_folder / "train" / red / f"{red}_2.png", split_folder / "test" / red / "copy_of_train.png")
     cfg = TrainConfig(backbone="tiny", pretrained=False, epochs_head=1, epochs_finetune=0, batch_size=8, seed=0)
     reporter = _Recorder()
     run = train(split_folder, cfg, out=str(tmp_path / "run"), reporter=reporter).run_dir
@@ -81,3 +83,9 @@ def test_training_says_and_records_what_it_found(split_folder: Path, tmp_path: P
     assert recorded["val_in_train"] == 1 and recorded["conflicting_labels"] == 0
     assert recorded["val_in_train_examples"][0][1].endswith("copy_of_val.png")
     assert any(line.startswith("warning: 1 validation image(s) are byte-identical to training images") for line in reporter.lines)
+
+    on_test = evaluate(run, split_folder, reporter=reporter)  # the test split, with one copy of a training image
+    assert on_test["copies_of_training_images"] == {"count": 1, "examples": [[f"test/{red}/copy_of_train.png", f"train/{red}/{red}_2.png"]]}
+    assert any(line.startswith("warning: 1 of the ") and "byte-identical to images the run trained on" in line for line in reporter.lines)
+    on_train = evaluate(run, split_folder, split="train", reporter=Reporter(quiet=True))
+    assert on_train["copies_of_training_images"]["count"] == 0  # no image is its own copy
