@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -116,3 +117,19 @@ def test_node_honours_exif_orientation_like_the_python_runtime(real_export: Path
     assert same_or_near_tie(node, py), (node, py.top_k)
     if fmt == "png":
         assert node["probability"] == pytest.approx(py.probability, abs=2e-3)
+
+
+@needs_node
+@pytest.mark.parametrize(("given", "seen"), [(None, "1"), ("0", "0")], ids=["unset", "user-set"])
+def test_node_app_turns_onnxruntime_telemetry_off_unless_the_user_set_it(tmp_path: Path, given: str | None, seen: str) -> None:
+    # onnxruntime-node's native library posts usage events some seconds into a session unless this variable is set.
+    probe = tmp_path / "probe.js"  # preloaded: says what the environment held when the app ended
+    probe.write_text("process.on('exit', () => process.stderr.write(`ORT_DISABLE_TELEMETRY=${process.env.ORT_DISABLE_TELEMETRY}\\n`));\n")
+    (tmp_path / "m.onnx").write_bytes(b"\x08\x07")
+    img = next((sample_path() / "val").rglob("*.jpg"))
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}  # importing edgetl set it in this process
+    if given is not None:
+        env["ORT_DISABLE_TELEMETRY"] = given
+    proc = subprocess.run(["node", "-r", str(probe), str(APP / "classify.js"), str(tmp_path / "m.onnx"), str(img)],
+                          capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    assert f"ORT_DISABLE_TELEMETRY={seen}" in proc.stderr.splitlines()

@@ -9,6 +9,11 @@
 // they are top-level field 14 of the ModelProto message, a few lines of protobuf decoding.
 "use strict";
 
+// ONNX Runtime (1.29 and later, Linux and macOS) posts usage telemetry to Microsoft some seconds after its first
+// session. Like edgetl, this app turns that off unless the user has set the variable; the native library reads it
+// from the environment, so it is set before the require.
+if (process.env.ORT_DISABLE_TELEMETRY === undefined) process.env.ORT_DISABLE_TELEMETRY = "1";
+
 const fs = require("fs");
 const ort = require("onnxruntime-node");
 const jpeg = require("jpeg-js");
