@@ -91,12 +91,12 @@ def test_pareto_front() -> None:
 def test_interleaved_latency_fixed_runs_alternate_between_models() -> None:
     calls: list[str] = []
     runners = {name: (lambda x, name=name: calls.append(name) or x) for name in ("a", "b")}
-    samples = interleaved_latency(runners, np.zeros(1), min_time=0.0, warmup=2, rounds=3, runs_per_round=4)
-    assert {k: len(v) for k, v in samples.items()} == {"a": 12, "b": 12}
+    samples = interleaved_latency(runners, np.zeros(1), min_time=0.0, warmup=2, rounds=3, runs_per_round=4, turn_warmup=1)
+    assert {k: len(v) for k, v in samples.items()} == {"a": 12, "b": 12}  # the per-turn warm-up runs are not samples
     assert all(ms >= 0 for v in samples.values() for ms in v)
-    timed = calls[4:]  # after 2 warm-up calls each
-    assert calls[:4] == ["a", "a", "b", "b"]
-    assert timed == (["a"] * 4 + ["b"] * 4) * 3  # rounds alternate, so drift hits both models alike
+    assert calls[:4] == ["a", "a", "b", "b"]  # 2 warm-up calls each
+    # Rounds alternate, so drift hits both models alike; each turn opens with one untimed run (caches after a switch).
+    assert calls[4:] == (["a"] * (1 + 4) + ["b"] * (1 + 4)) * 3
 
 
 runner = CliRunner()

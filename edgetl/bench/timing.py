@@ -62,16 +62,27 @@ def interleaved_latency(
     warmup: int,
     rounds: int = 5,
     runs_per_round: int | None = None,
+    turn_warmup: int = 5,
 ) -> dict[str, list[float]]:
     """Batch latency samples (ms) for runners in this process over `rounds` interleaved rounds.
 
     Each round gives every runner at least min_time/rounds seconds (and 3 runs), or exactly
-    `runs_per_round` runs when that is set (for a fixed, reportable run count).
+    `runs_per_round` runs when that is set (for a fixed, reportable run count). Each turn starts with
+    `turn_warmup` untimed runs: the first runs after another model ran find the caches holding that
+    model's weights and measure the switch, not this model. In 16-run turns (the demo's quantize step)
+    ONNX Runtime's Lite0 int8/fp32 read 0.72 without them, 0.61 with 5, 0.60 in 100-run turns
+    (benchmarks/turn_warmup.py; OpenVINO 0.66 either way); the demo once printed 1.21x without them.
     """
     for run in runners.values():
         for _ in range(warmup):
             run(x)
-    turns = {name: (lambda seconds, runs, run=run: timed_runs(run, x, seconds, runs)) for name, run in runners.items()}
+
+    def turn(run: Callable[[np.ndarray], np.ndarray], seconds: float, runs: int | None) -> list[float]:
+        for _ in range(turn_warmup):
+            run(x)
+        return timed_runs(run, x, seconds, runs)
+
+    turns = {name: (lambda seconds, runs, run=run: turn(run, seconds, runs)) for name, run in runners.items()}
     return rounds_of_turns(turns, min_time, rounds, runs_per_round)
 
 
