@@ -68,9 +68,15 @@ def score(
 
 def _copies_of_training_images(ls: LabelledSet, folder: RunFolder) -> dict[str, Any] | None:
     """The scored images that are copies of the run's training images (its recorded list); None where those
-    cannot be listed here (a run moved to another machine without its data)."""
+    cannot be listed here (a run moved to another machine without its data). Only training images whose
+    recorded byte count is one a scored image has are looked at: no stat of the rest, no scan of their shards."""
+    record = folder.split_record()
+    sizes = {ref.size_on_disk() for ref in ls.refs}
+    rows = [row for row in record["splits"].get("train", []) if len(row) < 3 or row[2] is None or row[2] in sizes]
+    if not rows:
+        return {"count": 0, "examples": []}
     try:
-        train = dataset_from_record(folder.split_record()).train
+        train = dataset_from_record({**record, "splits": {"train": rows, "val": []}}).train
     except (EdgetlError, OSError):
         return None
     return copies_of_training_images(ls, train) if len(train) else None

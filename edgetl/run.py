@@ -78,6 +78,8 @@ _HELD_LOCKS: set[int] = set()
 def _close_inherited_locks() -> None:
     # The child's copy points at /dev/null instead (the parent's descriptor and lock stay): the number stays
     # taken, so a child that runs on through `locked`'s clean-up unlocks and closes nothing of its own.
+    if not _HELD_LOCKS:  # every fork of the process runs this: most hold nothing
+        return
     try:
         null = os.open(os.devnull, os.O_RDWR)
     except OSError:

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from edgetl.backends.executorch import read_metadata as read_pte_metadata
 from edgetl.backends.executorch import sidecar
-from edgetl.backends.litert import LiteRtLoadError, LiteRtModel, io_names, metadata_of, read_metadata, schema, with_metadata
+from edgetl.backends.litert import LiteRtLoadError, LiteRtModel, metadata_of, read_metadata, schema, with_metadata
 from edgetl.backends.onnxruntime import read_metadata as read_onnx_metadata
 from edgetl.cli.main import app
 from edgetl.errors import EdgetlError
@@ -27,6 +27,12 @@ from edgetl.quantize import QuantizeOptions, quantize_run
 from edgetl.runtime import Classifier
 
 QUIET = Reporter(quiet=True)
+
+
+def io_names(tflite: bytes) -> tuple[str, str]:
+    """The names of the file's first input and output tensors, read from the graph itself (not the metadata)."""
+    graph = schema().Model.GetRootAs(tflite, 0).Subgraphs(0)
+    return graph.Tensors(graph.Inputs(0)).Name().decode(), graph.Tensors(graph.Outputs(0)).Name().decode()
 # The file's own contract differs from the ONNX one only where the format does: LiteRT takes NHWC.
 LITERT_OWN_KEYS = {"layout"}
 

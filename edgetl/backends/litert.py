@@ -116,12 +116,6 @@ def _rename_io(graph: Any, meta: dict[str, str]) -> dict[str, str]:
     return names
 
 
-def io_names(tflite: bytes) -> tuple[str, str]:
-    """The names of the first input and output tensors (what an app looks them up by)."""
-    graph = schema().Model.GetRootAs(tflite, 0).Subgraphs(0)
-    return graph.Tensors(graph.Inputs(0)).Name().decode(), graph.Tensors(graph.Outputs(0)).Name().decode()
-
-
 def interpreter_class() -> Any:
     try:
         from ai_edge_litert.interpreter import Interpreter

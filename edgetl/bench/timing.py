@@ -8,6 +8,7 @@ machine slows both alike.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -82,7 +83,7 @@ def interleaved_latency(
             run(x)
         return timed_runs(run, x, seconds, runs)
 
-    turns = {name: (lambda seconds, runs, run=run: turn(run, seconds, runs)) for name, run in runners.items()}
+    turns = {name: functools.partial(turn, run) for name, run in runners.items()}
     return rounds_of_turns(turns, min_time, rounds, runs_per_round)
 
 
