@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from edgetl.data import ImageRef, LabelledSet
+from edgetl.data import DIGEST_BYTES, ImageRef, LabelledSet
 from edgetl.errors import EdgetlError
 from edgetl.preprocess import PreprocessSpec, resize_shorter
 
@@ -57,11 +57,13 @@ class DecodedImages:
 
     The pixels live in one or more cache files (several when the processes of a node each decoded a
     share, see `join`); row i of `index` is (file number, offset, height, width) of image i.
-    `positions[i]` is image i's position in the LabelledSet it was decoded from."""
+    `positions[i]` is image i's position in the LabelledSet it was decoded from; `digests[i]` the
+    `content_digest` of its stored bytes, taken from the decode's own read (edgetl.duplicates)."""
 
     def __init__(self, refs: list[ImageRef], labels: np.ndarray, paths: list[Path], index: np.ndarray, positions: np.ndarray,
-                 resize_size: int, interpolation: str, owned: tuple[Path, ...] = ()) -> None:  # fmt: skip
+                 digests: np.ndarray, resize_size: int, interpolation: str, owned: tuple[Path, ...] = ()) -> None:  # fmt: skip
         self.refs, self.labels, self.paths, self.index, self.positions = refs, labels, paths, index, positions
+        self.digests = digests  # (n, DIGEST_BYTES) uint8
         self.resize_size, self.interpolation = resize_size, interpolation
         self._fds: dict[int, int] = {}
         self._pid = -1
@@ -100,26 +102,27 @@ class DecodedImages:
     def subset(self, indices: np.ndarray) -> DecodedImages:
         """A view of some images (same files, owning none: the files live as long as this object's source)."""
         view = DecodedImages([self.refs[i] for i in indices], self.labels[indices], self.paths, self.index[indices],
-                             self.positions[indices], self.resize_size, self.interpolation)  # fmt: skip
+                             self.positions[indices], self.digests[indices], self.resize_size, self.interpolation)  # fmt: skip
         view._source = self  # type: ignore[attr-defined]  # keeps the owner (and so its files) alive
         return view
 
     @classmethod
-    def join(cls, ls: LabelledSet, parts: list[tuple[str, np.ndarray, np.ndarray]], resize_size: int, interpolation: str,
-             owned: tuple[Path, ...] = ()) -> DecodedImages:  # fmt: skip
+    def join(cls, ls: LabelledSet, parts: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], resize_size: int,
+             interpolation: str, owned: tuple[Path, ...] = ()) -> DecodedImages:  # fmt: skip
         """One split from the parts several processes decoded. Each part is (its file, its `index`, the
-        positions in `ls` of its images), as `decode_split` made them."""
+        positions in `ls` of its images, their `digests`), as `decode_split` made them."""
         rows, positions = [], []
-        for file_no, (_, index, pos) in enumerate(parts):
+        for file_no, (_, index, pos, _) in enumerate(parts):
             rows.append(index.copy())
             rows[-1][:, 0] = file_no
             positions.append(pos)
         index_all = np.concatenate(rows) if rows else np.zeros((0, 4), np.int64)
         pos_all = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+        digests_all = np.concatenate([p[3] for p in parts]) if parts else np.zeros((0, DIGEST_BYTES), np.uint8)
         order = np.argsort(pos_all, kind="stable")
-        index_all, pos_all = index_all[order], pos_all[order]
-        return cls([ls.refs[i] for i in pos_all], ls.labels[pos_all], [Path(p) for p, _, _ in parts], index_all, pos_all,
-                   resize_size, interpolation, owned)  # fmt: skip
+        index_all, pos_all, digests_all = index_all[order], pos_all[order], digests_all[order]
+        return cls([ls.refs[i] for i in pos_all], ls.labels[pos_all], [Path(p) for p, *_ in parts], index_all, pos_all,
+                   digests_all, resize_size, interpolation, owned)  # fmt: skip
 
     def disown(self) -> tuple[Path, ...]:
         """Hand this object's files to another (see `join`): they are no longer removed with it."""
@@ -158,14 +161,14 @@ def decode_split(
     (see `stored_size`). The cache file goes in `cache_dir` (default: the temp folder)."""
     keep_size = stored_size(spec, crop_scale)
 
-    def work(ref: ImageRef) -> np.ndarray | str:
+    def work(ref: ImageRef) -> tuple[np.ndarray, bytes] | str:
         try:
-            img = ref.load()
+            img, digest = ref.load_with_digest()  # hashed from the decode's own read: no second read of any file
             # Keep the resized image only when it is smaller than the original; small originals (IDX)
             # stay small and are resized on access, which gives the same pixels.
             if min(img.size) > keep_size:
                 img = resize_shorter(img, keep_size, spec.interpolation)
-            return np.asarray(img, dtype=np.uint8)
+            return np.asarray(img, dtype=np.uint8), digest
         except Exception as exc:  # PIL raises many types for bad data; each becomes a skip record
             return f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
 
@@ -180,21 +183,24 @@ def decode_split(
             raise EdgetlError(f"cannot write the decoded-image cache {tmp}: {exc.strerror or exc}") from None
     good: list[int] = []
     index = np.zeros((len(ls), 4), dtype=np.int64)
+    digests = np.zeros((len(ls), DIGEST_BYTES), dtype=np.uint8)
     failed: list[dict[str, str]] = []
     offset = 0
     try:
         with os.fdopen(fd, "wb", buffering=1 << 20) as out:
-            for i, result in _bounded_map(work, ls.refs, workers or min(8, (os.cpu_count() or 2) * 2)):
+            for i, outcome in _bounded_map(work, ls.refs, workers or min(8, (os.cpu_count() or 2) * 2)):
                 if progress:
                     progress(1)
-                if isinstance(result, str):
-                    failed.append({"file": ls.refs[i].key, "reason": result})
+                if isinstance(outcome, str):
+                    failed.append({"file": ls.refs[i].key, "reason": outcome})
                     continue
+                result, digest = outcome
                 if result.ndim != 3 or result.shape[2] != 3:
                     failed.append({"file": ls.refs[i].key, "reason": f"unexpected decoded shape {result.shape}"})
                     continue
                 out.write(result.tobytes())
                 index[len(good)] = (0, offset, result.shape[0], result.shape[1])
+                digests[len(good)] = np.frombuffer(digest, dtype=np.uint8)
                 offset += result.nbytes
                 good.append(i)
     except OSError as exc:
@@ -206,7 +212,7 @@ def decode_split(
         raise
     kept = np.asarray(good, dtype=np.int64)
     images = DecodedImages([ls.refs[i] for i in kept], ls.labels[kept], [Path(tmp)], index[: len(good)].copy(), kept,
-                           spec.resize_size, spec.interpolation, owned=(Path(tmp),))  # fmt: skip
+                           digests[: len(good)].copy(), spec.resize_size, spec.interpolation, owned=(Path(tmp),))  # fmt: skip
     return images, failed
 
 

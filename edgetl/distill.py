@@ -80,17 +80,41 @@ def _training_keys(folder: RunFolder, record: dict[str, Any]) -> set[str] | None
 
 
 def _check_no_leak(folder: RunFolder, record: dict[str, Any], name: str) -> str:
-    """Refuse a teacher that trained on this run's val or test images; say what could be checked."""
+    """Refuse a teacher that trained on this run's val or test images; say what could be checked. By name
+    where the teacher trained on this data (its file lists); by content where both runs recorded digests
+    (edgetl.duplicates.record_digests): a validation image byte-identical to one the teacher trained on
+    leaks too, wherever the teacher's copy was, unless this run trains on a copy of it as well."""
     seen = _training_keys(folder, record)
-    if seen is None:
+    checked = []
+    if seen is not None:
+        for split in ("val", "test"):
+            leaked = [key for key, *_ in record["splits"].get(split, []) if key in seen]
+            if leaked:
+                raise EdgetlError(f"{name} trained on {len(leaked)} image(s) that are in this run's {split} split "
+                                  f"(e.g. {leaked[0]}): its soft labels would leak them; train the teacher with the same "
+                                  "split (same --seed and --val-fraction) or on the training images only")  # fmt: skip
+        checked.append("none of this run's validation or test images is among the teacher's training images")
+    taught = _digests(folder.split_record(), "train")
+    val_rows = [row for row in record["splits"].get("val", []) if len(row) > 3]
+    if taught and val_rows:
+        taught -= _digests(record, "train")  # a copy this run trains on as well teaches the student nothing new
+        copies = [row[0] for row in val_rows if row[3] in taught]
+        if copies:
+            raise EdgetlError(f"{name} trained on byte-identical copies of {len(copies)} of this run's validation image(s) "
+                              f"(e.g. {copies[0]}; its data: {folder.split_record()['root']}): its soft labels would leak "
+                              "them; train the teacher without them")  # fmt: skip
+        checked.append("no validation image is byte-identical to one the teacher trained on")
+    if not checked:
         return f"not checked: the teacher trained on other data ({folder.split_record()['root']}), whose files cannot be matched by name"
-    for split in ("val", "test"):
-        leaked = [key for key, *_ in record["splits"].get(split, []) if key in seen]
-        if leaked:
-            raise EdgetlError(f"{name} trained on {len(leaked)} image(s) that are in this run's {split} split "
-                              f"(e.g. {leaked[0]}): its soft labels would leak them; train the teacher with the same "
-                              "split (same --seed and --val-fraction) or on the training images only")  # fmt: skip
-    return "passed: none of this run's validation or test images is among the teacher's training images"
+    if seen is None:
+        checked.append("the test split (never read in training) could not be checked: the teacher trained on other data "
+                       f"({folder.split_record()['root']})")  # fmt: skip
+    return "passed: " + "; ".join(checked)
+
+
+def _digests(record: dict[str, Any], split: str) -> set[str]:
+    """The content digests a split record holds for `split` (none for runs recorded without them)."""
+    return {row[3] for row in record["splits"].get(split, []) if len(row) > 3 and row[3]}
 
 
 def teacher_coverage(runs: Sequence[str], record: dict[str, Any], keys: Sequence[str]) -> tuple[np.ndarray, str]:

@@ -6,22 +6,23 @@ better than the model is; one picture filed under two classes teaches both label
 Neither is an error (a user may have reasons), so `edgetl train` says what it found, with examples, and
 records it in manifest.json.
 
-What it costs: only files that share their byte count with another file are read and hashed. In a few
-thousand photos that is almost none (clothing-small: 0.05 s); in hundreds of thousands most byte counts
-repeat, and the check reads nearly every file once more before the decode reads them again (hashing in
-the decode's own read would avoid that; not done yet). A shard member's size is known without a stat;
-in-memory IDX images are hashed (0.20 s for Fashion-MNIST's 60k). The test split is never read here:
-training does not open it.
+What it costs: in training, nothing is read for it. The decode (edgetl.decoded) hashes each image's
+bytes from its own read of them (BLAKE2b, about 1 GB/s: a few per cent of decoding them), and
+`find_duplicates` groups those digests, and train records them in splits.json (`record_digests`), so
+`edgetl eval` compares the digests of the images it scores with them and reads no training image
+(`recorded_copies`). For runs recorded without digests, eval reads the training images whose recorded byte
+count a scored image has (`copies_of_training_images`). The test split is never read in training.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from edgetl.data import ImageRef, LabelledSet
+from edgetl.data import ImageRef, LabelledSet, content_digest
+from edgetl.decoded import DecodedImages
 
 EXAMPLES = 5  # pairs shown in the log and kept in the manifest, per kind
 
@@ -53,38 +54,46 @@ class Duplicates:
         return out
 
 
-def _content(ref: ImageRef) -> bytes | None:
-    """The image's stored bytes (an IDX image: its pixels); None when it cannot be read (decoding reports that)."""
+Entry = tuple[str, ImageRef, int]  # (which set, image, label)
+
+
+def _digest_of(ref: ImageRef) -> bytes | None:
+    """The digest of the image's stored bytes; None when they cannot be read (decoding reports that)."""
     try:
-        if ref.path is None:
-            return None if ref.array is None else ref.array[ref.index].tobytes()
-        with open(ref.path, "rb") as f:
-            if ref.length >= 0:  # a member of a tar shard
-                f.seek(ref.index)
-                return f.read(ref.length)
-            return f.read()
+        return content_digest(ref.read())
     except OSError:
         return None
 
 
-Entry = tuple[str, ImageRef, int]  # (which set, image, label)
+def _groups_of(by_digest: dict[bytes, list[Entry]]) -> list[list[Entry]]:
+    return [group for group in by_digest.values() if len(group) > 1]
+
+
+def _decoded_groups(named: list[tuple[str, DecodedImages]]) -> list[list[Entry]]:
+    """Groups of two or more images with identical bytes, from the digests the decode took."""
+    by_digest: dict[bytes, list[Entry]] = defaultdict(list)
+    for name, images in named:
+        for ref, label, digest in zip(images.refs, images.labels, images.digests, strict=True):
+            by_digest[digest.tobytes()].append((name, ref, int(label)))
+    return _groups_of(by_digest)
 
 
 def _identical_groups(named: list[tuple[str, LabelledSet]]) -> list[list[Entry]]:
-    """Groups of two or more images with identical bytes, over every image of the named sets."""
+    """Groups of two or more images with identical bytes, over every image of the named sets: only images
+    whose byte count another image shares are read."""
     by_size: dict[int | None, list[Entry]] = defaultdict(list)
     for name, ls in named:
         for ref, label in zip(ls.refs, ls.labels, strict=True):
             by_size[ref.size_on_disk()].append((name, ref, int(label)))
-    by_hash: dict[bytes, list[Entry]] = defaultdict(list)
+    by_digest: dict[bytes, list[Entry]] = defaultdict(list)
     for size, group in by_size.items():
         if len(group) < 2 and size is not None:
             continue  # a unique byte count: no identical copy can exist
         for entry in group:
-            content = _content(entry[1])
-            if content is not None:
-                by_hash[hashlib.blake2b(content, digest_size=16).digest()].append(entry)
-    return [group for group in by_hash.values() if len(group) > 1]
+            digest = _digest_of(entry[1])
+            if digest is not None:
+                by_digest[digest].append(entry)
+    return _groups_of(by_digest)
 
 
 def _location(ref: ImageRef) -> tuple[str, int]:
@@ -111,9 +120,10 @@ def _copies(groups: list[list[Entry]], of: str, among: str, other_files_only: bo
     return count, examples
 
 
-def find_duplicates(train: LabelledSet, val: LabelledSet, classes: list[str]) -> Duplicates:
-    """Byte-identical images between `val` and `train`, and across classes within and between them."""
-    groups = _identical_groups([("train", train), ("val", val)])
+def find_duplicates(train: DecodedImages, val: DecodedImages, classes: list[str]) -> Duplicates:
+    """Byte-identical images between `val` and `train`, and across classes within and between them, from
+    the digests their decode took (unreadable images, left out of training, are left out here too)."""
+    groups = _decoded_groups([("train", train), ("val", val)])
     found = Duplicates()
     found.across, found.across_examples = _copies(groups, of="val", among="train")
     for group in groups:
@@ -124,6 +134,49 @@ def find_duplicates(train: LabelledSet, val: LabelledSet, classes: list[str]) ->
             if len(found.conflicting_examples) < EXAMPLES:
                 found.conflicting_examples.append((group[0][1].key, classes[first_label], other[1].key, classes[other[2]]))
     return found
+
+
+def record_digests(record: dict[str, Any], decoded: dict[str, DecodedImages]) -> dict[str, Any]:
+    """The split record (`Dataset.split_record`) with a fourth column in the rows of the decoded splits: the
+    hex digest of each image's stored bytes, None for one that could not be decoded. `edgetl eval` then
+    finds copies of the training images without reading them, or even having them."""
+    splits = dict(record["splits"])
+    for split, images in decoded.items():
+        hexes: list[str | None] = [None] * len(splits[split])
+        for position, digest in zip(images.positions, images.digests, strict=True):
+            hexes[int(position)] = digest.tobytes().hex()
+        splits[split] = [[*row[:3], digest] for row, digest in zip(splits[split], hexes, strict=True)]
+    return {**record, "splits": splits}
+
+
+def recorded_copies(scored: DecodedImages, record: dict[str, Any]) -> dict[str, Any] | None:
+    """`edgetl eval`: how many scored images have the digest of one of the run's training images as recorded
+    in `record` (no training image is read), with example pairs (scored, training); None when the record
+    has no digests (runs made before they were recorded)."""
+    rows = record["splits"].get("train", [])
+    if not rows or any(len(row) < 4 for row in rows):
+        return None
+    wanted = {digest.tobytes().hex() for digest in scored.digests}
+    keys_by_digest: dict[str, list[str]] = defaultdict(list)
+    for row in rows:
+        if row[3] in wanted:
+            keys_by_digest[row[3]].append(row[0])
+    count, examples = 0, []
+    for ref, digest in zip(scored.refs, scored.digests, strict=True):
+        keys = keys_by_digest.get(digest.tobytes().hex(), [])
+        other = next((key for key in keys if not _is_recorded_image(ref, key, record)), None)
+        if other is not None:
+            count += 1
+            if len(examples) < EXAMPLES:
+                examples.append([ref.key, other])
+    return {"count": count, "examples": examples}
+
+
+def _is_recorded_image(ref: ImageRef, key: str, record: dict[str, Any]) -> bool:
+    """Whether `ref` is the very image recorded as `key` (scoring the training split itself finds no copies)."""
+    if ref.path is not None and ref.length < 0 and record["kind"] not in ("idx", "shards"):
+        return ref.path.resolve() == (Path(record["root"]) / key).resolve()
+    return ref.key == key  # an IDX slot ("train:12") or a shard member ("<shard>/<sample>") is named by its key
 
 
 def copies_of_training_images(scored: LabelledSet, train: LabelledSet) -> dict[str, Any]:

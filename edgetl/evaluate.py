@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from edgetl.data import LabelledSet, dataset_from_record, relabel, scoring_set
-from edgetl.decoded import decode_for_scoring
-from edgetl.duplicates import copies_of_training_images
+from edgetl.decoded import DecodedImages, decode_for_scoring
+from edgetl.duplicates import copies_of_training_images, recorded_copies
 from edgetl.errors import EdgetlError
 from edgetl.progress import Reporter
 from edgetl.run import RunFolder
@@ -54,23 +54,28 @@ def score(
     ls, data_classes, source, split_name = scoring_set(data, split)
     ls = relabel(ls, data_classes, labels, str(data))
     reporter.log(f"scoring {source}")
-    copies = _copies_of_training_images(ls, folder)
+    images, failed = decode_for_scoring(ls, spec, reporter, source)
+    copies = _copies_of_training_images(images, ls, folder)
     if copies and copies["count"]:
         shown = "; ".join(f"{a} = {b}" for a, b in copies["examples"])
         reporter.warn(f"{copies['count']} of the {len(ls)} image(s) are byte-identical to images the run trained on (e.g. {shown}): "
                       "this score will look better than the model is")  # fmt: skip
-    images, failed = decode_for_scoring(ls, spec, reporter, source)
     dev = pick_device(device)
     logits = predict_logits(model.to(dev), images, spec, dev, reporter=reporter)
     return Scored(logits, np.asarray(images.labels), labels, source, split_name, failed, ckpt["path"], folder.checkpoint_sha256,
                   copies)  # fmt: skip
 
 
-def _copies_of_training_images(ls: LabelledSet, folder: RunFolder) -> dict[str, Any] | None:
-    """The scored images that are copies of the run's training images (its recorded list); None where those
-    cannot be listed here (a run moved to another machine without its data). Only training images whose
-    recorded byte count is one a scored image has are looked at: no stat of the rest, no scan of their shards."""
+def _copies_of_training_images(images: DecodedImages, ls: LabelledSet, folder: RunFolder) -> dict[str, Any] | None:
+    """The scored images that are copies of the run's training images: from the digests the run recorded
+    (nothing of the training data is read, or needs to be here), else (a run recorded without them) from
+    the training images themselves, where they can be listed here (None where not). Of those, only the ones
+    whose recorded byte count is one a scored image has are looked at: no stat of the rest, no scan of
+    their shards."""
     record = folder.split_record()
+    recorded = recorded_copies(images, record)
+    if recorded is not None:
+        return recorded
     sizes = {ref.size_on_disk() for ref in ls.refs}
     rows = [row for row in record["splits"].get("train", []) if len(row) < 3 or row[2] is None or row[2] in sizes]
     if not rows:

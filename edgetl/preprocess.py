@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 
@@ -71,7 +71,14 @@ def decode_image(source: str | os.PathLike[str] | bytes | Image.Image) -> Image.
     if isinstance(source, Image.Image):
         img = source
     else:
-        img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        try:
+            img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        except UnidentifiedImageError:
+            if not isinstance(source, bytes):
+                raise
+            # Pillow's message would name the in-memory buffer ("<_io.BytesIO object at 0x...>"); the
+            # caller names the file.
+            raise UnidentifiedImageError("cannot identify image file (not a format Pillow reads)") from None
         img.seek(0)
         img.load()  # force a full decode now so truncated files fail here, not later
     img = ImageOps.exif_transpose(img)

@@ -44,7 +44,7 @@ from edgetl.data import Dataset as ImageDataset
 from edgetl.data import LabelledSet, check_after_skips, dataset_from_record, load_dataset
 from edgetl.decoded import CACHE_PREFIX, DecodedImages, decode_split
 from edgetl.distributed import Dist, lost_peer
-from edgetl.duplicates import find_duplicates
+from edgetl.duplicates import find_duplicates, record_digests
 from edgetl.errors import EdgetlError, TrainingInterrupted
 from edgetl.fileio import write_csv, write_json
 from edgetl.hostinfo import has_bf16, host_record
@@ -359,11 +359,6 @@ class Trainer:
             f"data: {ds.root} ({ds.kind}), {len(ds.classes)} classes, train {len(ds.train)}, val {len(ds.val)}"
             f"{f', test {len(ds.test)} (not used for training)' if ds.test is not None else ''}; {ds.split_note}"
         )
-        if self.dist.is_main:  # one process reads what it must; the others train on
-            found = find_duplicates(ds.train, ds.val, ds.classes)
-            self.duplicates = found.to_dict()
-            for warning in found.warnings():
-                r.warn(f"{warning} (listed in manifest.json)")
         decoded = {}
         # Training images are kept large enough for the smallest random crop unless --crop-source resized.
         train_crop = cfg.crop_scale if cfg.augment != "none" and cfg.crop_source == "full" else None
@@ -373,6 +368,11 @@ class Trainer:
             for f in failed:
                 f["split"] = split
             self.skipped += failed
+        if self.dist.is_main:  # from the digests the decode took: nothing is read again
+            found = find_duplicates(decoded["train"], decoded["val"], ds.classes)
+            self.duplicates = found.to_dict()
+            for warning in found.warnings():
+                r.warn(f"{warning} (listed in manifest.json)")
         if self.skipped:
             listing = "; ".join(f"{f['file']} ({f['reason']})" for f in self.skipped[:5])
             more = f" and {len(self.skipped) - 5} more" if len(self.skipped) > 5 else ""
@@ -397,7 +397,8 @@ class Trainer:
             return
         from edgetl.distill import load_teacher, teacher_coverage
 
-        record = self.dataset.split_record()
+        # With this run's digests, the leak check also compares contents (edgetl.distill._check_no_leak).
+        record = record_digests(self.dataset.split_record(), {"train": self.train_images, "val": self.val_images})
         ls = self.dataset.train.subset(self.train_images.positions)  # exactly the student's training images, in order
         d = self.dist
         n = len(ls)
@@ -467,12 +468,13 @@ class Trainer:
         path = self.run_dir / f"{CACHE_PREFIX}{split}-node{d.node_rank}-part{d.local_rank}.tmp"
         part, failed = decode_split(ls.subset(mine), self.spec, crop, progress=advance, path=path)
         owned = part.disown()
-        everyone = d.gather_objects((d.node_rank, d.local_rank, str(path), part.index, mine[part.positions], failed))
+        everyone = d.gather_objects((d.node_rank, d.local_rank, str(path), part.index, mine[part.positions], part.digests, failed))
         peers = sorted((e for e in everyone if e[0] == d.node_rank), key=lambda e: e[1])
-        joined = DecodedImages.join(ls, [(e[2], e[3], e[4]) for e in peers], self.spec.resize_size, self.spec.interpolation, owned)
+        joined = DecodedImages.join(ls, [(e[2], e[3], e[4], e[5]) for e in peers], self.spec.resize_size,
+                                    self.spec.interpolation, owned)  # fmt: skip
         d.barrier()  # every peer's file is complete before anyone reads it
         joined.open_all()
-        return joined, [f for e in peers for f in e[5]]
+        return joined, [f for e in peers for f in e[6]]
 
     def criterion(self, smoothing: bool = True) -> nn.Module:
         return nn.CrossEntropyLoss(
@@ -1188,6 +1190,7 @@ def train(
             reporter.log(f"run folder: {run_dir}")
             # From here on the run is resumable: the file lists, the config and the starting weights are on disk.
             if d.is_main:
+                record = record_digests(record, {"train": trainer.train_images, "val": trainer.val_images})
                 write_json(run_dir / layout.SPLITS, record)
             trainer.write_manifest("training")
             trainer.save_last("head", 0)

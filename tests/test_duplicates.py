@@ -3,22 +3,38 @@ said and recorded; the test split is not read for it."""
 
 from __future__ import annotations
 
+import builtins
 import json
+import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from edgetl.config import TrainConfig
-from edgetl.data import ImageRef, LabelledSet, load_dataset
-from edgetl.duplicates import find_duplicates
+from edgetl.data import ImageRef, LabelledSet, content_digest, load_dataset
+from edgetl.decoded import DecodedImages, decode_split
+from edgetl.duplicates import Duplicates, find_duplicates
 from edgetl.evaluate import evaluate
+from edgetl.preprocess import PreprocessSpec
 from edgetl.progress import Reporter
 from edgetl.train import train
+
+SPEC = PreprocessSpec(32, 36, "bicubic", (0.5,) * 3, (0.5,) * 3)
 
 
 def _classes(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir())
+
+
+def _decoded(ls: LabelledSet) -> DecodedImages:
+    return decode_split(ls, SPEC)[0]
+
+
+def _find(train_set: LabelledSet, val_set: LabelledSet, classes: list[str]) -> Duplicates:
+    return find_duplicates(_decoded(train_set), _decoded(val_set), classes)
 
 
 def test_copies_across_splits_and_classes_are_found(split_folder: Path) -> None:
@@ -26,7 +42,7 @@ def test_copies_across_splits_and_classes_are_found(split_folder: Path) -> None:
     shutil.copy(split_folder / "val" / red / f"{red}_0.png", split_folder / "train" / red / "copy_of_val.png")
     shutil.copy(split_folder / "train" / green / f"{green}_1.png", split_folder / "train" / blue / "mislabelled.png")
     ds = load_dataset(split_folder)
-    found = find_duplicates(ds.train, ds.val, ds.classes)
+    found = _find(ds.train, ds.val, ds.classes)
     assert found.across == 1
     (val_key, train_key), = found.across_examples
     assert val_key.endswith(f"{red}_0.png") and train_key.endswith("copy_of_val.png")
@@ -41,7 +57,9 @@ def test_copies_across_splits_and_classes_are_found(split_folder: Path) -> None:
 def test_distinct_images_are_not_duplicates_even_at_equal_size(split_folder: Path) -> None:
     # The generated PNGs share their size often, so their bytes are compared, and differ.
     ds = load_dataset(split_folder)
-    found = find_duplicates(ds.train, ds.val, ds.classes)
+    sizes = Counter(r.size_on_disk() for r in ds.train.refs + ds.val.refs)
+    assert max(sizes.values()) > 1, "no two images share a byte count: the test would not compare contents"
+    found = _find(ds.train, ds.val, ds.classes)
     assert (found.across, found.conflicting) == (0, 0)
     assert found.warnings() == []
 
@@ -56,7 +74,7 @@ def test_in_memory_images_are_compared_by_their_pixels() -> None:
 
     train_set = LabelledSet(refs(0, 1), np.array([0, 1]))
     val_set = LabelledSet(refs(2, 3), np.array([0, 0]))
-    found = find_duplicates(train_set, val_set, ["a", "b"])
+    found = _find(train_set, val_set, ["a", "b"])
     assert (found.across, found.conflicting) == (1, 2)
     assert found.across_examples == [("img3", "img1")]
 
@@ -89,3 +107,92 @@ def test_training_and_eval_say_and_record_what_they_found(split_folder: Path, tm
     assert any(line.startswith("warning: 1 of the ") and "byte-identical to images the run trained on" in line for line in reporter.lines)
     on_train = evaluate(run, split_folder, split="train", reporter=Reporter(quiet=True))
     assert on_train["copies_of_training_images"]["count"] == 0  # no image is its own copy
+
+
+def test_the_decode_hashes_the_bytes_it_read(split_folder: Path, tmp_path: Path) -> None:
+    ds = load_dataset(split_folder)
+    bad = split_folder / "train" / _classes(split_folder / "train")[0] / "broken.png"
+    bad.write_bytes(b"not an image")
+    ds = load_dataset(split_folder)
+    images, failed = decode_split(ds.train, SPEC)
+    assert [Path(f["file"]).name for f in failed] == ["broken.png"]
+    assert "BytesIO" not in failed[0]["reason"]  # the buffer's repr says nothing; the record names the file
+    assert images.digests.shape == (len(ds.train) - 1, 16)
+    for ref, digest in zip(images.refs, images.digests, strict=True):
+        assert digest.tobytes() == content_digest(Path(ref.path).read_bytes())
+    half = images.subset(np.arange(0, len(images), 2))
+    assert (half.digests == images.digests[::2]).all()
+
+
+def test_training_reads_each_image_once(split_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The duplicate check takes the digests from the decode's own read: no image file is opened twice.
+    red = _classes(split_folder / "train")[0]
+    shutil.copy(split_folder / "val" / red / f"{red}_0.png", split_folder / "train" / red / "copy_of_val.png")
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def spy_open(file: object, *a: object, **k: object) -> object:
+        if isinstance(file, (str, os.PathLike)):
+            opened.append(os.fspath(file))
+        return real_open(file, *a, **k)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(builtins, "open", spy_open)
+    cfg = TrainConfig(backbone="tiny", pretrained=False, epochs_head=1, epochs_finetune=0, batch_size=8, seed=0)
+    run = train(split_folder, cfg, out=str(tmp_path / "run"), reporter=Reporter(quiet=True)).run_dir
+    monkeypatch.undo()
+    images = Counter(p for p in opened if p.endswith(".png"))
+    assert len(images) == len(list((split_folder / "train").rglob("*.png"))) + len(list((split_folder / "val").rglob("*.png")))
+    assert set(images.values()) == {1}, [p for p, n in images.items() if n > 1][:3]
+    assert json.loads((run / "manifest.json").read_text())["duplicates"]["val_in_train"] == 1
+
+
+def test_shares_decoded_by_several_processes_join_with_their_digests_in_order(split_folder: Path, tmp_path: Path) -> None:
+    # What torchrun's processes of a node do (Trainer._decode): each decodes every 2nd image; the join
+    # must put each digest back beside its image, or a copy would be missed or an image paired wrongly.
+    red = _classes(split_folder / "train")[0]
+    shutil.copy(split_folder / "val" / red / f"{red}_1.png", split_folder / "train" / red / "copy_of_val.png")
+    ds = load_dataset(split_folder)
+    whole = _decoded(ds.train)
+    parts = []
+    for share in range(2):
+        mine = np.arange(share, len(ds.train), 2)
+        part, _ = decode_split(ds.train.subset(mine), SPEC, cache_dir=tmp_path)
+        parts.append((str(part.paths[0]), part.index, mine[part.positions], part.digests))
+        part.disown()
+    joined = DecodedImages.join(ds.train, parts, SPEC.resize_size, SPEC.interpolation)
+    assert [r.key for r in joined.refs] == [r.key for r in whole.refs]
+    assert (joined.digests == whole.digests).all()
+    found = find_duplicates(joined, _decoded(ds.val), ds.classes)
+    assert found.across == 1 and found.across_examples[0][1].endswith("copy_of_val.png")
+
+
+def test_the_run_records_digests_and_eval_needs_no_training_image(split_folder: Path, tmp_path: Path) -> None:
+    red = _classes(split_folder / "train")[0]
+    shutil.copy(split_folder / "train" / red / f"{red}_2.png", split_folder / "test" / red / "copy_of_train.png")
+    (split_folder / "train" / red / "broken.png").write_bytes(b"not an image")
+    cfg = TrainConfig(backbone="tiny", pretrained=False, epochs_head=1, epochs_finetune=0, batch_size=8, seed=0)
+    run = train(split_folder, cfg, out=str(tmp_path / "run"), reporter=Reporter(quiet=True)).run_dir
+    record = json.loads((run / "splits.json").read_text())
+    assert record["format_version"] == 3
+    for split in ("train", "val"):
+        for key, _, _, digest in record["splits"][split]:
+            if key.endswith("broken.png"):
+                assert digest is None  # never decoded, so no digest
+            else:
+                assert digest == content_digest((split_folder / key).read_bytes()).hex()
+    assert all(len(row) == 3 for row in record["splits"]["test"])  # training never read the test split
+
+    # The training images gone: the recorded digests still find the copy, and the same pairs as before.
+    moved = tmp_path / "elsewhere"
+    shutil.move(split_folder / "train", moved)
+    scored = evaluate(run, split_folder / "test", reporter=Reporter(quiet=True))
+    assert scored["copies_of_training_images"] == {"count": 1, "examples": [[f"{red}/copy_of_train.png", f"train/{red}/{red}_2.png"]]}
+
+    # A run recorded before digests (format 2, three columns) reads its training images for the same answer.
+    shutil.move(moved, split_folder / "train")
+    record["splits"] = {split: [row[:3] for row in rows] for split, rows in record["splits"].items()}
+    (run / "splits.json").write_text(json.dumps({**record, "format_version": 2}))
+    again = evaluate(run, split_folder / "test", reporter=Reporter(quiet=True))
+    assert again["copies_of_training_images"] == scored["copies_of_training_images"]
+    shutil.move(split_folder / "train", moved)
+    assert evaluate(run, split_folder / "test", reporter=Reporter(quiet=True))["copies_of_training_images"] is None

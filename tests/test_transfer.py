@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -455,6 +456,21 @@ def test_teacher_with_other_labels_or_preprocessing_or_a_leak_is_refused(image_f
         train(image_folder, tiny_cfg(teacher=str(teacher_run)), out=str(tmp_path / "c"), reporter=QUIET)
     with pytest.raises(EdgetlError, match=r"not an edgetl run|not found"):
         train(image_folder, tiny_cfg(teacher=str(tmp_path / "nowhere")), out=str(tmp_path / "d"), reporter=QUIET)
+
+
+def test_a_teacher_trained_on_a_copy_of_the_data_is_checked_by_content(image_folder: Path, tmp_path: Path) -> None:
+    # The same photos in another folder: names cannot be matched, the recorded digests can.
+    copy = tmp_path / "copy"
+    shutil.copytree(image_folder, copy)
+    other_split = tmp_path / "teacher-seed1"
+    train(copy, tiny_cfg(recipe="head", seed=1), out=str(other_split), reporter=QUIET)
+    with pytest.raises(EdgetlError, match=r"byte-identical copies of .* this run.s validation image"):
+        train(image_folder, tiny_cfg(recipe="head", teacher=str(other_split)), out=str(tmp_path / "a"), reporter=QUIET)
+    same_split = tmp_path / "teacher-seed0"
+    train(copy, tiny_cfg(recipe="head", seed=0), out=str(same_split), reporter=QUIET)
+    taught = train(image_folder, tiny_cfg(recipe="head", teacher=str(same_split)), out=str(tmp_path / "b"), reporter=QUIET)
+    check = json.loads((taught.run_dir / "manifest.json").read_text())["teacher"]["leak_check"]
+    assert check.startswith("passed: no validation image is byte-identical") and "test split" in check, check
 
 
 def test_a_short_trial_comes_before_whole_epochs(image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
