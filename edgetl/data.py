@@ -391,13 +391,37 @@ def _class_folders(root: Path) -> dict[str, list[Path]]:
             continue  # a link back to the data root (or above it) is not a class: it would hold every image
         if any(ord(ch) < 32 for ch in f.name):
             raise EdgetlError(f"class folder name {f.name!r} in {root} has a control character (a newline?): rename the folder")
-        files = []
-        # os.walk does not follow links to folders, so a link loop cannot list an image twice.
-        for dirpath, dirnames, filenames in os.walk(f):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            files += [Path(dirpath) / n for n in filenames if Path(n).suffix.lower() in IMAGE_EXTENSIONS and not n.startswith(".")]
-        by_class[f.name] = sorted(files)
+        by_class[f.name] = image_files(f)
     return by_class
+
+
+def check_run_outside_data(run_dir: Path, data: Path, given: bool) -> None:
+    """Refuse a run folder inside an image-folder dataset: the class folders are searched for images at any
+    depth, so the run's own files (its plots are PNGs) would be found as images, of a class named after the
+    folder that holds the run, by this training (an empty class) and every later one. IDX data is not
+    searched, so a run beside the IDX files is fine (`cd data && edgetl train .`)."""
+    if not data.is_dir() or _find_idx(data, "train") is not None:
+        return
+    root, where = data.resolve(), run_dir.resolve()
+    if where != root and root not in where.parents:
+        return
+    how = f"--out {run_dir}" if given else f"the default run folder {run_dir} (models/ in the current folder)"
+    if where == root:
+        raise EdgetlError(f"{how} is the data folder {data}: give --out a folder outside the data")
+    raise EdgetlError(f"{how} is inside the data folder {data}: its files would be read as images of a class "
+                      f"{where.relative_to(root).parts[0]!r} by this and every later training; give --out a folder "
+                      "outside the data")  # fmt: skip
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under `folder` (any depth), sorted. Hidden files and folders are left out: macOS's
+    `._name.jpg` (metadata, not an image), `.DS_Store`, `.git`, `.ipynb_checkpoints`. Links to folders are
+    not followed (os.walk), so a link loop cannot list an image twice."""
+    files = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files += [Path(dirpath) / n for n in filenames if Path(n).suffix.lower() in IMAGE_EXTENSIONS and not n.startswith(".")]
+    return sorted(files)
 
 
 def _labelled(root: Path, by_class: dict[str, list[Path]], classes: list[str]) -> LabelledSet:

@@ -7,13 +7,26 @@ from typing import Any
 
 from edgetl.fileio import write_with
 
+# Fonts with the scripts DejaVu Sans lacks (class names in Chinese, Japanese, Korean, ...), used where installed.
+_FALLBACK_FONTS = ("Noto Sans CJK JP", "Noto Sans CJK SC", "Noto Sans CJK KR", "Source Han Sans", "WenQuanYi Zen Hei",
+                   "Droid Sans Fallback", "Arial Unicode MS", "Microsoft YaHei", "PingFang SC", "Hiragino Sans", "Noto Sans")  # fmt: skip
+
 
 def _pyplot():
+    import warnings
+
     import matplotlib
+    from matplotlib import font_manager
 
     matplotlib.use("Agg")  # no display on servers; never try to open a window
     import matplotlib.pyplot as plt
 
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    extra = [name for name in _FALLBACK_FONTS if name in installed and name not in plt.rcParams["font.sans-serif"]]
+    plt.rcParams["font.sans-serif"] = [*plt.rcParams["font.sans-serif"], *extra]  # matplotlib falls back glyph by glyph
+    # A class name in a script no installed font has is drawn as boxes in the plot (it is written out in the
+    # terminal and the JSON); matplotlib's warning for each such glyph would only clutter the training log.
+    warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font", category=UserWarning)
     return plt
 
 

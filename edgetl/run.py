@@ -123,8 +123,9 @@ def locked(folder: Path, action: str) -> Iterator[None]:
         os.close(fd)
 
 
-def check_new_run_folder(path: Path) -> None:
-    """Before any image is decoded: the folder can be written and holds none of the user's files."""
+def check_new_run_folder(path: Path) -> list[Path]:
+    """Before any image is decoded: the folder can be written and holds none of the user's files. Returns
+    the folders it made (`path` and missing parents, deepest first), for a failed start to remove."""
     if path.exists() and not path.is_dir():
         raise EdgetlError(f"--out {path} is a file, not a folder")
     if path.is_dir():
@@ -132,6 +133,7 @@ def check_new_run_folder(path: Path) -> None:
             raise EdgetlError(f"{path} already holds a run: use --resume {path} to continue it, or another --out")
         if any(not p.name.startswith(".") for p in path.iterdir()):
             raise EdgetlError(f"{path} is not empty and is not an edgetl run: refusing to write into it (choose an empty or new folder)")
+    made = [p for p in (path, *path.parents) if not p.exists()]
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".edgetl-write-probe.tmp"
@@ -139,6 +141,7 @@ def check_new_run_folder(path: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise EdgetlError(f"cannot write the run folder {path}: {exc.strerror or exc}") from None
+    return made
 
 
 @dataclass

@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,7 +42,7 @@ from edgetl import run as layout
 from edgetl.backbones import get_entry, load_pretrained, preprocess_spec
 from edgetl.config import TrainConfig
 from edgetl.data import Dataset as ImageDataset
-from edgetl.data import LabelledSet, check_after_skips, dataset_from_record, load_dataset
+from edgetl.data import LabelledSet, check_after_skips, check_run_outside_data, dataset_from_record, load_dataset
 from edgetl.decoded import CACHE_PREFIX, DecodedImages, decode_split
 from edgetl.distributed import Dist, lost_peer
 from edgetl.duplicates import find_duplicates, record_digests
@@ -1170,9 +1171,12 @@ def train(
                 get_entry(cfg.backbone)
                 data_name = Path(data).resolve().parent.name if shards else Path(data).resolve().name
                 run_dir = Path(out) if out is not None else default_run_dir(name, data_name, cfg.backbone)
+                if not shards:
+                    check_run_outside_data(run_dir, Path(data), given=out is not None)
                 created = not run_dir.exists()
-                check_new_run_folder(run_dir)
-                state["created"], state["run_dir"] = created, run_dir  # from here on a failure removes what it made
+                made = check_new_run_folder(run_dir)
+                # from here on a failure removes what it made
+                state["created"], state["run_dir"], state["parents"] = created, run_dir, made[1:]
                 stack.enter_context(locked(run_dir, "training"))
                 if is_run(run_dir):  # another process finished a run here between our check and the lock
                     raise EdgetlError(f"{run_dir} already holds a run: use --resume {run_dir} to continue it, or another --out")
@@ -1198,16 +1202,22 @@ def train(
             return _run_stages(trainer, "head", None)
     except BaseException:
         if d.is_main and not state["started"] and state["run_dir"] is not None:
-            _remove_unstarted_run(state["run_dir"], state["created"])
+            _remove_unstarted_run(state["run_dir"], state["created"], state.get("parents", []))
         raise
     finally:
         d.close()
 
 
-def _remove_unstarted_run(run_dir: Path, created: bool) -> None:
-    """A run that failed or was interrupted before its first record leaves no folder behind."""
+def _remove_unstarted_run(run_dir: Path, created: bool, parents: Sequence[Path] = ()) -> None:
+    """A run that failed or was interrupted before its first record leaves no folder behind: neither its
+    own nor the parents made for it (`models/` of the default run folder), where they are still empty."""
     if created:
         shutil.rmtree(run_dir, ignore_errors=True)
+        for parent in parents:  # deepest first
+            try:
+                parent.rmdir()
+            except OSError:  # not empty (another run's folder appeared in it), or gone
+                break
     else:
         for name in (layout.SPLITS, layout.MANIFEST, layout.LAST, layout.LOCK):
             (run_dir / name).unlink(missing_ok=True)

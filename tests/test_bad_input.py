@@ -159,3 +159,47 @@ def test_a_float_tiff_in_0_1_is_not_black(tmp_path: Path) -> None:
     path = tmp_path / "f.tif"
     Image.fromarray(np.full((6, 6), 0.8, dtype=np.float32), mode="F").save(path)
     assert np.asarray(decode_image(path)).min() == 204
+
+
+# ----------------------------------------------------------------------------- where the run folder goes
+
+
+def test_a_run_folder_inside_the_data_is_refused_and_nothing_is_left(image_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `cd data && edgetl train .` would put models/ among the class folders: an empty class now, a class of
+    # PNG plots in every later training.
+    before = sorted(p.name for p in image_folder.iterdir())
+    monkeypatch.chdir(image_folder)
+    result = runner.invoke(app, ["train", ".", "--backbone", "tiny", "--no-pretrained"])
+    assert result.exit_code == 2 and "is inside the data folder" in result.output and "class 'models'" in result.output
+    assert "Traceback" not in result.output
+    red = sorted(p.name for p in image_folder.iterdir())[0]
+    result = runner.invoke(app, ["train", ".", "--backbone", "tiny", "--no-pretrained", "--out", f"{red}/run"])
+    assert result.exit_code == 2 and f"--out {red}/run is inside the data folder" in result.output
+    assert sorted(p.name for p in image_folder.iterdir()) == before and not (image_folder / red / "run").exists()
+
+
+def test_a_failed_start_removes_the_folders_it_made_for_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "photos" / "empty").mkdir(parents=True)  # a data folder whose one class has no image
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", "photos", "--backbone", "tiny", "--no-pretrained"])
+    assert result.exit_code == 2 and "no images" in result.output
+    assert not (tmp_path / "models").exists()  # models/ was made for the default run folder, and is gone
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "kept").mkdir()
+    result = runner.invoke(app, ["train", "photos", "--backbone", "tiny", "--no-pretrained", "--out", "models/a/b"])
+    assert result.exit_code == 2
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["kept"]  # a/ and a/b/ gone, the rest kept
+
+
+def test_a_run_beside_idx_files_is_fine(tmp_path: Path) -> None:
+    from conftest import write_idx
+
+    from edgetl.data import check_run_outside_data
+
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((4, 28, 28), np.uint8))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(4, dtype=np.uint8))
+    check_run_outside_data(tmp_path / "models" / "run", tmp_path, given=False)  # IDX data is not searched for images
+    (tmp_path / "train-images-idx3-ubyte.gz").unlink()
+    (tmp_path / "train-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(EdgetlError, match="inside the data folder"):
+        check_run_outside_data(tmp_path / "models" / "run", tmp_path, given=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -127,6 +128,19 @@ def test_predict_cli_folder_and_table(tiny_models: Path, tiny_run: Path) -> None
     result = runner.invoke(app, ["predict", str(tiny_models / "model.onnx"), str(folder)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert result.output.count("green_") == 12
+
+
+def test_predict_cli_skips_hidden_files_in_a_folder_as_training_does(tiny_models: Path, tiny_run: Path, tmp_path: Path) -> None:
+    source = Path(json.loads((tiny_run / "manifest.json").read_text())["dataset"]["root"]) / "green"
+    folder = tmp_path / "photos"
+    shutil.copytree(source, folder)
+    (folder / "._green_0.png").write_bytes(b"\x00\x05\x16\x07" + bytes(200))  # what macOS writes beside each file on a FAT disk
+    (folder / ".thumbnails").mkdir()
+    shutil.copy(source / "green_0.png", folder / ".thumbnails" / "green_0.png")
+    result = runner.invoke(app, ["predict", str(tiny_models / "model.onnx"), str(folder), "--json"])
+    assert result.exit_code == 0, result.output
+    paths = [json.loads(line)["path"] for line in result.stdout.splitlines() if line.startswith("{")]
+    assert sorted(Path(p).name for p in paths) == sorted(p.name for p in source.iterdir())
 
 
 def test_predict_cli_refuses_a_non_model(tmp_path: Path) -> None:

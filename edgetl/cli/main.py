@@ -407,6 +407,7 @@ def predict(
     reported per file; the exit code is 1 if any failed."""
     import json
 
+    from edgetl.data import image_files
     from edgetl.preprocess import IMAGE_EXTENSIONS
     from edgetl.runtime import Classifier
 
@@ -423,7 +424,7 @@ def predict(
     files: list[Path] = []
     for p in images:
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            files += image_files(p)  # as training finds them: no hidden files (macOS's ._ copies), no link loops
         else:
             files.append(p)
     if not files:
