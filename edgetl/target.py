@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from edgetl.data import ImageRef, LabelledSet, stratified_sample
+from edgetl.data import ImageRef, LabelledSet, image_files, stratified_sample
 from edgetl.errors import EdgetlError
 from edgetl.preprocess import IMAGE_EXTENSIONS
 
@@ -32,10 +32,7 @@ def list_target_images(root: str | os.PathLike[str], what: str = "target folder"
         raise EdgetlError(f"{what} not found: {root}")
     if not root.is_dir():
         raise EdgetlError(f"{what} {root} is a file: give a folder of images (flat, or in subfolders)")
-    files: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root):  # does not follow links to folders: no loops
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [Path(dirpath) / n for n in sorted(filenames) if Path(n).suffix.lower() in IMAGE_EXTENSIONS and not n.startswith(".")]
+    files = image_files(root)  # as training finds images: no hidden files, no link loops
     if not files:
         raise EdgetlError(f"no images in the {what} {root} (supported: {', '.join(IMAGE_EXTENSIONS)})")
     refs = [ImageRef(key=p.relative_to(root).as_posix(), path=p) for p in files]
