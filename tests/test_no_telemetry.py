@@ -1,4 +1,5 @@
-"""The runtimes' usage telemetry (OpenVINO, NNCF, ONNX Runtime) stays off in edgetl's processes: no network at run time."""
+"""The runtimes' usage telemetry (OpenVINO, NNCF, ONNX Runtime) stays off in edgetl's processes: no network at run time
+(and importing NNCF's PyTorch side logs nothing about a CUDA toolkit)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import nncf.telemetry.wrapper as nncf_telemetry
 ov.convert_model(model_path)
 print("nncf-stub" if isinstance(nncf_telemetry.telemetry, nncf_telemetry.NNCFTelemetryStub) else "nncf-live")
 print("ORT_DISABLE_TELEMETRY=" + os.environ.get("ORT_DISABLE_TELEMETRY", "unset"))  # what ONNX Runtime and children see
+import nncf.torch  # what nncf.quantize imports to ask whether a model is PyTorch's (CUDA_HOME is set: see below)
 """
 
 
@@ -33,7 +35,8 @@ def _forks_while_converting(tmp_path: Path, name: str, extra_env: dict[str, str]
     # CI and the others would turn OpenVINO's telemetry off by themselves; this process's ORT setting is edgetl's own.
     unset = ("CI", "TF_BUILD", "JENKINS_URL", "EDGETL_ALLOW_TELEMETRY", "ORT_DISABLE_TELEMETRY")
     env = {k: v for k, v in os.environ.items() if k not in unset}
-    env.update(HOME=str(home), **extra_env)
+    # A CUDA toolkit without a GPU (or a CPU-only torch): torch.utils.cpp_extension logs at import unless quietened.
+    env.update(HOME=str(home), CUDA_HOME=str(tmp_path), **extra_env)
     if env.get("EDGETL_ALLOW_TELEMETRY") == "1":
         # This case provokes OpenVINO's telemetry on purpose (the script refuses its connection itself), so the
         # suite's network guard (tests/no_network) stays off in it.
@@ -42,6 +45,7 @@ def _forks_while_converting(tmp_path: Path, name: str, extra_env: dict[str, str]
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(log), str(one_node_onnx(tmp_path / "relu.onnx"))],
                           capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
+    assert "No CUDA runtime is found" not in proc.stderr  # edgetl's output carries no log about building CUDA code
     return (len(log.read_text().splitlines()) if log.exists() else 0), proc.stdout.split()
 
 
