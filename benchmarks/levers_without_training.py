@@ -1,7 +1,9 @@
 """Issue 15's levers that need no training, measured on runs already trained: a uniform weight soup of
 the runs (Wortsman et al., 2022: average the weights of fine-tunes of one pretrained model) and the
 test-time resolution (Touvron et al., 2019, "FixRes": a model trained on random-resized crops often
-scores better on larger centre crops). Both are chosen on validation only; test is reported beside.
+scores better on larger centre crops), and test-time augmentation by horizontal flip at the trained size
+(the logits of the image and of its mirror image averaged: twice the latency). All are chosen on
+validation only; test is reported beside.
 
     python benchmarks/levers_without_training.py RUN RUN [RUN ...] [--sizes 224 240 256 272 288] [--out NAME]
 
@@ -25,6 +27,21 @@ DATA = "/work/shared/datasets/clothing-small"
 def soup(state_dicts: list[dict[str, Any]]) -> dict[str, Any]:
     """The mean of every float tensor; integer buffers (BatchNorm's step counts) from the first."""
     return {k: (sum(sd[k] for sd in state_dicts) / len(state_dicts)) if v.is_floating_point() else v for k, v in state_dicts[0].items()}
+
+
+def flip_averaged(model: Any) -> Any:
+    """`model` scoring each image and its mirror image, logits averaged (test-time augmentation)."""
+    import torch
+
+    class FlipAveraged(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.model(x) + self.model(torch.flip(x, dims=[-1]))) / 2
+
+    return FlipAveraged().eval()
 
 
 def main() -> None:
@@ -56,6 +73,7 @@ def main() -> None:
     quiet, cpu = Reporter(quiet=True), torch.device("cpu")
 
     top1: dict[str, dict[int, dict[str, float]]] = {name: {} for name in models}
+    flipped: dict[str, dict[str, float]] = {}  # at the trained size
     for size in args.sizes:
         spec = dataclasses.replace(base, input_size=size, resize_size=round(size * base.resize_size / base.input_size))
         for split in ("val", "test"):
@@ -66,6 +84,9 @@ def main() -> None:
             for name, model in models.items():
                 logits = predict_logits(model, images, spec, cpu)
                 top1[name].setdefault(size, {})[split] = float((logits.argmax(1) == np.asarray(images.labels)).mean() * 100)
+                if size == base.input_size:
+                    logits = predict_logits(flip_averaged(model), images, spec, cpu)
+                    flipped.setdefault(name, {})[split] = float((logits.argmax(1) == np.asarray(images.labels)).mean() * 100)
             print(size, split, {n: round(t[size][split], 2) for n, t in top1.items()}, flush=True)
 
     trained = base.input_size
@@ -80,16 +101,20 @@ def main() -> None:
         "runs_at_trained_size_test": spread([top1[r][trained]["test"] for r in runs]),
         "runs_at_val_picked_size_test": spread([picked[r]["test"] for r in runs]),
         "soup_at_trained_size": top1["soup"][trained],
+        "runs_flip_tta_test": spread([flipped[r]["test"] for r in runs]),
+        "runs_flip_tta_val": spread([flipped[r]["val"] for r in runs]),
+        "runs_at_trained_size_val": spread([top1[r][trained]["val"] for r in runs]),
     }
-    rows = ["| model | " + " | ".join(f"{s} px val / test" for s in args.sizes) + " | val picks |"]
-    rows.append("|---|" + "---|" * (len(args.sizes) + 1))
+    rows = ["| model | " + " | ".join(f"{s} px val / test" for s in args.sizes) + f" | {trained} px + flip val / test | val picks |"]
+    rows.append("|---|" + "---|" * (len(args.sizes) + 2))
     for name in [*runs, "soup"]:
         cells = " | ".join(f"{top1[name][s]['val']:.2f} / {top1[name][s]['test']:.2f}" for s in args.sizes)
         label = Path(name).name if name != "soup" else "uniform soup of the runs"
-        rows.append(f"| {label} | {cells} | {picked[name]['size']} px |")
+        rows.append(f"| {label} | {cells} | {flipped[name]['val']:.2f} / {flipped[name]['test']:.2f} | {picked[name]['size']} px |")
     s0, s1, sp = summary["runs_at_trained_size_test"], summary["runs_at_val_picked_size_test"], summary["soup_at_trained_size"]
+    ft, fv, v0 = summary["runs_flip_tta_test"], summary["runs_flip_tta_val"], summary["runs_at_trained_size_val"]
     markdown = "\n".join([
-        f"# Levers without training: weight soup and test-time resolution ({ckpts[0]['config']['backbone']}, trained at {trained} px)",
+        f"# Levers without training: weight soup, test-time resolution and flip ({ckpts[0]['config']['backbone']}, trained at {trained} px)",
         "", "Top-1 (%) on the dataset's val and test folders; each size keeps the run's resize/crop ratio "
         f"({base.resize_size}/{base.input_size}). Selection on validation only.", "", *rows, "",
         f"- Runs at the trained size: test {s0['mean']:.2f}% mean ({s0['min']:.2f}-{s0['max']:.2f}).",
@@ -97,9 +122,11 @@ def main() -> None:
         "a larger crop costs latency ((size/224)^2 the multiply-adds).",
         f"- Uniform soup at the trained size: val {sp['val']:.2f}%, test {sp['test']:.2f}% "
         "(one model from all the runs, so one figure, not a mean over seeds).",
+        f"- Flip test-time augmentation at the trained size (twice the latency): val {fv['mean']:.2f}% mean against "
+        f"{v0['mean']:.2f}%, test {ft['mean']:.2f}% mean ({ft['min']:.2f}-{ft['max']:.2f}) against {s0['mean']:.2f}%.",
     ])  # fmt: skip
     save(args.out, {"runs": runs, "data": args.data, "sizes": args.sizes, "trained_size": trained, "top1": top1, "picked": picked,
-                    "summary": summary}, markdown)  # fmt: skip
+                    "flip_tta_at_trained_size": flipped, "summary": summary}, markdown)  # fmt: skip
 
 
 if __name__ == "__main__":
