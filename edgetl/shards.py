@@ -39,6 +39,31 @@ def is_shard_pattern(data: str) -> bool:
     return data.endswith(".tar") or (".tar" in data and "{" in data)
 
 
+def pattern_for(names: list[str]) -> list[str]:
+    """Brace patterns that name exactly these shard files (the shell's expansion of an unquoted pattern,
+    undone): `d/train-000000.tar d/train-000001.tar` -> `d/train-{000000..000001}.tar`, one pattern per
+    prefix, a comma list where the numbers have gaps. Names without a number before `.tar` stay as they are."""
+    import re
+
+    groups: dict[tuple[str, int], list[int]] = {}
+    out: list[str] = []
+    for name in names:
+        m = re.fullmatch(r"(.*?)(\d+)\.tar", name)
+        if m is None:
+            out.append(name)
+            continue
+        groups.setdefault((m.group(1), len(m.group(2))), []).append(int(m.group(2)))
+    for (prefix, width), numbers in groups.items():
+        numbers = sorted(set(numbers))
+        if len(numbers) == 1:
+            out.append(f"{prefix}{numbers[0]:0{width}d}.tar")
+        elif numbers == list(range(numbers[0], numbers[-1] + 1)):
+            out.append(f"{prefix}{{{numbers[0]:0{width}d}..{numbers[-1]:0{width}d}}}.tar")
+        else:
+            out.append(f"{prefix}{{{','.join(f'{n:0{width}d}' for n in numbers)}}}.tar")
+    return out
+
+
 def expand(pattern: str) -> list[Path]:
     """The shard files a pattern names (brace expansion as webdataset does it); all must exist."""
     from braceexpand import braceexpand

@@ -159,3 +159,30 @@ def test_a_shard_is_indexed_once_until_it_changes(tmp_path: Path, monkeypatch: p
     os.utime(shard, ns=(shard.stat().st_atime_ns, shard.stat().st_mtime_ns + 10**9))
     again = shards.index_shards([shard])
     assert len(opened) == 2 and len(again) == len(first) + 1 and again[-1].key.endswith("/extra")
+
+
+def test_a_pattern_the_shell_expanded_is_refused_with_the_quoted_pattern(split_folder: Path, tmp_path: Path) -> None:
+    shards = tmp_path / "shards"
+    made = runner.invoke(app, ["shards", str(split_folder), str(shards), "--shard-size", "7"])
+    assert made.exit_code == 0, made.output
+    train_pattern = str(shards / "train-{000000..000004}.tar")  # 30 images in shards of 7
+    assert f"train on them: edgetl train '{train_pattern}' --val-data '{shards}/val-{{000000..000001}}.tar'" in made.output
+    # What bash passes for `edgetl train DIR/train-{000000..000004}.tar --val-data DIR/val-{000000..000001}.tar`:
+    names = [str(p) for p in sorted(shards.glob("train-*.tar"))]
+    vals = [str(p) for p in sorted(shards.glob("val-*.tar"))]
+    result = runner.invoke(app, ["train", *names, "--val-data", *vals, "--backbone", "tiny"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    said = " ".join(result.output.split())
+    assert "7 shard file names were given" in said and f"'{train_pattern}' and '{shards}/val-{{000000..000001}}.tar'" in said
+    scored = runner.invoke(app, ["eval", str(tmp_path / "no-run"), *names])
+    assert scored.exit_code == 2 and f"Quote it: '{train_pattern}'" in " ".join(scored.output.split())
+    other = runner.invoke(app, ["train", str(split_folder), "stray"])
+    assert other.exit_code == 2 and "unexpected extra argument(s): stray" in other.output
+
+
+def test_pattern_for_undoes_an_expansion() -> None:
+    from edgetl.shards import pattern_for
+
+    assert pattern_for(["d/a-08.tar", "d/a-09.tar", "d/a-10.tar"]) == ["d/a-{08..10}.tar"]
+    assert pattern_for(["d/a-1.tar", "d/a-3.tar"]) == ["d/a-{1,3}.tar"]  # a gap: a list, not a range
+    assert pattern_for(["d/a-1.tar", "d/b-1.tar", "x.tar"]) == ["x.tar", "d/a-1.tar", "d/b-1.tar"]

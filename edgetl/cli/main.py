@@ -105,7 +105,23 @@ AllowDataChange = Annotated[bool, typer.Option(help="Use the run's recorded file
 CalibSource = Annotated[str, typer.Option(help="auto (an adapted run's target images, else the training split), train or target")]
 
 
-@app.command()
+def _no_extra_arguments(ctx: typer.Context, given: list[str | None]) -> None:
+    """Refuse extra arguments, saying why when the shell expanded an unquoted shard pattern into file names
+    (`train-{000000..000009}.tar` without quotes gives ten arguments): with the quoted pattern to use."""
+    if not ctx.args:
+        return
+    extra = [str(a) for a in ctx.args]
+    if all(a.endswith(".tar") for a in extra):
+        from edgetl.shards import pattern_for
+
+        names = [str(g) for g in given if g is not None and str(g).endswith(".tar")] + extra
+        quoted = " and ".join(f"'{p}'" for p in pattern_for(names))
+        raise EdgetlError(f"{len(names)} shard file names were given where one pattern goes: the shell expands a pattern "
+                          f"that is not in quotes. Quote it: {quoted}")  # fmt: skip
+    raise EdgetlError(f"unexpected extra argument(s): {' '.join(extra)}")
+
+
+@app.command(context_settings={"allow_extra_args": True})
 @user_errors
 def train(
     ctx: typer.Context,
@@ -181,6 +197,7 @@ def train(
 
     # Every option is checked here, before --nproc-per-node starts any process: a bad one is one line,
     # not one line per process after each has imported torch.
+    _no_extra_arguments(ctx, [data, val_data])
     cfg = None
     if resume is not None:
         # A resumed run keeps the options it was started with; an option given here would be silently
@@ -244,13 +261,18 @@ def shards(
 
     summary = write_shards(source, out, shard_size)
     for split, info in summary["splits"].items():
-        typer.echo(f"{split}: {info['samples']} samples -> {info['pattern']}")
+        typer.echo(f"{split}: {info['samples']} samples -> '{info['pattern']}'")
     typer.echo(f"{len(summary['classes'])} classes -> {out / 'classes.txt'}")
+    patterns = {split: info["pattern"] for split, info in summary["splits"].items()}
+    if "train" in patterns:  # the command to train on them, with the patterns in quotes (a shell expands them otherwise)
+        val = f" --val-data '{patterns['val']}'" if "val" in patterns else ""
+        typer.echo(f"train on them: edgetl train '{patterns['train']}'{val}")
 
 
-@app.command("eval")
+@app.command("eval", context_settings={"allow_extra_args": True})
 @user_errors
 def eval_cmd(
+    ctx: typer.Context,
     run: Annotated[Path, typer.Argument(help="Run folder (or checkpoint file)")],
     data: Annotated[Path, typer.Argument(help="Labelled image folder, dataset root with splits, or shard pattern (test-{0..9}.tar)")],
     split: Annotated[str | None, typer.Option(help="For datasets with split folders: train, val or test (default: test, else val)")] = None,
@@ -262,6 +284,7 @@ def eval_cmd(
     from edgetl.evaluate import evaluate
     from edgetl.fileio import write_json
 
+    _no_extra_arguments(ctx, [str(data)])
     if json_out is not None and json_out.is_dir():
         raise EdgetlError(f"--json {json_out} is a folder: give a file name, e.g. {json_out / 'eval.json'}")
     m = evaluate(run, data, split=split, device=device)
