@@ -648,7 +648,8 @@ def tune(
     report = run_tune(data, opts)
     console = Console()
     if report.get("dry_run"):
-        table = Table(title=f"edgetl tune --dry-run: {report['images']} images, {report['candidates_per_probe']} candidates a probe")
+        table = Table(title=f"edgetl tune --dry-run: {report['images']} images, "
+                            f"{report['candidates_per_probe']} latency candidates per probe (precision x runtime)")
         for col in ("backbone", "size", "MMACs", "est. minutes"):
             table.add_column(col)
         for p in report["probes"]:
