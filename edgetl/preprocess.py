@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -17,6 +18,15 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def _quiet_large_images() -> None:
+    """Pillow warns (a raw Python warning in the middle of edgetl's output) for images between 89 and 179
+    megapixels, which decode fine: panoramas, medium-format and satellite photos. Above that it raises
+    DecompressionBombError, which stays: the image is skipped and listed with the reason, like a corrupt one.
+    Installed at the first decode, and again wherever the filters were reset since (warnings.catch_warnings)."""
+    if not any(f[0] == "ignore" and f[2] is Image.DecompressionBombWarning for f in warnings.filters):
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 _INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -68,6 +78,7 @@ def decode_image(source: str | os.PathLike[str] | bytes | Image.Image) -> Image.
     animations, puts transparent images on white, and scales 16-bit and float images to 8 bits
     instead of clipping them. Raises OSError/ValueError for corrupt or non-image data.
     """
+    _quiet_large_images()
     if isinstance(source, Image.Image):
         img = source
     else:

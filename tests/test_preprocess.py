@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,3 +107,23 @@ def test_center_crop_pads_small_images() -> None:
 
 def test_spec_round_trips() -> None:
     assert PreprocessSpec.from_dict(SPEC.to_dict()) == SPEC
+
+
+def test_very_large_images_decode_quietly_and_bombs_are_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pillow's limits scaled down (89 MP warns, 179 MP raises): a 40x30 image is "large", 50x50 a "bomb".
+    import warnings
+
+    from edgetl.data import ImageRef, LabelledSet
+    from edgetl.decoded import decode_split
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(tmp_path / "large.png")
+    Image.new("RGB", (50, 50), (10, 10, 200)).save(tmp_path / "bomb.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.filterwarnings("ignore", category=ResourceWarning)
+        large = decode_image(tmp_path / "large.png")
+    assert large.size == (40, 30) and [str(w.message) for w in caught] == []
+    refs = [ImageRef(key=name, path=tmp_path / name) for name in ("large.png", "bomb.png")]
+    images, failed = decode_split(LabelledSet(refs, np.zeros(2, dtype=np.int64)), PreprocessSpec(32, 36, "bicubic", (0.5,) * 3, (0.5,) * 3))
+    assert [r.key for r in images.refs] == ["large.png"]
+    assert [f["file"] for f in failed] == ["bomb.png"] and failed[0]["reason"].startswith("DecompressionBombError")
