@@ -217,6 +217,9 @@ class RunFolder:
             p = p.parent
         if not p.exists():
             raise EdgetlError(f"run folder not found: {path}")
+        if p.is_file() and p.suffix in (".onnx", ".xml", ".tflite", ".pte"):
+            raise EdgetlError(f"{path} is an exported model, not a run folder: give its run folder, or score the model "
+                              f"file itself on labelled images with `edgetl bench {path} --data DATA`")  # fmt: skip
         if not p.is_dir() or not is_run(p):
             raise EdgetlError(f"{path} is not an edgetl run folder (no {CHECKPOINT}, {LAST} or {MANIFEST})")
         return cls(p)

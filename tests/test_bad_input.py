@@ -203,3 +203,10 @@ def test_a_run_beside_idx_files_is_fine(tmp_path: Path) -> None:
     (tmp_path / "train-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(EdgetlError, match="inside the data folder"):
         check_run_outside_data(tmp_path / "models" / "run", tmp_path, given=False)
+
+
+def test_a_model_file_given_for_a_run_folder_points_to_bench(onnx_model: Path, tiny_run: Path) -> None:
+    data = json.loads((tiny_run / "splits.json").read_text())["root"]
+    result = runner.invoke(app, ["eval", str(onnx_model), data])
+    assert result.exit_code == 2 and "is an exported model, not a run folder" in result.output
+    assert f"edgetl bench {onnx_model} --data DATA" in " ".join(result.output.split())
