@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -166,6 +167,18 @@ class TrainConfig:
             parse_fold(self.hold_out_fold)
         if self.batch_size < 1 or self.head_batch_size < 1 or self.cache_views < 1:
             raise EdgetlError("batch sizes and --cache-views must be at least 1")
+        # A negative rate climbs the loss, NaN or infinity ruins the first step: refused before any image is read.
+        for name, lr in (("lr-head", self.lr_head), ("lr-finetune", self.lr_finetune)):
+            if lr is not None and not (math.isfinite(lr) and 0.0 < lr <= 10.0):
+                raise EdgetlError(f"--{name} must be a learning rate in (0, 10], got {lr}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise EdgetlError(f"--dropout is the probability of dropping a feature, in [0, 1); got {self.dropout}")
+        if not 0 <= self.hidden <= 65536:
+            raise EdgetlError(f"--hidden is the width of the head's hidden layer (0: none), up to 65536; got {self.hidden}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise EdgetlError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not math.isfinite(self.distill_temperature):
+            raise EdgetlError(f"--distill-temperature must be finite, got {self.distill_temperature}")
 
     @property
     def mixes(self) -> bool:

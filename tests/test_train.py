@@ -299,6 +299,14 @@ def test_bad_options_are_user_errors() -> None:
         tiny_cfg(unfreeze="some")
 
 
+@pytest.mark.parametrize(("option", "value"), [("lr_head", -1e-3), ("lr_head", float("nan")), ("lr_finetune", 0.0),
+                                               ("lr_finetune", float("inf")), ("dropout", 1.0), ("hidden", -8),
+                                               ("label_smoothing", 1.0), ("distill_temperature", float("inf"))])  # fmt: skip
+def test_out_of_range_numbers_are_user_errors(option: str, value: float) -> None:
+    with pytest.raises(EdgetlError, match="--" + option.replace("_", "-")):
+        tiny_cfg(**{option: value})
+
+
 def test_idx_training(idx_folder: Path, tmp_path: Path) -> None:
     m = train(idx_folder, tiny_cfg(epochs_finetune=1, input_size=32), out=str(tmp_path / "r"), reporter=QUIET).metrics
     assert m["best"]["n"] == 12
