@@ -86,8 +86,8 @@ class QuantizeOptions:
         from edgetl.formats import parse_formats
 
         parse_formats(self.format)
-        if self.max_drop < 0:
-            raise EdgetlError("--max-drop is a number of top-1 points and cannot be negative")
+        if not (math.isfinite(self.max_drop) and self.max_drop >= 0):
+            raise EdgetlError(f"--max-drop is a number of top-1 points, 0 or more; got {self.max_drop}")
         if self.calib_size < 1:
             raise EdgetlError("--calib-size must be at least 1")
         if self.calib_source not in CALIB_SOURCES:

@@ -154,6 +154,13 @@ def test_in_process_isolation_is_the_old_single_process_method(bench_run: Path, 
         BenchOptions(isolation="threads")
 
 
+@pytest.mark.parametrize(("option", "value"), [("threads", 0), ("warmup", -1), ("min_time", 0.0), ("min_time", float("nan")),
+                                               ("max_images", 0)])  # fmt: skip
+def test_out_of_range_bench_options_are_user_errors(option: str, value: float) -> None:
+    with pytest.raises(EdgetlError, match="--" + option.replace("_", "-")):
+        BenchOptions(**{option: value})
+
+
 def test_check_reference_runs_both_runtimes_own_tools(bench_run: Path, tmp_path: Path) -> None:
     rep = bench([bench_run], BenchOptions(targets=("ort-cpu", "openvino-cpu"), batches=(1,), min_time=0.1, warmup=1,
                                           check_reference=True, out=str(tmp_path)), QUIET)  # fmt: skip

@@ -225,8 +225,9 @@ def test_vnni_target_uses_full_range_weights(exported_run: Path, tmp_path: Path)
 def test_bad_options() -> None:
     with pytest.raises(EdgetlError, match="--calib-method"):
         QuantizeOptions(calib_method="kl")
-    with pytest.raises(EdgetlError, match="negative"):
-        QuantizeOptions(max_drop=-1)
+    for bad in (-1.0, float("nan"), float("inf")):  # NaN compared false with every drop: it ran everything, then failed
+        with pytest.raises(EdgetlError, match="--max-drop is a number of top-1 points, 0 or more"):
+            QuantizeOptions(max_drop=bad)
 
 
 def test_quantize_never_imports_torch() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +45,14 @@ class BenchOptions:
     def __post_init__(self) -> None:
         if self.isolation not in ("process", "in-process"):
             raise EdgetlError(f"--isolation must be process or in-process, got {self.isolation!r}")
+        if self.threads is not None and self.threads < 1:
+            raise EdgetlError(f"--threads must be at least 1 (leave it out for one per physical core), got {self.threads}")
+        if self.warmup < 0:
+            raise EdgetlError(f"--warmup is a number of untimed runs and cannot be negative, got {self.warmup}")
+        if not (math.isfinite(self.min_time) and self.min_time > 0):
+            raise EdgetlError(f"--min-time must be a positive number of seconds, got {self.min_time}")
+        if self.max_images < 1:
+            raise EdgetlError(f"--max-images must be at least 1, got {self.max_images}")
 
 
 @dataclass
