@@ -31,6 +31,7 @@ the shift report (metrics.json, shift.png) and the lineage (parent run, parent c
 from __future__ import annotations
 
 import copy
+import math
 import os
 import shutil
 import sys
@@ -133,8 +134,10 @@ class AdaptOptions:
         if not self.gate >= 0:  # also refuses nan, which would shut the gate on everything
             raise EdgetlError(f"--gate is the excess feature shift that opens the shift gate, >= 0 (0: always adapt); got {self.gate}")
         for name in ("lr", "epochs", "labelled_steps", "source_images"):
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:  # also refuses nan
                 raise EdgetlError(f"--{name.replace('_', '-')} must be positive")
+        if not math.isfinite(self.lr):
+            raise EdgetlError(f"--lr must be finite, got {self.lr}")
 
 
 @dataclass

@@ -419,6 +419,14 @@ def test_shot_with_train_extractor_learns_convolutions_but_never_the_head(tiny_r
         AdaptOptions(method="adabn", train="extractor")
 
 
+@pytest.mark.parametrize("lr", [-1.0, 0.0, float("nan"), float("inf")])
+def test_a_learning_rate_out_of_range_is_refused(lr: float) -> None:
+    from edgetl.adapt import AdaptOptions
+
+    with pytest.raises(EdgetlError, match="--lr must be"):
+        AdaptOptions(method="tent", lr=lr)
+
+
 def test_corruptions_are_seeded_and_grow_with_severity() -> None:
     from edgetl.corruptions import CORRUPTIONS, VALIDATION, corrupt
 
