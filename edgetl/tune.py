@@ -17,6 +17,7 @@ complete), so an interrupted tune loses at most the probe it was in.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -57,10 +58,11 @@ class TuneOptions:
     dry_run: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_latency_ms <= 0:
-            raise EdgetlError("--max-latency-ms must be above 0")
-        if self.max_size_mb is not None and self.max_size_mb <= 0:
-            raise EdgetlError("--max-size-mb must be above 0")
+        # `not x > 0` also refuses nan, which no latency is below: every candidate would be out of budget.
+        if not (self.max_latency_ms > 0 and math.isfinite(self.max_latency_ms)):
+            raise EdgetlError(f"--max-latency-ms must be a number of milliseconds above 0, got {self.max_latency_ms}")
+        if self.max_size_mb is not None and not (self.max_size_mb > 0 and math.isfinite(self.max_size_mb)):
+            raise EdgetlError(f"--max-size-mb must be a number of megabytes above 0, got {self.max_size_mb}")
         unknown = [t for t in self.targets if t not in TARGET_FORMATS]
         if unknown:
             raise EdgetlError(f"tune measures CPU targets {', '.join(TARGET_FORMATS)}; unknown: {', '.join(unknown)}")
@@ -71,8 +73,8 @@ class TuneOptions:
             get_entry(b)  # an unknown name fails now with the list of known ones
         if self.sizes and any(not 32 <= s <= 512 for s in self.sizes):
             raise EdgetlError("--sizes must be from 32 to 512 pixels")
-        if self.min_time <= 0:
-            raise EdgetlError("--min-time must be above 0")
+        if not (self.min_time > 0 and math.isfinite(self.min_time)):
+            raise EdgetlError(f"--min-time must be a number of seconds above 0, got {self.min_time}")
 
 
 @dataclass

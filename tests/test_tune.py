@@ -162,3 +162,11 @@ def test_cli_dry_run_prints_the_probes_and_the_estimate(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "tiny" in res.output and "48" in res.output and "64" in res.output and "estimated:" in res.output
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize(("option", "value"), [("max_latency_ms", 0.0), ("max_latency_ms", float("nan")),
+                                               ("max_latency_ms", float("inf")), ("max_size_mb", -1.0),
+                                               ("max_size_mb", float("nan")), ("min_time", float("nan"))])  # fmt: skip
+def test_budgets_out_of_range_are_user_errors(tmp_path: Path, option: str, value: float) -> None:
+    with pytest.raises(EdgetlError, match="--" + option.replace("_", "-")):
+        _opts(tmp_path, **{option: value})
