@@ -64,6 +64,8 @@ class ExportOptions:
                               f"{self.format} has no onnx: add it (e.g. --format onnx,{self.format})")
         if self.batch != "dynamic" and not (self.batch.isdigit() and int(self.batch) > 0):
             raise EdgetlError(f"--batch must be 'dynamic' or a positive number, got {self.batch!r}")
+        if self.parity_samples < 1:  # 0 read as "no readable images", a negative one as "all but the last N"
+            raise EdgetlError(f"--parity-samples must be at least 1, got {self.parity_samples}")
 
     @property
     def fixed_batch(self) -> int | None:

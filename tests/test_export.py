@@ -170,6 +170,8 @@ def test_parity_failure_moves_the_file_aside_and_fails(tiny_run: Path, tmp_path:
         (dict(batch="many"), "--batch"),
         (dict(format="openvino", embed_preprocess=True), "--embed-preprocess writes the uint8-input ONNX model"),
         (dict(format="litert", embed_preprocess=True), "add it"),
+        (dict(parity_samples=0), "--parity-samples must be at least 1"),
+        (dict(parity_samples=-3), "--parity-samples must be at least 1"),
     ],
 )
 def test_bad_options(tiny_run: Path, tmp_path: Path, opts: dict, fragment: str) -> None:
