@@ -294,7 +294,8 @@ class RunFolder:
         rec = self.split_record()
         root = Path(rec["root"])
         if not root.exists():
-            raise EdgetlError(f"the run's data ({root}) is not here: the recorded file lists need the images")
+            raise EdgetlError(f"the run's data ({root}) is not here: the recorded file lists need the images (move them "
+                              "back; export and bench can check on other labelled images with --data DIR)")  # fmt: skip
         recorded = recorded_listing(rec)
         now = current_listing(root, rec["kind"], rec.get("patterns"))
         check = DataCheck(

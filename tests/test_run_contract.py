@@ -141,6 +141,17 @@ def test_a_replaced_file_is_a_change(fresh_run: tuple[Path, Path]) -> None:
     assert RunFolder(run).check_data().replaced == [target.relative_to(data).as_posix()]
 
 
+def test_moved_data_is_named_and_the_recorded_digests_still_know_it(fresh_run: tuple[Path, Path], tmp_path: Path) -> None:
+    run, data = fresh_run
+    moved = tmp_path / "moved"
+    shutil.move(data, moved)
+    with pytest.raises(EdgetlError, match=r"is not here: .*--data DIR"):
+        export_run(run, ExportOptions(out=str(tmp_path / "out")), QUIET)
+    trained_on = len(json.loads((run / "splits.json").read_text())["splits"]["train"])
+    scored = evaluate(run, moved, reporter=QUIET)  # the same photos, elsewhere: the training ones are found by content
+    assert scored["copies_of_training_images"]["count"] == trained_on
+
+
 # ----------------------------------------------------------------------------- stale models
 
 
