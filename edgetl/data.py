@@ -64,19 +64,17 @@ class ImageRef:
             return f.read()
 
     def load(self) -> Image.Image:
-        return self.decode(self.read())
-
-    def load_with_digest(self) -> tuple[Image.Image, bytes]:
-        """The decoded image and the digest of its stored bytes (`content_digest`), from one read of them."""
-        data = self.read()
-        return self.decode(data), content_digest(data)
-
-    def decode(self, data: bytes) -> Image.Image:
-        """This image from its stored bytes (`read`)."""
         if self.path is None:
             assert self.array is not None
             return decode_image(Image.fromarray(self.array[self.index]))
-        return decode_image(data)
+        return decode_image(self.read())
+
+    def load_with_digest(self) -> tuple[Image.Image, bytes]:
+        """The decoded image and the digest of its stored bytes (`content_digest`), from one read of them."""
+        if self.path is None:
+            return self.load(), content_digest(self.read())  # IDX pixels: already in memory
+        data = self.read()
+        return decode_image(data), content_digest(data)
 
 
 def content_digest(data: bytes) -> bytes:

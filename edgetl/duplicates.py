@@ -7,8 +7,8 @@ Neither is an error (a user may have reasons), so `edgetl train` says what it fo
 records it in manifest.json.
 
 What it costs: in training, nothing is read for it. The decode (edgetl.decoded) hashes each image's
-bytes from its own read of them (BLAKE2b, about 1 GB/s: a few per cent of decoding them), and
-`find_duplicates` groups those digests, and train records them in splits.json (`record_digests`), so
+bytes from its own read of them (BLAKE2b, about 1 GB/s: a few per cent of decoding them);
+`find_duplicates` groups those digests. Train records them in splits.json (`record_digests`), so
 `edgetl eval` compares the digests of the images it scores with them and reads no training image
 (`recorded_copies`). For runs recorded without digests, eval reads the training images whose recorded byte
 count a scored image has (`copies_of_training_images`). The test split is never read in training.
