@@ -114,7 +114,8 @@ def main() -> None:
     s0, s1, sp = summary["runs_at_trained_size_test"], summary["runs_at_val_picked_size_test"], summary["soup_at_trained_size"]
     ft, fv, v0 = summary["runs_flip_tta_test"], summary["runs_flip_tta_val"], summary["runs_at_trained_size_val"]
     markdown = "\n".join([
-        f"# Levers without training: weight soup, test-time resolution and flip ({ckpts[0]['config']['backbone']}, trained at {trained} px)",
+        f"# Levers without training: weight soup, test-time resolution and flip ({ckpts[0]['config']['backbone']}, "
+        f"trained at {trained} px)",
         "", "Top-1 (%) on the dataset's val and test folders; each size keeps the run's resize/crop ratio "
         f"({base.resize_size}/{base.input_size}). Selection on validation only.", "", *rows, "",
         f"- Runs at the trained size: test {s0['mean']:.2f}% mean ({s0['min']:.2f}-{s0['max']:.2f}).",

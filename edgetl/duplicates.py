@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from PIL import Image
+
 from edgetl.data import ImageRef, LabelledSet, content_digest
 from edgetl.decoded import DecodedImages
 
@@ -35,11 +38,14 @@ class Duplicates:
     conflicting: int = 0  # images with a byte-identical copy under another class (in either split)
     across_examples: list[tuple[str, str]] = field(default_factory=list)  # (validation key, training key)
     conflicting_examples: list[tuple[str, str, str, str]] = field(default_factory=list)  # (key, class, key, class)
+    near: int = 0  # validation images that look the same as a training image without being byte-identical
+    near_examples: list[tuple[str, str]] = field(default_factory=list)  # (validation key, training key)
 
     def to_dict(self) -> dict[str, Any]:
         return {"val_in_train": self.across, "val_in_train_examples": [list(p) for p in self.across_examples],
                 "conflicting_labels": self.conflicting,
-                "conflicting_label_examples": [list(p) for p in self.conflicting_examples]}  # fmt: skip
+                "conflicting_label_examples": [list(p) for p in self.conflicting_examples],
+                "val_looks_like_train": self.near, "val_looks_like_train_examples": [list(p) for p in self.near_examples]}  # fmt: skip
 
     def warnings(self) -> list[str]:
         out = []
@@ -51,6 +57,11 @@ class Duplicates:
             shown = "; ".join(f"{a} ({ca}) = {b} ({cb})" for a, ca, b, cb in self.conflicting_examples)
             out.append(f"{self.conflicting} image(s) have a byte-identical copy filed under another class (e.g. {shown}): "
                        "the same pixels are taught two labels")  # fmt: skip
+        if self.near:
+            shown = "; ".join(f"{v} ~ {t}" for v, t in self.near_examples)
+            out.append(f"{self.near} validation image(s) look the same as training images without being byte-identical "
+                       f"(re-encoded, resized or re-saved copies; e.g. {shown}): validation accuracy will look better than "
+                       "the model is")  # fmt: skip
         return out
 
 
@@ -120,12 +131,77 @@ def _copies(groups: list[list[Entry]], of: str, among: str, other_files_only: bo
     return count, examples
 
 
+# Two images "look the same" when their 32x32 colour thumbnails differ by at most this much on average (of 255):
+# a JPEG re-encode or a resize of one photo differs by 0.6 (2.4 at most; benchmarks/results/lookalikes.md); on
+# Fashion-MNIST, pairs at 4-5 are one product photo processed twice, above 6 start to be two similar garments.
+LOOKS_SAME_MAD = 5.0
+NEAREST = 8  # training images compared on thumbnails per validation image: its nearest on 8x8 grey vectors
+CANDIDATE_RMS = 10.0  # 8x8 root-mean-square difference (of 255) beyond which no thumbnail comparison is made
+BLOCK_FLOATS = 1 << 24  # one distance block: validation images x training images, 64 MB of float32
+
+
+def _thumbnail(images: DecodedImages, i: int) -> Image.Image:
+    """Image i as a 32x32 colour thumbnail: exact box averages of the decoded pixels, so two copies of a picture
+    cached at different sizes (a training image at its crop size, a validation image at the evaluation size)
+    give the same thumbnail. (Pillow's integer `reduce` first would shift the grid by its remainder.) Colour
+    counts: a white and a yellow T-shirt on one background are alike in grey (clothing-small has such a pair)."""
+    return images.get_stored(i).resize((32, 32), Image.Resampling.BOX)
+
+
+def _vectors(images: DecodedImages) -> np.ndarray:
+    """(n, 64) float32: each image's thumbnail in grey, box-averaged to 8x8, for the nearest-neighbour search."""
+    out = np.zeros((len(images), 64), dtype=np.float32)
+    for i in range(len(images)):
+        out[i] = np.asarray(_thumbnail(images, i).convert("L").resize((8, 8), Image.Resampling.BOX), dtype=np.float32).ravel()
+    return out
+
+
+def _lookalikes(train: DecodedImages, val: DecodedImages) -> tuple[int, list[tuple[str, str]]]:
+    """Validation images that look the same as a training image without being byte-identical to it. Each
+    validation image's NEAREST training images on 8x8 grey vectors (all pairs, by blocks of matrix products:
+    no hash whose bits a re-encode could flip) within CANDIDATE_RMS are compared on 32x32 colour
+    thumbnails (LOOKS_SAME_MAD)."""
+    if not len(train) or not len(val):
+        return 0, []
+    train_vec, val_vec = _vectors(train), _vectors(val)
+    train_sq = (train_vec**2).sum(1)
+    exact = {d.tobytes() for d in train.digests}  # a byte-identical copy is reported as such, not again here
+    thumbs: dict[tuple[str, int], np.ndarray] = {}
+
+    def thumb(name: str, images: DecodedImages, i: int) -> np.ndarray:
+        if (name, i) not in thumbs:
+            thumbs[name, i] = np.asarray(_thumbnail(images, i), dtype=np.float32)
+        return thumbs[name, i]
+
+    count, examples = 0, []
+    k = min(NEAREST, len(train))
+    rows_per_block = max(1, min(len(val), BLOCK_FLOATS // len(train)))
+    for start in range(0, len(val), rows_per_block):
+        block = val_vec[start : start + rows_per_block]
+        sq = np.maximum((block**2).sum(1)[:, None] + train_sq[None, :] - 2.0 * (block @ train_vec.T), 0.0) / 64
+        nearest = np.argpartition(sq, k - 1, axis=1)[:, :k]
+        for row in range(len(block)):
+            i = start + row
+            if val.digests[i].tobytes() in exact:
+                continue
+            order = [int(j) for j in nearest[row][np.argsort(sq[row, nearest[row]])] if sq[row, j] <= CANDIDATE_RMS**2]
+            match = next((j for j in order if float(np.abs(thumb("val", val, i) - thumb("train", train, j)).mean()) <= LOOKS_SAME_MAD),
+                         None)  # fmt: skip
+            if match is not None:
+                count += 1
+                if len(examples) < EXAMPLES:
+                    examples.append((val.refs[i].key, train.refs[match].key))
+    return count, examples
+
+
 def find_duplicates(train: DecodedImages, val: DecodedImages, classes: list[str]) -> Duplicates:
     """Byte-identical images between `val` and `train`, and across classes within and between them, from
-    the digests their decode took (unreadable images, left out of training, are left out here too)."""
+    the digests their decode took (unreadable images, left out of training, are left out here too); and
+    validation images that look the same as a training image without being byte-identical (`_lookalikes`)."""
     groups = _decoded_groups([("train", train), ("val", val)])
     found = Duplicates()
     found.across, found.across_examples = _copies(groups, of="val", among="train")
+    found.near, found.near_examples = _lookalikes(train, val)
     for group in groups:
         first_label = group[0][2]
         if any(label != first_label for _, _, label in group):

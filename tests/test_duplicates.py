@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from edgetl.config import TrainConfig
 from edgetl.data import ImageRef, LabelledSet, content_digest, load_dataset
@@ -196,3 +197,28 @@ def test_the_run_records_digests_and_eval_needs_no_training_image(split_folder: 
     assert again["copies_of_training_images"] == scored["copies_of_training_images"]
     shutil.move(split_folder / "train", moved)
     assert evaluate(run, split_folder / "test", reporter=Reporter(quiet=True))["copies_of_training_images"] is None
+
+
+def _photo_like(seed: int) -> Image.Image:
+    """Smooth shapes on a gradient: what a JPEG re-encode or a resize leaves recognisable (noise it would not)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:120, 0:160]
+    img = np.stack([x * 1.5, y * 2.0, (x + y) * 0.8], axis=-1)
+    for _ in range(4):
+        cy, cx, r = rng.integers(20, 100), rng.integers(20, 140), rng.integers(10, 30)
+        img[(y - cy) ** 2 + (x - cx) ** 2 < r**2] = rng.integers(0, 255, 3)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def test_a_reencoded_resized_copy_looks_the_same_and_is_recorded(split_folder: Path, tmp_path: Path) -> None:
+    red = _classes(split_folder / "train")[0]
+    original = _photo_like(0)
+    original.save(split_folder / "val" / red / "photo.png")
+    original.resize((120, 90), Image.Resampling.BICUBIC).save(split_folder / "train" / red / "photo_small.jpg", quality=70)
+    _photo_like(1).save(split_folder / "train" / red / "another_photo.png")  # alike in kind, not the same picture
+    ds = load_dataset(split_folder)
+    found = _find(ds.train, ds.val, ds.classes)
+    assert (found.across, found.near) == (0, 1)
+    assert found.near_examples == [(f"val/{red}/photo.png", f"train/{red}/photo_small.jpg")]
+    assert any("1 validation image(s) look the same as training images" in w for w in found.warnings())
+    assert found.to_dict()["val_looks_like_train"] == 1
