@@ -26,14 +26,11 @@ import torch
 import torch.distributed as dist
 
 from edgetl.errors import EdgetlError, PeerFailed
+from edgetl.launch import launched_by_torchrun
 
 # How long a rank waits for the others in a collective (rendezvous included) before giving up.
 TIMEOUT_ENV = "EDGETL_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600
-
-
-def launched_by_torchrun() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 @dataclass

@@ -21,6 +21,12 @@ if TYPE_CHECKING:
     from edgetl.config import TrainConfig
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several that torchrun (or launch_local) started. Here, not in
+    edgetl.distributed, so the CLI can ask before importing torch."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def strip_option(argv: list[str], option: str) -> list[str]:
     """`argv` without `option VALUE` / `option=VALUE` (the workers must not launch again)."""
     out, skip = [], False

@@ -180,3 +180,17 @@ def test_paths_and_names_that_look_like_markup_are_printed_as_written(tmp_path: 
     assert f"{data} (" in outputs[1]  # the title, path and all
     assert f"export of {run}" in outputs[2]
     assert f"{data / 'red' / '[red]unreadable.png'} │ unreadable" in outputs[3]
+
+
+def test_a_bad_train_option_is_refused_before_torch_is_imported(tmp_path: Path) -> None:
+    # Importing the training stack takes seconds on 2 cores; a typo in an option should not wait for it.
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from edgetl.cli.main import app\n"
+        f"result = CliRunner().invoke(app, ['train', {str(tmp_path)!r}, '--lr-head', '-1'])\n"
+        "assert result.exit_code == 2 and '--lr-head' in result.output, result.output\n"
+        "sys.exit(1 if 'torch' in sys.modules else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr or "torch was imported before the options were checked"

@@ -190,10 +190,7 @@ def train(
     nproc_per_node: Annotated[int, typer.Option(help="Train in N processes on this machine (torch.distributed; see README)")] = 1,
 ) -> None:
     """Train a classifier: frozen ImageNet backbone + new head, then fine-tune the top blocks."""
-    from edgetl.config import TrainConfig
-    from edgetl.distributed import launched_by_torchrun
-    from edgetl.train import resume as resume_run
-    from edgetl.train import train as train_run
+    from edgetl.config import TrainConfig  # light: torch is imported once the options are known to be good
 
     # Every option is checked here, before --nproc-per-node starts any process: a bad one is one line,
     # not one line per process after each has imported torch.
@@ -230,6 +227,8 @@ def train(
             val_fraction=val_fraction, limit_train=limit_train, limit_val=limit_val, hold_out_fold=hold_out_fold, strict=strict,
             pretrained=pretrained, weights=str(weights) if weights else None,
         )  # fmt: skip
+    from edgetl.launch import launched_by_torchrun
+
     if nproc_per_node != 1 and not launched_by_torchrun():
         from edgetl.launch import check_before_launch, launch_local, strip_option
 
@@ -238,6 +237,9 @@ def train(
         if code:
             raise typer.Exit(code)
         return
+    from edgetl.train import resume as resume_run
+    from edgetl.train import train as train_run
+
     if resume is not None:
         extend = epochs_finetune if _given(ctx, "epochs_finetune") else None
         result = resume_run(resume, epochs_finetune=extend, allow_data_change=allow_data_change, keep_feature_cache=keep_feature_cache)
