@@ -16,6 +16,7 @@ count a scored image has (`copies_of_training_images`). The test split is never 
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,12 +167,10 @@ def _lookalikes(train: DecodedImages, val: DecodedImages) -> tuple[int, list[tup
     train_vec, val_vec = _vectors(train), _vectors(val)
     train_sq = (train_vec**2).sum(1)
     exact = {d.tobytes() for d in train.digests}  # a byte-identical copy is reported as such, not again here
-    thumbs: dict[tuple[str, int], np.ndarray] = {}
 
-    def thumb(name: str, images: DecodedImages, i: int) -> np.ndarray:
-        if (name, i) not in thumbs:
-            thumbs[name, i] = np.asarray(_thumbnail(images, i), dtype=np.float32)
-        return thumbs[name, i]
+    @functools.lru_cache(maxsize=4096)  # training images near many validation images; bounded (12 KB each)
+    def train_thumb(j: int) -> np.ndarray:
+        return np.asarray(_thumbnail(train, j), dtype=np.float32)
 
     count, examples = 0, []
     k = min(NEAREST, len(train))
@@ -185,8 +184,10 @@ def _lookalikes(train: DecodedImages, val: DecodedImages) -> tuple[int, list[tup
             if val.digests[i].tobytes() in exact:
                 continue
             order = [int(j) for j in nearest[row][np.argsort(sq[row, nearest[row]])] if sq[row, j] <= CANDIDATE_RMS**2]
-            match = next((j for j in order if float(np.abs(thumb("val", val, i) - thumb("train", train, j)).mean()) <= LOOKS_SAME_MAD),
-                         None)  # fmt: skip
+            if not order:
+                continue
+            mine = np.asarray(_thumbnail(val, i), dtype=np.float32)
+            match = next((j for j in order if float(np.abs(mine - train_thumb(j)).mean()) <= LOOKS_SAME_MAD), None)
             if match is not None:
                 count += 1
                 if len(examples) < EXAMPLES:
