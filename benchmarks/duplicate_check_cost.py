@@ -7,7 +7,7 @@ digests moved into the decode's own read.
 Per dataset, rounds in alternation, each pipeline timed as train runs it (the training and validation
 splits, Lite0's cache sizes):
 - before: the check as train ran it until this change, before decoding (every image whose byte count
-  another image shares is read and hashed: `_identical_groups`), then the decode as it was (Pillow
+  another image shares is read and hashed: `old_check`), then the decode as it was (Pillow
   opening each file by its path, no digest).
 - after: the decode that hashes each image's bytes from its own read; nothing else is read.
 Both with a warm page cache and with a cold one (the kernel's caches dropped before the pipeline,
@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import os
 import time
+from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,28 @@ from scale_memory import generate
 from edgetl.backbones import preprocess_spec
 from edgetl.data import ImageRef, load_dataset
 from edgetl.decoded import decode_split
-from edgetl.duplicates import _identical_groups
+from edgetl.duplicates import _digest_of
 from edgetl.preprocess import decode_image
 
 CLOTHING = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "clothing-small"
+
+
+def old_check(named: list[tuple[str, Any]]) -> list[list[Any]]:
+    """The check as train ran it before this change (kept here, where it is measured): group every image by
+    byte count, then read and hash each one whose byte count another shares."""
+    by_size: dict[int | None, list[Any]] = defaultdict(list)
+    for name, ls in named:
+        for ref in ls.refs:
+            by_size[ref.size_on_disk()].append((name, ref))
+    by_digest: dict[bytes, list[Any]] = defaultdict(list)
+    for size, group in by_size.items():
+        if len(group) < 2 and size is not None:
+            continue
+        for name, ref in group:
+            digest = _digest_of(ref)
+            if digest is not None:
+                by_digest[digest].append((name, ref))
+    return [g for g in by_digest.values() if len(g) > 1]
 
 
 def drop_caches() -> bool:
@@ -74,7 +93,7 @@ def decode_both(ds: Any, spec: Any) -> None:
 def before(ds: Any, spec: Any) -> tuple[float, float]:
     """(seconds of the check, seconds of check + decode)."""
     start = time.perf_counter()
-    _identical_groups([("train", ds.train), ("val", ds.val)])
+    old_check([("train", ds.train), ("val", ds.val)])
     check = time.perf_counter() - start
     with decode_without_digest():
         decode_both(ds, spec)

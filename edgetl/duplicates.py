@@ -10,8 +10,8 @@ What it costs: in training, nothing is read for it. The decode (edgetl.decoded) 
 bytes from its own read of them (BLAKE2b, about 1 GB/s: a few per cent of decoding them);
 `find_duplicates` groups those digests. Train records them in splits.json (`record_digests`), so
 `edgetl eval` compares the digests of the images it scores with them and reads no training image
-(`recorded_copies`). For runs recorded without digests, eval reads the training images whose recorded byte
-count a scored image has (`copies_of_training_images`). The test split is never read in training.
+(`recorded_copies`). For runs recorded without digests, eval first digests the training images whose
+recorded byte count a scored image has (`with_file_digests`). The test split is never read in training.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from edgetl.data import ImageRef, LabelledSet, content_digest
+from edgetl.data import ImageRef, content_digest, dataset_from_record
 from edgetl.decoded import DecodedImages
+from edgetl.errors import EdgetlError
 
 EXAMPLES = 5  # pairs shown in the log and kept in the manifest, per kind
 
@@ -90,41 +91,14 @@ def _decoded_groups(named: list[tuple[str, DecodedImages]]) -> list[list[Entry]]
     return _groups_of(by_digest)
 
 
-def _identical_groups(named: list[tuple[str, LabelledSet]]) -> list[list[Entry]]:
-    """Groups of two or more images with identical bytes, over every image of the named sets: only images
-    whose byte count another image shares are read."""
-    by_size: dict[int | None, list[Entry]] = defaultdict(list)
-    for name, ls in named:
-        for ref, label in zip(ls.refs, ls.labels, strict=True):
-            by_size[ref.size_on_disk()].append((name, ref, int(label)))
-    by_digest: dict[bytes, list[Entry]] = defaultdict(list)
-    for size, group in by_size.items():
-        if len(group) < 2 and size is not None:
-            continue  # a unique byte count: no identical copy can exist
-        for entry in group:
-            digest = _digest_of(entry[1])
-            if digest is not None:
-                by_digest[digest].append(entry)
-    return _groups_of(by_digest)
-
-
-def _location(ref: ImageRef) -> tuple[str, int]:
-    """Where an image's bytes live: one file (links resolved), one shard member, one slot of an array."""
-    if ref.path is None:  # an IDX image: its key ("train:123") names the slot in every load of the files
-        return f"idx {ref.key}", -1
-    return str(ref.path.resolve()), ref.index
-
-
-def _copies(groups: list[list[Entry]], of: str, among: str, other_files_only: bool = False) -> tuple[int, list[tuple[str, str]]]:
-    """How many images of set `of` have an identical image in set `among`, and example pairs; `other_files_only`:
-    an image is not its own copy (two loads of one folder)."""
+def _copies(groups: list[list[Entry]], of: str, among: str) -> tuple[int, list[tuple[str, str]]]:
+    """How many images of set `of` have an identical image in set `among`, and example pairs."""
     count, examples = 0, []
     for group in groups:
         for name, ref, _ in group:
             if name != of:
                 continue
-            here = _location(ref)
-            other = next((e[1] for e in group if e[0] == among and not (other_files_only and _location(e[1]) == here)), None)
+            other = next((e[1] for e in group if e[0] == among), None)
             if other is not None:
                 count += 1
                 if len(examples) < EXAMPLES:
@@ -231,7 +205,7 @@ def recorded_copies(scored: DecodedImages, record: dict[str, Any]) -> dict[str, 
     in `record` (no training image is read), with example pairs (scored, training); None when the record
     has no digests (runs made before they were recorded)."""
     rows = record["splits"].get("train", [])
-    if not rows or any(len(row) < 4 for row in rows):
+    if any(len(row) < 4 for row in rows):
         return None
     wanted = {digest.tobytes().hex() for digest in scored.digests}
     keys_by_digest: dict[str, list[str]] = defaultdict(list)
@@ -256,9 +230,16 @@ def _is_recorded_image(ref: ImageRef, key: str, record: dict[str, Any]) -> bool:
     return ref.key == key  # an IDX slot ("train:12") or a shard member ("<shard>/<sample>") is named by its key
 
 
-def copies_of_training_images(scored: LabelledSet, train: LabelledSet) -> dict[str, Any]:
-    """`edgetl eval`: how many scored images are byte-identical to one of the run's training images in another
-    file (scoring the training split itself finds only real copies), with example pairs (scored, training)."""
-    groups = _identical_groups([("train", train), ("scored", scored)])
-    count, examples = _copies(groups, of="scored", among="train", other_files_only=True)
-    return {"count": count, "examples": [list(e) for e in examples]}
+def with_file_digests(record: dict[str, Any], sizes: set[int | None]) -> dict[str, Any] | None:
+    """A record made before digests were recorded (format 2), its training rows digested from their files for
+    `recorded_copies`: only the rows whose recorded byte count is in `sizes` (those of the scored images; no
+    stat of the rest, no scan of their shards). None where the training images cannot be read here."""
+    rows = [row for row in record["splits"].get("train", []) if len(row) < 3 or row[2] is None or row[2] in sizes]
+    try:
+        train = dataset_from_record({**record, "splits": {"train": rows, "val": []}}).train
+    except (EdgetlError, OSError):
+        return None
+    if rows and not len(train):
+        return None
+    digested = [(ref.key, _digest_of(ref)) for ref in train.refs]
+    return {**record, "splits": {"train": [[key, None, None, d.hex() if d else None] for key, d in digested]}}

@@ -8,10 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from edgetl.data import LabelledSet, dataset_from_record, relabel, scoring_set
+from edgetl.data import relabel, scoring_set
 from edgetl.decoded import DecodedImages, decode_for_scoring
-from edgetl.duplicates import copies_of_training_images, recorded_copies
-from edgetl.errors import EdgetlError
+from edgetl.duplicates import recorded_copies, with_file_digests
 from edgetl.progress import Reporter
 from edgetl.run import RunFolder
 
@@ -55,7 +54,7 @@ def score(
     ls = relabel(ls, data_classes, labels, str(data))
     reporter.log(f"scoring {source}")
     images, failed = decode_for_scoring(ls, spec, reporter, source)
-    copies = _copies_of_training_images(images, ls, folder)
+    copies = _copies_of_training_images(images, folder)
     if copies and copies["count"]:
         shown = "; ".join(f"{a} = {b}" for a, b in copies["examples"])
         reporter.warn(f"{copies['count']} of the {len(ls)} image(s) are byte-identical to images the run trained on (e.g. {shown}): "
@@ -66,25 +65,16 @@ def score(
                   copies)  # fmt: skip
 
 
-def _copies_of_training_images(images: DecodedImages, ls: LabelledSet, folder: RunFolder) -> dict[str, Any] | None:
-    """The scored images that are copies of the run's training images: from the digests the run recorded
-    (nothing of the training data is read, or needs to be here), else (a run recorded without them) from
-    the training images themselves, where they can be listed here (None where not). Of those, only the ones
-    whose recorded byte count is one a scored image has are looked at: no stat of the rest, no scan of
-    their shards."""
+def _copies_of_training_images(images: DecodedImages, folder: RunFolder) -> dict[str, Any] | None:
+    """The scored images that are copies of the run's training images, from the digests the run recorded
+    (nothing of the training data is read, or needs to be here); for a run recorded without them, from
+    digests of the training images that could be copies (`with_file_digests`; None where they are not here)."""
     record = folder.split_record()
-    recorded = recorded_copies(images, record)
-    if recorded is not None:
-        return recorded
-    sizes = {ref.size_on_disk() for ref in ls.refs}
-    rows = [row for row in record["splits"].get("train", []) if len(row) < 3 or row[2] is None or row[2] in sizes]
-    if not rows:
-        return {"count": 0, "examples": []}
-    try:
-        train = dataset_from_record({**record, "splits": {"train": rows, "val": []}}).train
-    except (EdgetlError, OSError):
-        return None
-    return copies_of_training_images(ls, train) if len(train) else None
+    if any(len(row) < 4 for row in record["splits"].get("train", [])):
+        record = with_file_digests(record, {ref.size_on_disk() for ref in images.refs})
+        if record is None:
+            return None
+    return recorded_copies(images, record)
 
 
 def evaluate(

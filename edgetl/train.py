@@ -1159,7 +1159,7 @@ def train(
     d = Dist.from_env(cfg.device)
     reporter = (reporter or Reporter()) if d.is_main else Reporter(quiet=True)
     data = str(data)
-    state: dict[str, Any] = {"created": False, "run_dir": None, "started": False}
+    state: dict[str, Any] = {"run_dir": None, "made": [], "started": False}
     try:
         with contextlib.ExitStack() as stack:
 
@@ -1173,10 +1173,7 @@ def train(
                 run_dir = Path(out) if out is not None else default_run_dir(name, data_name, cfg.backbone)
                 if not shards:
                     check_run_outside_data(run_dir, Path(data), given=out is not None)
-                created = not run_dir.exists()
-                made = check_new_run_folder(run_dir)
-                # from here on a failure removes what it made
-                state["created"], state["run_dir"], state["parents"] = created, run_dir, made[1:]
+                state["run_dir"], state["made"] = run_dir, check_new_run_folder(run_dir)  # a failure from here removes them
                 stack.enter_context(locked(run_dir, "training"))
                 if is_run(run_dir):  # another process finished a run here between our check and the lock
                     raise EdgetlError(f"{run_dir} already holds a run: use --resume {run_dir} to continue it, or another --out")
@@ -1202,18 +1199,19 @@ def train(
             return _run_stages(trainer, "head", None)
     except BaseException:
         if d.is_main and not state["started"] and state["run_dir"] is not None:
-            _remove_unstarted_run(state["run_dir"], state["created"], state.get("parents", []))
+            _remove_unstarted_run(state["run_dir"], state["made"])
         raise
     finally:
         d.close()
 
 
-def _remove_unstarted_run(run_dir: Path, created: bool, parents: Sequence[Path] = ()) -> None:
+def _remove_unstarted_run(run_dir: Path, made: Sequence[Path]) -> None:
     """A run that failed or was interrupted before its first record leaves no folder behind: neither its
-    own nor the parents made for it (`models/` of the default run folder), where they are still empty."""
-    if created:
+    own nor the parents made for it (`made`, deepest first: `models/` of the default run folder), where
+    they are still empty. A folder that was there already keeps everything but the run's records."""
+    if made:
         shutil.rmtree(run_dir, ignore_errors=True)
-        for parent in parents:  # deepest first
+        for parent in made[1:]:
             try:
                 parent.rmdir()
             except OSError:  # not empty (another run's folder appeared in it), or gone
