@@ -330,6 +330,7 @@ class Trainer:
         self.teacher_record: dict[str, Any] | None = None
         self.skipped: list[dict[str, str]] = []
         self.duplicates: dict[str, Any] | None = None  # byte-identical images in train and val (edgetl.duplicates)
+        self.split_record: dict[str, Any] = {}  # the dataset's split record with the decoded images' digests (decode)
         self.manifest_base: dict[str, Any] = {}
 
     # -- set-up -------------------------------------------------------------------------------
@@ -383,6 +384,9 @@ class Trainer:
         for split in ("train", "val"):
             check_after_skips(self.classes, split, decoded[split].labels)
         self.train_images, self.val_images = decoded["train"], decoded["val"]
+        # The split record with each image's digest (from the decode's own read): written as splits.json by a new
+        # run, and the distillation leak check compares contents with it.
+        self.split_record = record_digests(ds.split_record(), decoded)
         counts = np.bincount(self.train_images.labels, minlength=len(self.classes)).astype(np.float64)
         weights = counts.sum() / (len(counts) * np.maximum(counts, 1)) if cfg.balance else np.ones_like(counts)
         self.class_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
@@ -398,8 +402,7 @@ class Trainer:
             return
         from edgetl.distill import load_teacher, teacher_coverage
 
-        # With this run's digests, the leak check also compares contents (edgetl.distill._check_no_leak).
-        record = record_digests(self.dataset.split_record(), {"train": self.train_images, "val": self.val_images})
+        record = self.split_record  # with this run's digests the leak check also compares contents (edgetl.distill._check_no_leak)
         ls = self.dataset.train.subset(self.train_images.positions)  # exactly the student's training images, in order
         d = self.dist
         n = len(ls)
@@ -1191,8 +1194,7 @@ def train(
             reporter.log(f"run folder: {run_dir}")
             # From here on the run is resumable: the file lists, the config and the starting weights are on disk.
             if d.is_main:
-                record = record_digests(record, {"train": trainer.train_images, "val": trainer.val_images})
-                write_json(run_dir / layout.SPLITS, record)
+                write_json(run_dir / layout.SPLITS, trainer.split_record)
             trainer.write_manifest("training")
             trainer.save_last("head", 0)
             state["started"] = True
