@@ -3,6 +3,7 @@ the one real end-to-end run on the bundled sample."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -12,6 +13,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -148,9 +150,40 @@ sys.meta_path.insert(0, Block())
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
 
+# ----------------------------------------------------------------------------- one test session, one or two processes
+
+# The suite runs in two pytest-xdist workers (README), or in one process. Whatever every process of the session shares
+# (the real Lite0 build, the network logs) lives in one folder, made by the process that runs pytest (under xdist, the
+# controller, which hands it to each worker) and removed by it at the end.
+_SUITE: dict = {}
+
+
+def _worker_id(config: pytest.Config) -> str:
+    return getattr(config, "workerinput", {}).get("workerid", "main")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: object) -> None:
+    """pytest-xdist, in the controller: each worker gets the session's shared folder."""
+    node.workerinput["edgetl_suite_dir"] = str(_SUITE["dir"])  # type: ignore[attr-defined]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: object, error: object) -> None:
+    """pytest-xdist, in the controller: what a worker's processes tried after its last test (see pytest_sessionfinish)."""
+    late = getattr(node, "workeroutput", {}).get("edgetl_network_after_last_test")
+    if late:
+        _SUITE.setdefault("late_network", []).append(late)
+
+
 # ----------------------------------------------------------------------------- the real Lite0 run, built beside the suite
 
 _REAL_LITE0: dict = {}
+_REAL_LITE0_TIMEOUT_S = 1800
+
+
+def _real_lite0_folder() -> Path:
+    return _SUITE["dir"] / "real-lite0"
 
 
 # ----------------------------------------------------------------------------- no network at run time
@@ -159,13 +192,14 @@ NETWORK_GUARD = Path(__file__).with_name("no_network")
 _NETWORK_LOG: dict = {}
 
 
-def _guard_the_network() -> None:
+def _guard_the_network(config: pytest.Config) -> None:
     """Every Python process of the session refuses and logs each attempt to reach another machine
-    (no_network/edgetl_network_guard.py): this one now, its children through PYTHONPATH's sitecustomize."""
+    (no_network/edgetl_network_guard.py): this one now, its children through PYTHONPATH's sitecustomize.
+    One log per pytest process, so that each blames only its own tests."""
     sys.path.insert(0, str(NETWORK_GUARD))
     import edgetl_network_guard
 
-    log = Path(tempfile.mkdtemp(prefix="edgetl-network-")) / "attempts.log"
+    log = _SUITE["dir"] / f"network-{_worker_id(config)}.log"
     log.touch()
     _NETWORK_LOG["log"] = log
     os.environ[edgetl_network_guard.LOG_VARIABLE] = str(log)
@@ -194,49 +228,82 @@ def no_network_reached() -> Iterator[None]:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    _guard_the_network()
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        _SUITE["dir"] = Path(workerinput["edgetl_suite_dir"])
+    else:
+        _SUITE.update(dir=Path(tempfile.mkdtemp(prefix="edgetl-suite-")), owner=True)
+    _guard_the_network(config)
     import torch
 
-    # The real Lite0 build takes one core beside the suite (below); the tests' own torch work (tiny models, where a
-    # second thread gains little) takes the other instead of both fighting over two: with two threads here, an
-    # intra-op thread waiting on a busy core made this process's tests up to 4x slower while the build ran.
+    # The tests' torch work is on tiny models, where a second thread gains little: one thread each, so that the two
+    # workers (or one process and the real Lite0 build below) each have a core instead of fighting over both. With two
+    # threads, an intra-op thread waiting on a busy core made the tests up to 4x slower while the build ran.
     torch.set_num_threads(1)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
     """When a collected test uses the real Lite0 run, start building it (build_real_lite0.py: training, then
     exports to every format) in a child process now. That is two minutes on 2 cores, much of it one-core work
-    (tracing, conversion), which then overlaps the tests that run before the first one needing it."""
+    (tracing, conversion), which then overlaps the tests that run before the first one needing it. Every worker
+    collects every test: the first to make the build's folder starts it, the others wait for its exit file."""
     if session.config.option.collectonly or not any("real_run" in getattr(i, "fixturenames", ()) for i in session.items):
         return
-    root = Path(tempfile.mkdtemp(prefix="edgetl-real-lite0-"))
+    root = _real_lite0_folder()
+    try:
+        root.mkdir()
+    except FileExistsError:
+        return  # another worker started it
+    build = Path(__file__).with_name("build_real_lite0.py")
+    # The shell writes the build's exit status once it ends, for whichever worker waits on it; a session of its own,
+    # so stopping it stops its LiteRT converter child too.
+    report_exit = '"$0" "$1" "$2"; echo $? > "$2/exit.part" && mv "$2/exit.part" "$2/exit"'
     with open(root / "build.log", "wb") as log:
-        # A session of its own: stopping it stops its LiteRT converter child too.
-        proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("build_real_lite0.py")), str(root)],
+        proc = subprocess.Popen(["sh", "-c", report_exit, sys.executable, str(build), str(root)],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    _REAL_LITE0.update(root=root, proc=proc)
+    (root / "pgid").write_text(str(proc.pid))
+    _REAL_LITE0["proc"] = proc
 
 
 def _real_lite0_build() -> Path:
     """The finished build's folder; a failed build fails the tests that need it with its log."""
-    if not _REAL_LITE0:
+    root = _real_lite0_folder()
+    if not root.is_dir():
         pytest.fail("the real Lite0 build was not started (pytest_collection_finish saw no test using real_run)")
-    root, proc = _REAL_LITE0["root"], _REAL_LITE0["proc"]
-    if proc.wait(timeout=1800) != 0:
-        pytest.fail(f"building the real Lite0 run failed (exit {proc.returncode}):\n" + (root / "build.log").read_text()[-3000:])
+    exit_file, deadline = root / "exit", time.monotonic() + _REAL_LITE0_TIMEOUT_S
+    proc = _REAL_LITE0.get("proc")  # in the worker that started it
+    while not exit_file.exists():
+        if proc is not None and proc.poll() is not None and not exit_file.exists():
+            pytest.fail(f"the real Lite0 build was stopped (exit {proc.returncode}):\n" + (root / "build.log").read_text()[-3000:])
+        if time.monotonic() > deadline:
+            pytest.fail(f"the real Lite0 build did not finish in {_REAL_LITE0_TIMEOUT_S} s:\n" + (root / "build.log").read_text()[-3000:])
+        time.sleep(0.2)
+    code = int(exit_file.read_text())
+    if code != 0:
+        pytest.fail(f"building the real Lite0 run failed (exit {code}):\n" + (root / "build.log").read_text()[-3000:])
     return root
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if _NETWORK_LOG:  # after the last test: a session fixture's tear-down, a child still running then
-        attempts = new_network_attempts()
-        if attempts:
-            print("\nno network at run time, but this was tried after the last test:\n" + attempts[:4000], file=sys.stderr)
-            session.exitstatus = pytest.ExitCode.TESTS_FAILED
-        shutil.rmtree(_NETWORK_LOG["log"].parent, ignore_errors=True)
-    if _REAL_LITE0:
-        proc = _REAL_LITE0["proc"]
-        if proc.poll() is None:  # an interrupted session: the build must not outlive it
-            os.killpg(proc.pid, signal.SIGKILL)
+    # After the last test: a session fixture's tear-down, a child still running then. A worker hands its lines to the
+    # controller (its own exit status is not the session's); the process that runs pytest judges them all.
+    late = [new_network_attempts()] if _NETWORK_LOG else []
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:
+        workeroutput["edgetl_network_after_last_test"] = "".join(late)
+    proc = _REAL_LITE0.get("proc")
+    if proc is not None:
+        proc.poll()  # reaps a finished build; one still running is another worker's to wait for, and the controller's to stop
+    if not _SUITE.get("owner"):
+        return
+    attempts = "".join(late + _SUITE.get("late_network", []))
+    if attempts:
+        print("\nno network at run time, but this was tried after the last test:\n" + attempts[:4000], file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    root = _real_lite0_folder()
+    if (root / "pgid").exists() and not (root / "exit").exists():  # an interrupted session: the build must not outlive it
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(int((root / "pgid").read_text()), signal.SIGKILL)
+        if proc is not None:
             proc.wait()
-        shutil.rmtree(_REAL_LITE0["root"], ignore_errors=True)
+    shutil.rmtree(_SUITE["dir"], ignore_errors=True)

@@ -77,7 +77,9 @@ def install() -> None:
         if what is None:
             return
         where = "".join(traceback.format_stack(limit=8)[:-2]).replace("\n", " | ")
-        with open(log, "a", encoding="utf-8") as f:
+        # The variable as it is now: a pytest-xdist worker, guarded from its start by sitecustomize with the
+        # controller's log, points it at its own in pytest_configure.
+        with open(os.environ.get(LOG_VARIABLE) or log, "a", encoding="utf-8") as f:
             f.write(f"pid {os.getpid()} ({' '.join(sys.argv)[:200]}) {what}; from: {where}\n")
         raise OSError(f"no network at run time (edgetl's tests refuse this): {what}")
 
