@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
-from rich.console import Console
+from rich.console import Console, RenderableType
+from rich.measure import Measurement
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -21,12 +22,17 @@ from rich.text import Text
 PIPE_WIDTH = 240
 
 
-def make_console(stderr: bool = False) -> Console:
-    """A rich console that uses the terminal's width, and a wide one (no wrapping) off a terminal."""
+def make_console(stderr: bool = False, fit: RenderableType | None = None) -> Console:
+    """A rich console that uses the terminal's width, and a wide one (no wrapping) off a terminal: at least
+    PIPE_WIDTH, and as wide as `fit` needs (a table of file paths: a log or a pipe keeps every path whole)."""
     probe = Console(stderr=stderr)
     if probe.is_terminal:
         return probe
-    return Console(stderr=stderr, width=PIPE_WIDTH, soft_wrap=True)
+    width = PIPE_WIDTH
+    if fit is not None:
+        wide = Console(stderr=stderr, width=10_000)
+        width = max(width, Measurement.get(wide, wide.options, fit).maximum)
+    return Console(stderr=stderr, width=width, soft_wrap=True)
 
 
 console = make_console(stderr=True)

@@ -130,6 +130,20 @@ def test_predict_cli_folder_and_table(tiny_models: Path, tiny_run: Path) -> None
     assert result.output.count("green_") == 12
 
 
+def test_predict_table_keeps_long_paths_whole_in_a_log(tiny_models: Path, tiny_run: Path, tmp_path: Path) -> None:
+    """Written to a file or a pipe, the table is as wide as its paths: `edgetl predict ... > log` once cut a
+    path longer than the 240-column log width to "…", and the row no longer said which image it was."""
+    source = Path(json.loads((tiny_run / "manifest.json").read_text())["dataset"]["root"]) / "green"
+    folder = tmp_path.joinpath(*["a-folder-with-a-long-name-" + str(i) for i in range(8)])
+    shutil.copytree(source, folder)
+    (folder / "broken.png").write_bytes(b"not an image")  # its error message repeats the path: a second wide column
+    result = runner.invoke(app, ["predict", str(tiny_models / "model.onnx"), str(folder)])
+    assert result.exit_code == 1
+    assert len(str(folder / "green_0.png")) > 240 and "…" not in result.output
+    for name in ("broken.png", *(f"green_{i}.png" for i in range(12))):
+        assert str(folder / name) in result.output
+
+
 def test_predict_cli_skips_hidden_files_in_a_folder_as_training_does(tiny_models: Path, tiny_run: Path, tmp_path: Path) -> None:
     source = Path(json.loads((tiny_run / "manifest.json").read_text())["dataset"]["root"]) / "green"
     folder = tmp_path / "photos"

@@ -479,7 +479,10 @@ def predict(
         from edgetl.progress import make_console
 
         table = Table(show_edge=False)
-        for col in ("image", "label", "probability", "also"):
+        # A path is the row's name: on a narrow terminal it wraps, never ends in "…" (off a terminal the table is as
+        # wide as it needs, make_console).
+        table.add_column("image", overflow="fold")
+        for col in ("label", "probability", "also"):
             table.add_column(col)
         for r in rows:
             if "error" in r:
@@ -487,7 +490,7 @@ def predict(
             else:
                 also = ", ".join(f"{t['label']} {t['probability']:.0%}" for t in r["top_k"][1:])
                 table.add_row(escape(r["path"]), escape(r["label"]), f"{r['probability']:.1%}", escape(also))
-        make_console().print(table)
+        make_console(fit=table).print(table)
     if failed:
         typer.echo(f"{len(failed)} of {len(rows)} image(s) could not be read", err=True)
         raise typer.Exit(1)
