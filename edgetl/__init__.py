@@ -12,3 +12,6 @@ keep_telemetry_off()  # before any edgetl module imports openvino, nncf or onnxr
 # host with a CUDA toolkit (nvcc on PATH or CUDA_HOME) and no GPU, that logs "No CUDA runtime is found" in the
 # middle of `edgetl quantize`. It is about compiling CUDA extensions, which edgetl never does.
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+# torchao (under ExecuTorch's int8 lowering) registers an Enum with torch's pytree at import, which logs a
+# deprecation warning about torch.compile's own handling of Enums into `edgetl export --format executorch`.
+logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)

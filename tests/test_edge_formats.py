@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -210,8 +211,29 @@ clf = Classifier({str(edge_export / "model.tflite")!r}, threads=1)
 print(json.dumps([p.label for p in clf.predict({images!r})]))
 """)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "XNNPACK delegate" not in proc.stderr  # LiteRT's C++ note on making its default delegate (edgetl.native_stderr)
     labels = json.loads(proc.stdout.strip().splitlines()[-1])
     assert labels == [p.label for p in Classifier(edge_export / "model.onnx").predict(images)]  # type: ignore[union-attr]
+
+
+def test_running_a_program_prints_no_native_noise_and_keeps_other_lines(edge_export: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """ExecuTorch's thread pool probes the CPU from C++ when it starts and, on a host that is not ARM, prints five
+    lines ("Failed to open midr file ...") into every `edgetl export/bench/predict` of a .pte: they are dropped,
+    while anything else native code prints in that block still reaches the user."""
+    proc = subprocess.run([sys.executable, "-c", f"""
+import numpy as np
+from edgetl.backends.executorch import ExecuTorchModel
+model = ExecuTorchModel({str(edge_export / "model.pte")!r}, threads=1)
+print(model(np.zeros((1, *model.input_shape[1:]), dtype=np.float32)).shape)
+"""], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "cpuinfo_utils" not in proc.stderr and proc.stdout.strip().endswith("3)")
+    from edgetl.native_stderr import dropping_native_lines
+
+    with dropping_native_lines("[cpuinfo_utils.cpp:"):
+        os.write(2, b"[cpuinfo_utils.cpp:87] Failed to open midr file\nE0000 a real error from C++\n")
+    err = capfd.readouterr().err
+    assert "a real error from C++" in err and "midr" not in err
 
 
 def test_predict_cli_on_a_tflite(edge_export: Path, tiny_run: Path) -> None:

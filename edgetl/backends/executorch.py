@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from edgetl.errors import EdgetlError
+from edgetl.native_stderr import dropping_native_lines
 
 EXTRA_HINT = "pip install 'edgetl[executorch]'"
 
@@ -47,7 +48,27 @@ def runtime() -> Any:
         from executorch.runtime import Runtime
     except ImportError:
         raise EdgetlError(f"running a .pte program needs ExecuTorch: {EXTRA_HINT}") from None
-    return Runtime.get()
+    rt = Runtime.get()
+    _threadpool()
+    return rt
+
+
+# The C++ lines ExecuTorch's CPU probe prints when its thread pool starts, on every host that is not ARM
+# ("[cpuinfo_utils.cpp:87] Failed to open midr file ..."): about ARM core types, nothing a user can act on.
+_CPU_PROBE_LINES = "[cpuinfo_utils.cpp:"
+_POOL_STARTED: list[bool] = []
+
+
+def _threadpool() -> Any:
+    """ExecuTorch's pybindings, with XNNPACK's process-wide thread pool started: it starts at its first use,
+    which happens here with the CPU probe's lines dropped."""
+    from executorch.extension.pybindings import portable_lib
+
+    if not _POOL_STARTED:
+        with dropping_native_lines(_CPU_PROBE_LINES):
+            portable_lib._threadpool_get_thread_count()
+        _POOL_STARTED.append(True)
+    return portable_lib
 
 
 def set_threads(threads: int | None) -> None:
@@ -55,8 +76,7 @@ def set_threads(threads: int | None) -> None:
     own (and only) knob for its size, safe while no program is executing."""
     if not threads:
         return
-    from executorch.extension.pybindings import portable_lib
-
+    portable_lib = _threadpool()
     if portable_lib._threadpool_get_thread_count() != threads:
         portable_lib._unsafe_reset_threadpool(threads)
 

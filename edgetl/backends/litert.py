@@ -18,6 +18,7 @@ import numpy as np
 
 from edgetl.errors import EdgetlError
 from edgetl.hostinfo import physical_cores
+from edgetl.native_stderr import dropping_native_lines
 
 METADATA_NAME = "edgetl"
 TFLITE_IDENTIFIER = b"TFL3"
@@ -136,8 +137,10 @@ class LiteRtModel:
         content = read_tflite(path)  # read once: the metadata and the interpreter take the same bytes
         self.metadata = metadata_of(content, self.path)
         try:
-            self.interpreter = interpreter_class()(model_content=content, num_threads=threads or physical_cores())
-            self.interpreter.allocate_tensors()
+            # "INFO: Created TensorFlow Lite XNNPACK delegate for CPU." from C++, once a process: the delegate is the default.
+            with dropping_native_lines("INFO: Created TensorFlow Lite XNNPACK delegate"):
+                self.interpreter = interpreter_class()(model_content=content, num_threads=threads or physical_cores())
+                self.interpreter.allocate_tensors()
         except EdgetlError:
             raise
         except Exception as exc:
