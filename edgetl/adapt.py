@@ -563,6 +563,9 @@ def _write_run(out: Path, parent: RunFolder, parent_sha: str, ckpt: dict[str, An
         "stage": "adapt", "epoch": 0, "val_loss": best["val_loss"], "val_top1": best["top1"], "lineage": lineage,
         "source_bn_stats": source_stats.state(),
     })  # fmt: skip
+    vectors = parent.split_record().get("train_vectors")
+    if vectors is not None:  # the same training images: their recorded thumbnails come along (edgetl eval reads them)
+        shutil.copyfile(parent.path / vectors["file"], out / vectors["file"])
     write_json(out / SPLITS, parent.split_record())
     target = target_record(target_root, LabelledSet(sets.target.refs, sets.target.labels), sets.skipped.get("target", []))
     write_json(out / TARGET, target)

@@ -106,8 +106,9 @@ class LabelledSet:
 
 SPLITS_FORMAT = "edgetl.splits"
 # Rows [key, class, size]; from version 3, the splits training decoded have a fourth column, the image's
-# content digest (edgetl.duplicates.record_digests).
-SPLITS_FORMAT_VERSION = 3
+# content digest (edgetl.duplicates.record_digests); from version 4, "train_vectors" names the file of the
+# training images' 8x8 grey thumbnails and its hash (edgetl.duplicates.write_train_vectors).
+SPLITS_FORMAT_VERSION = 4
 
 
 @dataclass

@@ -12,12 +12,19 @@ bytes from its own read of them (BLAKE2b, about 1 GB/s: a few per cent of decodi
 `edgetl eval` compares the digests of the images it scores with them and reads no training image
 (`recorded_copies`). For runs recorded without digests, eval first digests the training images whose
 recorded byte count a scored image has (`with_file_digests`). The test split is never read in training.
+
+Copies that are not byte-identical (re-encoded, resized, re-saved): training compares each validation image
+with its nearest training images on thumbnails (`_lookalikes`), and records the training images' 8x8 grey
+thumbnails (64 bytes an image, `write_train_vectors`), from which eval finds the scored images' nearest
+training images and reads only those to confirm (`recorded_lookalikes`).
 """
 
 from __future__ import annotations
 
 import functools
+import io
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +49,7 @@ class Duplicates:
     conflicting_examples: list[tuple[str, str, str, str]] = field(default_factory=list)  # (key, class, key, class)
     near: int = 0  # validation images that look the same as a training image without being byte-identical
     near_examples: list[tuple[str, str]] = field(default_factory=list)  # (validation key, training key)
+    train_vectors: np.ndarray | None = field(default=None, repr=False)  # the training images' grey_vectors, for the record
 
     def to_dict(self) -> dict[str, Any]:
         return {"val_in_train": self.across, "val_in_train_examples": [list(p) for p in self.across_examples],
@@ -123,23 +131,38 @@ def _thumbnail(images: DecodedImages, i: int) -> Image.Image:
     return images.get_stored(i).resize((32, 32), Image.Resampling.BOX)
 
 
-def _vectors(images: DecodedImages) -> np.ndarray:
-    """(n, 64) float32: each image's thumbnail in grey, box-averaged to 8x8, for the nearest-neighbour search."""
-    out = np.zeros((len(images), 64), dtype=np.float32)
+def grey_vectors(images: DecodedImages) -> np.ndarray:
+    """(n, 64) uint8: each image's thumbnail in grey, box-averaged to 8x8, for the nearest-neighbour search.
+    64 bytes an image: train records its training images' (`write_train_vectors`) for `edgetl eval`."""
+    out = np.zeros((len(images), 64), dtype=np.uint8)
     for i in range(len(images)):
-        out[i] = np.asarray(_thumbnail(images, i).convert("L").resize((8, 8), Image.Resampling.BOX), dtype=np.float32).ravel()
+        out[i] = np.asarray(_thumbnail(images, i).convert("L").resize((8, 8), Image.Resampling.BOX), dtype=np.uint8).ravel()
     return out
 
 
-def _lookalikes(train: DecodedImages, val: DecodedImages) -> tuple[int, list[tuple[str, str]]]:
-    """Validation images that look the same as a training image without being byte-identical to it. Each
-    validation image's NEAREST training images on 8x8 grey vectors (all pairs, by blocks of matrix products:
-    no hash whose bits a re-encode could flip) within CANDIDATE_RMS are compared on 32x32 colour
-    thumbnails (LOOKS_SAME_MAD)."""
-    if not len(train) or not len(val):
-        return 0, []
-    train_vec, val_vec = _vectors(train), _vectors(val)
-    train_sq = (train_vec**2).sum(1)
+def _candidates(queries: np.ndarray, pool: np.ndarray) -> Iterator[tuple[int, list[int]]]:
+    """For each query vector (row of `queries`), its NEAREST rows of `pool` within CANDIDATE_RMS, nearest first:
+    all pairs, by blocks of matrix products (no hash whose bits a re-encode could flip)."""
+    if not len(queries) or not len(pool):
+        return
+    q, p = queries.astype(np.float32), pool.astype(np.float32)
+    pool_sq = (p**2).sum(1)
+    k = min(NEAREST, len(p))
+    rows_per_block = max(1, min(len(q), BLOCK_FLOATS // len(p)))
+    for start in range(0, len(q), rows_per_block):
+        block = q[start : start + rows_per_block]
+        sq = np.maximum((block**2).sum(1)[:, None] + pool_sq[None, :] - 2.0 * (block @ p.T), 0.0) / 64
+        nearest = np.argpartition(sq, k - 1, axis=1)[:, :k]
+        for row in range(len(block)):
+            order = [int(j) for j in nearest[row][np.argsort(sq[row, nearest[row]])] if sq[row, j] <= CANDIDATE_RMS**2]
+            if order:
+                yield start + row, order
+
+
+def _lookalikes(train: DecodedImages, val: DecodedImages, train_vec: np.ndarray) -> tuple[int, list[tuple[str, str]]]:
+    """Validation images that look the same as a training image without being byte-identical to it: each
+    validation image's `_candidates` among the training images (`train_vec`, their `grey_vectors`) are
+    compared on 32x32 colour thumbnails (LOOKS_SAME_MAD)."""
     exact = {d.tobytes() for d in train.digests}  # a byte-identical copy is reported as such, not again here
 
     @functools.lru_cache(maxsize=4096)  # training images near many validation images; bounded (12 KB each)
@@ -147,25 +170,15 @@ def _lookalikes(train: DecodedImages, val: DecodedImages) -> tuple[int, list[tup
         return np.asarray(_thumbnail(train, j), dtype=np.float32)
 
     count, examples = 0, []
-    k = min(NEAREST, len(train))
-    rows_per_block = max(1, min(len(val), BLOCK_FLOATS // len(train)))
-    for start in range(0, len(val), rows_per_block):
-        block = val_vec[start : start + rows_per_block]
-        sq = np.maximum((block**2).sum(1)[:, None] + train_sq[None, :] - 2.0 * (block @ train_vec.T), 0.0) / 64
-        nearest = np.argpartition(sq, k - 1, axis=1)[:, :k]
-        for row in range(len(block)):
-            i = start + row
-            if val.digests[i].tobytes() in exact:
-                continue
-            order = [int(j) for j in nearest[row][np.argsort(sq[row, nearest[row]])] if sq[row, j] <= CANDIDATE_RMS**2]
-            if not order:
-                continue
-            mine = np.asarray(_thumbnail(val, i), dtype=np.float32)
-            match = next((j for j in order if float(np.abs(mine - train_thumb(j)).mean()) <= LOOKS_SAME_MAD), None)
-            if match is not None:
-                count += 1
-                if len(examples) < EXAMPLES:
-                    examples.append((val.refs[i].key, train.refs[match].key))
+    for i, order in _candidates(grey_vectors(val), train_vec):
+        if val.digests[i].tobytes() in exact:
+            continue
+        mine = np.asarray(_thumbnail(val, i), dtype=np.float32)
+        match = next((j for j in order if float(np.abs(mine - train_thumb(j)).mean()) <= LOOKS_SAME_MAD), None)
+        if match is not None:
+            count += 1
+            if len(examples) < EXAMPLES:
+                examples.append((val.refs[i].key, train.refs[match].key))
     return count, examples
 
 
@@ -174,9 +187,9 @@ def find_duplicates(train: DecodedImages, val: DecodedImages, classes: list[str]
     the digests their decode took (unreadable images, left out of training, are left out here too); and
     validation images that look the same as a training image without being byte-identical (`_lookalikes`)."""
     groups = _decoded_groups([("train", train), ("val", val)])
-    found = Duplicates()
+    found = Duplicates(train_vectors=grey_vectors(train))
     found.across, found.across_examples = _copies(groups, of="val", among="train")
-    found.near, found.near_examples = _lookalikes(train, val)
+    found.near, found.near_examples = _lookalikes(train, val, found.train_vectors)
     for group in groups:
         first_label = group[0][2]
         if any(label != first_label for _, _, label in group):
@@ -243,3 +256,93 @@ def with_file_digests(record: dict[str, Any], sizes: set[int | None]) -> dict[st
         return None
     digested = [(ref.key, _digest_of(ref)) for ref in train.refs]
     return {**record, "splits": {"train": [[key, None, None, d.hex() if d else None] for key, d in digested]}}
+
+
+# ----------------------------------------------------------------------------- look-alikes of training images in eval
+
+
+def write_train_vectors(run_dir: Path, train: DecodedImages, vectors: np.ndarray) -> dict[str, Any]:
+    """Record the training images' `grey_vectors` in the run folder (64 bytes an image, with each one's row in
+    the split record), for `recorded_lookalikes`; returns the entry splits.json names it by, with its hash."""
+    import hashlib
+
+    from edgetl.fileio import write_bytes
+    from edgetl.run import TRAIN_VECTORS
+
+    buffer = io.BytesIO()
+    np.savez(buffer, positions=np.asarray(train.positions, dtype=np.int64), vectors=np.asarray(vectors, dtype=np.uint8))
+    data = buffer.getvalue()
+    write_bytes(run_dir / TRAIN_VECTORS, data)
+    return {"file": TRAIN_VECTORS, "sha256": hashlib.sha256(data).hexdigest(), "images": len(train)}
+
+
+def _read_train_vectors(run_dir: Path, entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, vectors) as recorded; a file that is missing or not the one recorded is a clear error."""
+    import hashlib
+
+    path = run_dir / str(entry["file"])
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise EdgetlError(f"{path} is missing from the run folder (splits.json records it): {exc.strerror or exc}") from None
+    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        raise EdgetlError(f"{path} is not the file this run recorded (its sha256 differs from splits.json's): the run "
+                          "folder was changed after training")  # fmt: skip
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return z["positions"], z["vectors"]
+
+
+def recorded_lookalikes(scored: DecodedImages, record: dict[str, Any], run_dir: Path) -> dict[str, Any] | None:
+    """`edgetl eval`: scored images that look the same as one of the run's training images without being
+    byte-identical to it (those are `recorded_copies`). The nearest recorded training thumbnails are found
+    from the record alone; only those candidates' images are read, and compared on 32x32 colour thumbnails
+    as training compares validation images. A scored image whose candidates could not be read (the training
+    data is not here) is counted as `unconfirmed`. None for a run recorded without the vectors."""
+    entry = record.get("train_vectors")
+    if entry is None:
+        return None
+    positions, vectors = _read_train_vectors(run_dir, entry)
+    rows = record["splits"].get("train", [])
+    exact = {row[3] for row in rows if len(row) > 3 and row[3]}
+    wanted: list[tuple[int, list[int]]] = []  # (scored image, recorded rows of its candidates, nearest first)
+    for i, order in _candidates(grey_vectors(scored), vectors):
+        if scored.digests[i].tobytes().hex() in exact:
+            continue  # byte-identical: reported as a copy
+        near = [int(positions[j]) for j in order]
+        near = [r for r in near if not _is_recorded_image(scored.refs[i], rows[r][0], record)]
+        if near:
+            wanted.append((i, near))
+    thumbs = _training_thumbnails(record, sorted({r for _, near in wanted for r in near}))
+    count, unconfirmed, examples = 0, 0, []
+    for i, near in wanted:
+        mine = np.asarray(_thumbnail(scored, i), dtype=np.float32)
+        theirs = [(r, thumbs.get(r)) for r in near]
+        match = next((r for r, t in theirs if t is not None and float(np.abs(mine - t).mean()) <= LOOKS_SAME_MAD), None)
+        if match is not None:
+            count += 1
+            if len(examples) < EXAMPLES:
+                examples.append([scored.refs[i].key, rows[match][0]])
+        elif any(t is None for _, t in theirs):
+            unconfirmed += 1
+    return {"count": count, "examples": examples, "unconfirmed": unconfirmed}
+
+
+def _training_thumbnails(record: dict[str, Any], wanted_rows: list[int]) -> dict[int, np.ndarray]:
+    """32x32 colour thumbnails of the recorded training rows `wanted_rows` (row -> thumbnail), of those that
+    can be read here: one dataset of just those rows (an IDX file or a shard is opened once)."""
+    if not wanted_rows:
+        return {}
+    rows = record["splits"]["train"]
+    try:
+        refs = dataset_from_record({**record, "splits": {"train": [rows[r] for r in wanted_rows], "val": []}}).train.refs
+    except (EdgetlError, OSError):
+        return {}
+    by_key = {rows[r][0]: r for r in wanted_rows}
+    out = {}
+    for ref in refs:
+        try:
+            image = ref.load()
+        except Exception:  # replaced by something that is not an image: that candidate stays unconfirmed
+            continue
+        out[by_key[ref.key]] = np.asarray(image.resize((32, 32), Image.Resampling.BOX), dtype=np.float32)
+    return out

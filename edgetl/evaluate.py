@@ -10,7 +10,7 @@ import numpy as np
 
 from edgetl.data import relabel, scoring_set
 from edgetl.decoded import DecodedImages, decode_for_scoring
-from edgetl.duplicates import recorded_copies, with_file_digests
+from edgetl.duplicates import recorded_copies, recorded_lookalikes, with_file_digests
 from edgetl.progress import Reporter
 from edgetl.run import RunFolder
 
@@ -28,6 +28,7 @@ class Scored:
     checkpoint: str
     checkpoint_sha256: str
     copies_of_training_images: dict[str, Any] | None = None  # None: the run's training images are not here to compare
+    looks_like_training_images: dict[str, Any] | None = None  # None: a run recorded without its training thumbnails
 
 
 def score(
@@ -59,10 +60,19 @@ def score(
         shown = "; ".join(f"{a} = {b}" for a, b in copies["examples"])
         reporter.warn(f"{copies['count']} of the {len(ls)} image(s) are byte-identical to images the run trained on (e.g. {shown}): "
                       "this score will look better than the model is")  # fmt: skip
+    alike = recorded_lookalikes(images, folder.split_record(), folder.path)
+    if alike and alike["count"]:
+        shown = "; ".join(f"{a} ~ {b}" for a, b in alike["examples"])
+        reporter.warn(f"{alike['count']} of the {len(ls)} image(s) look the same as images the run trained on without being "
+                      f"byte-identical (re-encoded, resized or re-saved copies; e.g. {shown}): this score will look better "
+                      "than the model is")  # fmt: skip
+    if alike and alike["unconfirmed"]:
+        reporter.warn(f"{alike['unconfirmed']} of the {len(ls)} image(s) are close to training images that are not here to "
+                      f"compare with (the run's data: {folder.data_root}): they may be copies of them")  # fmt: skip
     dev = pick_device(device)
     logits = predict_logits(model.to(dev), images, spec, dev, reporter=reporter)
     return Scored(logits, np.asarray(images.labels), labels, source, split_name, failed, ckpt["path"], folder.checkpoint_sha256,
-                  copies)  # fmt: skip
+                  copies, alike)  # fmt: skip
 
 
 def _copies_of_training_images(images: DecodedImages, folder: RunFolder) -> dict[str, Any] | None:
@@ -91,5 +101,6 @@ def evaluate(
     metrics = classification_metrics(s.logits, s.labels, s.label_names)
     metrics.update({"data": s.source, "split": s.split, "scored": len(s.labels),
                     "skipped_files": s.skipped_files, "checkpoint": s.checkpoint, "checkpoint_sha256": s.checkpoint_sha256,
-                    "copies_of_training_images": s.copies_of_training_images})  # fmt: skip
+                    "copies_of_training_images": s.copies_of_training_images,
+                    "looks_like_training_images": s.looks_like_training_images})  # fmt: skip
     return metrics

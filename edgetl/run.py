@@ -38,6 +38,7 @@ HISTORY = "history.csv"
 EXPORT_REPORT = "export.json"
 QUANTIZE_REPORT = "quantize.json"
 TARGET = "target.json"  # an adapted run's target images (see edgetl.target)
+TRAIN_VECTORS = "train_vectors.npz"  # the training images' 8x8 grey thumbnails (edgetl.duplicates.write_train_vectors)
 LOCK = ".edgetl.lock"
 
 # Files an export folder may hold, each derived from one checkpoint (directly, or through its parent).

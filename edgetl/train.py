@@ -45,7 +45,7 @@ from edgetl.data import Dataset as ImageDataset
 from edgetl.data import LabelledSet, check_after_skips, check_run_outside_data, dataset_from_record, load_dataset
 from edgetl.decoded import CACHE_PREFIX, DecodedImages, decode_split
 from edgetl.distributed import Dist, lost_peer
-from edgetl.duplicates import find_duplicates, record_digests
+from edgetl.duplicates import find_duplicates, record_digests, write_train_vectors
 from edgetl.errors import EdgetlError, TrainingInterrupted
 from edgetl.fileio import write_csv, write_json
 from edgetl.hostinfo import has_bf16, host_record
@@ -331,6 +331,7 @@ class Trainer:
         self.skipped: list[dict[str, str]] = []
         self.duplicates: dict[str, Any] | None = None  # byte-identical images in train and val (edgetl.duplicates)
         self.split_record: dict[str, Any] = {}  # the dataset's split record with the decoded images' digests (decode)
+        self.train_vectors: np.ndarray | None = None  # the training images' 8x8 grey thumbnails (main process, decode)
         self.manifest_base: dict[str, Any] = {}
 
     # -- set-up -------------------------------------------------------------------------------
@@ -372,7 +373,7 @@ class Trainer:
             self.skipped += failed
         if self.dist.is_main:  # from the digests the decode took: nothing is read again
             found = find_duplicates(decoded["train"], decoded["val"], ds.classes)
-            self.duplicates = found.to_dict()
+            self.duplicates, self.train_vectors = found.to_dict(), found.train_vectors
             for warning in found.warnings():
                 r.warn(f"{warning} (listed in manifest.json)")
         if self.skipped:
@@ -1194,7 +1195,9 @@ def train(
             reporter.log(f"run folder: {run_dir}")
             # From here on the run is resumable: the file lists, the config and the starting weights are on disk.
             if d.is_main:
-                write_json(run_dir / layout.SPLITS, trainer.split_record)
+                # With the training images' thumbnails beside it, eval finds look-alikes of them among what it scores.
+                vectors = write_train_vectors(run_dir, trainer.train_images, trainer.train_vectors)
+                write_json(run_dir / layout.SPLITS, {**trainer.split_record, "train_vectors": vectors})
             trainer.write_manifest("training")
             trainer.save_last("head", 0)
             state["started"] = True

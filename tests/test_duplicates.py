@@ -18,6 +18,7 @@ from edgetl.config import TrainConfig
 from edgetl.data import ImageRef, LabelledSet, content_digest, load_dataset
 from edgetl.decoded import DecodedImages, decode_split
 from edgetl.duplicates import Duplicates, find_duplicates
+from edgetl.errors import EdgetlError
 from edgetl.evaluate import evaluate
 from edgetl.preprocess import PreprocessSpec
 from edgetl.progress import Reporter
@@ -174,7 +175,7 @@ def test_the_run_records_digests_and_eval_needs_no_training_image(split_folder: 
     cfg = TrainConfig(backbone="tiny", pretrained=False, epochs_head=1, epochs_finetune=0, batch_size=8, seed=0)
     run = train(split_folder, cfg, out=str(tmp_path / "run"), reporter=Reporter(quiet=True)).run_dir
     record = json.loads((run / "splits.json").read_text())
-    assert record["format_version"] == 3
+    assert record["format_version"] == 4
     for split in ("train", "val"):
         for key, _, _, digest in record["splits"][split]:
             if key.endswith("broken.png"):
@@ -222,3 +223,38 @@ def test_a_reencoded_resized_copy_looks_the_same_and_is_recorded(split_folder: P
     assert found.near_examples == [(f"val/{red}/photo.png", f"train/{red}/photo_small.jpg")]
     assert any("1 validation image(s) look the same as training images" in w for w in found.warnings())
     assert found.to_dict()["val_looks_like_train"] == 1
+
+
+def test_eval_finds_look_alikes_of_training_images_from_the_record(split_folder: Path, tmp_path: Path) -> None:
+    """The test split is never read in training, so its look-alikes of training images are eval's to find: from
+    the training images' thumbnails the run recorded, reading only the nearest training images to confirm."""
+    red = _classes(split_folder / "train")[0]
+    original = _photo_like(0)
+    original.save(split_folder / "train" / red / "photo.png")
+    original.resize((120, 90), Image.Resampling.BICUBIC).save(split_folder / "test" / red / "photo_again.jpg", quality=70)
+    shutil.copy(split_folder / "train" / red / "photo.png", split_folder / "test" / red / "photo_copy.png")
+    _photo_like(1).save(split_folder / "test" / red / "another_photo.png")  # alike in kind, not the same picture
+    cfg = TrainConfig(backbone="tiny", pretrained=False, epochs_head=1, epochs_finetune=0, batch_size=8, seed=0)
+    run = train(split_folder, cfg, out=str(tmp_path / "run"), reporter=Reporter(quiet=True)).run_dir
+    record = json.loads((run / "splits.json").read_text())
+    assert record["format_version"] == 4 and record["train_vectors"]["images"] == len(record["splits"]["train"])
+
+    reporter = _Recorder()
+    on_test = evaluate(run, split_folder, reporter=reporter)
+    assert on_test["looks_like_training_images"] == {"count": 1, "unconfirmed": 0,
+                                                     "examples": [[f"test/{red}/photo_again.jpg", f"train/{red}/photo.png"]]}  # fmt: skip
+    assert on_test["copies_of_training_images"]["count"] == 1  # the byte-identical one, counted there only
+    assert any("1 of the " in line and "look the same as images the run trained on" in line for line in reporter.lines)
+    on_train = evaluate(run, split_folder, split="train", reporter=Reporter(quiet=True))
+    assert on_train["looks_like_training_images"]["count"] == 0  # no image looks like itself
+
+    # The training images gone: the record still finds what is near them, which cannot be confirmed.
+    shutil.move(split_folder / "train", tmp_path / "elsewhere")
+    reporter = _Recorder()
+    gone = evaluate(run, split_folder / "test", reporter=reporter)["looks_like_training_images"]
+    assert gone["count"] == 0 and gone["unconfirmed"] >= 1
+    assert any("not here to compare with" in line for line in reporter.lines)
+    # The recorded thumbnails changed after training: one clear error, not a silent guess.
+    (run / "train_vectors.npz").write_bytes(b"changed")
+    with pytest.raises(EdgetlError, match="not the file this run recorded"):
+        evaluate(run, split_folder / "test", reporter=Reporter(quiet=True))
