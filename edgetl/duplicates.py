@@ -22,6 +22,7 @@ training images and reads only those to confirm (`recorded_lookalikes`).
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 from collections import defaultdict
 from collections.abc import Iterator
@@ -264,8 +265,6 @@ def with_file_digests(record: dict[str, Any], sizes: set[int | None]) -> dict[st
 def write_train_vectors(run_dir: Path, train: DecodedImages, vectors: np.ndarray) -> dict[str, Any]:
     """Record the training images' `grey_vectors` in the run folder (64 bytes an image, with each one's row in
     the split record), for `recorded_lookalikes`; returns the entry splits.json names it by, with its hash."""
-    import hashlib
-
     from edgetl.fileio import write_bytes
     from edgetl.run import TRAIN_VECTORS
 
@@ -278,8 +277,6 @@ def write_train_vectors(run_dir: Path, train: DecodedImages, vectors: np.ndarray
 
 def _read_train_vectors(run_dir: Path, entry: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """(positions, vectors) as recorded; a file that is missing or not the one recorded is a clear error."""
-    import hashlib
-
     path = run_dir / str(entry["file"])
     try:
         data = path.read_bytes()
