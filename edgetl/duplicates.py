@@ -146,24 +146,33 @@ def _candidates(queries: np.ndarray, pool: np.ndarray) -> Iterator[tuple[int, li
     all pairs, by blocks of matrix products (no hash whose bits a re-encode could flip)."""
     if not len(queries) or not len(pool):
         return
-    q, p = queries.astype(np.float32), pool.astype(np.float32)
-    pool_sq = (p**2).sum(1)
-    k = min(NEAREST, len(p))
-    rows_per_block = max(1, min(len(q), BLOCK_FLOATS // len(p)))
+    q = queries.astype(np.float32)
+    minus_two_pool_t = -2.0 * pool.astype(np.float32).T
+    pool_sq = (pool.astype(np.float32) ** 2).sum(1)
+    k = min(NEAREST, len(pool))
+    rows_per_block = max(1, min(len(q), BLOCK_FLOATS // len(pool)))
     for start in range(0, len(q), rows_per_block):
         block = q[start : start + rows_per_block]
-        sq = np.maximum((block**2).sum(1)[:, None] + pool_sq[None, :] - 2.0 * (block @ p.T), 0.0) / 64
-        nearest = np.argpartition(sq, k - 1, axis=1)[:, :k]
+        # |a - b|^2 = |a|^2 + |b|^2 - 2ab: a row's own |a|^2 does not change which b are nearest, so the ranking takes one
+        # product and one in-place add over the block (memory passes are most of the cost), and only the k chosen get it.
+        partial = block @ minus_two_pool_t
+        partial += pool_sq
+        nearest = np.argpartition(partial, k - 1, axis=1)[:, :k]
+        chosen = np.take_along_axis(partial, nearest, axis=1)
+        sq = np.maximum(chosen + (block**2).sum(1)[:, None], 0.0) / 64
         for row in range(len(block)):
-            order = [int(j) for j in nearest[row][np.argsort(sq[row, nearest[row]])] if sq[row, j] <= CANDIDATE_RMS**2]
+            by_distance = np.argsort(sq[row])
+            order = [int(nearest[row, c]) for c in by_distance if sq[row, c] <= CANDIDATE_RMS**2]
             if order:
                 yield start + row, order
 
 
-def _lookalikes(train: DecodedImages, val: DecodedImages, train_vec: np.ndarray) -> tuple[int, list[tuple[str, str]]]:
+def _lookalikes(train: DecodedImages, val: DecodedImages, train_vec: np.ndarray | None = None) -> tuple[int, list[tuple[str, str]]]:
     """Validation images that look the same as a training image without being byte-identical to it: each
-    validation image's `_candidates` among the training images (`train_vec`, their `grey_vectors`) are
-    compared on 32x32 colour thumbnails (LOOKS_SAME_MAD)."""
+    validation image's `_candidates` among the training images (`train_vec`, their `grey_vectors`, computed
+    here unless given) are compared on 32x32 colour thumbnails (LOOKS_SAME_MAD)."""
+    if train_vec is None:
+        train_vec = grey_vectors(train)
     exact = {d.tobytes() for d in train.digests}  # a byte-identical copy is reported as such, not again here
 
     @functools.lru_cache(maxsize=4096)  # training images near many validation images; bounded (12 KB each)
