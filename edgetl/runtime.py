@@ -40,6 +40,11 @@ class Prediction:
                 "top_k": [{"label": lb, "probability": p} for lb, p in self.top_k]}  # fmt: skip
 
 
+# Exported edgetl models that need a runtime of their own (and torch, for ExecuTorch's Python bindings).
+_OTHER_RUNTIMES = {".pte": "an ExecuTorch program (ExecuTorch's runtime)", ".xml": "an OpenVINO model (OpenVINO's runtime)",
+                   ".bin": "the weights of an OpenVINO model (OpenVINO's runtime, from its .xml)"}  # fmt: skip
+
+
 class Classifier:
     """An exported edgetl model, ONNX (onnxruntime) or LiteRT .tflite (the ai-edge-litert interpreter),
     ready to classify images. ONNX models are safe to call from several threads (onnxruntime sessions
@@ -50,6 +55,10 @@ class Classifier:
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"no model file at {path}")
+        other = _OTHER_RUNTIMES.get(path.suffix.lower())
+        if other is not None:  # not a file onnxruntime's protobuf parser should be the one to refuse
+            raise ValueError(f"{path} is {other}: this runtime (and `edgetl predict`) runs edgetl's .onnx and .tflite models; "
+                             f"`edgetl bench {path} --data DIR` scores it in its own runtime")  # fmt: skip
         if path.suffix.lower() == ".tflite":
             from edgetl.backends.litert import LiteRtModel
 

@@ -130,6 +130,18 @@ def test_predict_cli_folder_and_table(tiny_models: Path, tiny_run: Path) -> None
     assert result.output.count("green_") == 12
 
 
+def test_predict_names_the_runtime_of_a_model_it_does_not_run(tmp_path: Path) -> None:
+    """An ExecuTorch or OpenVINO file given to predict was refused by onnxruntime's protobuf parser ("INVALID_PROTOBUF")."""
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    for name, words in (("model.pte", "an ExecuTorch program"), ("model.xml", "an OpenVINO model")):
+        model = tmp_path / name
+        model.write_bytes(b"edgetl export wrote this for another runtime")
+        result = runner.invoke(app, ["predict", str(model), str(image)])
+        assert result.exit_code == 2 and words in result.output and "bench" in result.output, result.output
+        assert "PROTOBUF" not in result.output and "Traceback" not in result.output
+
+
 def test_predict_table_keeps_long_paths_whole_in_a_log(tiny_models: Path, tiny_run: Path, tmp_path: Path) -> None:
     """Written to a file or a pipe, the table is as wide as its paths: `edgetl predict ... > log` once cut a
     path longer than the 240-column log width to "…", and the row no longer said which image it was."""
