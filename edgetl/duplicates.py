@@ -290,7 +290,8 @@ def _read_train_vectors(run_dir: Path, entry: dict[str, Any]) -> tuple[np.ndarra
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise EdgetlError(f"{path} is missing from the run folder (splits.json records it): {exc.strerror or exc}") from None
+        raise EdgetlError(f"{path} is missing from the run folder ({exc.strerror or exc}): splits.json records it, and eval "
+                          "compares the scored images with the training images through it; copy the run folder whole") from None
     if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
         raise EdgetlError(f"{path} is not the file this run recorded (its sha256 differs from splits.json's): the run "
                           "folder was changed after training")  # fmt: skip

@@ -258,3 +258,6 @@ def test_eval_finds_look_alikes_of_training_images_from_the_record(split_folder:
     (run / "train_vectors.npz").write_bytes(b"changed")
     with pytest.raises(EdgetlError, match="not the file this run recorded"):
         evaluate(run, split_folder / "test", reporter=Reporter(quiet=True))
+    (run / "train_vectors.npz").unlink()
+    with pytest.raises(EdgetlError, match="missing from the run folder"):
+        evaluate(run, split_folder / "test", reporter=Reporter(quiet=True))
