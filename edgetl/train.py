@@ -296,8 +296,10 @@ class Trainer:
     average, history and which epoch is the best so far."""
 
     def __init__(self, cfg: TrainConfig, dataset: ImageDataset, run_dir: Path, reporter: Reporter,
-                 keep_feature_cache: bool = False, dist: Dist | None = None) -> None:  # fmt: skip
+                 keep_feature_cache: bool = False, dist: Dist | None = None, record: dict[str, Any] | None = None) -> None:  # fmt: skip
         self.cfg, self.dataset, self.run_dir, self.r = cfg, dataset, run_dir, reporter
+        # The dataset's split record as the caller already made it (every file's size is a stat: not twice).
+        self.base_record = record
         # Under torchrun: rank 0 writes the run folder and reports; every rank trains on its shard.
         self.dist = dist or Dist()
         self.data_path = str(dataset.root)
@@ -387,7 +389,7 @@ class Trainer:
         self.train_images, self.val_images = decoded["train"], decoded["val"]
         # The split record with each image's digest (from the decode's own read): written as splits.json by a new
         # run, and the distillation leak check compares contents with it.
-        self.split_record = record_digests(ds.split_record(), decoded)
+        self.split_record = record_digests(self.base_record or ds.split_record(), decoded)
         counts = np.bincount(self.train_images.labels, minlength=len(self.classes)).astype(np.float64)
         weights = counts.sum() / (len(counts) * np.maximum(counts, 1)) if cfg.balance else np.ones_like(counts)
         self.class_weights = torch.tensor(weights, dtype=torch.float32, device=self.device)
@@ -1188,7 +1190,7 @@ def train(
             run_dir = Path(run_dir_name)
             if ds is None:  # the other ranks train on the lists rank 0 made
                 ds = dataset_from_record(record)
-            trainer = Trainer(cfg, ds, run_dir, reporter, keep_feature_cache, d)
+            trainer = Trainer(cfg, ds, run_dir, reporter, keep_feature_cache, d, record=record)
             trainer.build_model()
             trainer.decode()
             trainer.prepare_teacher()
@@ -1303,7 +1305,7 @@ def _resume_from_plan(plan: dict[str, Any], ds: ImageDataset, reporter: Reporter
     run_dir, manifest, last, restart = Path(plan["run_dir"]), plan["manifest"], plan["last"], plan["restart"]
     cfg = TrainConfig.from_dict(plan["cfg"])
     stage, epoch, bad_epochs = plan["stage"], plan["epoch"], plan["bad_epochs"]
-    trainer = Trainer(cfg, ds, run_dir, reporter, keep_feature_cache, d)
+    trainer = Trainer(cfg, ds, run_dir, reporter, keep_feature_cache, d, record=plan["record"])
     trainer.manifest_base = {**manifest, "resumed": [*manifest.get("resumed", []), time.strftime("%Y-%m-%dT%H:%M:%S%z")]}
     if last is not None and "timings" in last:
         # last.pt's times run up to its epoch, the manifest's only to the last session that ended in order.

@@ -261,7 +261,8 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     with open(root / "build.log", "wb") as log:
         proc = subprocess.Popen(["sh", "-c", report_exit, sys.executable, str(build), str(root)],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    (root / "pgid").write_text(str(proc.pid))
+    (root / "pgid.part").write_text(str(proc.pid))
+    (root / "pgid.part").replace(root / "pgid")  # whole or absent for the controller that reads it
     _REAL_LITE0["proc"] = proc
 
 
@@ -272,15 +273,18 @@ def _real_lite0_build() -> Path:
         pytest.fail("the real Lite0 build was not started (pytest_collection_finish saw no test using real_run)")
     exit_file, deadline = root / "exit", time.monotonic() + _REAL_LITE0_TIMEOUT_S
     proc = _REAL_LITE0.get("proc")  # in the worker that started it
-    while not exit_file.exists():
-        if proc is not None and proc.poll() is not None and not exit_file.exists():
-            pytest.fail(f"the real Lite0 build was stopped (exit {proc.returncode}):\n" + (root / "build.log").read_text()[-3000:])
-        if time.monotonic() > deadline:
-            pytest.fail(f"the real Lite0 build did not finish in {_REAL_LITE0_TIMEOUT_S} s:\n" + (root / "build.log").read_text()[-3000:])
-        time.sleep(0.2)
-    code = int(exit_file.read_text())
-    if code != 0:
-        pytest.fail(f"building the real Lite0 run failed (exit {code}):\n" + (root / "build.log").read_text()[-3000:])
+    failure = None
+    while failure is None and not exit_file.exists():
+        if proc is not None and proc.poll() is not None and not exit_file.exists():  # the wrapper itself was killed
+            failure = f"the real Lite0 build was stopped (exit {proc.returncode})"
+        elif time.monotonic() > deadline:
+            failure = f"the real Lite0 build did not finish in {_REAL_LITE0_TIMEOUT_S} s"
+        else:
+            time.sleep(0.2)
+    if failure is None and (code := int(exit_file.read_text())) != 0:
+        failure = f"building the real Lite0 run failed (exit {code})"
+    if failure is not None:
+        pytest.fail(f"{failure}:\n" + (root / "build.log").read_text()[-3000:])
     return root
 
 
