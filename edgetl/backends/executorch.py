@@ -7,6 +7,7 @@ is written before the program, so a program never appears without its descriptio
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -56,18 +57,16 @@ def runtime() -> Any:
 # The C++ lines ExecuTorch's CPU probe prints when its thread pool starts, on every host that is not ARM
 # ("[cpuinfo_utils.cpp:87] Failed to open midr file ..."): about ARM core types, nothing a user can act on.
 _CPU_PROBE_LINES = "[cpuinfo_utils.cpp:"
-_POOL_STARTED: list[bool] = []
 
 
+@functools.cache
 def _threadpool() -> Any:
     """ExecuTorch's pybindings, with XNNPACK's process-wide thread pool started: it starts at its first use,
-    which happens here with the CPU probe's lines dropped."""
+    which happens here (once a process) with the CPU probe's lines dropped."""
     from executorch.extension.pybindings import portable_lib
 
-    if not _POOL_STARTED:
-        with dropping_native_lines(_CPU_PROBE_LINES):
-            portable_lib._threadpool_get_thread_count()
-        _POOL_STARTED.append(True)
+    with dropping_native_lines(_CPU_PROBE_LINES):
+        portable_lib._threadpool_get_thread_count()
     return portable_lib
 
 
