@@ -1,7 +1,8 @@
 """Builds what the end-to-end tests on the real backbone share: efficientnet_lite0 with its offline ImageNet
 weights trained on the bundled sample (a fixed recipe: the exports and app tests want one known fine-tuned
 model, not a recipe search), then exported once to every format (ONNX plain and uint8-input, OpenVINO,
-LiteRT, ExecuTorch) with the export's own report in export.json.
+LiteRT, ExecuTorch) with the export's own report in export.json. conftest.py runs it under strace where it
+can (no_network/syscall_trace.py): the build is the suite's check that native code reaches no other machine.
 
 conftest.py runs it in a child process as soon as collection shows a test needs it:
 
@@ -21,6 +22,9 @@ from edgetl.progress import Reporter
 from edgetl.sample import sample_path
 from edgetl.train import train
 
+sys.path.append(str(Path(__file__).with_name("no_network")))
+from syscall_trace import mark_the_trace_end  # a test folder, not a package
+
 
 def main(root: Path) -> None:
     # One thread: the build leaves the other core to the tests running meanwhile.
@@ -29,6 +33,7 @@ def main(root: Path) -> None:
     run = train(sample_path(), cfg, out=str(root / "run"), reporter=Reporter(quiet=True)).run_dir
     opts = ExportOptions(format="all,litert,executorch", out=str(root / "export"), embed_preprocess=True, parity_samples=100)
     export_run(run, opts, Reporter(quiet=True))
+    mark_the_trace_end()
 
 
 if __name__ == "__main__":

@@ -254,12 +254,20 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         root.mkdir()
     except FileExistsError:
         return  # another worker started it
-    build = Path(__file__).with_name("build_real_lite0.py")
+    import syscall_trace  # tests/no_network, on sys.path since pytest_configure
+
+    cmd = [sys.executable, str(Path(__file__).with_name("build_real_lite0.py")), str(root)]
+    # Under strace, so that what native code sends is checked too (test_network_guard.py reads the trace).
+    untraced = syscall_trace.why_not_traceable()
+    if untraced is None:
+        cmd = syscall_trace.traced(cmd, root / "network.strace")
+    else:
+        (root / "untraced").write_text(untraced)
     # The shell writes the build's exit status once it ends, for whichever worker waits on it; a session of its own,
-    # so stopping it stops its LiteRT converter child too.
-    report_exit = '"$0" "$1" "$2"; echo $? > "$2/exit.part" && mv "$2/exit.part" "$2/exit"'
+    # so stopping it stops its children (strace, the LiteRT converter) too.
+    report_exit = 'root=$1; shift; "$@"; echo $? > "$root/exit.part" && mv "$root/exit.part" "$root/exit"'
     with open(root / "build.log", "wb") as log:
-        proc = subprocess.Popen(["sh", "-c", report_exit, sys.executable, str(build), str(root)],
+        proc = subprocess.Popen(["sh", "-c", report_exit, "sh", str(root), *cmd],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     (root / "pgid.part").write_text(str(proc.pid))
     (root / "pgid.part").replace(root / "pgid")  # whole or absent for the controller that reads it
