@@ -8,7 +8,8 @@ tests/conftest.py checks after every test. Loopback stays open: torch.distribute
 the tests' own local servers use it.
 
 What it cannot see: connections made from C or C++ without Python (ONNX Runtime's telemetry
-uploader). edgetl turns that one off by its setting, which tests/test_no_telemetry.py checks.
+uploader). edgetl turns that one off by its setting, which tests/test_no_telemetry.py checks, and
+syscall_trace.py sees such calls in the real Lite0 build, which the suite runs under strace.
 """
 
 from __future__ import annotations
