@@ -261,3 +261,27 @@ def test_eval_finds_look_alikes_of_training_images_from_the_record(split_folder:
     (run / "train_vectors.npz").unlink()
     with pytest.raises(EdgetlError, match="missing from the run folder"):
         evaluate(run, split_folder / "test", reporter=Reporter(quiet=True))
+
+
+def test_the_candidate_search_matches_brute_force_nearest_within_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """_candidates (blocked products, a comparison with the bound, then a sort of the few found) against the
+    definition: per query, the NEAREST pool rows whose RMS difference is within CANDIDATE_RMS, nearest first."""
+    from edgetl import duplicates
+    from edgetl.duplicates import CANDIDATE_RMS, NEAREST, _candidates
+
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 256, size=(3000, 64)).astype(np.uint8)
+    queries = rng.integers(0, 256, size=(40, 64)).astype(np.uint8)
+    for i in range(0, 40, 2):  # half the queries get 1 to 12 near copies, some just beyond the bound
+        for j in rng.choice(len(pool), size=1 + i // 4 * 2, replace=False):
+            pool[j] = np.clip(queries[i].astype(int) + rng.integers(-16, 17, size=64), 0, 255)
+    rms = np.sqrt(((queries[:, None, :].astype(float) - pool[None].astype(float)) ** 2).mean(-1))
+    expected = {}
+    for i in range(len(queries)):
+        order = [int(j) for j in np.argsort(rms[i], kind="stable")[:NEAREST] if rms[i, j] <= CANDIDATE_RMS]
+        if order:
+            expected[i] = order
+    assert len(expected) >= 10 and max(map(len, expected.values())) == NEAREST  # the cases under test are there
+    assert ((rms > CANDIDATE_RMS) & (rms < CANDIDATE_RMS * 1.05)).sum() >= 3  # and copies just beyond the bound
+    monkeypatch.setattr(duplicates, "BLOCK_FLOATS", 1 << 14)  # several blocks of 5 queries
+    assert dict(_candidates(queries, pool)) == expected
