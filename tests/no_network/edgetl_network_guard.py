@@ -26,7 +26,8 @@ _DOWNLOADERS = {"curl", "wget"}
 _LOCAL_NAMES = {"", "localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
 
 
-def _is_local_host(host: object) -> bool:
+def is_local_host(host: object) -> bool:
+    """Whether `host` (a name or an address, as a socket call or strace gives it) is this machine."""
     if host is None:
         return True  # getaddrinfo(None, port): the wildcard or loopback address of a local server
     if isinstance(host, bytes):
@@ -38,20 +39,22 @@ def _is_local_host(host: object) -> bool:
         address = ipaddress.ip_address(host)
     except ValueError:
         return False  # a name of another machine
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1, an IPv6 socket reaching IPv4 loopback
     return address.is_loopback or address.is_unspecified
 
 
 def _attempt(event: str, args: tuple) -> str | None:
     """What `event` reaches outside this machine, or None."""
-    if event in ("socket.getaddrinfo", "socket.gethostbyname") and not _is_local_host(args[0]):
+    if event in ("socket.getaddrinfo", "socket.gethostbyname") and not is_local_host(args[0]):
         return f"looks up {args[0]!r}"
     if event == "socket.connect":
         sock, address = args
-        if sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_local_host(address[0]):
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and not is_local_host(address[0]):
             return f"connects to {address!r}"
     if event == "urllib.Request":
         url = urllib.parse.urlsplit(str(args[0]))
-        if url.scheme != "file" and not _is_local_host(url.hostname):
+        if url.scheme != "file" and not is_local_host(url.hostname):
             return f"requests {args[0]}"
     if event == "subprocess.Popen":  # CPython passes the resolved executable and the argv (["/bin/sh", "-c", CMD] for a shell)
         executable, argv = os.fsdecode(args[0]), [os.fsdecode(a) for a in args[1]]

@@ -14,12 +14,13 @@ Only those calls stop the traced process (`--seccomp-bpf`), so tracing costs the
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import shutil
 import socket
 import subprocess
 from pathlib import Path
+
+from edgetl_network_guard import is_local_host  # the Python guard's own idea of this machine
 
 SYSCALLS = "connect,sendto,sendmsg,sendmmsg"
 INSTALL_HINT = "install strace (Debian/Ubuntu: apt-get install strace; .ci/run installs it)"
@@ -63,19 +64,12 @@ def why_not_traceable() -> str | None:
     return None
 
 
-def _is_this_machine(host: str) -> bool:
-    address = ipaddress.ip_address(host.split("%")[0])
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback or address.is_unspecified
-
-
 def calls_to_other_machines(trace: str) -> list[str]:
     """The lines of a trace whose call addresses another machine or asks for a name."""
     found = []
     for line in trace.splitlines():
         for port, host in _IPV4.findall(line) + _IPV6.findall(line):
-            if int(port) == NAME_LOOKUP_PORT or not _is_this_machine(host):
+            if int(port) == NAME_LOOKUP_PORT or not is_local_host(host):
                 found.append(line.strip())
                 break
     return found
