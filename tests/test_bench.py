@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -161,11 +163,28 @@ def test_out_of_range_bench_options_are_user_errors(option: str, value: float) -
         BenchOptions(**{option: value})
 
 
-def test_check_reference_runs_both_runtimes_own_tools(bench_run: Path, tmp_path: Path) -> None:
-    rep = bench([bench_run], BenchOptions(targets=("ort-cpu", "openvino-cpu"), batches=(1,), min_time=0.1, warmup=1,
-                                          check_reference=True, out=str(tmp_path)), QUIET)  # fmt: skip
-    assert rep["files"]["json"] == str(tmp_path / "bench.json")
-    saved = json.loads((tmp_path / "bench.json").read_text())
+@pytest.fixture(scope="module")
+def reference_bench(bench_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str | None]:
+    """`edgetl bench --check-reference` run as a user runs it, under strace where it can be
+    (no_network/syscall_trace.py): the runtimes' own tools are native programs (OpenVINO's benchmark_app is C++),
+    which the Python guard cannot see. Gives the output folder and why it ran untraced (None: traced)."""
+    import syscall_trace  # tests/no_network, on sys.path since conftest's pytest_configure
+
+    out = tmp_path_factory.mktemp("reference")
+    bench_cli = [sys.executable, "-m", "edgetl", "bench", str(bench_run), "--targets", "ort-cpu,openvino-cpu", "--batch", "1",
+                 "--min-time", "0.1", "--warmup", "1", "--check-reference", "--out", str(out)]  # fmt: skip
+    cmd = syscall_trace.then_mark_the_end(bench_cli)
+    untraced = syscall_trace.why_not_traceable()
+    if untraced is None:
+        cmd = syscall_trace.traced(cmd, out / "network.strace")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return out, untraced
+
+
+def test_check_reference_runs_both_runtimes_own_tools(reference_bench: tuple[Path, str | None]) -> None:
+    out, _ = reference_bench
+    saved = json.loads((out / "bench.json").read_text())
     tools = {}
     for r in saved["results"]:
         ref = r["reference"]
@@ -174,7 +193,7 @@ def test_check_reference_runs_both_runtimes_own_tools(bench_run: Path, tmp_path:
         assert ref["turns"] == 2 and ref["interleaved"], "2 s of reference: a turn in the first and the last round"
     assert tools == {"ort-cpu": "InferenceSession.run loop", "openvino-cpu": "benchmark_app"}
     assert "-api sync" in next(r["reference"]["command"] for r in saved["results"] if r["target"] == "openvino-cpu")
-    md = (tmp_path / "bench.md").read_text()
+    md = (out / "bench.md").read_text()
     assert "ref p50 ms" in md and "taking turns inside the same rounds" in md
     ort_fp32 = next(r for r in saved["results"] if r["target"] == "ort-cpu" and r["precision"] == "fp32")
     low, high = min(ort_fp32["reference"]["turn_p50_ms"]), max(ort_fp32["reference"]["turn_p50_ms"])
@@ -184,6 +203,19 @@ def test_check_reference_runs_both_runtimes_own_tools(bench_run: Path, tmp_path:
         assert ref["verdict"] == agreement_verdict(r["latency"]["p50_ms"], ref["turn_p50_ms"])
         cell = f"| {ref['edgetl_over_reference']:.2f}{VERDICT_MARK.get(ref['verdict'], '')} |"
         assert cell in md, (cell, ref["verdict"])
+
+
+def test_the_reference_tools_address_no_other_machine_from_native_code(reference_bench: tuple[Path, str | None]) -> None:
+    """benchmark_app and the other children of `bench --check-reference` ran under strace: none of their calls
+    addressed another machine (the real Lite0 build's trace covers training and the exports)."""
+    from syscall_trace import calls_to_other_machines, shows_the_end_mark
+
+    out, untraced = reference_bench
+    assert untraced is None, untraced
+    trace = (out / "network.strace").read_text()
+    assert shows_the_end_mark(trace), "the trace did not follow the bench to its end"
+    assert "benchmark_app" in json.dumps(json.loads((out / "bench.json").read_text())), "benchmark_app ran inside the trace"
+    assert calls_to_other_machines(trace) == []
 
 
 def test_reference_verdict_allows_the_tools_own_spread_and_a_margin() -> None:

@@ -15,9 +15,11 @@ Only those calls stop the traced process (`--seccomp-bpf`), so tracing costs the
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 from edgetl_network_guard import is_local_host  # the Python guard's own idea of this machine
@@ -43,6 +45,13 @@ def mark_the_trace_end() -> None:
 def shows_the_end_mark(trace: str) -> bool:
     host, port = END_MARK
     return f'sin_port=htons({port}), sin_addr=inet_addr("{host}")' in trace
+
+
+def then_mark_the_end(cmd: list[str]) -> list[str]:
+    """`cmd`, then the end mark from a child Python, with `cmd`'s exit status: for a command that cannot call
+    `mark_the_trace_end` itself (a CLI run as a user would)."""
+    mark = shlex.join([sys.executable, __file__, "--mark-the-end"])
+    return ["sh", "-c", f'status=0; "$@" || status=$?; {mark}; exit $status', "sh", *cmd]
 
 
 def traced(cmd: list[str], log: Path) -> list[str]:
@@ -73,3 +82,7 @@ def calls_to_other_machines(trace: str) -> list[str]:
                 found.append(line.strip())
                 break
     return found
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--mark-the-end"]:
+    mark_the_trace_end()
