@@ -22,9 +22,6 @@ from edgetl.progress import Reporter
 from edgetl.sample import sample_path
 from edgetl.train import train
 
-sys.path.append(str(Path(__file__).with_name("no_network")))
-from syscall_trace import mark_the_trace_end  # a test folder, not a package
-
 
 def main(root: Path) -> None:
     # One thread: the build leaves the other core to the tests running meanwhile.
@@ -33,7 +30,6 @@ def main(root: Path) -> None:
     run = train(sample_path(), cfg, out=str(root / "run"), reporter=Reporter(quiet=True)).run_dir
     opts = ExportOptions(format="all,litert,executorch", out=str(root / "export"), embed_preprocess=True, parity_samples=100)
     export_run(run, opts, Reporter(quiet=True))
-    mark_the_trace_end()
 
 
 if __name__ == "__main__":

@@ -260,7 +260,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     # Under strace, so that what native code sends is checked too (test_network_guard.py reads the trace).
     untraced = syscall_trace.why_not_traceable()
     if untraced is None:
-        cmd = syscall_trace.traced(cmd, root / "network.strace")
+        cmd = syscall_trace.traced(syscall_trace.then_mark_the_end(cmd), root / "network.strace")
     else:
         (root / "untraced").write_text(untraced)
     # The shell writes the build's exit status once it ends, for whichever worker waits on it; a session of its own,
