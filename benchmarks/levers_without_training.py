@@ -1,11 +1,14 @@
 """Issue 15's levers that need no training, measured on runs already trained: a uniform weight soup of
 the runs (Wortsman et al., 2022: average the weights of fine-tunes of one pretrained model) and the
 test-time resolution (Touvron et al., 2019, "FixRes": a model trained on random-resized crops often
-scores better on larger centre crops), and test-time augmentation by horizontal flip at the trained size
-(the logits of the image and of its mirror image averaged: twice the latency). All are chosen on
-validation only; test is reported beside.
+scores better on larger centre crops), the centre crop's share of the resized image at the trained size
+(`--crop-ratios`: 1.0 keeps the whole shorter side, at no latency cost; most photos are portrait, so
+the default 224/256 cuts the top and bottom of a garment), and test-time augmentation by horizontal flip
+at the trained size (the logits of the image and of its mirror image averaged: twice the latency). All
+are chosen on validation only; test is reported beside.
 
-    python benchmarks/levers_without_training.py RUN RUN [RUN ...] [--sizes 224 240 256 272 288] [--out NAME]
+    python benchmarks/levers_without_training.py RUN RUN [RUN ...] [--sizes 224 240 256 272 288]
+        [--crop-ratios 0.75 0.8 0.875 0.95 1.0] [--out NAME]
 
 Every run must share its backbone, labels and preprocessing (fine-tunes of one recipe, different seeds).
 Each (size, split) is decoded once and scored by every model. Writes benchmarks/results/<out>.{json,md}.
@@ -57,6 +60,13 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--data", default=DATA)
     parser.add_argument("--sizes", nargs="+", type=int, default=[224, 240, 256, 272, 288])
+    parser.add_argument(
+        "--crop-ratios",
+        nargs="*",
+        type=float,
+        default=[],
+        help="centre-crop ratios (input/resize) to score at the trained size, beside the run's own",
+    )
     parser.add_argument("--out", default="levers_without_training_clothing")
     args = parser.parse_args()
 
@@ -89,6 +99,22 @@ def main() -> None:
                     flipped.setdefault(name, {})[split] = float((logits.argmax(1) == np.asarray(images.labels)).mean() * 100)
             print(size, split, {n: round(t[size][split], 2) for n, t in top1.items()}, flush=True)
 
+    # The crop ratio at the trained size: same input (latency), another share of the image in view.
+    own_ratio = base.input_size / base.resize_size
+    ratios = sorted({*args.crop_ratios, own_ratio}) if args.crop_ratios else []
+    by_ratio: dict[str, dict[float, dict[str, float]]] = {name: {} for name in models}
+    for ratio in ratios:
+        spec = dataclasses.replace(base, resize_size=max(base.input_size, int(base.input_size / ratio)))  # timm's rule
+        for split in ("val", "test"):
+            ls, classes, source, _ = scoring_set(args.data, split)
+            images, failed = decode_for_scoring(relabel(ls, classes, labels, args.data), spec, quiet, source)
+            if failed:
+                raise SystemExit(f"{len(failed)} image(s) of {source} could not be read")
+            for name, model in models.items():
+                logits = predict_logits(model, images, spec, cpu)
+                by_ratio[name].setdefault(ratio, {})[split] = float((logits.argmax(1) == np.asarray(images.labels)).mean() * 100)
+            print(f"crop {ratio:.3f}", split, {n: round(t[ratio][split], 2) for n, t in by_ratio.items()}, flush=True)
+
     trained = base.input_size
     runs = [str(r) for r in args.runs]
     # Per run: the size validation picks (ties: the smaller, faster one), and its test top-1 against the trained size.
@@ -111,10 +137,26 @@ def main() -> None:
         cells = " | ".join(f"{top1[name][s]['val']:.2f} / {top1[name][s]['test']:.2f}" for s in args.sizes)
         label = Path(name).name if name != "soup" else "uniform soup of the runs"
         rows.append(f"| {label} | {cells} | {flipped[name]['val']:.2f} / {flipped[name]['test']:.2f} | {picked[name]['size']} px |")
+    ratio_lines: list[str] = []
+    if ratios:
+        # Ties go to the run's own ratio: a change has to earn its place on validation.
+        ratio_picked = {name: max(ratios, key=lambda r, n=name: (by_ratio[n][r]["val"], r == own_ratio)) for name in runs}
+        summary["runs_at_val_picked_crop_ratio_test"] = spread([by_ratio[r][ratio_picked[r]]["test"] for r in runs])
+        summary["runs_at_val_picked_crop_ratio_val"] = spread([by_ratio[r][ratio_picked[r]]["val"] for r in runs])
+        rr = summary["runs_at_val_picked_crop_ratio_test"]
+        ratio_lines = ["", f"Centre-crop ratio at {trained} px (input / resized shorter side; the run's own is {own_ratio:.3f}):", "",
+                       "| model | " + " | ".join(f"{r:.3f} val / test" for r in ratios) + " | val picks |",
+                       "|---|" + "---|" * (len(ratios) + 1)]  # fmt: skip
+        for name in runs:
+            cells = " | ".join(f"{by_ratio[name][r]['val']:.2f} / {by_ratio[name][r]['test']:.2f}" for r in ratios)
+            ratio_lines.append(f"| {Path(name).name} | {cells} | {ratio_picked[name]:.3f} |")
+        ratio_lines += ["", f"- Runs at the crop ratio validation picks: test {rr['mean']:.2f}% mean ({rr['min']:.2f}-{rr['max']:.2f}) "
+                        f"against {summary['runs_at_trained_size_test']['mean']:.2f}% at the run's own (same latency)."]  # fmt: skip
     s0, s1, sp = summary["runs_at_trained_size_test"], summary["runs_at_val_picked_size_test"], summary["soup_at_trained_size"]
     ft, fv, v0 = summary["runs_flip_tta_test"], summary["runs_flip_tta_val"], summary["runs_at_trained_size_val"]
     markdown = "\n".join([
-        f"# Levers without training: weight soup, test-time resolution and flip ({ckpts[0]['config']['backbone']}, "
+        f"# Levers without training: weight soup, test-time resolution{', centre-crop ratio' if ratios else ''} and flip "
+        f"({ckpts[0]['config']['backbone']}, "
         f"trained at {trained} px)",
         "", "Top-1 (%) on the dataset's val and test folders; each size keeps the run's resize/crop ratio "
         f"({base.resize_size}/{base.input_size}). Selection on validation only.", "", *rows, "",
@@ -125,9 +167,12 @@ def main() -> None:
         "(one model from all the runs, so one figure, not a mean over seeds).",
         f"- Flip test-time augmentation at the trained size (twice the latency): val {fv['mean']:.2f}% mean against "
         f"{v0['mean']:.2f}%, test {ft['mean']:.2f}% mean ({ft['min']:.2f}-{ft['max']:.2f}) against {s0['mean']:.2f}%.",
+        *ratio_lines,
     ])  # fmt: skip
     save(args.out, {"runs": runs, "data": args.data, "sizes": args.sizes, "trained_size": trained, "top1": top1, "picked": picked,
-                    "flip_tta_at_trained_size": flipped, "summary": summary}, markdown)  # fmt: skip
+                    "flip_tta_at_trained_size": flipped, "crop_ratios": ratios,
+                    "top1_by_crop_ratio": {n: {f"{r:.4f}": v for r, v in t.items()} for n, t in by_ratio.items()},
+                    "summary": summary}, markdown)  # fmt: skip
 
 
 if __name__ == "__main__":
