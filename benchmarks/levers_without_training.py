@@ -82,38 +82,46 @@ def main() -> None:
     models["soup"] = souped.eval()
     quiet, cpu = Reporter(quiet=True), torch.device("cpu")
 
-    top1: dict[str, dict[int, dict[str, float]]] = {name: {} for name in models}
-    flipped: dict[str, dict[str, float]] = {}  # at the trained size
-    for size in args.sizes:
-        spec = dataclasses.replace(base, input_size=size, resize_size=round(size * base.resize_size / base.input_size))
+    def scores(spec: Any, flip: bool = False) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+        """Each model's top-1 on val and test decoded with `spec`, and with flip test-time augmentation if `flip`."""
+        plain: dict[str, dict[str, float]] = {name: {} for name in models}
+        flips: dict[str, dict[str, float]] = {name: {} for name in models}
         for split in ("val", "test"):
             ls, classes, source, _ = scoring_set(args.data, split)
             images, failed = decode_for_scoring(relabel(ls, classes, labels, args.data), spec, quiet, source)
             if failed:
                 raise SystemExit(f"{len(failed)} image(s) of {source} could not be read")
+            truth = np.asarray(images.labels)
             for name, model in models.items():
-                logits = predict_logits(model, images, spec, cpu)
-                top1[name].setdefault(size, {})[split] = float((logits.argmax(1) == np.asarray(images.labels)).mean() * 100)
-                if size == base.input_size:
-                    logits = predict_logits(flip_averaged(model), images, spec, cpu)
-                    flipped.setdefault(name, {})[split] = float((logits.argmax(1) == np.asarray(images.labels)).mean() * 100)
-            print(size, split, {n: round(t[size][split], 2) for n, t in top1.items()}, flush=True)
+                plain[name][split] = float((predict_logits(model, images, spec, cpu).argmax(1) == truth).mean() * 100)
+                if flip:
+                    flips[name][split] = float((predict_logits(flip_averaged(model), images, spec, cpu).argmax(1) == truth).mean() * 100)
+        return plain, flips
+
+    top1: dict[str, dict[int, dict[str, float]]] = {name: {} for name in models}
+    flipped: dict[str, dict[str, float]] = {}  # at the trained size
+    for size in args.sizes:
+        spec = dataclasses.replace(base, input_size=size, resize_size=round(size * base.resize_size / base.input_size))
+        plain, flips = scores(spec, flip=size == base.input_size)
+        for name in models:
+            top1[name][size] = plain[name]
+        if size == base.input_size:
+            flipped = flips
+        print(f"{size} px", {n: {k: round(v, 2) for k, v in t.items()} for n, t in plain.items()}, flush=True)
 
     # The crop ratio at the trained size: same input (latency), another share of the image in view.
     own_ratio = base.input_size / base.resize_size
     ratios = sorted({*args.crop_ratios, own_ratio}) if args.crop_ratios else []
     by_ratio: dict[str, dict[float, dict[str, float]]] = {name: {} for name in models}
     for ratio in ratios:
-        spec = dataclasses.replace(base, resize_size=max(base.input_size, int(base.input_size / ratio)))  # timm's rule
-        for split in ("val", "test"):
-            ls, classes, source, _ = scoring_set(args.data, split)
-            images, failed = decode_for_scoring(relabel(ls, classes, labels, args.data), spec, quiet, source)
-            if failed:
-                raise SystemExit(f"{len(failed)} image(s) of {source} could not be read")
-            for name, model in models.items():
-                logits = predict_logits(model, images, spec, cpu)
-                by_ratio[name].setdefault(ratio, {})[split] = float((logits.argmax(1) == np.asarray(images.labels)).mean() * 100)
-            print(f"crop {ratio:.3f}", split, {n: round(t[ratio][split], 2) for n, t in by_ratio.items()}, flush=True)
+        if ratio == own_ratio and base.input_size in args.sizes:  # the run's own view, scored above
+            plain = {name: top1[name][base.input_size] for name in models}
+        else:
+            spec = base if ratio == own_ratio else dataclasses.replace(base, resize_size=max(base.input_size, int(base.input_size / ratio)))
+            plain = scores(spec)[0]
+        for name in models:
+            by_ratio[name][ratio] = plain[name]
+        print(f"crop {ratio:.3f}", {n: {k: round(v, 2) for k, v in t.items()} for n, t in plain.items()}, flush=True)
 
     trained = base.input_size
     runs = [str(r) for r in args.runs]
