@@ -98,9 +98,10 @@ def main() -> None:
                     flips[name][split] = float((predict_logits(flip_averaged(model), images, spec, cpu).argmax(1) == truth).mean() * 100)
         return plain, flips
 
+    sizes = sorted({*args.sizes, base.input_size})  # the trained size is every comparison's baseline
     top1: dict[str, dict[int, dict[str, float]]] = {name: {} for name in models}
     flipped: dict[str, dict[str, float]] = {}  # at the trained size
-    for size in args.sizes:
+    for size in sizes:
         spec = dataclasses.replace(base, input_size=size, resize_size=round(size * base.resize_size / base.input_size))
         plain, flips = scores(spec, flip=size == base.input_size)
         for name in models:
@@ -114,11 +115,10 @@ def main() -> None:
     ratios = sorted({*args.crop_ratios, own_ratio}) if args.crop_ratios else []
     by_ratio: dict[str, dict[float, dict[str, float]]] = {name: {} for name in models}
     for ratio in ratios:
-        if ratio == own_ratio and base.input_size in args.sizes:  # the run's own view, scored above
+        if ratio == own_ratio:  # the run's own view, scored above
             plain = {name: top1[name][base.input_size] for name in models}
         else:
-            spec = base if ratio == own_ratio else dataclasses.replace(base, resize_size=max(base.input_size, int(base.input_size / ratio)))
-            plain = scores(spec)[0]
+            plain = scores(dataclasses.replace(base, resize_size=max(base.input_size, int(base.input_size / ratio))))[0]
         for name in models:
             by_ratio[name][ratio] = plain[name]
         print(f"crop {ratio:.3f}", {n: {k: round(v, 2) for k, v in t.items()} for n, t in plain.items()}, flush=True)
@@ -128,7 +128,7 @@ def main() -> None:
     # Per run: the size validation picks (ties: the smaller, faster one), and its test top-1 against the trained size.
     picked = {}
     for name in [*runs, "soup"]:
-        size = max(args.sizes, key=lambda s: (top1[name][s]["val"], -s))
+        size = max(sizes, key=lambda s: (top1[name][s]["val"], -s))
         picked[name] = {"size": size, "val": top1[name][size]["val"], "test": top1[name][size]["test"],
                         "test_at_trained_size": top1[name][trained]["test"]}  # fmt: skip
     summary = {
@@ -139,10 +139,10 @@ def main() -> None:
         "runs_flip_tta_val": spread([flipped[r]["val"] for r in runs]),
         "runs_at_trained_size_val": spread([top1[r][trained]["val"] for r in runs]),
     }
-    rows = ["| model | " + " | ".join(f"{s} px val / test" for s in args.sizes) + f" | {trained} px + flip val / test | val picks |"]
-    rows.append("|---|" + "---|" * (len(args.sizes) + 2))
+    rows = ["| model | " + " | ".join(f"{s} px val / test" for s in sizes) + f" | {trained} px + flip val / test | val picks |"]
+    rows.append("|---|" + "---|" * (len(sizes) + 2))
     for name in [*runs, "soup"]:
-        cells = " | ".join(f"{top1[name][s]['val']:.2f} / {top1[name][s]['test']:.2f}" for s in args.sizes)
+        cells = " | ".join(f"{top1[name][s]['val']:.2f} / {top1[name][s]['test']:.2f}" for s in sizes)
         label = Path(name).name if name != "soup" else "uniform soup of the runs"
         rows.append(f"| {label} | {cells} | {flipped[name]['val']:.2f} / {flipped[name]['test']:.2f} | {picked[name]['size']} px |")
     ratio_lines: list[str] = []
@@ -177,7 +177,7 @@ def main() -> None:
         f"{v0['mean']:.2f}%, test {ft['mean']:.2f}% mean ({ft['min']:.2f}-{ft['max']:.2f}) against {s0['mean']:.2f}%.",
         *ratio_lines,
     ])  # fmt: skip
-    save(args.out, {"runs": runs, "data": args.data, "sizes": args.sizes, "trained_size": trained, "top1": top1, "picked": picked,
+    save(args.out, {"runs": runs, "data": args.data, "sizes": sizes, "trained_size": trained, "top1": top1, "picked": picked,
                     "flip_tta_at_trained_size": flipped, "crop_ratios": ratios,
                     "top1_by_crop_ratio": {n: {f"{r:.4f}": v for r, v in t.items()} for n, t in by_ratio.items()},
                     "summary": summary}, markdown)  # fmt: skip
