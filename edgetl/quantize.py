@@ -297,7 +297,8 @@ def quantize_onnx(src: Path, dst: Path, calib: ParityData, judge: JudgeSet, meta
             judged = judge.score(fp32_out, judge.outputs(OrtModel(cand).predict))
             attempts.append({"kept_in_float": list(exclude), "chosen_by": chosen_by,
                              **{key: v for key, v in judged.items() if key != "fp32_top1"}})  # fmt: skip
-            reporter.log(f"onnxruntime int8 with {len(exclude)} node(s) in float ({chosen_by}): {judge.log_line(judged)}")
+            kept = f"{len(exclude)} node(s) kept in float ({chosen_by} first)" if exclude else "every node in int8"
+            reporter.log(f"onnxruntime int8, {kept}: {judge.log_line(judged)}")
             if judged["drop_points"] <= opts.max_drop:
                 break
             if plan is None:
