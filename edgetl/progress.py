@@ -56,7 +56,9 @@ class Reporter:
 
     @contextlib.contextmanager
     def task(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
-        if self.quiet:
+        # Off a terminal (a log file, a pipe, CI) a bar has nothing to redraw, and rich's Live would end each
+        # one with an empty line: a training log had a blank line after every fine-tune epoch.
+        if self.quiet or not console.is_terminal:
             yield lambda n=1: None
             return
         columns = (
