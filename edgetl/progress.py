@@ -56,9 +56,10 @@ class Reporter:
 
     @contextlib.contextmanager
     def task(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
-        # Off a terminal (a log file, a pipe, CI) a bar has nothing to redraw, and rich's Live would end each
-        # one with an empty line: a training log had a blank line after every fine-tune epoch.
-        if self.quiet or not console.is_terminal:
+        # Off a terminal (a log file, a pipe, CI) or on a dumb one (TERM=dumb: no cursor movement) a bar cannot be
+        # redrawn, and rich's Live would end each one with an empty line: a training log had a blank line after
+        # every fine-tune epoch.
+        if self.quiet or not console.is_terminal or console.is_dumb_terminal:
             yield lambda n=1: None
             return
         columns = (

@@ -148,15 +148,16 @@ def test_output_to_a_pipe_is_not_cut_to_80_columns() -> None:
 
 
 def test_a_progress_bar_leaves_nothing_in_a_log_and_still_shows_on_a_terminal() -> None:
-    """Off a terminal a bar has nothing to redraw; rich's Live ended each one with an empty line, one after
-    every fine-tune epoch of a training log. On a terminal (FORCE_COLOR makes rich treat the pipe as one)
-    the bar is drawn and then erased."""
+    """Off a terminal, or on a dumb one, a bar cannot be redrawn; rich's Live ended each one with an empty line,
+    one after every fine-tune epoch of a training log. On a terminal (FORCE_COLOR makes rich treat the pipe as
+    one) the bar is drawn and then erased."""
     code = ("from edgetl.progress import Reporter; r = Reporter(); r.log('before')\n"
             "with r.task('decoding 10 images', 10) as advance:\n    [advance(1) for _ in range(10)]\n"
             "r.log('after')")  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}
-    in_a_log = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert in_a_log.returncode == 0 and in_a_log.stderr == "before\nafter\n", in_a_log.stderr
+    env = {**{k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE")}, "TERM": "xterm"}
+    for where in ({}, {"FORCE_COLOR": "1", "TERM": "dumb"}):  # a log file; a terminal without cursor movement
+        in_a_log = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, **where})
+        assert in_a_log.returncode == 0 and in_a_log.stderr == "before\nafter\n", (where, in_a_log.stderr)
     on_a_terminal = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, "FORCE_COLOR": "1"})
     assert on_a_terminal.returncode == 0 and "decoding 10 images" in on_a_terminal.stderr and "10/10" in on_a_terminal.stderr
 
