@@ -77,6 +77,7 @@ def bench_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         turns = r.get("reference", {}).get("turn_p50_ms") or []
         row = {
             "variant": r["variant"], "target": r["target"], "precision": r["precision"], "input": r["input"],
+            "input_size": r.get("input_size"),
             "model": r["model"], "size_mb": round(r["bytes"] / 1e6, 3), "threads": r["threads"],
             "p50_ms": lat.get("p50_ms"), "p90_ms": lat.get("p90_ms"), "p99_ms": lat.get("p99_ms"), "mean_ms": lat.get("mean_ms"),
             "std_ms": lat.get("std_ms"), "runs": lat.get("runs"), "ratio_to_fp32": r.get("ratio_to_fp32_same_target"),
@@ -103,11 +104,18 @@ def _fmt(v: Any, pattern: str) -> str:
 VERDICT_MARK = {"edgetl-slower": " (slower)", "edgetl-faster": " (faster)"}
 
 
+def _several_sizes(rows: list[dict[str, Any]]) -> bool:
+    """Models of different input sizes in one bench: the tables then show each row's size."""
+    return len({r["input_size"] for r in rows}) > 1
+
+
 def bench_markdown(report: dict[str, Any]) -> str:
     rows = bench_rows(report)
     batches = sorted({k for r in rows for k in r if k.startswith("images_per_s_b")}, key=lambda k: int(k.split("b")[-1]))
     refs = any(r["reference_p50_ms"] is not None for r in rows)
-    head = ["variant", "runs in", "size MB", "top-1", "agree", "p50 ms", "p90 ms", "p99 ms", "std ms", "x fp32",
+    sizes = _several_sizes(rows)
+    head = ["variant", *(["input px"] if sizes else []), "runs in", "size MB", "top-1", "agree", "p50 ms", "p90 ms", "p99 ms",
+            "std ms", "x fp32",
             *(["ref p50 ms", "edgetl / ref"] if refs else []),
             *[f"img/s b{k.split('b')[-1]}" for k in batches], "load s", "cold ms", "peak MB"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -116,7 +124,8 @@ def bench_markdown(report: dict[str, Any]) -> str:
                  if r["reference_turns_min_ms"] is not None and r["reference_turns_max_ms"] > r["reference_turns_min_ms"] else "")
         ratio = _fmt(r["edgetl_over_reference"], "{:.2f}") + VERDICT_MARK.get(r["reference_verdict"], "")
         ref_cells = [_fmt(r["reference_p50_ms"], "{:.2f}") + turns, ratio] if refs else []
-        cells = [r["variant"], r["runs_in"] or "-", _fmt(r["size_mb"], "{:.2f}"), _fmt(r["top1"], "{:.2%}"), _fmt(r["agreement"], "{:.1%}"),
+        cells = [r["variant"], *([_fmt(r["input_size"], "{}")] if sizes else []), r["runs_in"] or "-", _fmt(r["size_mb"], "{:.2f}"),
+                 _fmt(r["top1"], "{:.2%}"), _fmt(r["agreement"], "{:.1%}"),
                  _fmt(r["p50_ms"], "{:.2f}"), _fmt(r["p90_ms"], "{:.2f}"), _fmt(r["p99_ms"], "{:.2f}"), _fmt(r["std_ms"], "{:.2f}"),
                  _fmt(r["ratio_to_fp32"], "{:.2f}"), *ref_cells, *[_fmt(r.get(k), "{:.0f}") for k in batches], _fmt(r["load_s"], "{:.2f}"),
                  _fmt(r["cold_ms"], "{:.1f}"), _fmt(r["peak_rss_mb"], "{:.0f}")]  # fmt: skip
@@ -124,7 +133,10 @@ def bench_markdown(report: dict[str, Any]) -> str:
     host = report["host"]
     data = report.get("data")
     notes = [
-        "", f"Accuracy on {data['n']} images of {data['source']}." if data else "No labelled images: accuracy left out.",
+        "",
+        f"Accuracy on {data['n']} images of {data['source']}" + (", each model on its own preprocessing of the same images "
+        "(resize, centre crop to its input size, its normalisation), and timed on its own input size." if sizes else ".")
+        if data else "No labelled images: accuracy left out.",
         f"Latency: batch 1, {report['options']['threads']} threads, warm-up {report['options']['warmup']}; "
         f"{report.get('method', 'variants interleaved in rounds')}, 5 rounds, >= {report['options']['min_time']:g} s each; "
         "'x fp32' is the ratio of p50 to the fp32 model of the same runtime in the same rounds (eager PyTorch for "
@@ -250,14 +262,15 @@ def print_bench_table(report: dict[str, Any], console: Console | None = None) ->
     table = Table(title="edgetl bench", show_edge=False)
     rows = bench_rows(report)
     refs = any(r["reference_p50_ms"] is not None for r in rows)
-    for col in ("variant", "runs in", "MB", "top-1", "agree", "p50 ms", "p99 ms", "x fp32", *(["ref p50 ms"] if refs else []),
-                "img/s (largest batch)", "peak MB"):  # fmt: skip
+    sizes = _several_sizes(rows)
+    for col in ("variant", *(["px"] if sizes else []), "runs in", "MB", "top-1", "agree", "p50 ms", "p99 ms", "x fp32",
+                *(["ref p50 ms"] if refs else []), "img/s (largest batch)", "peak MB"):  # fmt: skip
         table.add_column(col, justify="left" if col in ("variant", "runs in") else "right")
     for r in rows:
         tp = [k for k in r if k.startswith("images_per_s_b")]
         best = r[tp[-1]] if tp else None
-        table.add_row(r["variant"], r["runs_in"] or "-", _fmt(r["size_mb"], "{:.1f}"), _fmt(r["top1"], "{:.1%}"),
-                      _fmt(r["agreement"], "{:.1%}"), _fmt(r["p50_ms"], "{:.2f}"), _fmt(r["p99_ms"], "{:.2f}"),
+        table.add_row(r["variant"], *([_fmt(r["input_size"], "{}")] if sizes else []), r["runs_in"] or "-", _fmt(r["size_mb"], "{:.1f}"),
+                      _fmt(r["top1"], "{:.1%}"), _fmt(r["agreement"], "{:.1%}"), _fmt(r["p50_ms"], "{:.2f}"), _fmt(r["p99_ms"], "{:.2f}"),
                       _fmt(r["ratio_to_fp32"], "{:.2f}"), *([_fmt(r["reference_p50_ms"], "{:.2f}")] if refs else []),
                       _fmt(best, "{:.0f}"), _fmt(r["peak_rss_mb"], "{:.0f}"))  # fmt: skip
     console.print(table)

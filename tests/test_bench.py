@@ -324,6 +324,36 @@ def test_two_runs_side_by_side_keep_every_row_apart(bench_run: Path, tmp_path: P
             assert r["ratio_to_fp32_same_target"] == pytest.approx(1.0)  # each fp32 row is its own run's reference
 
 
+def test_runs_of_different_input_sizes_are_each_scored_and_timed_at_their_own(bench_run: Path, tiny_run: Path, tmp_path: Path) -> None:
+    """A tuned pick at another input size beside the default (Lite1 at 192 px against Lite0 at 224): one bench,
+    interleaved, each model scored on the same images prepared its own way and timed on its own input size."""
+    from dataclasses import replace
+
+    from edgetl.config import TrainConfig
+    from edgetl.train import train
+
+    cfg = TrainConfig(backbone="tiny", pretrained=False, epochs_head=5, epochs_finetune=1, lr_head=1e-2, patience=0, recipe="finetune")
+    big = train(tiny_run.parent / "data", replace(cfg, input_size=96), out=str(tmp_path / "big"), reporter=QUIET).run_dir
+    export_run(big, ExportOptions(embed_preprocess=True), QUIET)
+    opts = BenchOptions(targets=("torch-cpu", "ort-cpu"), batches=(1, 2), min_time=0.1, warmup=1, out=str(tmp_path / "out"))
+    rep = bench([bench_run, big], opts, QUIET)
+    assert not rep["skipped"]
+    rows = {r["variant"]: r for r in rep["results"]}
+    for run, size in ((bench_run, 64), (big, 96)):
+        mine = {n: r for n, r in rows.items() if n.endswith(f"[{run.name}]")}
+        # checkpoint, float ONNX and uint8-input ONNX: every one ran, at its run's size, against its own run's fp32 model.
+        assert len(mine) == 3 and {r["input_size"] for r in mine.values()} == {size}
+        assert all(r["accuracy"]["agreement_with"] == f"torch-cpu/fp32 [{run.name}]" for r in mine.values())
+        assert all(r["accuracy"]["top1_agreement"] >= 0.9 and r["latency"]["runs"] >= 3 for r in mine.values())
+        assert all(r["ratio_to_fp32_same_target"] == pytest.approx(1.0) for r in mine.values() if r["input"] == "float32")
+        # The same accuracy as in a bench of that run alone: its images were prepared its own way.
+        alone = bench([run], replace(opts, targets=("torch-cpu",), batches=(1,), out=str(tmp_path / run.name)), QUIET)
+        assert mine[f"torch-cpu/fp32 [{run.name}]"]["accuracy"]["top1"] == alone["results"][0]["accuracy"]["top1"]
+    md = (tmp_path / "out" / "bench.md").read_text()
+    assert "| input px |" in md and "each model on its own preprocessing" in md
+    assert {line.split(" | ")[1] for line in md.splitlines() if line.startswith("| ort-cpu")} == {"64", "96"}
+
+
 def test_runs_validated_on_different_images_are_not_scored_together(bench_run: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
     shutil.copytree(bench_run, other)

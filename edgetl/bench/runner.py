@@ -142,9 +142,8 @@ def discover(paths: list[Path], opts: BenchOptions) -> tuple[list[ModelFile], li
             files.append(describe_model(p, opts))
         else:
             raise EdgetlError(f"path does not exist: {p}")
-    specs = {f.spec for f in files}
-    if len(specs) > 1:
-        raise EdgetlError("the models given use different preprocessing: benchmark them separately")
+    # Models with different preprocessing (another input size, say) are fine side by side: each is scored
+    # on the same images prepared its own way, and timed on its own input (load_data, bench).
     return files, skipped
 
 
@@ -179,13 +178,19 @@ def plan(files: list[ModelFile], opts: BenchOptions, skipped: list[dict[str, str
 # ----------------------------------------------------------------------------- data
 
 
+def specs_of(files: list[ModelFile]) -> list[PreprocessSpec]:
+    """The distinct preprocessings of the models, in the order the models were given."""
+    return list(dict.fromkeys(f.spec for f in files))
+
+
 def load_data(files: list[ModelFile], opts: BenchOptions, reporter: Reporter) -> Any:
     """Labelled images for accuracy: every image of --data (a plain folder; test, else val, of a
-    dataset), or the run's recorded validation list. None when neither is available."""
+    dataset), or the run's recorded validation list; the same images prepared once per preprocessing
+    the models use, as (data by spec, labels). None when neither is available."""
     from edgetl.parity import run_split_data, scoring_data
     from edgetl.run import RunFolder
 
-    spec, labels = files[0].spec, next((f.labels for f in files if f.labels), None)
+    labels = next((f.labels for f in files if f.labels), None)
     orders = {tuple(f.labels) for f in files if f.labels}
     if len(orders) > 1:
         # One set of labelled images is scored against every model: the class indices must mean the same.
@@ -195,7 +200,7 @@ def load_data(files: list[ModelFile], opts: BenchOptions, reporter: Reporter) ->
             from edgetl.data import scoring_set
 
             labels = scoring_set(opts.data)[1]
-        data = scoring_data(opts.data, labels, spec, reporter, opts.max_images)
+        data = {spec: scoring_data(opts.data, labels, spec, reporter, opts.max_images) for spec in specs_of(files)}
     else:
         run_dir = next((f.run_dir for f in files if f.run_dir), None)
         if run_dir is None or labels is None:
@@ -204,8 +209,14 @@ def load_data(files: list[ModelFile], opts: BenchOptions, reporter: Reporter) ->
         if not folder.data_root.exists():
             return None
         _check_same_validation(folder, [f.run_dir for f in files if f.run_dir])
-        data = run_split_data(folder, "val", labels, spec, reporter, opts.max_images, allow_changed=opts.allow_data_change)
-    reporter.log(f"accuracy on {data.source}: {len(data.labels)} images")
+        data = {spec: run_split_data(folder, "val", labels, spec, reporter, opts.max_images, allow_changed=opts.allow_data_change)
+                for spec in specs_of(files)}  # fmt: skip
+    first = next(iter(data.values()))
+    if any(d.keys != first.keys or not np.array_equal(d.labels, first.labels) for d in data.values()):
+        # Sampling is seeded and decoding keeps the order, so this would be a bug: never score two models on different images.
+        raise EdgetlError("internal error: the images prepared for the models' preprocessings differ; please report it")
+    reporter.log(f"accuracy on {first.source}: {len(first.labels)} images" +
+                 (f", prepared {len(data)} ways (input sizes {', '.join(str(s.input_size) for s in data)})" if len(data) > 1 else ""))
     return data, labels
 
 
@@ -269,12 +280,14 @@ def bench(paths: list[str | os.PathLike[str]], opts: BenchOptions, reporter: Rep
     loaded = load_data(files, opts, reporter)
     if loaded is None:
         reporter.warn("no labelled images (the run's data is not here and no --data): accuracy is left out", label="note")
-    spec = files[0].spec
-    c = spec.input_size
-    x1 = {"float32": np.zeros((1, 3, c, c), np.float32), "uint8": np.zeros((1, c, c, 3), np.uint8)}
-    if loaded is not None:
-        data = loaded[0]
-        x1 = {"float32": np.ascontiguousarray(data.floats[:1]), "uint8": np.ascontiguousarray(data.pixels[:1])}
+    # The batch-1 input of each preprocessing: the first scored image prepared that way (zeros without data).
+    x1: dict[PreprocessSpec, dict[str, np.ndarray]] = {}
+    for spec in specs_of(files):
+        c = spec.input_size
+        x1[spec] = {"float32": np.zeros((1, 3, c, c), np.float32), "uint8": np.zeros((1, c, c, 3), np.uint8)}
+        if loaded is not None:
+            data = loaded[0][spec]
+            x1[spec] = {"float32": np.ascontiguousarray(data.floats[:1]), "uint8": np.ascontiguousarray(data.pixels[:1])}
     make = ProcessWorker if opts.isolation == "process" else InProcessWorker
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="edgetl-bench-") as tmp:
@@ -284,7 +297,7 @@ def bench(paths: list[str | os.PathLike[str]], opts: BenchOptions, reporter: Rep
             # One at a time, so no load (and no cold start) competes with another for the cores.
             for name, (v, f) in zip(variant_names(variants), variants, strict=True):
                 reporter.log(f"loading {name}: {v.model}" + (" (own process)" if opts.isolation == "process" else ""))
-                w = make(v, x1[v.input_dtype].shape, threads, arrays)
+                w = make(v, x1[f.spec][v.input_dtype].shape, threads, arrays)
                 if w.error:
                     skipped.append({"target": name, "reason": w.error})
                     w.close()
@@ -296,7 +309,7 @@ def bench(paths: list[str | os.PathLike[str]], opts: BenchOptions, reporter: Rep
         finally:
             close_all([w for w, _, _ in workers.values()])
     report = {
-        "models": [str(f.path) for f in files], "data": data.describe() if loaded is not None else None,
+        "models": [str(f.path) for f in files], "data": next(iter(loaded[0].values())).describe() if loaded is not None else None,
         "options": {**asdict(opts), "threads": threads}, "skipped": skipped, "results": results, "host": host_record(),
         "method": ("each variant in a worker process of its own, turns interleaved in rounds (one worker at a time)"
                    if opts.isolation == "process" else "every variant in one process, interleaved in rounds"),
@@ -313,37 +326,39 @@ def _source(f: ModelFile) -> str:
     return str(f.run_dir) if f.run_dir is not None else ""
 
 
-def _same_source(a: ModelFile, b: ModelFile) -> bool:
-    return _source(a) == _source(b)
+def _same_model(a: ModelFile, b: ModelFile) -> bool:
+    """Files of one model: the same run (or both given by path) and the same preprocessing."""
+    return _source(a) == _source(b) and a.spec == b.spec
 
 
-def _reference_turns(workers: dict[str, Any], timed: dict[str, Any], x1: dict[str, np.ndarray], threads: int,
-                     opts: BenchOptions) -> dict[str, Any]:  # fmt: skip
+def _reference_turns(workers: dict[str, Any], timed: dict[str, Any], x1: dict[PreprocessSpec, dict[str, np.ndarray]],
+                     threads: int, opts: BenchOptions) -> dict[str, Any]:  # fmt: skip
     """--check-reference: a turn of the runtime's own tool for each batch-1 variant that has one."""
     if not opts.check_reference:
         return {}
     from edgetl.bench.reference import ReferenceTurns, has_reference
 
     seconds = max(2.0, opts.min_time / 2)
-    return {n: ReferenceTurns(v.target, Path(v.model), threads, v.precision, v.input_dtype, x1[v.input_dtype].shape, seconds,
-                              TIMING_ROUNDS)
-            for n, (_, v, _) in workers.items() if n in timed and has_reference(v.target)}  # fmt: skip
+    return {n: ReferenceTurns(v.target, Path(v.model), threads, v.precision, v.input_dtype, x1[f.spec][v.input_dtype].shape,
+                              seconds, TIMING_ROUNDS)
+            for n, (_, v, f) in workers.items() if n in timed and has_reference(v.target)}  # fmt: skip
 
 
-def _measure(workers: dict[str, Any], loaded: Any, x1: dict[str, np.ndarray], threads: int, opts: BenchOptions, reporter: Reporter,
-             interleaved_rounds: Any) -> list[dict[str, Any]]:  # fmt: skip
-    c = x1["float32"].shape[-1]
-    # Accuracy on real images, and agreement with the fp32 PyTorch model (or the fp32 ONNX model).
+def _measure(workers: dict[str, Any], loaded: Any, x1: dict[PreprocessSpec, dict[str, np.ndarray]], threads: int,
+             opts: BenchOptions, reporter: Reporter, interleaved_rounds: Any) -> list[dict[str, Any]]:  # fmt: skip
+    # Accuracy on real images (each model on them prepared its own way), and agreement with the fp32 PyTorch
+    # model (or the fp32 ONNX model).
     preds: dict[str, np.ndarray] = {}
     ref_name = None
     if loaded is not None:
-        data, labels = loaded
-        for name, (w, v, _) in workers.items():
+        by_spec, labels = loaded
+        for name, (w, v, f) in workers.items():
+            data = by_spec[f.spec]
             preds[name] = w.predict(data.pixels if v.input_dtype == "uint8" else data.floats, _fixed_batch(v))
 
     def agreement_reference(f: ModelFile) -> str | None:
         """The fp32 PyTorch model (or fp32 ONNX model) of the same run: agreement across runs means nothing."""
-        mine = [(n, v) for n, (_, v, g) in workers.items() if n in preds and _same_source(g, f) and v.precision == "fp32"]
+        mine = [(n, v) for n, (_, v, g) in workers.items() if n in preds and _same_model(g, f) and v.precision == "fp32"]
         return next((n for n, v in mine if v.target == "torch-cpu"),
                     next((n for n, v in mine if v.target == "ort-cpu" and v.input_dtype == "float32"), None))  # fmt: skip
 
@@ -352,13 +367,13 @@ def _measure(workers: dict[str, Any], loaded: Any, x1: dict[str, np.ndarray], th
     references = _reference_turns(workers, timed, x1, threads, opts)
     reporter.log(f"timing batch 1: {len(timed)} variants, interleaved rounds, >= {opts.min_time:g} s each, {threads} threads"
                  + (f", with {len(references)} runtimes' own tools in the same rounds" if references else ""))  # fmt: skip
-    samples = interleaved_rounds(timed, {n: x1[workers[n][1].input_dtype] for n in timed}, opts.min_time, opts.warmup,
+    samples = interleaved_rounds(timed, {n: x1[workers[n][2].spec][workers[n][1].input_dtype] for n in timed}, opts.min_time, opts.warmup,
                                  rounds=TIMING_ROUNDS, extra_turns={f"reference: {n}": t for n, t in references.items()})  # fmt: skip
 
     results = []
     for name, (w, v, f) in workers.items():
         row: dict[str, Any] = {"variant": name, "source": _source(f), "target": v.target, "runtime": v.runtime,
-                               "precision": v.precision,
+                               "precision": v.precision, "input_size": f.spec.input_size,
                                "executed_precision": w.info.get("executed_precision", v.precision), "model": str(v.model),
                                "input": v.input_dtype, "bytes": f.bytes, "threads": threads,
                                "runtime_settings": w.info.get("settings")}  # fmt: skip
@@ -375,6 +390,7 @@ def _measure(workers: dict[str, Any], loaded: Any, x1: dict[str, np.ndarray], th
                              f"± {AGREEMENT_MARGIN:.0%}): " + ("edgetl adds time the runtime does not need" if side == "slower"
                              else "the two do not time the same work") + "; see bench.json 'reference'")  # fmt: skip
         fixed = _fixed_batch(v)
+        c = f.spec.input_size
         row["throughput"] = {}
         for b in opts.batches:
             if b > 1 and fixed in (None, b):
@@ -383,7 +399,7 @@ def _measure(workers: dict[str, Any], loaded: Any, x1: dict[str, np.ndarray], th
                       else rng.normal(size=(b, 3, c, c)).astype(np.float32))  # fmt: skip
                 row["throughput"][str(b)] = w.throughput(xb, max(0.5, opts.min_time / 5))
         if loaded is not None:
-            m = classification_metrics(preds[name], data.labels, labels)
+            m = classification_metrics(preds[name], by_spec[f.spec].labels, labels)
             row["accuracy"] = {"n": m["n"], "top1": m["top1"], "top5": m["top5"], "macro_f1": m["macro_f1"]}
             ref_name = agreement_reference(f)
             if ref_name:
@@ -395,11 +411,11 @@ def _measure(workers: dict[str, Any], loaded: Any, x1: dict[str, np.ndarray], th
             row["process"] = {"pid": w.info["pid"], "load_seconds": w.info["load_seconds"]}
         results.append(row)
 
-    # Speed relative to the fp32 model of the same runtime (eager for torch.compile) and the same run, from the
-    # same interleaved rounds.
+    # Speed relative to the fp32 model of the same runtime (eager for torch.compile), the same run and the same
+    # input size, from the same interleaved rounds.
     for row in results:
         ref = next((r for r in results if r["target"] == row["runtime"] and r["precision"] == "fp32" and r["input"] == "float32"
-                    and r["source"] == row["source"] and "latency" in r), None)  # fmt: skip
+                    and r["source"] == row["source"] and r["input_size"] == row["input_size"] and "latency" in r), None)  # fmt: skip
         if ref and "latency" in row:
             row["ratio_to_fp32_same_target"] = row["latency"]["p50_ms"] / ref["latency"]["p50_ms"]
     return results
