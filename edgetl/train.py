@@ -752,7 +752,7 @@ class Trainer:
             head.eval()
             with torch.no_grad():
                 val_logits = head(xva_t).float().cpu().numpy() if cfg.cache_features else self._val_logits(self.model)
-            improved = self._end_epoch("head", epoch, fit, val_logits, None, sched.get_last_lr()[0], t_ep)
+            improved = self._end_epoch("head", epoch, fit, val_logits, None, lr_of_last_step(sched), t_ep)
             bad_epochs = 0 if improved else bad_epochs + 1
             self._head_timing(time.perf_counter() - t0, cache_seconds, images_seen)  # an interruption keeps what ran
             self.save_last("head", epoch, opt, sched, bad_epochs)
@@ -940,7 +940,7 @@ class Trainer:
         if trial_steps < steps:  # a partial first epoch: the next whole epoch is epoch 1
             return run, 0, counted
         fit = winner["fit"]
-        improved = self._end_epoch("finetune", 1, fit, winner["logits"], run.scored, run.sched.get_last_lr()[0],
+        improved = self._end_epoch("finetune", 1, fit, winner["logits"], run.scored, lr_of_last_step(run.sched),
                                    time.perf_counter() - winner["seconds"], self._finetune_extra(run, fit, winner["seconds"]))  # fmt: skip
         self._save_finetune(t0, winner["seconds"], fit[2], 1, run, 0 if improved else 1)
         return run, 1, counted
@@ -976,7 +976,7 @@ class Trainer:
                 train_seconds += seconds
                 images += fit[2]
                 improved = self._end_epoch("finetune", epoch, fit, self._val_logits(run.scored), run.scored,
-                                           run.sched.get_last_lr()[0], t_ep, self._finetune_extra(run, fit, seconds))  # fmt: skip
+                                           lr_of_last_step(run.sched), t_ep, self._finetune_extra(run, fit, seconds))  # fmt: skip
                 bad_epochs = 0 if improved else bad_epochs + 1
                 self._save_finetune(t0, train_seconds, images, epoch, run, bad_epochs)
                 if self._stop_early(bad_epochs, epoch) and epoch < cfg.epochs_finetune:
@@ -1133,6 +1133,15 @@ class Trainer:
         write_json(self.run_dir / layout.METRICS, metrics)
         self.write_manifest("interrupted" if interrupted else "finished")
         return metrics
+
+
+def lr_of_last_step(sched: torch.optim.lr_scheduler.LambdaLR) -> float:
+    """The learning rate the last optimizer step used (of the first parameter group), for the epoch's log line and
+    history.csv. get_last_lr() is the rate of the next step: 0 after a cosine schedule's last step, which read as if
+    the last epoch had not trained."""
+    if sched.last_epoch <= 0:
+        return float(sched.get_last_lr()[0])
+    return float(sched.base_lrs[0] * sched.lr_lambdas[0](sched.last_epoch - 1))
 
 
 def _warmup_cosine(opt: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:

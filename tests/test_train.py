@@ -66,6 +66,15 @@ def test_metrics_and_history(trained_run: Path) -> None:
     assert m["stages"]["head"]["images_per_second"] > 0
 
 
+def test_history_records_the_rate_each_epoch_trained_at(trained_run: Path) -> None:
+    """Each stage's cosine ends at 0 after its last step; the epoch's row (and log line) shows the rate its last step
+    used, so the last epoch of a stage does not read 'lr 0.00e+00' as if it had not trained."""
+    for stage in ("head", "finetune"):
+        lrs = [float(r["lr"]) for r in rows_of(trained_run) if r["stage"] == stage]
+        assert all(lr > 0 for lr in lrs), (stage, lrs)
+        assert lrs[-1] < lrs[0] or len(lrs) == 1, "the rate decays over a stage"
+
+
 def test_manifest_records_provenance_and_skips(trained_run: Path) -> None:
     man = json.loads((trained_run / "manifest.json").read_text())
     assert man["seed"] == 0 and len(man["dataset"]["fingerprint"]) == 16
