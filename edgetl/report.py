@@ -75,12 +75,15 @@ def bench_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     for r in report["results"]:
         lat, acc, proc = r.get("latency", {}), r.get("accuracy", {}), r.get("process", {})
         turns = r.get("reference", {}).get("turn_p50_ms") or []
+        by_round = r.get("ratio_to_fp32_by_round") or []
         row = {
             "variant": r["variant"], "target": r["target"], "precision": r["precision"], "input": r["input"],
             "input_size": r.get("input_size"),
             "model": r["model"], "size_mb": round(r["bytes"] / 1e6, 3), "threads": r["threads"],
             "p50_ms": lat.get("p50_ms"), "p90_ms": lat.get("p90_ms"), "p99_ms": lat.get("p99_ms"), "mean_ms": lat.get("mean_ms"),
             "std_ms": lat.get("std_ms"), "runs": lat.get("runs"), "ratio_to_fp32": r.get("ratio_to_fp32_same_target"),
+            # The ratio's range over the interleaved rounds: no ratio is surer than that.
+            "ratio_to_fp32_min": min(by_round) if by_round else None, "ratio_to_fp32_max": max(by_round) if by_round else None,
             "top1": acc.get("top1"), "top5": acc.get("top5"), "macro_f1": acc.get("macro_f1"), "agreement": acc.get("top1_agreement"),
             "load_s": proc.get("load_seconds"), "cold_ms": proc.get("cold_ms"), "peak_rss_mb": proc.get("peak_rss_mb"),
             "runs_in": r.get("executed_precision"),
@@ -102,6 +105,11 @@ def _fmt(v: Any, pattern: str) -> str:
 
 # How bench.md marks an edgetl / reference ratio that the tool's turns (and the agreement margin) do not cover.
 VERDICT_MARK = {"edgetl-slower": " (slower)", "edgetl-faster": " (faster)"}
+
+
+def _ratio_range(r: dict[str, Any]) -> str:
+    lo, hi = r["ratio_to_fp32_min"], r["ratio_to_fp32_max"]
+    return f" ({lo:.2f}-{hi:.2f})" if lo is not None and f"{lo:.2f}" != f"{hi:.2f}" else ""
 
 
 def _several_sizes(rows: list[dict[str, Any]]) -> bool:
@@ -127,7 +135,8 @@ def bench_markdown(report: dict[str, Any]) -> str:
         cells = [r["variant"], *([_fmt(r["input_size"], "{}")] if sizes else []), r["runs_in"] or "-", _fmt(r["size_mb"], "{:.2f}"),
                  _fmt(r["top1"], "{:.2%}"), _fmt(r["agreement"], "{:.1%}"),
                  _fmt(r["p50_ms"], "{:.2f}"), _fmt(r["p90_ms"], "{:.2f}"), _fmt(r["p99_ms"], "{:.2f}"), _fmt(r["std_ms"], "{:.2f}"),
-                 _fmt(r["ratio_to_fp32"], "{:.2f}"), *ref_cells, *[_fmt(r.get(k), "{:.0f}") for k in batches], _fmt(r["load_s"], "{:.2f}"),
+                 _fmt(r["ratio_to_fp32"], "{:.2f}") + _ratio_range(r), *ref_cells, *[_fmt(r.get(k), "{:.0f}") for k in batches],
+                 _fmt(r["load_s"], "{:.2f}"),
                  _fmt(r["cold_ms"], "{:.1f}"), _fmt(r["peak_rss_mb"], "{:.0f}")]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     host = report["host"]
@@ -140,7 +149,8 @@ def bench_markdown(report: dict[str, Any]) -> str:
         f"Latency: batch 1, {report['options']['threads']} threads, warm-up {report['options']['warmup']}; "
         f"{report.get('method', 'variants interleaved in rounds')}, 5 rounds, >= {report['options']['min_time']:g} s each; "
         "'x fp32' is the ratio of p50 to the fp32 model of the same runtime in the same rounds (eager PyTorch for "
-        "torch.compile); 'runs in' is the precision the runtime reports it executes. Load time (fresh process) includes "
+        "torch.compile), with its lowest and highest value in any one round in brackets; 'runs in' is the precision the "
+        "runtime reports it executes. Load time (fresh process) includes "
         "importing the runtime library."
         + (" 'ref' is the runtime's own tool on the same file, threads and hint (OpenVINO benchmark_app -api sync -hint "
            "latency; ONNX Runtime a bare InferenceSession.run loop), taking turns inside the same rounds: its p50 is the median "
@@ -269,8 +279,10 @@ def print_bench_table(report: dict[str, Any], console: Console | None = None) ->
     for r in rows:
         tp = [k for k in r if k.startswith("images_per_s_b")]
         best = r[tp[-1]] if tp else None
-        table.add_row(r["variant"], *([_fmt(r["input_size"], "{}")] if sizes else []), r["runs_in"] or "-", _fmt(r["size_mb"], "{:.1f}"),
-                      _fmt(r["top1"], "{:.1%}"), _fmt(r["agreement"], "{:.1%}"), _fmt(r["p50_ms"], "{:.2f}"), _fmt(r["p99_ms"], "{:.2f}"),
+        # escape: a run's name in brackets ("ort-cpu/int8 [l0]") would otherwise be read as rich markup and vanish.
+        table.add_row(escape(r["variant"]), *([_fmt(r["input_size"], "{}")] if sizes else []), r["runs_in"] or "-",
+                      _fmt(r["size_mb"], "{:.1f}"), _fmt(r["top1"], "{:.1%}"), _fmt(r["agreement"], "{:.1%}"),
+                      _fmt(r["p50_ms"], "{:.2f}"), _fmt(r["p99_ms"], "{:.2f}"),
                       _fmt(r["ratio_to_fp32"], "{:.2f}"), *([_fmt(r["reference_p50_ms"], "{:.2f}")] if refs else []),
                       _fmt(best, "{:.0f}"), _fmt(r["peak_rss_mb"], "{:.0f}"))  # fmt: skip
     console.print(table)

@@ -71,6 +71,24 @@ def test_numbers_are_sane(report: dict) -> None:
     assert ov["ratio_to_fp32_same_target"] == pytest.approx(1.0) and ov["model"] != ort["model"]
 
 
+def test_each_ratio_is_also_taken_round_by_round(report: dict, bench_run: Path) -> None:
+    """A shared machine drifts between rounds: bench.json keeps the ratio of each round and bench.md its range."""
+    from edgetl.bench.timing import flatten_rounds, ratio_by_round, turns_by_round
+
+    served = {"int8": iter([1.0, 2.0, 1.0, 1.0, 4.0]), "fp32": iter([2.0, 2.0, 4.0, 2.0, 4.0])}
+    rounds = turns_by_round({k: (lambda s, n, it=it: [next(it)] * 3) for k, it in served.items()}, min_time=0.0, rounds=5)
+    assert ratio_by_round(rounds["int8"], rounds["fp32"]) == [0.5, 1.0, 0.25, 0.5, 1.0]
+    assert flatten_rounds(rounds)["int8"] == [1.0] * 3 + [2.0] * 3 + [1.0] * 6 + [4.0] * 3
+    for r in report["results"]:
+        assert len(r["ratio_to_fp32_by_round"]) == 5, r["variant"]
+        if r["precision"] == "fp32" and r["input"] == "float32" and r["target"] == r["runtime"]:
+            assert r["ratio_to_fp32_by_round"] == [1.0] * 5, "the reference against itself, round by round"
+    u8 = next(r for r in report["results"] if r["variant"] == "ort-cpu/fp32 (uint8 input)")
+    lo, hi = min(u8["ratio_to_fp32_by_round"]), max(u8["ratio_to_fp32_by_round"])
+    row = next(line for line in (bench_run / "bench.md").read_text().splitlines() if line.startswith("| ort-cpu/fp32 (uint8 input) |"))
+    assert f"{u8['ratio_to_fp32_same_target']:.2f} ({lo:.2f}-{hi:.2f})" in row or f"{lo:.2f}" == f"{hi:.2f}"
+
+
 def test_unavailable_targets_are_listed_as_skipped(report: dict) -> None:
     skipped = {s["target"]: s["reason"] for s in report["skipped"]}
     import onnxruntime as ort
@@ -322,6 +340,15 @@ def test_two_runs_side_by_side_keep_every_row_apart(bench_run: Path, tmp_path: P
         assert r["accuracy"]["agreement_with"] == f"torch-cpu/fp32 [{run}]"
         if r["precision"] == "fp32":
             assert r["ratio_to_fp32_same_target"] == pytest.approx(1.0)  # each fp32 row is its own run's reference
+    # The console table names each row's run too ("[run]" is not swallowed as rich markup).
+    from rich.console import Console
+
+    from edgetl.report import print_bench_table
+
+    console = Console(record=True, width=200)
+    print_bench_table(rep, console)
+    shown = console.export_text()
+    assert all(name in shown for name in names)
 
 
 def test_runs_of_different_input_sizes_are_each_scored_and_timed_at_their_own(bench_run: Path, tiny_run: Path, tmp_path: Path) -> None:

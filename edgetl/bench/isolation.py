@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from edgetl.bench.base import Variant
-from edgetl.bench.timing import rounds_of_turns, throughput, timed_runs
+from edgetl.bench.timing import flatten_rounds, throughput, timed_runs, turns_by_round
 from edgetl.errors import EdgetlError
 
 # Between two workers' turns: long enough for a runtime's idle threads to stop spinning and sleep.
@@ -154,14 +154,21 @@ class InProcessWorker:
         self.run = None
 
 
-def interleaved_rounds(workers: dict[str, Any], inputs: dict[str, np.ndarray], min_time: float, warmup: int, rounds: int = 5,
-                       runs_per_round: int | None = None, settle: float = SETTLE_SECONDS,
-                       extra_turns: dict[str, Any] | None = None) -> dict[str, list[float]]:  # fmt: skip
-    """Batch latency samples (ms) per worker: every worker warms up, then the rounds of
+def interleaved_rounds_by_round(workers: dict[str, Any], inputs: dict[str, np.ndarray], min_time: float, warmup: int,
+                                rounds: int = 5, runs_per_round: int | None = None, settle: float = SETTLE_SECONDS,
+                                extra_turns: dict[str, Any] | None = None) -> dict[str, list[list[float]]]:  # fmt: skip
+    """Batch latency samples (ms) per worker, round by round: every worker warms up, then the rounds of
     bench.timing give each worker its turn, one worker at a time. `extra_turns` (the runtimes' own tools,
     --check-reference) take their turns in the same rounds, after the workers'."""
     for name, w in workers.items():
         w.warmup(inputs[name], warmup)
     turns = {name: (lambda seconds, runs, w=w, x=inputs[name]: w.time(x, seconds, runs)) for name, w in workers.items()}
-    samples = rounds_of_turns({**turns, **(extra_turns or {})}, min_time, rounds, runs_per_round, settle)
+    samples = turns_by_round({**turns, **(extra_turns or {})}, min_time, rounds, runs_per_round, settle)
     return {name: samples[name] for name in workers}
+
+
+def interleaved_rounds(workers: dict[str, Any], inputs: dict[str, np.ndarray], min_time: float, warmup: int, rounds: int = 5,
+                       runs_per_round: int | None = None, settle: float = SETTLE_SECONDS,
+                       extra_turns: dict[str, Any] | None = None) -> dict[str, list[float]]:  # fmt: skip
+    """interleaved_rounds_by_round, each worker's samples of every round together."""
+    return flatten_rounds(interleaved_rounds_by_round(workers, inputs, min_time, warmup, rounds, runs_per_round, settle, extra_turns))

@@ -14,7 +14,7 @@ import numpy as np
 from edgetl import metadata
 from edgetl.bench.base import TARGETS, Variant
 from edgetl.bench.reference import AGREEMENT_MARGIN
-from edgetl.bench.timing import latency_stats
+from edgetl.bench.timing import flatten_rounds, latency_stats, ratio_by_round
 from edgetl.errors import EdgetlError
 from edgetl.hostinfo import physical_cores
 from edgetl.metrics import classification_metrics
@@ -268,7 +268,7 @@ def _fixed_batch(v: Variant) -> int | None:
 def bench(paths: list[str | os.PathLike[str]], opts: BenchOptions, reporter: Reporter | None = None) -> dict[str, Any]:
     import tempfile
 
-    from edgetl.bench.isolation import ArrayFiles, InProcessWorker, ProcessWorker, close_all, interleaved_rounds
+    from edgetl.bench.isolation import ArrayFiles, InProcessWorker, ProcessWorker, close_all, interleaved_rounds_by_round
     from edgetl.hostinfo import host_record
     from edgetl.malloc_tuning import tune_malloc
 
@@ -305,7 +305,7 @@ def bench(paths: list[str | os.PathLike[str]], opts: BenchOptions, reporter: Rep
                 workers[name] = (w, v, f)
             if not workers:
                 raise EdgetlError("every variant failed to load: " + "; ".join(s["reason"] for s in skipped))
-            results = _measure(workers, loaded, x1, threads, opts, reporter, interleaved_rounds)
+            results = _measure(workers, loaded, x1, threads, opts, reporter, interleaved_rounds_by_round)
         finally:
             close_all([w for w, _, _ in workers.values()])
     report = {
@@ -345,7 +345,7 @@ def _reference_turns(workers: dict[str, Any], timed: dict[str, Any], x1: dict[Pr
 
 
 def _measure(workers: dict[str, Any], loaded: Any, x1: dict[PreprocessSpec, dict[str, np.ndarray]], threads: int,
-             opts: BenchOptions, reporter: Reporter, interleaved_rounds: Any) -> list[dict[str, Any]]:  # fmt: skip
+             opts: BenchOptions, reporter: Reporter, interleaved_rounds_by_round: Any) -> list[dict[str, Any]]:  # fmt: skip
     # Accuracy on real images (each model on them prepared its own way), and agreement with the fp32 PyTorch
     # model (or the fp32 ONNX model).
     preds: dict[str, np.ndarray] = {}
@@ -367,8 +367,10 @@ def _measure(workers: dict[str, Any], loaded: Any, x1: dict[PreprocessSpec, dict
     references = _reference_turns(workers, timed, x1, threads, opts)
     reporter.log(f"timing batch 1: {len(timed)} variants, interleaved rounds, >= {opts.min_time:g} s each, {threads} threads"
                  + (f", with {len(references)} runtimes' own tools in the same rounds" if references else ""))  # fmt: skip
-    samples = interleaved_rounds(timed, {n: x1[workers[n][2].spec][workers[n][1].input_dtype] for n in timed}, opts.min_time, opts.warmup,
-                                 rounds=TIMING_ROUNDS, extra_turns={f"reference: {n}": t for n, t in references.items()})  # fmt: skip
+    by_round = interleaved_rounds_by_round(timed, {n: x1[workers[n][2].spec][workers[n][1].input_dtype] for n in timed}, opts.min_time,
+                                           opts.warmup, rounds=TIMING_ROUNDS,
+                                           extra_turns={f"reference: {n}": t for n, t in references.items()})  # fmt: skip
+    samples = flatten_rounds(by_round)
 
     results = []
     for name, (w, v, f) in workers.items():
@@ -418,4 +420,6 @@ def _measure(workers: dict[str, Any], loaded: Any, x1: dict[PreprocessSpec, dict
                     and r["source"] == row["source"] and r["input_size"] == row["input_size"] and "latency" in r), None)  # fmt: skip
         if ref and "latency" in row:
             row["ratio_to_fp32_same_target"] = row["latency"]["p50_ms"] / ref["latency"]["p50_ms"]
+            # The same ratio in each round: how far it moved within this run (a shared machine's drift).
+            row["ratio_to_fp32_by_round"] = ratio_by_round(by_round[row["variant"]], by_round[ref["variant"]])
     return results

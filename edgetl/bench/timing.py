@@ -41,19 +41,36 @@ def timed_runs(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, seconds: 
             return out
 
 
-def rounds_of_turns(turns: dict[str, Callable[[float, int | None], list[float]]], min_time: float, rounds: int = 5,
-                    runs_per_round: int | None = None, settle: float = 0.0) -> dict[str, list[float]]:  # fmt: skip
+def turns_by_round(turns: dict[str, Callable[[float, int | None], list[float]]], min_time: float, rounds: int = 5,
+                   runs_per_round: int | None = None, settle: float = 0.0) -> dict[str, list[list[float]]]:  # fmt: skip
     """Interleave timed turns: each round gives every entry one turn of min_time/rounds seconds (or
     `runs_per_round` runs), one after another, so machine drift hits all alike. `turns[name](seconds,
-    runs)` times one turn and returns its samples; `settle` seconds pass between turns."""
-    samples: dict[str, list[float]] = {k: [] for k in turns}
+    runs)` times one turn and returns its samples; `settle` seconds pass between turns. Returns each
+    entry's samples round by round (what a ratio between two entries per round needs)."""
+    samples: dict[str, list[list[float]]] = {k: [] for k in turns}
     per_round = max(min_time / rounds, 0.05)
     for _ in range(rounds):
         for name, turn in turns.items():
-            samples[name] += turn(per_round, runs_per_round)
+            samples[name].append(turn(per_round, runs_per_round))
             if settle:
                 time.sleep(settle)
     return samples
+
+
+def flatten_rounds(by_round: dict[str, list[list[float]]]) -> dict[str, list[float]]:
+    return {name: [ms for turn in turns for ms in turn] for name, turns in by_round.items()}
+
+
+def rounds_of_turns(turns: dict[str, Callable[[float, int | None], list[float]]], min_time: float, rounds: int = 5,
+                    runs_per_round: int | None = None, settle: float = 0.0) -> dict[str, list[float]]:  # fmt: skip
+    """turns_by_round, each entry's samples of every round together."""
+    return flatten_rounds(turns_by_round(turns, min_time, rounds, runs_per_round, settle))
+
+
+def ratio_by_round(a: list[list[float]], b: list[list[float]]) -> list[float]:
+    """p50 of `a` over p50 of `b` in each round both took a turn in: how far the ratio of two variants
+    timed side by side moves within one run (the machine's drift between rounds, not between variants)."""
+    return [float(np.median(x) / np.median(y)) for x, y in zip(a, b, strict=False) if x and y]
 
 
 def interleaved_latency(
