@@ -4,6 +4,7 @@ the one real end-to-end run on the bundled sample."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import json
 import os
@@ -16,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -109,17 +111,23 @@ def real_run() -> Path:
     return _real_lite0_build() / "run"
 
 
+def tiny_run_config(**changes: object) -> Any:
+    """The recipe of a tiny-backbone test run (a TrainConfig): a few seconds, and a model good enough to export."""
+    from edgetl.config import TrainConfig
+
+    base = TrainConfig(backbone="tiny", pretrained=False, epochs_head=5, epochs_finetune=1, lr_head=1e-2, patience=0, recipe="finetune")
+    return dataclasses.replace(base, **changes)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny-backbone run on generated images, for export and later stages."""
-    from edgetl.config import TrainConfig
     from edgetl.progress import Reporter
     from edgetl.train import train
 
     root = tmp_path_factory.mktemp("tiny")
     data = make_folder(root / "data", per_class=12)
-    cfg = TrainConfig(backbone="tiny", pretrained=False, epochs_head=5, epochs_finetune=1, lr_head=1e-2, patience=0, recipe="finetune")
-    return train(data, cfg, out=str(root / "run"), reporter=Reporter(quiet=True)).run_dir
+    return train(data, tiny_run_config(), out=str(root / "run"), reporter=Reporter(quiet=True)).run_dir
 
 
 @pytest.fixture(scope="session")

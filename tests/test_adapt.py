@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import COLOURS, make_folder
+from conftest import COLOURS, make_folder, tiny_run_config
 from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
@@ -285,7 +285,6 @@ def test_shift_gate_opens_on_a_shift_at_32_target_images_as_at_186() -> None:
 
 def test_shift_gate_keeps_the_model_on_images_of_the_training_domain_and_adapts_to_shifted_ones(
         shifted_data: dict[str, Path], tmp_path: Path) -> None:  # fmt: skip
-    from edgetl.config import TrainConfig
     from edgetl.progress import Reporter
     from edgetl.shift import GATE_THRESHOLD
     from edgetl.train import train
@@ -293,8 +292,7 @@ def test_shift_gate_keeps_the_model_on_images_of_the_training_domain_and_adapts_
     data = tmp_path / "data"
     make_folder(data / "train", per_class=12)
     make_folder(data / "validation", per_class=15, seed=1)  # 45 images: enough for the shift gate
-    cfg = TrainConfig(backbone="tiny", pretrained=False, epochs_head=5, epochs_finetune=1, lr_head=1e-2, patience=0, recipe="finetune")
-    run = train(data, cfg, out=str(tmp_path / "run"), reporter=Reporter(quiet=True)).run_dir
+    run = train(data, tiny_run_config(), out=str(tmp_path / "run"), reporter=Reporter(quiet=True)).run_dir
     parent = torch.load(run / "checkpoint.pt", weights_only=True)["state_dict"]
 
     def adapt(target: str, *extra: str) -> tuple[dict, dict, str]:

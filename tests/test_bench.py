@@ -356,11 +356,11 @@ def test_runs_of_different_input_sizes_are_each_scored_and_timed_at_their_own(be
     interleaved, each model scored on the same images prepared its own way and timed on its own input size."""
     from dataclasses import replace
 
-    from edgetl.config import TrainConfig
+    from conftest import tiny_run_config
+
     from edgetl.train import train
 
-    cfg = TrainConfig(backbone="tiny", pretrained=False, epochs_head=5, epochs_finetune=1, lr_head=1e-2, patience=0, recipe="finetune")
-    big = train(tiny_run.parent / "data", replace(cfg, input_size=96), out=str(tmp_path / "big"), reporter=QUIET).run_dir
+    big = train(tiny_run.parent / "data", tiny_run_config(input_size=96), out=str(tmp_path / "big"), reporter=QUIET).run_dir
     export_run(big, ExportOptions(embed_preprocess=True), QUIET)
     # In one process: what is under test is how the images and inputs are prepared, not the worker processes.
     opts = BenchOptions(targets=("torch-cpu", "ort-cpu"), batches=(1, 2), min_time=0.1, warmup=1, out=str(tmp_path / "out"),
